@@ -1,0 +1,221 @@
+"""Data-aware statistics: the second moment of the inputs each target linear sees on real data."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .targets import encoder_linear_roles, resolve_target_modules, shared_input_name
+
+
+logger = logging.get_logger(__name__)
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def split_stats(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Splits an augmented statistic into `(C, sum_x, n)`.
+
+    Each statistic is the `(in+1) x (in+1)` float64 matrix `sum over tokens of [x; 1][x; 1]^T`: its top-left block is
+    the uncentred second moment `C = X X^T`, its last column the sum of the inputs and its corner the token count.
+    Keeping the three together lets bias-aware (homogeneous-coordinate) solvers use the same file.
+    """
+    return stats[:-1, :-1], stats[:-1, -1], float(stats[-1, -1])
+
+
+class ActivationStatsCollector:
+    r"""
+    Context manager that accumulates, for each named `nn.Linear`, the float64 second moment of `[x; 1]` over the
+    non-padding tokens of every forward pass run inside it.
+
+    Modules that read the same input (Q/K/V of one attention block) are hooked once and share one tensor. Hooks run
+    under `no_grad` and are removed on exit, even if the forward raised.
+
+    Args:
+        model (`nn.Module`): A BERT classifier.
+        module_names (`Sequence[str]`): Full names of the linears to collect for.
+        mask_padding (`bool`, *optional*, defaults to `True`): Drop positions where the attention mask is 0.
+
+    Example:
+
+    ```py
+    >>> with ActivationStatsCollector(model, names) as collector:  # doctest: +SKIP
+    ...     for batch in loader:
+    ...         collector.set_attention_mask(batch["attention_mask"])
+    ...         model(**batch)
+    >>> stats = collector.stats
+    ```
+    """
+
+    def __init__(self, model: nn.Module, module_names: Sequence[str], *, mask_padding: bool = True):
+        roles = encoder_linear_roles(model)
+        modules = dict(model.named_modules())
+        self.model = model
+        self.mask_padding = mask_padding
+        self._sources = {}
+        for name in module_names:
+            if not isinstance(modules.get(name), nn.Linear):
+                raise ValueError(f"`module_names` entry `{name}` is not an nn.Linear of the model.")
+            self._sources[name] = shared_input_name(name, roles[name]) if name in roles else name
+        self._sums: dict[str, torch.Tensor] = {}
+        self._handles = []
+        self._mask: torch.Tensor | None = None
+
+    def set_attention_mask(self, attention_mask: torch.Tensor | None) -> None:
+        """Sets the mask of the batch about to run (`batch x seq`, 1 for real tokens)."""
+        self._mask = None if attention_mask is None else attention_mask.bool()
+
+    def _hook(self, source: str):
+        @torch.no_grad()
+        def hook(module, args):
+            inputs = args[0]
+            if self.mask_padding and self._mask is not None:
+                if inputs.shape[:-1] != self._mask.shape:
+                    raise ValueError(
+                        f"`attention_mask` of shape {tuple(self._mask.shape)} does not match the input of `{source}` "
+                        f"{tuple(inputs.shape[:-1])}."
+                    )
+                inputs = inputs[self._mask.to(inputs.device)]
+            inputs = inputs.reshape(-1, inputs.shape[-1])
+            if not torch.isfinite(inputs).all():
+                raise ValueError(f"NaN or Inf in the inputs of `{source}`; calibration data must give finite values.")
+            tilde = torch.cat([inputs.double(), inputs.new_ones(inputs.shape[0], 1, dtype=torch.float64)], dim=1)
+            update = tilde.T @ tilde
+            if source in self._sums:
+                self._sums[source] += update
+            else:
+                self._sums[source] = update
+
+        return hook
+
+    def __enter__(self) -> ActivationStatsCollector:
+        for source in dict.fromkeys(self._sources.values()):
+            handle = self.model.get_submodule(source).register_forward_pre_hook(self._hook(source))
+            self._handles.append(handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._mask = None
+
+    @property
+    def stats(self) -> dict[str, torch.Tensor]:
+        """The accumulated statistics keyed by module name (modules with a shared input share one tensor)."""
+        return {name: self._sums[source] for name, source in self._sources.items() if source in self._sums}
+
+
+def _all_reduce(stats: dict[str, torch.Tensor]) -> None:
+    # Under torch.distributed (accelerate launch, torchrun) every process saw a shard of the data: sum the shards.
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for tensor in {id(t): t for t in stats.values()}.values():
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+
+
+def collect_activation_stats(
+    model: nn.Module,
+    dataloader: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    target_modules: Sequence[str] | str | None = None,
+    max_batches: int | None = None,
+    show_progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    r"""
+    Runs `model` over `dataloader` and returns, per target linear, the float64 second moment of its inputs.
+
+    Padding positions (attention mask 0) are excluded; Q/K/V are computed once and share one tensor. Under
+    `torch.distributed` the statistics are summed across processes. Save them with [`save_activation_stats`] to
+    reuse one calibration for many budgets.
+
+    Args:
+        model (`BertForSequenceClassification`): The fine-tuned model (left unchanged; run in eval mode).
+        dataloader (`Iterable[Mapping[str, Tensor]]`):
+            Tokenizer batches: dicts with `input_ids`, `attention_mask` and optionally `token_type_ids`; other keys
+            such as `labels` are ignored.
+        target_modules (`Sequence[str]` or `str`, *optional*):
+            Roles, full names or `re:` regexes (see [`resolve_target_modules`]). Defaults to every encoder linear.
+        max_batches (`int`, *optional*): Stop after this many batches.
+        show_progress (`bool`, *optional*, defaults to `False`): Show a progress bar.
+
+    Returns:
+        `dict[str, torch.Tensor]`: module name -> `(in+1) x (in+1)` float64 tensor, the sum over tokens of
+        `[x; 1][x; 1]^T` (see [`split_stats`]).
+
+    Raises:
+        `ValueError`: for an empty dataloader, batches without `input_ids`, all-padding data, or NaN/Inf activations.
+    """
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches <= 0):
+        raise ValueError(f"`max_batches` must be a positive int or None, got {max_batches!r}.")
+    names = resolve_target_modules(model, target_modules)
+    if not names:
+        raise ValueError("No dense encoder linear left to calibrate: `target_modules` selects nothing.")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    num_batches = 0
+    try:
+        with ActivationStatsCollector(model, names) as collector, torch.no_grad():
+            total = max_batches if max_batches is not None else _safe_len(dataloader)
+            for batch in tqdm(dataloader, total=total, desc="Calibrating", disable=not show_progress):
+                if max_batches is not None and num_batches >= max_batches:
+                    break
+                if not isinstance(batch, Mapping) or "input_ids" not in batch:
+                    raise ValueError(
+                        f"`dataloader` must yield dicts with `input_ids` (tokenizer batches), got {type(batch).__name__}"
+                        f"{' with keys ' + str(list(batch)) if isinstance(batch, Mapping) else ''}."
+                    )
+                inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUT_KEYS and v is not None}
+                collector.set_attention_mask(inputs.get("attention_mask"))
+                model(**inputs)
+                num_batches += 1
+            stats = collector.stats
+    finally:
+        model.train(was_training)
+    if num_batches == 0:
+        raise ValueError("`dataloader` yielded no batch; calibration needs data.")
+    if not stats or min(split_stats(t)[2] for t in stats.values()) == 0:
+        raise ValueError("Every position of the calibration batches is padding (attention_mask all 0).")
+    _all_reduce(stats)
+    logger.info(f"Collected activation statistics for {len(names)} modules over {num_batches} batches.")
+    return stats
+
+
+def _safe_len(obj) -> int | None:
+    try:
+        return len(obj)
+    except TypeError:
+        return None
+
+
+def save_activation_stats(stats: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping | None = None):
+    """Saves statistics to a safetensors file (shared tensors are written once per name)."""
+    tensors = {name: tensor.detach().clone().contiguous() for name, tensor in stats.items()}
+    tmp = f"{os.fspath(path)}.tmp"
+    save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)  # never leave a half-written file under the final name
+
+
+def load_activation_stats(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Loads statistics written by [`save_activation_stats`]."""
+    stats = load_file(os.fspath(path))
+    bad = [name for name, t in stats.items() if t.dim() != 2 or t.shape[0] != t.shape[1] or not math.isfinite(t.sum())]
+    if bad:
+        raise ValueError(f"`{path}` is not an activation-statistics file: bad tensors {bad}.")
+    return stats
+
+
+__all__ = [
+    "ActivationStatsCollector",
+    "collect_activation_stats",
+    "load_activation_stats",
+    "save_activation_stats",
+    "split_stats",
+]

@@ -1,0 +1,179 @@
+"""`compress_model`: from a fine-tuned BERT classifier and its statistics to a new, factored model."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .allocation import allocate_by_energy, breakeven_rank
+from .calibration import split_stats
+from .configuration_drone import DRONE_METHODS, DroneConfig
+from .factorize import drone_factorize, drone_spectrum, svd_factorize, svd_spectrum
+from .modeling_drone_bert import DroneBertForSequenceClassification
+from .replace import validate_drone_ranks
+from .targets import check_bert_classifier, resolve_ranks, resolve_target_modules
+
+
+_CONFIG_KEYS_NOT_COPIED = ("model_type", "architectures", "transformers_version", "auto_map", "drone_method")
+
+
+def _second_moments(stats, targets: Sequence[str], shapes: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """Checks the statistics against the model and returns `C` per target."""
+    if not isinstance(stats, Mapping):
+        raise TypeError(
+            f"`stats` must be the dict returned by collect_activation_stats, got {type(stats).__name__}. "
+            "Pass method='svd' to compress without data."
+        )
+    missing = [name for name in targets if name not in stats]
+    if missing:
+        raise ValueError(
+            f"`stats` has no statistics for {len(missing)} target modules, e.g. {missing[:3]}; collect them with the "
+            "same `target_modules`."
+        )
+    moments = {}
+    for name in targets:
+        tensor, expected = stats[name], shapes[name][1] + 1
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != (expected, expected):
+            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(
+                f"`stats[{name!r}]` must have shape ({expected}, {expected}) for this model, got {got}: were the "
+                "statistics computed on another model?"
+            )
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"`stats[{name!r}]` contains NaN or Inf.")
+        second_moment, _, count = split_stats(tensor)
+        if count <= 0:
+            raise ValueError(f"`stats[{name!r}]` was accumulated over 0 tokens.")
+        moments[name] = second_moment
+    return moments
+
+
+def _choose_ranks(model, targets, shapes, spectra_fn, *, rank, ranks, param_ratio, rank_multiple) -> dict[str, int]:
+    if param_ratio is not None:
+        if rank is not None or ranks is not None:
+            raise ValueError("`param_ratio` cannot be combined with `rank` or `ranks`; pass one budget.")
+        spectra = {name: spectra_fn(name) for name in targets}
+        return allocate_by_energy(spectra, shapes, param_ratio, multiple=rank_multiple)
+    if rank is None and ranks is None:
+        raise ValueError("Pass one of `rank` (all targets), `ranks` (per module) or `param_ratio` (a budget).")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+        raise TypeError(f"`rank` must be an int, got {rank!r} ({type(rank).__name__}).")
+    chosen = resolve_ranks(targets, rank=rank, ranks=ranks)
+    validate_drone_ranks(model, chosen)
+    slower = [name for name, k in chosen.items() if k > breakeven_rank(*shapes[name])]
+    if slower:
+        warnings.warn(
+            f"Leaving {len(slower)} modules dense because their rank would not reduce their cost "
+            f"(k*(in+out) >= in*out): {slower}.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return {name: k for name, k in chosen.items() if name not in slower}
+
+
+def compress_model(
+    model: nn.Module,
+    stats: Mapping[str, torch.Tensor] | None,
+    *,
+    method: str = "drone",
+    rank: int | None = None,
+    ranks: Mapping[str, int] | None = None,
+    param_ratio: float | None = None,
+    target_modules: Sequence[str] | str | None = None,
+    rank_multiple: int = 8,
+    calibration_info: Mapping | None = None,
+) -> DroneBertForSequenceClassification:
+    r"""
+    Factors the encoder linears of a fine-tuned BERT classifier and returns a **new**
+    [`DroneBertForSequenceClassification`]; `model` is not modified.
+
+    Args:
+        model (`BertForSequenceClassification`): The fine-tuned model (a [`DroneBertForSequenceClassification`] works
+            too: its dense layers can be factored further).
+        stats (`dict[str, Tensor]`, *optional*): Output of [`collect_activation_stats`]; required for `"drone"`,
+            ignored by `"svd"`.
+        method (`str`, *optional*, defaults to `"drone"`): `"drone"` (data-aware, closed form) or `"svd"`.
+        rank (`int`, *optional*): One rank for every target.
+        ranks (`Mapping[str, int]`, *optional*): Full module name or `"re:<regex>"` -> rank. Exact names win over
+            patterns, the first matching pattern wins over `rank`; targets without a rank stay dense.
+        param_ratio (`float`, *optional*): Fraction of the targets' weight parameters to keep; ranks are allocated by
+            the closed form's residual energy (no evaluations).
+        target_modules (`Sequence[str]` or `str`, *optional*): Roles (`query, key, value, attention_output,
+            intermediate, output`), full names or `re:` regexes. Defaults to every encoder linear.
+        rank_multiple (`int`, *optional*, defaults to 8): Granularity of the ranks chosen by `param_ratio`.
+        calibration_info (`Mapping`, *optional*): Provenance (dataset, split, samples, seed) saved in the config.
+
+    Returns:
+        [`DroneBertForSequenceClassification`]: the compressed model, on the device and in the dtype of `model`.
+        Modules whose rank would not reduce their cost (`k (in + out) >= in * out`) are left dense with a warning.
+
+    Raises:
+        `ValueError`: for a model that is not a BERT classifier, an unknown `method` or module, a rank outside
+            `[1, min(in, out))`, statistics missing or of the wrong shape, or no budget.
+
+    Example:
+
+    ```py
+    >>> stats = drone_hf.collect_activation_stats(model, loader)  # doctest: +SKIP
+    >>> small = drone_hf.compress_model(model, stats, rank=96)  # doctest: +SKIP
+    >>> small.save_pretrained("minilm-sst2-drone")  # doctest: +SKIP
+    ```
+    """
+    check_bert_classifier(model)
+    if method not in DRONE_METHODS:
+        raise ValueError(f"Unknown `method` {method!r}; expected one of {list(DRONE_METHODS)}.")
+    targets = resolve_target_modules(model, target_modules)
+    if not targets:
+        raise ValueError("`target_modules` selects no dense encoder linear; nothing to compress.")
+    weights = {name: model.get_submodule(name).weight.detach() for name in targets}
+    shapes = {name: tuple(weight.shape) for name, weight in weights.items()}
+    moments = _second_moments(stats, targets, shapes) if method == "drone" else {}
+
+    def spectrum(name):
+        return drone_spectrum(weights[name], moments[name]) if moments else svd_spectrum(weights[name])
+
+    chosen = _choose_ranks(
+        model, targets, shapes, spectrum, rank=rank, ranks=ranks, param_ratio=param_ratio, rank_multiple=rank_multiple
+    )
+    if not chosen:
+        raise ValueError("Every selected module would stay dense at these ranks; nothing to compress.")
+    factors = {
+        name: drone_factorize(weights[name], moments[name], k) if moments else svd_factorize(weights[name], k)
+        for name, k in chosen.items()
+    }
+    provenance = dict(calibration_info or {})
+    if moments:
+        provenance.setdefault("num_tokens", int(split_stats(stats[targets[0]])[2]))
+    return _build_compressed(model, chosen, factors, method, provenance or None)
+
+
+def _build_compressed(model, chosen, factors, method, provenance) -> DroneBertForSequenceClassification:
+    config_dict = model.config.to_dict()
+    for key in _CONFIG_KEYS_NOT_COPIED:
+        config_dict.pop(key, None)
+    previous = config_dict.pop("drone_ranks", None) or {}
+    config_dict.pop("drone_calibration", None)
+    config = DroneConfig(
+        **config_dict, drone_ranks={**previous, **chosen}, drone_method=method, drone_calibration=provenance
+    )
+    config.architectures = [DroneBertForSequenceClassification.__name__]
+    config._attn_implementation = model.config._attn_implementation
+    reference = next(model.parameters())
+    state = {key: value for key, value in model.state_dict().items()}
+    for name, (down, up) in factors.items():
+        bias = state.pop(f"{name}.bias", None)
+        del state[f"{name}.weight"]
+        state[f"{name}.down.weight"], state[f"{name}.up.weight"] = down, up
+        if bias is not None:
+            state[f"{name}.up.bias"] = bias
+    compressed = DroneBertForSequenceClassification(config)
+    compressed.load_state_dict(state, strict=True)
+    compressed.to(device=reference.device, dtype=reference.dtype)
+    compressed.train(model.training)
+    return compressed
+
+
+__all__ = ["compress_model"]

@@ -1,0 +1,90 @@
+"""DRONE-compressed BERT configuration."""
+
+from __future__ import annotations
+
+import re
+
+from huggingface_hub.dataclasses import strict
+from transformers import BertConfig
+
+
+DRONE_FORMAT_VERSION = 1
+"""On-disk format version this library writes. It changes only when the tensor layout or key meaning changes."""
+
+DRONE_METHODS = ("drone", "svd")
+
+# A factored-module key is a plain dotted module path as printed by `model.named_modules()`.
+_FQN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+
+
+@strict(accept_kwargs=True)
+class DroneConfig(BertConfig):
+    r"""
+    Configuration of a [`DroneBertForSequenceClassification`]: a [`~transformers.BertConfig`] plus the resolved,
+    per-module facts that rebuild the factored layers on load.
+
+    Every `BertConfig` field keeps its meaning. The `drone_*` fields are the single source of structural truth:
+    `from_pretrained` re-creates exactly the modules listed here and does no pattern matching or guessing.
+
+    Args:
+        drone_format_version (`int`, *optional*, defaults to 1):
+            Version of the checkpoint layout. A version newer than this library knows raises a `ValueError`.
+        drone_method (`str`, *optional*, defaults to `"drone"`):
+            How the factors were computed, one of `"drone"` (data-aware, closed form) or `"svd"` (plain truncated
+            SVD). Provenance: the layer layout is the same for both.
+        drone_ranks (`dict[str, int]`, *optional*):
+            Full module name (as in `model.named_modules()`) to rank, one entry per factored `nn.Linear`. A module
+            that is absent stays dense; a rank of 0 is never stored.
+        drone_calibration (`dict`, *optional*):
+            Provenance of the calibration data (dataset, split, number of samples/tokens, seed). Nothing reads it
+            at load time; it feeds the model card.
+
+    Example:
+
+    ```py
+    >>> from drone_hf import DroneConfig
+    >>> config = DroneConfig(hidden_size=32, num_attention_heads=4, intermediate_size=37,
+    ...                      drone_ranks={"bert.encoder.layer.0.intermediate.dense": 8})
+    >>> config.model_type
+    'drone_bert'
+    ```
+    """
+
+    model_type = "drone_bert"
+
+    drone_format_version: int = DRONE_FORMAT_VERSION
+    drone_method: str = "drone"
+    drone_ranks: dict[str, int] | None = None
+    drone_calibration: dict | None = None
+
+    def validate_drone_format_version(self):
+        """Refuses checkpoints written by a newer drone_hf, whose layout this version cannot rebuild."""
+        version = self.drone_format_version
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"`drone_format_version` must be a positive int, got {version!r}.")
+        if version > DRONE_FORMAT_VERSION:
+            raise ValueError(
+                f"This checkpoint has `drone_format_version={version}` but this drone_hf only reads versions "
+                f"<= {DRONE_FORMAT_VERSION}. Upgrade with `pip install -U drone_hf`."
+            )
+
+    def validate_drone_method(self):
+        """Checks that `drone_method` names a known method."""
+        if self.drone_method not in DRONE_METHODS:
+            raise ValueError(f"Unknown `drone_method` {self.drone_method!r}; expected one of {list(DRONE_METHODS)}.")
+
+    def validate_drone_ranks(self):
+        """Checks that every key is a plain module path and every rank a positive int."""
+        for name, rank in (self.drone_ranks or {}).items():
+            if not isinstance(name, str) or not _FQN_RE.match(name):
+                raise ValueError(
+                    f"`drone_ranks` keys must be full module names such as "
+                    f"'bert.encoder.layer.0.intermediate.dense' (no regex), got {name!r}."
+                )
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                raise ValueError(
+                    f"`drone_ranks[{name!r}]` must be a positive int (absent means dense), got {rank!r}."
+                )
+
+
+__all__ = ["DRONE_FORMAT_VERSION", "DRONE_METHODS", "DroneConfig"]

@@ -1,0 +1,137 @@
+"""Pure tensor math for DRONE (Chen et al., NeurIPS 2021, Theorem 1) and the plain-SVD baseline.
+
+No module walking here: every function takes and returns tensors. All solvers work in float64 and return factors in
+the weight's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+DEFAULT_RTOL = 1e-10
+
+
+def _check_rank(rank: int, weight: torch.Tensor) -> None:
+    limit = min(weight.shape)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= limit:
+        raise ValueError(f"`rank` must be an int in [1, {limit}] for a {tuple(weight.shape)} weight, got {rank!r}.")
+
+
+def _check_second_moment(second_moment: torch.Tensor, weight: torch.Tensor) -> None:
+    in_features = weight.shape[1]
+    if second_moment.shape != (in_features, in_features):
+        raise ValueError(
+            f"`second_moment` must be ({in_features}, {in_features}) for a weight with {in_features} inputs, got "
+            f"{tuple(second_moment.shape)}: were the statistics computed on another model?"
+        )
+    if not torch.isfinite(second_moment).all():
+        raise ValueError("`second_moment` contains NaN or Inf.")
+
+
+def whiten(second_moment: torch.Tensor, *, rtol: float = DEFAULT_RTOL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposes `C = U S^2 U^T` and keeps the pairs above `rtol * max eigenvalue` (a pseudo-inverse).
+
+    Returns:
+        `(U, s)`: `U` (`in x r`) with orthonormal columns and `s` (`r`) the square roots of the kept eigenvalues.
+        Rank-deficient `C` (fewer tokens than dimensions) simply gives `r < in`; an all-zero `C` gives `r = 0`.
+    """
+    eigvals, eigvecs = torch.linalg.eigh(second_moment.double())
+    top = eigvals.max().clamp_min(0.0)
+    keep = eigvals > rtol * top if top > 0 else torch.zeros_like(eigvals, dtype=torch.bool)
+    return eigvecs[:, keep], eigvals[keep].sqrt()
+
+
+def _balanced_split(left, sigma, right_t, rank):
+    # Pad with zero directions when the data span is smaller than the rank asked for.
+    kept = min(rank, sigma.shape[0])
+    root = sigma[:kept].sqrt()
+    down = torch.zeros(rank, right_t.shape[1], dtype=torch.float64, device=sigma.device)
+    up = torch.zeros(left.shape[0], rank, dtype=torch.float64, device=sigma.device)
+    down[:kept] = root[:, None] * right_t[:kept]
+    up[:, :kept] = left[:, :kept] * root[None, :]
+    return down, up
+
+
+def drone_factorize(
+    weight: torch.Tensor,
+    second_moment: torch.Tensor,
+    rank: int,
+    *,
+    rtol: float = DEFAULT_RTOL,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    Closed-form optimal rank-`k` factorisation of `W` under the data: minimises `||W X - M X||_F` over rank-`k` `M`.
+
+    With `C = X X^T = U S^2 U^T`, `Z = W U S` and its truncated SVD `Z_k = P_k Sigma_k Q_k^T`, the optimum is
+    `M = Z_k S^{-1} U^T`, stored as `down = Sigma_k^{1/2} Q_k^T S^{-1} U^T` and `up = P_k Sigma_k^{1/2}`. Its
+    data-weighted error `trace((W-M) C (W-M)^T)` is the sum of the discarded `sigma^2` of `Z`. With `C = I` this is
+    truncated SVD of `W`.
+
+    Args:
+        weight (`torch.Tensor`): `out x in` weight.
+        second_moment (`torch.Tensor`): `in x in` uncentred second moment of the inputs (any positive scale).
+        rank (`int`): Target rank, `1 <= rank <= min(out, in)`.
+        rtol (`float`, *optional*, defaults to `1e-10`): Relative eigenvalue cut-off of the pseudo-inverse.
+
+    Returns:
+        `tuple[Tensor, Tensor]`: `down` (`rank x in`) and `up` (`out x rank`) in the dtype of `weight`.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> w, x = torch.randn(6, 5), torch.randn(5, 40)
+    >>> down, up = drone_factorize(w, x @ x.T, rank=2)
+    >>> down.shape, up.shape
+    (torch.Size([2, 5]), torch.Size([6, 2]))
+    ```
+    """
+    _check_rank(rank, weight)
+    _check_second_moment(second_moment, weight)
+    basis, scale = whiten(second_moment, rtol=rtol)
+    z = weight.double() @ (basis * scale)
+    left, sigma, right_t = torch.linalg.svd(z, full_matrices=False)
+    down, up = _balanced_split(left, sigma, right_t / scale, rank)
+    return (down @ basis.T).to(weight.dtype), up.to(weight.dtype)
+
+
+def svd_factorize(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD of `W` (the data-free baseline) with the balanced split `down = S^{1/2} V^T`, `up = U S^{1/2}`.
+
+    Returns:
+        `tuple[Tensor, Tensor]`: `down` (`rank x in`) and `up` (`out x rank`) in the dtype of `weight`.
+    """
+    _check_rank(rank, weight)
+    left, sigma, right_t = torch.linalg.svd(weight.double(), full_matrices=False)
+    down, up = _balanced_split(left, sigma, right_t, rank)
+    return down.to(weight.dtype), up.to(weight.dtype)
+
+
+def drone_spectrum(weight: torch.Tensor, second_moment: torch.Tensor, *, rtol: float = DEFAULT_RTOL) -> torch.Tensor:
+    """Singular values of `Z = W U S` (descending, float64): DRONE's error at rank `k` is the sum of the squares of
+    those after the first `k`."""
+    _check_second_moment(second_moment, weight)
+    basis, scale = whiten(second_moment, rtol=rtol)
+    return torch.linalg.svdvals(weight.double() @ (basis * scale))
+
+
+def svd_spectrum(weight: torch.Tensor) -> torch.Tensor:
+    """Singular values of `W` (descending, float64)."""
+    return torch.linalg.svdvals(weight.double())
+
+
+def data_weighted_error(weight: torch.Tensor, approx: torch.Tensor, second_moment: torch.Tensor) -> float:
+    """Returns `trace((W - M) C (W - M)^T) = ||W X - M X||_F^2` for `C = X X^T`."""
+    diff = weight.double() - approx.double()
+    return float(torch.einsum("oi,ij,oj->", diff, second_moment.double(), diff))
+
+
+__all__ = [
+    "data_weighted_error",
+    "drone_factorize",
+    "drone_spectrum",
+    "svd_factorize",
+    "svd_spectrum",
+    "whiten",
+]

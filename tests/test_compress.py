@@ -1,0 +1,148 @@
+import pytest
+import torch
+from transformers import BertConfig, BertModel, RobertaConfig, RobertaForSequenceClassification
+
+from drone_hf import DroneBertForSequenceClassification, DroneLinear, collect_activation_stats, compress_model
+from drone_hf.calibration import split_stats
+from drone_hf.factorize import data_weighted_error
+
+from .testing_utils import tiny_batches, tiny_teacher
+
+
+INTER = "bert.encoder.layer.0.intermediate.dense"
+
+
+@pytest.fixture(scope="module")
+def teacher_and_stats():
+    model = tiny_teacher()
+    return model, collect_activation_stats(model, tiny_batches())
+
+
+def test_returns_new_model_and_leaves_input_untouched(teacher_and_stats):
+    model, stats = teacher_and_stats
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compressed = compress_model(model, stats, rank=4)
+    assert isinstance(compressed, DroneBertForSequenceClassification) and compressed is not model
+    assert type(model.get_submodule(INTER)).__name__ == "Linear"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert isinstance(compressed.get_submodule(INTER), DroneLinear)
+    assert compressed.config.drone_ranks[INTER] == 4 and len(compressed.config.drone_ranks) == 12
+    assert compressed.config.drone_calibration["num_tokens"] == int(split_stats(stats[INTER])[2])
+    assert compressed.training == model.training
+    # Untouched modules are copied exactly.
+    torch.testing.assert_close(compressed.classifier.weight, model.classifier.weight, rtol=0, atol=0)
+
+
+def test_layers_hold_the_drone_optimum(teacher_and_stats):
+    model, stats = teacher_and_stats
+    drone = compress_model(model, stats, rank=3)
+    svd = compress_model(model, None, method="svd", rank=3)
+    assert svd.config.drone_method == "svd" and svd.config.drone_calibration is None
+    for name in stats:
+        weight = model.get_submodule(name).weight.detach()
+        c = split_stats(stats[name])[0]
+        d_err = data_weighted_error(weight, drone.get_submodule(name).to_dense().weight.detach(), c)
+        s_err = data_weighted_error(weight, svd.get_submodule(name).to_dense().weight.detach(), c)
+        assert d_err <= s_err * (1 + 1e-5) + 1e-6
+
+
+def test_full_span_rank_reproduces_logits():
+    # With hidden 32 and FFN 37, rank 15/17 is below break-even yet the calibration span of Q/K/V/AO is tiny:
+    # use few tokens so rank >= data rank and DRONE must be exact on that data.
+    model = tiny_teacher(intermediate_size=64, hidden_size=64, num_attention_heads=4)
+    ids = torch.randint(1, 99, (1, 6))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    stats = collect_activation_stats(model, batches)
+    compressed = compress_model(model, stats, rank=7)  # 7 > 6 tokens + the constant direction
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_ranks_mapping_and_patterns(teacher_and_stats):
+    model, stats = teacher_and_stats
+    compressed = compress_model(model, stats, ranks={"re:.*intermediate.dense": 5, INTER: 6})
+    assert compressed.config.drone_ranks == {INTER: 6, "bert.encoder.layer.1.intermediate.dense": 5}
+    assert isinstance(compressed.get_submodule("bert.encoder.layer.0.output.dense"), torch.nn.Linear)
+
+
+def test_param_ratio_meets_budget(teacher_and_stats):
+    model, stats = teacher_and_stats
+    targets = list(stats)
+    dense = sum(model.get_submodule(n).weight.numel() for n in targets)
+    for ratio in (0.55, 0.8):
+        compressed = compress_model(model, stats, param_ratio=ratio, rank_multiple=2)
+        kept = sum(
+            p.numel() for n in targets for k, p in compressed.get_submodule(n).named_parameters() if "bias" not in k
+        )
+        assert kept <= ratio * dense
+        assert kept >= (ratio - 0.1) * dense  # the budget is used, not wasted
+
+
+def test_non_compressing_rank_is_left_dense_with_one_warning(teacher_and_stats):
+    model, stats = teacher_and_stats
+    # 32x32 breaks even at 16, 37x32 at 17: rank 16 only helps the FFN layers.
+    with pytest.warns(UserWarning, match=r"Leaving 8 modules dense .*k\*\(in\+out\) >= in\*out"):
+        compressed = compress_model(model, stats, rank=16)
+    ffn = [n for n in stats if n.endswith(("intermediate.dense", "layer.0.output.dense", "layer.1.output.dense"))]
+    assert sorted(compressed.config.drone_ranks) == sorted(ffn)
+
+
+def test_compressing_a_compressed_model_factors_remaining_layers(teacher_and_stats):
+    model, stats = teacher_and_stats
+    first = compress_model(model, stats, target_modules="intermediate", rank=4)
+    stats2 = collect_activation_stats(first, tiny_batches(), target_modules="output")
+    second = compress_model(first, stats2, target_modules="output", rank=4)
+    assert len(second.config.drone_ranks) == 4
+    torch.testing.assert_close(second.get_submodule(INTER).down.weight, first.get_submodule(INTER).down.weight)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"rank": 0}, ValueError, r"Rank for `bert.encoder.layer.0.attention.self.query` \(32x32\) .*\[1, 31\], got 0"),
+        ({"rank": 32}, ValueError, r"\[1, 31\], got 32"),
+        ({"rank": 2.5}, TypeError, "`rank` must be an int"),
+        ({"ranks": {"bert.encoder.layer.0.intermediat.dense": 4}}, ValueError, "Unknown module in `ranks`.*Close"),
+        ({"ranks": {"bert.pooler.dense": 4}}, ValueError, "Unknown module in `ranks` `bert.pooler.dense`"),
+        ({"method": "pca", "rank": 4}, ValueError, r"Unknown `method` 'pca'; expected one of \['drone', 'svd'\]"),
+        ({}, ValueError, "Pass one of `rank`"),
+        ({"rank": 4, "param_ratio": 0.5}, ValueError, "cannot be combined"),
+        ({"param_ratio": 1.5}, ValueError, r"`param_ratio` must be a float in \(0, 1\), got 1.5"),
+        ({"param_ratio": 0.01}, ValueError, "cannot be met"),
+        ({"target_modules": "ffn", "rank": 4}, ValueError, "Unknown target module `ffn`"),
+    ],
+)
+def test_bad_arguments(teacher_and_stats, kwargs, error, match):
+    model, stats = teacher_and_stats
+    with pytest.raises(error, match=match):
+        compress_model(model, stats, **kwargs)
+
+
+def test_stats_from_another_model(teacher_and_stats):
+    model, _ = teacher_and_stats
+    other = tiny_teacher(hidden_size=48, num_attention_heads=4)
+    other_stats = collect_activation_stats(other, tiny_batches())
+    with pytest.raises(ValueError, match=r"must have shape \(33, 33\) for this model, got \(49, 49\).*another model"):
+        compress_model(model, other_stats, rank=4)
+
+
+def test_missing_or_bad_stats(teacher_and_stats):
+    model, stats = teacher_and_stats
+    with pytest.raises(TypeError, match="`stats` must be the dict"):
+        compress_model(model, None, rank=4)
+    partial = {k: v for k, v in stats.items() if "layer.1" not in k}
+    with pytest.raises(ValueError, match="no statistics for 6 target modules"):
+        compress_model(model, partial, rank=4)
+    nan = {k: torch.full_like(v, float("nan")) for k, v in stats.items()}
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        compress_model(model, nan, rank=4)
+
+
+def test_not_a_bert_classifier():
+    roberta = RobertaForSequenceClassification(
+        RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+    )
+    with pytest.raises(ValueError, match=r"must be a BertForSequenceClassification .*got RobertaForSequenceClassification"):
+        compress_model(roberta, None, method="svd", rank=4)
+    with pytest.raises(ValueError, match="got BertModel"):
+        compress_model(BertModel(BertConfig(hidden_size=32, num_attention_heads=4)), None, method="svd", rank=4)
