@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
+from .attention import DroneBertSelfAttention
 from .allocation import allocate_by_energy, breakeven_rank
 from .calibration import (
     ActivationStatsCollector,
@@ -21,7 +22,7 @@ from .configuration_drone import DRONE_FORMAT_VERSION, DroneConfig
 from .factorize import data_weighted_error, drone_factorize, drone_spectrum, svd_factorize
 from .layers import DroneLinear
 from .modeling_drone_bert import DroneBertForSequenceClassification
-from .replace import replace_linear_with_drone
+from .replace import replace_attention_with_drone, replace_linear_with_drone
 from .targets import BERT_ROLES, resolve_ranks, resolve_target_modules
 
 
@@ -47,6 +48,7 @@ __all__ = [
     "DRONE_FORMAT_VERSION",
     "ActivationStatsCollector",
     "DroneBertForSequenceClassification",
+    "DroneBertSelfAttention",
     "DroneConfig",
     "DroneLinear",
     "__version__",
@@ -58,6 +60,7 @@ __all__ = [
     "drone_factorize",
     "drone_spectrum",
     "load_activation_stats",
+    "replace_attention_with_drone",
     "replace_linear_with_drone",
     "resolve_ranks",
     "resolve_target_modules",

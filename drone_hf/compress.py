@@ -12,16 +12,17 @@ from .allocation import allocate_by_energy, breakeven_rank
 from .calibration import split_stats
 from .configuration_drone import DRONE_METHODS, DroneConfig
 from .factorize import drone_factorize, drone_spectrum, svd_factorize, svd_spectrum
+from .factorize_attention import drone_attention_factorize, svd_attention_factorize
 from .modeling_drone_bert import DroneBertForSequenceClassification
-from .replace import validate_drone_ranks
-from .targets import check_bert_classifier, resolve_ranks, resolve_target_modules
+from .replace import validate_attention_ranks, validate_drone_ranks
+from .targets import attention_block_names, check_bert_classifier, resolve_ranks, resolve_target_modules
 
 
 _CONFIG_KEYS_NOT_COPIED = ("model_type", "architectures", "transformers_version", "auto_map", "drone_method")
 
 
-def _second_moments(stats, targets: Sequence[str], shapes: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
-    """Checks the statistics against the model and returns `C` per target."""
+def _check_stats(stats, targets: Sequence[str], shapes: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """Checks the statistics against the model and returns the augmented statistic per target."""
     if not isinstance(stats, Mapping):
         raise TypeError(
             f"`stats` must be the dict returned by collect_activation_stats, got {type(stats).__name__}. "
@@ -44,10 +45,9 @@ def _second_moments(stats, targets: Sequence[str], shapes: Mapping[str, tuple[in
             )
         if not torch.isfinite(tensor).all():
             raise ValueError(f"`stats[{name!r}]` contains NaN or Inf.")
-        second_moment, _, count = split_stats(tensor)
-        if count <= 0:
+        if split_stats(tensor)[2] <= 0:
             raise ValueError(f"`stats[{name!r}]` was accumulated over 0 tokens.")
-        moments[name] = second_moment
+        moments[name] = tensor
     return moments
 
 
@@ -74,6 +74,19 @@ def _choose_ranks(model, targets, shapes, spectra_fn, *, rank, ranks, param_rati
     return {name: k for name, k in chosen.items() if name not in slower}
 
 
+def _resolve_attention(model, ranks, attention_rank, attention_ranks) -> tuple[dict | None, dict[str, int]]:
+    """Moves `...attention.self` keys of `ranks` to the attention ranks and resolves `attention_rank(s)`."""
+    blocks = attention_block_names(model)
+    linear_ranks = None if ranks is None else {k: v for k, v in ranks.items() if k not in blocks}
+    from_ranks = {k: v for k, v in (ranks or {}).items() if k in blocks}
+    if attention_rank is not None and (isinstance(attention_rank, bool) or not isinstance(attention_rank, int)):
+        raise TypeError(f"`attention_rank` must be an int, got {attention_rank!r} ({type(attention_rank).__name__}).")
+    resolved = resolve_ranks(blocks, rank=attention_rank, ranks=attention_ranks, argument="attention_ranks")
+    resolved.update(from_ranks)
+    validate_attention_ranks(model, resolved)
+    return (linear_ranks or None) if ranks is not None else None, resolved
+
+
 def compress_model(
     model: nn.Module,
     stats: Mapping[str, torch.Tensor] | None,
@@ -82,13 +95,15 @@ def compress_model(
     rank: int | None = None,
     ranks: Mapping[str, int] | None = None,
     param_ratio: float | None = None,
+    attention_rank: int | None = None,
+    attention_ranks: Mapping[str, int] | None = None,
     target_modules: Sequence[str] | str | None = None,
     rank_multiple: int = 8,
     calibration_info: Mapping | None = None,
 ) -> DroneBertForSequenceClassification:
     r"""
-    Factors the encoder linears of a fine-tuned BERT classifier and returns a **new**
-    [`DroneBertForSequenceClassification`]; `model` is not modified.
+    Factors the encoder of a fine-tuned BERT classifier and returns a **new** [`DroneBertForSequenceClassification`];
+    `model` is not modified.
 
     Args:
         model (`BertForSequenceClassification`): The fine-tuned model (a [`DroneBertForSequenceClassification`] works
@@ -96,11 +111,16 @@ def compress_model(
         stats (`dict[str, Tensor]`, *optional*): Output of [`collect_activation_stats`]; required for `"drone"`,
             ignored by `"svd"`.
         method (`str`, *optional*, defaults to `"drone"`): `"drone"` (data-aware, closed form) or `"svd"`.
-        rank (`int`, *optional*): One rank for every target.
+        rank (`int`, *optional*): One rank for every target linear.
         ranks (`Mapping[str, int]`, *optional*): Full module name or `"re:<regex>"` -> rank. Exact names win over
-            patterns, the first matching pattern wins over `rank`; targets without a rank stay dense.
+            patterns, the first matching pattern wins over `rank`; targets without a rank stay dense. Exact names of
+            self-attention blocks (`"...attention.self"`) set per-head query/key ranks, as in `attention_ranks`.
         param_ratio (`float`, *optional*): Fraction of the targets' weight parameters to keep; ranks are allocated by
             the closed form's residual energy (no evaluations).
+        attention_rank (`int`, *optional*): DRONE attention (METHODS.md §1a): factor every head's `W_Q W_K^T` to
+            this per-head query/key width (`< d_h`), replacing the separate query/key linears.
+        attention_ranks (`Mapping[str, int]`, *optional*): Self-attention block name or `"re:<regex>"` -> per-head
+            rank, with the same precedence as `ranks`.
         target_modules (`Sequence[str]` or `str`, *optional*): Roles (`query, key, value, attention_output,
             intermediate, output`), full names or `re:` regexes. Defaults to every encoder linear.
         rank_multiple (`int`, *optional*, defaults to 8): Granularity of the ranks chosen by `param_ratio`.
@@ -108,72 +128,108 @@ def compress_model(
 
     Returns:
         [`DroneBertForSequenceClassification`]: the compressed model, on the device and in the dtype of `model`.
-        Modules whose rank would not reduce their cost (`k (in + out) >= in * out`) are left dense with a warning.
+        Linears whose rank would not reduce their cost (`k (in + out) >= in * out`) are left dense with a warning.
 
     Raises:
         `ValueError`: for a model that is not a BERT classifier, an unknown `method` or module, a rank outside
-            `[1, min(in, out))`, statistics missing or of the wrong shape, or no budget.
+            `[1, min(in, out))` (attention: `[1, d_h)`), statistics missing or of the wrong shape, or no budget.
 
     Example:
 
     ```py
     >>> stats = drone_hf.collect_activation_stats(model, loader)  # doctest: +SKIP
-    >>> small = drone_hf.compress_model(model, stats, rank=96)  # doctest: +SKIP
+    >>> small = drone_hf.compress_model(model, stats, rank=96, attention_rank=16)  # doctest: +SKIP
     >>> small.save_pretrained("minilm-sst2-drone")  # doctest: +SKIP
     ```
     """
     check_bert_classifier(model)
     if method not in DRONE_METHODS:
         raise ValueError(f"Unknown `method` {method!r}; expected one of {list(DRONE_METHODS)}.")
-    targets = resolve_target_modules(model, target_modules)
-    if not targets:
-        raise ValueError("`target_modules` selects no dense encoder linear; nothing to compress.")
+    ranks, chosen_attention = _resolve_attention(model, ranks, attention_rank, attention_ranks)
+    # The query/key of a DRONE-factored attention block are replaced as a pair; they are no longer linear targets.
+    replaced_qk = {f"{block}.{proj}" for block in chosen_attention for proj in ("query", "key")}
+    clash = sorted(replaced_qk & set(ranks or {}))
+    if clash:
+        raise ValueError(f"{clash} have a linear rank but their attention block gets an attention rank; pass one.")
+    targets = [name for name in resolve_target_modules(model, target_modules) if name not in replaced_qk]
     weights = {name: model.get_submodule(name).weight.detach() for name in targets}
     shapes = {name: tuple(weight.shape) for name, weight in weights.items()}
-    moments = _second_moments(stats, targets, shapes) if method == "drone" else {}
+    queries = [f"{block}.query" for block in chosen_attention]
+    query_shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in queries}
+    all_shapes = {**shapes, **query_shapes}
 
     def spectrum(name):
-        return drone_spectrum(weights[name], moments[name]) if moments else svd_spectrum(weights[name])
+        if method == "svd":
+            return svd_spectrum(weights[name])
+        return drone_spectrum(weights[name], split_stats(_check_stats(stats, [name], all_shapes)[name])[0])
 
-    chosen = _choose_ranks(
+    no_linear_budget = rank is None and ranks is None and param_ratio is None
+    chosen = {} if no_linear_budget and chosen_attention else _choose_ranks(
         model, targets, shapes, spectrum, rank=rank, ranks=ranks, param_ratio=param_ratio, rank_multiple=rank_multiple
     )
-    if not chosen:
+    if not chosen and not chosen_attention:
         raise ValueError("Every selected module would stay dense at these ranks; nothing to compress.")
+    # Only the modules actually factored need statistics.
+    checked = _check_stats(stats, list(chosen) + queries, all_shapes) if method == "drone" else {}
     factors = {
-        name: drone_factorize(weights[name], moments[name], k) if moments else svd_factorize(weights[name], k)
+        name: drone_factorize(weights[name], split_stats(checked[name])[0], k)
+        if checked
+        else svd_factorize(weights[name], k)
         for name, k in chosen.items()
     }
+    attention_factors = {
+        block: _factor_attention(model.get_submodule(block), checked.get(f"{block}.query"), k)
+        for block, k in chosen_attention.items()
+    }
     provenance = dict(calibration_info or {})
-    if moments:
-        provenance.setdefault("num_tokens", int(split_stats(stats[targets[0]])[2]))
-    return _build_compressed(model, chosen, factors, method, provenance or None)
+    if checked:
+        provenance.setdefault("num_tokens", int(split_stats(next(iter(checked.values())))[2]))
+    return _build_compressed(model, chosen, factors, chosen_attention, attention_factors, method, provenance or None)
 
 
-def _build_compressed(model, chosen, factors, method, provenance) -> DroneBertForSequenceClassification:
+def _factor_attention(block: nn.Module, stats: torch.Tensor | None, rank: int):
+    args = (
+        block.query.weight.detach(),
+        block.query.bias.detach(),
+        block.key.weight.detach(),
+        block.key.bias.detach(),
+    )
+    if stats is None:
+        return svd_attention_factorize(*args, block.num_attention_heads, rank)
+    return drone_attention_factorize(*args, stats, block.num_attention_heads, rank)
+
+
+def _build_compressed(model, chosen, factors, attention_ranks, attention_factors, method, provenance):
     config_dict = model.config.to_dict()
     for key in _CONFIG_KEYS_NOT_COPIED:
         config_dict.pop(key, None)
     previous = config_dict.pop("drone_ranks", None) or {}
+    previous_attention = config_dict.pop("drone_attention_ranks", None) or {}
     config_dict.pop("drone_calibration", None)
     config = DroneConfig(
-        **config_dict, drone_ranks={**previous, **chosen}, drone_method=method, drone_calibration=provenance
+        **config_dict,
+        drone_ranks={**previous, **chosen} or None,
+        drone_attention_ranks={**previous_attention, **attention_ranks} or None,
+        drone_method=method,
+        drone_calibration=provenance,
     )
     config.architectures = [DroneBertForSequenceClassification.__name__]
     config._attn_implementation = model.config._attn_implementation
     reference = next(model.parameters())
-    state = {key: value for key, value in model.state_dict().items()}
+    state = dict(model.state_dict())
     for name, (down, up) in factors.items():
         bias = state.pop(f"{name}.bias", None)
         del state[f"{name}.weight"]
         state[f"{name}.down.weight"], state[f"{name}.up.weight"] = down, up
         if bias is not None:
             state[f"{name}.up.bias"] = bias
+    for block, (q_weight, q_bias, k_weight, k_bias) in attention_factors.items():
+        state[f"{block}.query.weight"], state[f"{block}.query.bias"] = q_weight, q_bias
+        state[f"{block}.key.weight"], state[f"{block}.key.bias"] = k_weight, k_bias
     compressed = DroneBertForSequenceClassification(config)
     compressed.load_state_dict(state, strict=True)
     compressed.to(device=reference.device, dtype=reference.dtype)
     compressed.train(model.training)
     return compressed
-
 
 __all__ = ["compress_model"]

@@ -35,6 +35,9 @@ class DroneConfig(BertConfig):
         drone_ranks (`dict[str, int]`, *optional*):
             Full module name (as in `model.named_modules()`) to rank, one entry per factored `nn.Linear`. A module
             that is absent stays dense; a rank of 0 is never stored.
+        drone_attention_ranks (`dict[str, int]`, *optional*):
+            Self-attention module name (e.g. `"bert.encoder.layer.0.attention.self"`) to the per-head query/key width
+            `k < d_h` of its DRONE-factored score product. Absent means the attention scores are exact.
         drone_calibration (`dict`, *optional*):
             Provenance of the calibration data (dataset, split, number of samples/tokens, seed). Nothing reads it
             at load time; it feeds the model card.
@@ -55,6 +58,7 @@ class DroneConfig(BertConfig):
     drone_format_version: int = DRONE_FORMAT_VERSION
     drone_method: str = "drone"
     drone_ranks: dict[str, int] | None = None
+    drone_attention_ranks: dict[str, int] | None = None
     drone_calibration: dict | None = None
 
     def validate_drone_format_version(self):
@@ -75,15 +79,21 @@ class DroneConfig(BertConfig):
 
     def validate_drone_ranks(self):
         """Checks that every key is a plain module path and every rank a positive int."""
-        for name, rank in (self.drone_ranks or {}).items():
-            if not isinstance(name, str) or not _FQN_RE.match(name):
+        for field in ("drone_ranks", "drone_attention_ranks"):
+            for name, rank in (getattr(self, field) or {}).items():
+                if not isinstance(name, str) or not _FQN_RE.match(name):
+                    raise ValueError(
+                        f"`{field}` keys must be full module names such as 'bert.encoder.layer.0.intermediate.dense' "
+                        f"(no regex), got {name!r}."
+                    )
+                if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                    raise ValueError(f"`{field}[{name!r}]` must be a positive int (absent means dense), got {rank!r}.")
+        for name in self.drone_attention_ranks or {}:
+            both = [f"{name}.{proj}" for proj in ("query", "key") if f"{name}.{proj}" in (self.drone_ranks or {})]
+            if both:
                 raise ValueError(
-                    f"`drone_ranks` keys must be full module names such as "
-                    f"'bert.encoder.layer.0.intermediate.dense' (no regex), got {name!r}."
-                )
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-                raise ValueError(
-                    f"`drone_ranks[{name!r}]` must be a positive int (absent means dense), got {rank!r}."
+                    f"{both} are in `drone_ranks` but `{name}` is in `drone_attention_ranks`: the query/key of a "
+                    "factored attention block are already low rank."
                 )
 
 

@@ -11,7 +11,8 @@ from transformers.utils import logging
 
 from .configuration_drone import DroneConfig
 from .layers import DroneLinear
-from .replace import replace_linear_with_drone
+from .attention import DroneBertSelfAttention
+from .replace import replace_attention_with_drone, replace_linear_with_drone
 
 
 logger = logging.get_logger(__name__)
@@ -21,7 +22,8 @@ _FACTOR_SUFFIXES = (".down.weight", ".up.weight", ".up.bias")
 class DroneBertForSequenceClassification(BertForSequenceClassification):
     r"""
     [`~transformers.BertForSequenceClassification`] with the modules listed in `config.drone_ranks` replaced by
-    [`DroneLinear`] layers of those ranks.
+    [`DroneLinear`] layers of those ranks, and the self-attention blocks listed in `config.drone_attention_ranks` by
+    [`DroneBertSelfAttention`] blocks whose per-head query/key width is that rank.
 
     The constructor only allocates shapes (it is safe on the meta device, which `from_pretrained` uses); the factors
     themselves come from the checkpoint or from [`compress_model`]. Modules not listed stay dense.
@@ -43,6 +45,8 @@ class DroneBertForSequenceClassification(BertForSequenceClassification):
 
     def __init__(self, config: DroneConfig):
         super().__init__(config)
+        # Attention blocks first: a factored `value` linear then lands inside the new block.
+        replace_attention_with_drone(self, config.drone_attention_ranks or {})
         replace_linear_with_drone(self, config.drone_ranks or {})
         self.post_init()
 
@@ -68,7 +72,9 @@ class DroneBertForSequenceClassification(BertForSequenceClassification):
         return (model, info) if want_info else model
 
     def _check_drone_loading_info(self, info: dict) -> None:
-        factored = tuple(f"{name}." for name in (self.config.drone_ranks or {}))
+        factored = tuple(
+            f"{name}." for name in {**(self.config.drone_ranks or {}), **(self.config.drone_attention_ranks or {})}
+        )
         keys = set(info.get("missing_keys", ())) | set(info.get("unexpected_keys", ()))
         keys |= {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())}
         bad = sorted(k for k in keys if k.startswith(factored) or k.endswith(_FACTOR_SUFFIXES))
@@ -78,9 +84,10 @@ class DroneBertForSequenceClassification(BertForSequenceClassification):
                 f"factored modules, but these tensors are missing, unexpected or mismatched: {bad}."
             )
 
-    def drone_modules(self) -> dict[str, DroneLinear]:
-        """Returns the factored layers, keyed by full module name."""
-        return {name: module for name, module in self.named_modules() if isinstance(module, DroneLinear)}
+    def drone_modules(self) -> dict[str, DroneLinear | DroneBertSelfAttention]:
+        """Returns the factored layers and attention blocks, keyed by full module name."""
+        kinds = (DroneLinear, DroneBertSelfAttention)
+        return {name: module for name, module in self.named_modules() if isinstance(module, kinds)}
 
 
 __all__ = ["DroneBertForSequenceClassification"]

@@ -10,8 +10,10 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+from transformers.models.bert.modeling_bert import BertSelfAttention
 from transformers.utils import logging
 
+from .attention import DroneBertSelfAttention
 from .layers import DroneLinear
 
 
@@ -113,4 +115,89 @@ def replace_linear_with_drone(
     return replaced
 
 
-__all__ = ["replace_linear_with_drone", "validate_drone_ranks"]
+def validate_attention_ranks(model: nn.Module, attention_ranks: Mapping[str, int]) -> None:
+    """Checks that every key of `attention_ranks` names a BERT self-attention block and `0 < rank < d_h`.
+
+    Raises:
+        `ValueError`: naming the module, the rank and the allowed range.
+    """
+    modules = dict(model.named_modules())
+    attention_names = [n for n, m in modules.items() if isinstance(m, BertSelfAttention)]
+    for name, rank in attention_ranks.items():
+        module = modules.get(name)
+        if not isinstance(module, BertSelfAttention):
+            found = "no such module" if module is None else f"a {type(module).__name__}"
+            raise ValueError(
+                f"`{name}` in the attention ranks is {found}; expected a BertSelfAttention such as "
+                f"'bert.encoder.layer.0.attention.self'.{_close_matches(name, attention_names)}"
+            )
+        head = module.attention_head_size
+        if isinstance(module, DroneBertSelfAttention):
+            if module.qk_rank != rank:
+                raise ValueError(f"`{name}` is already factored at rank {module.qk_rank}, cannot set rank {rank}.")
+            continue
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank < head:
+            raise ValueError(
+                f"Attention rank for `{name}` (head size {head}) must be an int in [1, {head - 1}], got {rank!r}."
+            )
+
+
+def replace_attention_with_drone(
+    model: nn.Module,
+    attention_ranks: Mapping[str, int],
+    *,
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+) -> list[str]:
+    """Replaces each BERT self-attention block named in `attention_ranks` by a [`DroneBertSelfAttention`] whose
+    per-head query/key width is that rank, in place (all-or-nothing, like [`replace_linear_with_drone`]).
+
+    Args:
+        model (`nn.Module`): The model to modify.
+        attention_ranks (`Mapping[str, int]`): Self-attention module name to per-head query/key rank.
+        factors (`Mapping[str, tuple]`, *optional*): Module name to `(q_weight, q_bias, k_weight, k_bias)` of shapes
+            `(heads * rank, hidden)` and `(heads * rank,)`. The value projection module is moved over unchanged.
+
+    Returns:
+        `list[str]`: The names of the replaced modules.
+    """
+    validate_attention_ranks(model, attention_ranks)
+    factors = factors or {}
+    unknown = sorted(set(factors) - set(attention_ranks))
+    if unknown:
+        raise ValueError(f"`factors` has attention modules without a rank: {unknown}.")
+    for name, tensors in factors.items():
+        old, rank = model.get_submodule(name), attention_ranks[name]
+        width, hidden = old.num_attention_heads * rank, old.query.in_features
+        expected = [(width, hidden), (width,), (width, hidden), (width,)]
+        if [tuple(t.shape) for t in tensors] != expected:
+            raise ValueError(f"Factors for `{name}` must have shapes {expected}, got {[tuple(t.shape) for t in tensors]}.")
+    replaced = []
+    for name, rank in attention_ranks.items():
+        old = model.get_submodule(name)
+        if isinstance(old, DroneBertSelfAttention):
+            continue
+        reference = old.query.weight
+        new = DroneBertSelfAttention(old.config, rank, is_causal=old.is_causal, layer_idx=old.layer_idx)
+        new.to(device=reference.device, dtype=reference.dtype)
+        new.value = old.value  # unchanged (dense or already a DroneLinear): move the module itself
+        if name in factors:
+            q_weight, q_bias, k_weight, k_bias = (t.to(reference) for t in factors[name])
+            with torch.no_grad():
+                new.query.weight.copy_(q_weight)
+                new.query.bias.copy_(q_bias)
+                new.key.weight.copy_(k_weight)
+                new.key.bias.copy_(k_bias)
+        new.train(old.training)
+        model.set_submodule(name, new)
+        replaced.append(name)
+    if replaced:
+        logger.info(f"Replaced {len(replaced)} BertSelfAttention modules with DroneBertSelfAttention.")
+    return replaced
+
+
+__all__ = [
+    "replace_attention_with_drone",
+    "replace_linear_with_drone",
+    "validate_attention_ranks",
+    "validate_drone_ranks",
+]

@@ -112,8 +112,18 @@ def resolve_target_modules(model: nn.Module, target_modules: Sequence[str] | str
     return [name for name in candidates if name in selected]
 
 
+def attention_block_names(model: nn.Module) -> list[str]:
+    """Full names of the self-attention blocks (`...attention.self`) of a BERT classifier, layer by layer."""
+    roles = encoder_linear_roles(model)
+    return [name[: -len(".query")] for name, role in roles.items() if role == "query"]
+
+
 def resolve_ranks(
-    targets: Sequence[str], *, rank: int | None = None, ranks: Mapping[str, int] | None = None
+    targets: Sequence[str],
+    *,
+    rank: int | None = None,
+    ranks: Mapping[str, int] | None = None,
+    argument: str = "ranks",
 ) -> dict[str, int]:
     """Resolves a default `rank` and a `ranks` mapping into one rank per target module.
 
@@ -125,13 +135,13 @@ def resolve_ranks(
     """
     ranks = dict(ranks or {})
     exact = {key: value for key, value in ranks.items() if not key.startswith(_REGEX_PREFIX)}
-    patterns = [(key, _regex(key, "ranks"), value) for key, value in ranks.items() if key.startswith(_REGEX_PREFIX)]
+    patterns = [(key, _regex(key, argument), value) for key, value in ranks.items() if key.startswith(_REGEX_PREFIX)]
     for key in exact:
         if key not in targets:
-            raise _unknown("module in `ranks`", key, list(targets))
+            raise _unknown(f"module in `{argument}`", key, list(targets))
     for key, regex, _ in patterns:
         if not any(regex.fullmatch(name) for name in targets):
-            raise ValueError(f"`ranks` pattern {key!r} matches no target module.")
+            raise ValueError(f"`{argument}` pattern {key!r} matches no target module.")
     resolved = {}
     for name in targets:
         if name in exact:
@@ -145,6 +155,7 @@ def resolve_ranks(
 
 __all__ = [
     "BERT_ROLES",
+    "attention_block_names",
     "check_bert_classifier",
     "encoder_linear_roles",
     "resolve_ranks",

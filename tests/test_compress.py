@@ -133,6 +133,8 @@ def test_missing_or_bad_stats(teacher_and_stats):
     partial = {k: v for k, v in stats.items() if "layer.1" not in k}
     with pytest.raises(ValueError, match="no statistics for 6 target modules"):
         compress_model(model, partial, rank=4)
+    # Statistics are needed only for the modules that get factored.
+    assert compress_model(model, partial, ranks={"re:.*layer\\.0.*": 4}).config.drone_ranks
     nan = {k: torch.full_like(v, float("nan")) for k, v in stats.items()}
     with pytest.raises(ValueError, match="NaN or Inf"):
         compress_model(model, nan, rank=4)

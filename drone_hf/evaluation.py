@@ -1,0 +1,92 @@
+"""Batched inference and GLUE evaluation of (compressed) classifiers, with length-sorted dynamic padding."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from .calibration import MODEL_INPUT_KEYS
+
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+
+def iter_batches(
+    dataset: datasets.Dataset | Sequence[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    batch_size: int = 32,
+    sort_by_length: bool = False,
+    shuffle_seed: int | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yields padded tensor batches (with `labels` when present) from tokenised rows.
+
+    Args:
+        dataset: Rows with `input_ids` (and optionally `token_type_ids`, `labels`), e.g. from [`load_glue`].
+        tokenizer: Pads each batch to its longest row.
+        batch_size (`int`, *optional*, defaults to 32): Rows per batch.
+        sort_by_length (`bool`, *optional*, defaults to `False`): Group rows of similar length (less padding); the
+            rows then come out of order, which is fine for calibration and for [`predict`], which restores it.
+        shuffle_seed (`int`, *optional*): Shuffle the rows with this seed first.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+    order = _order(dataset, sort_by_length, shuffle_seed)
+    keep = set(MODEL_INPUT_KEYS) | {"labels"}
+    for start in range(0, len(order), batch_size):
+        rows = [{k: v for k, v in dataset[int(i)].items() if k in keep} for i in order[start : start + batch_size]]
+        yield tokenizer.pad(rows, return_tensors="pt")
+
+
+def _order(dataset, sort_by_length: bool, shuffle_seed: int | None) -> np.ndarray:
+    order = np.arange(len(dataset))
+    if shuffle_seed is not None:
+        order = np.random.default_rng(shuffle_seed).permutation(len(dataset))
+    if sort_by_length:
+        lengths = np.array([len(dataset[int(i)]["input_ids"]) for i in order])
+        order = order[np.argsort(lengths, kind="stable")]
+    return order
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module, dataset, tokenizer, *, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Returns `(logits, labels)` over `dataset` in its original row order (`labels` is `None` without labels)."""
+    if len(dataset) == 0:
+        raise ValueError("`dataset` is empty; nothing to evaluate.")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = _order(dataset, True, None)
+    logits, labels = [], []
+    for batch in iter_batches(dataset, tokenizer, batch_size=batch_size, sort_by_length=True):
+        if "labels" in batch:
+            labels.append(batch.pop("labels"))
+        inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+        logits.append(model(**inputs).logits.float().cpu())
+    model.train(was_training)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    all_logits = torch.cat(logits).numpy()[inverse]
+    all_labels = torch.cat(labels).numpy()[inverse] if labels else None
+    return all_logits, all_labels
+
+
+def evaluate_glue(model: nn.Module, dataset, tokenizer, task: str, *, batch_size: int = 64) -> dict[str, float]:
+    """GLUE metrics of `model` on a tokenised, labelled split (see [`load_glue`] and [`glue_metrics`])."""
+    from .glue import glue_metrics
+
+    logits, labels = predict(model, dataset, tokenizer, batch_size=batch_size)
+    if labels is None:
+        raise ValueError("`dataset` has no `labels` column: an eval set without labels cannot be scored.")
+    return glue_metrics(task, logits, labels)
+
+
+__all__ = ["evaluate_glue", "iter_batches", "predict"]
