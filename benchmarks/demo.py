@@ -43,7 +43,7 @@ COLUMNS = [
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="sst2")
-    parser.add_argument("--steps", type=int, default=400, help="fine-tuning steps (batch 32)")
+    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps (batch 32)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[96, 128, 160])
     parser.add_argument("--calibration-samples", type=int, default=512)
     parser.add_argument("--latency-repeats", type=int, default=30)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from .attention import DroneBertSelfAttention
-from .allocation import allocate_by_energy, breakeven_rank
+from .allocation import allocate_by_energy, allocate_ranks, breakeven_rank
 from .calibration import (
     ActivationStatsCollector,
     collect_activation_stats,
@@ -53,6 +53,7 @@ __all__ = [
     "DroneLinear",
     "__version__",
     "allocate_by_energy",
+    "allocate_ranks",
     "breakeven_rank",
     "collect_activation_stats",
     "compress_model",

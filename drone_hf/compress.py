@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -98,6 +98,12 @@ def compress_model(
     attention_rank: int | None = None,
     attention_ranks: Mapping[str, int] | None = None,
     target_modules: Sequence[str] | str | None = None,
+    max_accuracy_drop: float | None = None,
+    target_speedup: float | None = None,
+    eval_dataloader: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    rank_grid: Sequence[int] | None = None,
+    attention: bool = True,
+    allocation_report: dict | None = None,
     rank_multiple: int = 8,
     calibration_info: Mapping | None = None,
 ) -> DroneBertForSequenceClassification:
@@ -123,6 +129,14 @@ def compress_model(
             rank, with the same precedence as `ranks`.
         target_modules (`Sequence[str]` or `str`, *optional*): Roles (`query, key, value, attention_output,
             intermediate, output`), full names or `re:` regexes. Defaults to every encoder linear.
+        max_accuracy_drop (`float`, *optional*): Budget in metric points on `eval_dataloader`; ranks (linears and,
+            with `attention=True`, attention blocks) are chosen by [`allocate_ranks`].
+        target_speedup (`float`, *optional*): Multiply-add reduction target; ranks chosen by [`allocate_ranks`]
+            from the closed form's residual energy, without evaluations.
+        eval_dataloader (`Iterable[dict]`, *optional*): Held-out batches with labels, carved from the training
+            split (never the dev split you report), for `max_accuracy_drop`.
+        rank_grid (`Sequence[int]`, *optional*), attention (`bool`, *optional*, defaults to `True`),
+        allocation_report (`dict`, *optional*): Passed to [`allocate_ranks`].
         rank_multiple (`int`, *optional*, defaults to 8): Granularity of the ranks chosen by `param_ratio`.
         calibration_info (`Mapping`, *optional*): Provenance (dataset, split, samples, seed) saved in the config.
 
@@ -145,6 +159,24 @@ def compress_model(
     check_bert_classifier(model)
     if method not in DRONE_METHODS:
         raise ValueError(f"Unknown `method` {method!r}; expected one of {list(DRONE_METHODS)}.")
+    if max_accuracy_drop is not None or target_speedup is not None:
+        explicit = {"rank": rank, "ranks": ranks, "param_ratio": param_ratio, "attention_rank": attention_rank,
+                    "attention_ranks": attention_ranks}
+        clashing = [key for key, value in explicit.items() if value is not None]
+        if clashing:
+            raise ValueError(f"A budget (`max_accuracy_drop`/`target_speedup`) cannot be combined with {clashing}.")
+        from .allocation import allocate_ranks
+
+        ranks = allocate_ranks(
+            model, stats, eval_dataloader=eval_dataloader, max_accuracy_drop=max_accuracy_drop,
+            target_speedup=target_speedup, rank_grid=rank_grid, method=method, attention=attention,
+            target_modules=target_modules, rank_multiple=rank_multiple, report=allocation_report,
+        )
+        if not ranks:
+            raise ValueError(
+                f"The budget cannot be met: no module can be compressed within max_accuracy_drop={max_accuracy_drop}"
+                f" / target_speedup={target_speedup}; loosen it."
+            )
     ranks, chosen_attention = _resolve_attention(model, ranks, attention_rank, attention_ranks)
     # The query/key of a DRONE-factored attention block are replaced as a pair; they are no longer linear targets.
     replaced_qk = {f"{block}.{proj}" for block in chosen_attention for proj in ("query", "key")}

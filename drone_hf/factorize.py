@@ -53,6 +53,30 @@ def _balanced_split(left, sigma, right_t, rank):
     return down, up
 
 
+class DroneDecomposition:
+    """The rank-independent part of DRONE for one layer (`C = U S^2 U^T` and the SVD of `Z = W U S`), so that the
+    factors at many ranks cost one eigendecomposition and one SVD. See [`drone_factorize`]."""
+
+    def __init__(self, weight: torch.Tensor, second_moment: torch.Tensor, *, rtol: float = DEFAULT_RTOL):
+        _check_second_moment(second_moment, weight)
+        basis, scale = whiten(second_moment, rtol=rtol)
+        self.weight_shape, self.dtype = tuple(weight.shape), weight.dtype
+        self.left, self.sigma, right_t = torch.linalg.svd(weight.double() @ (basis * scale), full_matrices=False)
+        self._right_t, self._basis = right_t / scale, basis
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(down, up)` at `rank`, in the weight's dtype."""
+        limit = min(self.weight_shape)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= limit:
+            raise ValueError(f"`rank` must be an int in [1, {limit}] for a {self.weight_shape} weight, got {rank!r}.")
+        down, up = _balanced_split(self.left, self.sigma, self._right_t, rank)
+        return (down @ self._basis.T).to(self.dtype), up.to(self.dtype)
+
+    def error(self, rank: int) -> float:
+        """The data-weighted error `trace((W-M) C (W-M)^T)` at `rank`: the discarded `sigma^2` of `Z`."""
+        return float((self.sigma[rank:] ** 2).sum())
+
+
 def drone_factorize(
     weight: torch.Tensor,
     second_moment: torch.Tensor,
@@ -88,12 +112,7 @@ def drone_factorize(
     ```
     """
     _check_rank(rank, weight)
-    _check_second_moment(second_moment, weight)
-    basis, scale = whiten(second_moment, rtol=rtol)
-    z = weight.double() @ (basis * scale)
-    left, sigma, right_t = torch.linalg.svd(z, full_matrices=False)
-    down, up = _balanced_split(left, sigma, right_t / scale, rank)
-    return (down @ basis.T).to(weight.dtype), up.to(weight.dtype)
+    return DroneDecomposition(weight, second_moment, rtol=rtol).factors(rank)
 
 
 def svd_factorize(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +147,7 @@ def data_weighted_error(weight: torch.Tensor, approx: torch.Tensor, second_momen
 
 
 __all__ = [
+    "DroneDecomposition",
     "data_weighted_error",
     "drone_factorize",
     "drone_spectrum",

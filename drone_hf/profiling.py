@@ -42,20 +42,14 @@ def encoder_macs(config: PretrainedConfig, seq_len: int = 128, *, prefix: str = 
     total = 0
     for i in range(config.num_hidden_layers):
         layer = f"{prefix}.encoder.layer.{i}."
-        per_token = sum(
-            _linear_macs(config, layer + name, out_f, in_f)
-            for name, out_f, in_f in (
-                ("attention.self.query", hidden, hidden),
-                ("attention.self.key", hidden, hidden),
-                ("attention.self.value", hidden, hidden),
-                ("attention.output.dense", hidden, hidden),
-                ("intermediate.dense", ffn, hidden),
-                ("output.dense", hidden, ffn),
-            )
-        )
-        # DRONE attention narrows each head's query/key width from d_h to its rank (scores cost n^2 * width).
+        # DRONE attention narrows each head's query/key width from d_h to its rank: the query/key projections and
+        # the n^2 score product shrink with it.
         head_rank = attention_ranks.get(layer + "attention.self")
         width = hidden if head_rank is None else head_rank * config.num_attention_heads
+        projections = [("attention.self.value", hidden, hidden), ("attention.output.dense", hidden, hidden),
+                       ("intermediate.dense", ffn, hidden), ("output.dense", hidden, ffn)]
+        projections += [("attention.self.query", width, hidden), ("attention.self.key", width, hidden)]
+        per_token = sum(_linear_macs(config, layer + name, out_f, in_f) for name, out_f, in_f in projections)
         total += seq_len * per_token + seq_len * seq_len * (width + hidden)
     return total + hidden * hidden + hidden * getattr(config, "num_labels", 2)
 

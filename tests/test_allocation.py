@@ -1,0 +1,155 @@
+import itertools
+
+import pytest
+import torch
+
+from drone_hf import DroneLinear, allocate_ranks, collect_activation_stats, compress_model
+from drone_hf.allocation import _greedy, breakeven_rank
+from drone_hf.heldout import LayerwiseEvaluator, module_time_shares
+from drone_hf.profiling import encoder_macs, flop_speedup_bound
+
+from .testing_utils import tiny_batches, tiny_teacher
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_teacher(hidden_size=64, intermediate_size=128)
+    batches = tiny_batches(num_rows=32, seq_len=10, batch_size=8)
+    with torch.no_grad():  # labels = the teacher's own predictions: base accuracy is 100%
+        for batch in batches:
+            batch["labels"] = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+    return model, batches, collect_activation_stats(model, batches)
+
+
+def test_breakeven():
+    assert breakeven_rank(384, 384) == 191 and breakeven_rank(768, 3072) == 614
+    assert 191 * (384 + 384) < 384 * 384 <= 192 * (384 + 384)
+
+
+def test_greedy_matches_brute_force_on_concave_curves():
+    # Unit cost per step and non-increasing gains (sorted sigma^2, dense = full rank 5): the regime in which the
+    # greedy exchange argument makes it exactly optimal.
+    torch.manual_seed(0)
+    grids = {name: [1, 2, 3, 4] for name in "abc"}
+    tails = {}
+    for name in grids:
+        energy = torch.sort(torch.rand(5), descending=True).values ** 2
+        tails[name] = [float(energy[k:].sum()) for k in range(6)]
+    losses = {n: (lambda k, t=tails[n]: t[5 if k is None else k]) for n in grids}
+    costs = {n: (lambda k: 5 if k is None else k) for n in grids}
+    for budget in range(3, 16):
+        greedy = _greedy(losses, costs, grids, budget)
+        best = min(
+            sum(losses[n](k) for n, k in zip(grids, combo))
+            for combo in itertools.product(*[grids[n] + [None] for n in grids])
+            if sum(costs[n](k) for n, k in zip(grids, combo)) <= budget
+        )
+        assert sum(costs[n](k) for n, k in greedy.items()) <= budget
+        assert sum(losses[n](k) for n, k in greedy.items()) == pytest.approx(best)
+    with pytest.raises(ValueError, match="cannot be met"):
+        _greedy(losses, costs, grids, 2)
+
+
+def test_param_ratio_budget_is_met_with_attention_candidates(setup):
+    model, _, stats = setup
+    ranks = allocate_ranks(model, stats, param_ratio=0.5)
+    compressed = compress_model(model, stats, ranks=ranks)
+    assert compressed.config.drone_attention_ranks  # the attention blocks are candidates
+    enc = lambda m: sum(p.numel() for n, p in m.named_parameters() if ".encoder." in n and n.endswith("weight") and "LayerNorm" not in n)
+    assert enc(compressed) <= 0.5 * enc(model)
+
+
+@pytest.mark.parametrize("target", [1.3, 2.0])
+def test_target_speedup_meets_the_flop_bound(setup, target):
+    model, _, stats = setup
+    compressed = compress_model(model, stats, target_speedup=target)
+    assert flop_speedup_bound(model.config, compressed.config, 128) >= target
+    # ...without throwing budget away: a much weaker target keeps more.
+    weaker = compress_model(model, stats, target_speedup=1.05)
+    assert encoder_macs(weaker.config, 128) > encoder_macs(compressed.config, 128)
+
+
+def test_layerwise_evaluator_equals_full_forward_after_a_swap(setup):
+    model, batches, _ = setup
+    model = compress_model(model, None, method="svd", ranks={"bert.encoder.layer.1.output.dense": 8})  # a copy
+    evaluator = LayerwiseEvaluator(model, batches)
+    evaluator.advance_to(1)
+    name = "bert.encoder.layer.1.intermediate.dense"
+    model.set_submodule(name, DroneLinear.from_linear(model.get_submodule(name), 4))
+    fast = evaluator.logits()
+    with torch.no_grad():
+        full = torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches])
+    torch.testing.assert_close(torch.from_numpy(fast), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(evaluator.logits(0)), full, rtol=1e-5, atol=1e-5)
+
+
+def test_time_shares_sum_to_one(setup):
+    model, batches, _ = setup
+    shares = module_time_shares(model, {"ffn": ["+bert.encoder.layer.0.intermediate.dense"], "att": ["+bert.encoder.layer.0.attention.self", "-bert.encoder.layer.0.attention.self.value"]}, batches[0])
+    assert sum(shares.values()) == pytest.approx(1.0) and all(v > 0 for v in shares.values())
+
+
+def test_accuracy_budget_is_respected_on_held_out_data(setup):
+    model, batches, stats = setup
+    report = {}
+    ranks = allocate_ranks(model, stats, eval_dataloader=batches, max_accuracy_drop=10.0, report=report)
+    assert ranks
+    assert report["heldout_drop"] <= 10.0 and report["evaluations"] > 0 and report["seconds"] > 0
+    compressed = compress_model(model, stats, ranks=ranks)
+    with torch.no_grad():
+        acc = torch.cat(
+            [compressed(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1) == b["labels"] for b in batches]
+        ).float().mean()
+    assert 100 * (1 - acc) == pytest.approx(report["heldout_drop"], abs=1e-6)
+    # Early exit: once a module's drop exceeds the whole budget, smaller ranks are not evaluated.
+    for curve in report["curves"].values():
+        drops = [curve[r] for r in sorted(curve, reverse=True)]
+        assert all(d <= 10.0 for d in drops[:-1])
+
+
+def test_impossible_accuracy_budget_raises(setup):
+    model, batches, stats = setup
+    sharp = compress_model(model, None, method="svd", ranks={"bert.encoder.layer.0.output.dense": 31})  # a copy
+    with torch.no_grad():
+        sharp.classifier.weight.mul_(1000.0)  # near-hard probabilities: any real change costs soft accuracy
+    labels = [sharp(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1) for b in batches]
+    relabeled = [{**b, "labels": y} for b, y in zip(batches, labels)]
+    report = {}
+    with pytest.raises(ValueError, match="budget cannot be met"):
+        compress_model(
+            sharp, stats, eval_dataloader=relabeled, max_accuracy_drop=0.01, rank_grid=[1], attention=False,
+            target_modules=["bert.encoder.layer.1.output.dense"], allocation_report=report,
+        )
+    assert report["curves"]["bert.encoder.layer.1.output.dense"][1] > 0.01
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({}, ValueError, "Pass exactly one of"),
+        ({"param_ratio": 0.5, "target_speedup": 2.0}, ValueError, "Pass exactly one of"),
+        ({"target_speedup": 1.0}, ValueError, r"`target_speedup` must be a number > 1, got 1.0"),
+        ({"target_speedup": 1000.0}, ValueError, "cannot be met"),
+        ({"max_accuracy_drop": 1.0}, ValueError, "needs `eval_dataloader`"),
+        ({"max_accuracy_drop": -1.0, "eval_dataloader": []}, ValueError, "must be a positive number"),
+        ({"param_ratio": 2}, ValueError, r"`param_ratio` must be a float in \(0, 1\)"),
+        ({"param_ratio": 0.5, "method": "pca"}, ValueError, "Unknown `method`"),
+    ],
+)
+def test_bad_budgets(setup, kwargs, error, match):
+    model, _, stats = setup
+    with pytest.raises(error, match=match):
+        allocate_ranks(model, stats, **kwargs)
+
+
+def test_eval_set_without_labels(setup):
+    model, batches, stats = setup
+    unlabeled = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    with pytest.raises(ValueError, match="without labels"):
+        allocate_ranks(model, stats, eval_dataloader=unlabeled, max_accuracy_drop=1.0)
+
+
+def test_budget_cannot_combine_with_explicit_ranks(setup):
+    model, batches, stats = setup
+    with pytest.raises(ValueError, match=r"cannot be combined with \['rank'\]"):
+        compress_model(model, stats, rank=8, target_speedup=1.5)
