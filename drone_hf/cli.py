@@ -1,0 +1,209 @@
+"""`drone-hf`: compress a fine-tuned BERT classifier on a GLUE task from the command line, or evaluate one.
+
+    drone-hf compress --model DIR_OR_HUB_ID --task sst2 [--data-dir GLUE_DIR]
+        (--max-accuracy-drop PTS | --target-speedup X | --param-ratio P | --rank K) [--method drone|svd]
+        [--calibration-samples N] --output DIR
+    drone-hf evaluate --model DIR --task sst2 [--data-dir GLUE_DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _task(value: str) -> str:
+    from .glue import get_glue_task
+
+    try:
+        return get_glue_task(value).name
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _data_dir(value: str) -> str:
+    if not Path(value).is_dir():
+        raise argparse.ArgumentTypeError(f"`--data-dir` {value!r} is not a folder (expected a GLUE TSV layout).")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="drone-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub):
+        sub.add_argument("--model", required=True, help="fine-tuned BertForSequenceClassification: folder or Hub id")
+        sub.add_argument("--task", required=True, type=_task, help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli")
+        sub.add_argument("--data-dir", type=_data_dir, help="local GLUE TSV folder (default: the Hub, nyu-mll/glue)")
+        sub.add_argument("--max-length", type=int, default=128)
+        sub.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
+        sub.add_argument("--max-eval-samples", type=int, help="evaluate on a seeded subset of the dev split")
+        sub.add_argument("--latency-repeats", type=int, default=20, help="timed rounds (batch 8, sequence 128)")
+        sub.add_argument("--seed", type=int, default=0)
+
+    compress = commands.add_parser("compress", help="calibrate, allocate, compress, save, report")
+    common(compress)
+    budget = compress.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--max-accuracy-drop", type=float, help="budget in metric points on held-out TRAIN rows")
+    budget.add_argument("--target-speedup", type=float, help="multiply-add reduction target (no evaluations)")
+    budget.add_argument("--param-ratio", type=float, help="fraction of encoder-linear parameters to keep")
+    budget.add_argument("--rank", type=int, help="one rank for every encoder linear")
+    compress.add_argument("--method", choices=["drone", "svd"], default="drone")
+    compress.add_argument("--no-attention", action="store_true", help="do not factor the attention score product")
+    compress.add_argument("--calibration-samples", type=int, default=512)
+    compress.add_argument("--heldout-samples", type=int, default=512, help="train rows for --max-accuracy-drop")
+    compress.add_argument("--output", required=True)
+    compress.add_argument("--push-to-hub", metavar="REPO", help="also upload the compressed model to this Hub repo")
+
+    evaluate = commands.add_parser("evaluate", help="print the dev metric and CPU latency of a model")
+    common(evaluate)
+    return parser
+
+
+def _load(args):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from .glue import get_glue_task
+    from .targets import check_bert_classifier
+
+    model = AutoModelForSequenceClassification.from_pretrained(args.model)
+    check_bert_classifier(model)
+    info = get_glue_task(args.task)
+    if model.config.num_labels != info.num_labels:
+        raise ValueError(
+            f"`--model` has num_labels={model.config.num_labels} but task {info.name} has {info.num_labels}: "
+            "was it fine-tuned on this task?"
+        )
+    return model.eval(), AutoTokenizer.from_pretrained(args.model), info
+
+
+def _dev(args, tokenizer, info):
+    from .glue import load_glue
+
+    return load_glue(
+        info.name, tokenizer, split=info.dev_splits[0], data_dir=args.data_dir, max_length=args.max_length,
+        max_samples=args.max_eval_samples, seed=args.seed,
+    )
+
+
+def _measure(args, models: dict, dev, tokenizer, info) -> dict[str, dict]:
+    from .evaluation import evaluate_glue
+    from .profiling import checkpoint_size_mb, count_parameters, flop_speedup_bound, measure_latency
+
+    first = next(iter(models.values()))
+    seq_len = min(128, first.config.max_position_embeddings)
+    rows = [dev[i] for i in range(min(8, len(dev)))]
+    keys = ("input_ids", "token_type_ids", "attention_mask")
+    batch = tokenizer.pad([{k: r[k] for k in keys if k in r} for r in rows], padding="max_length", max_length=seq_len,
+                          return_tensors="pt")
+    latency = measure_latency(models, dict(batch), repeats=args.latency_repeats)
+    results = {}
+    for name, model in models.items():
+        results[name] = {
+            "metrics": evaluate_glue(model, dev, tokenizer, info.name, batch_size=args.batch_size),
+            "parameters": count_parameters(model),
+            "encoder_parameters": count_parameters(model, f"{model.base_model_prefix}.encoder."),
+            "checkpoint_mb": checkpoint_size_mb(model),
+            "latency_ms": 1000 * latency[name],
+            "speedup": latency[next(iter(models))] / latency[name],
+            "flop_bound": flop_speedup_bound(first.config, model.config, seq_len),
+            "seq_len": seq_len,
+        }
+    return results
+
+
+def _print_table(results: dict, info, dev_size: int) -> None:
+    metric_names = list(next(iter(results.values()))["metrics"])
+    header = ["model", *metric_names, "params (M)", "encoder (M)", "size MB", "latency ms", "speed-up", "FLOP bound"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for name, r in results.items():
+        cells = [name, *(f"{100 * r['metrics'][m]:.2f}" for m in metric_names), f"{r['parameters'] / 1e6:.2f}",
+                 f"{r['encoder_parameters'] / 1e6:.2f}", f"{r['checkpoint_mb']:.1f}", f"{r['latency_ms']:.1f}",
+                 f"{r['speedup']:.2f}x", f"{r['flop_bound']:.2f}x"]
+        print("| " + " | ".join(cells) + " |")
+    print(f"\n{info.name} {info.dev_splits[0]} ({dev_size} examples); latency: batch 8 x 128 tokens, CPU, "
+          "median of round-robin runs in this process.")
+
+
+def _compress(args) -> int:
+    from . import allocate_ranks, collect_activation_stats, compress_model
+    from .evaluation import iter_batches
+    from .glue import load_glue
+
+    model, tokenizer, info = _load(args)
+    needs_heldout = args.max_accuracy_drop is not None
+    total = args.calibration_samples + (args.heldout_samples if needs_heldout else 0)
+    rows = load_glue(info.name, tokenizer, split="train", data_dir=args.data_dir, max_length=args.max_length,
+                     max_samples=total, seed=args.seed).shuffle(seed=args.seed)
+    if len(rows) < total:
+        raise ValueError(f"The train split has {len(rows)} rows; --calibration-samples + --heldout-samples = {total}.")
+    calibration = rows.select(range(args.calibration_samples))
+    started = time.perf_counter()
+    stats = collect_activation_stats(
+        model, iter_batches(calibration, tokenizer, batch_size=32, sort_by_length=True), show_progress=True
+    )
+    calibration_info = {"dataset": f"glue/{info.name}", "split": "train", "num_samples": args.calibration_samples,
+                        "seed": args.seed}
+    report: dict = {}
+    budget = {"max_accuracy_drop": args.max_accuracy_drop, "target_speedup": args.target_speedup,
+              "param_ratio": args.param_ratio}
+    if args.rank is not None:
+        compressed = compress_model(model, stats, method=args.method, rank=args.rank, calibration_info=calibration_info)
+    else:
+        heldout = rows.select(range(args.calibration_samples, total)) if needs_heldout else None
+        ranks = allocate_ranks(
+            model, stats, method=args.method, attention=not args.no_attention, show_progress=True, report=report,
+            seq_len=min(128, model.config.max_position_embeddings),
+            eval_dataloader=list(iter_batches(heldout, tokenizer, batch_size=64, sort_by_length=True))
+            if heldout is not None else None,
+            **budget,
+        )
+        if not ranks:
+            raise ValueError(f"The budget cannot be met: no module can be compressed within {budget}.")
+        compressed = compress_model(model, stats, method=args.method, ranks=ranks, calibration_info=calibration_info)
+    seconds = time.perf_counter() - started
+    dev = _dev(args, tokenizer, info)
+    results = _measure(args, {"dense": model, f"{args.method}": compressed}, dev, tokenizer, info)
+    compressed.save_pretrained(args.output)
+    tokenizer.save_pretrained(args.output)
+    summary = {"task": info.name, "budget": {k: v for k, v in {**budget, "rank": args.rank}.items() if v is not None},
+               "method": args.method, "compress_seconds": seconds, "allocation": report, "results": results}
+    tmp = Path(args.output) / "drone_results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=float))
+    os.replace(tmp, Path(args.output) / "drone_results.json")
+    print()
+    _print_table(results, info, len(dev))
+    if report.get("evaluations"):
+        print(f"Allocation: {report['evaluations']} held-out evaluations ({report['heldout_examples']} train rows) in "
+              f"{report['evaluation_seconds']:.0f} s; held-out drop {report['heldout_drop']:.2f} points.")
+    print(f"Saved to {args.output} (reload with `import drone_hf` + AutoModelForSequenceClassification).")
+    if args.push_to_hub:
+        from .hub import push_compressed_to_hub
+
+        print(f"Pushed: {push_compressed_to_hub(compressed, args.push_to_hub, tokenizer=tokenizer)}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    model, tokenizer, info = _load(args)
+    dev = _dev(args, tokenizer, info)
+    _print_table(_measure(args, {Path(args.model).name or args.model: model}, dev, tokenizer, info), info, len(dev))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `drone-hf` command."""
+    args = _parser().parse_args(argv)
+    try:
+        return _compress(args) if args.command == "compress" else _evaluate(args)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as error:
+        print(f"drone-hf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""`drone-hf compress` / `drone-hf evaluate` end to end on a tiny model, tokenizer and GLUE-layout folder."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, RobertaConfig
+from transformers import RobertaForSequenceClassification
+
+from drone_hf.cli import main
+
+
+WORDS = ["good", "bad", "movie", "plot", "great", "awful", "fine", "dull", "fun", "boring", "the", "a", "is", "was"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    model_dir = root / "model"
+    BertForSequenceClassification(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rng = random.Random(0)
+    glue = root / "glue" / "SST-2"
+    glue.mkdir(parents=True)
+    for split, n in (("train", 80), ("dev", 24)):
+        lines = ["sentence\tlabel"] + [
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) + f" \t{rng.randint(0, 1)}" for _ in range(n)
+        ]
+        (glue / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _compress(workspace, out, *budget, extra=()):
+    return main(["compress", "--model", str(workspace / "model"), "--task", "SST-2", "--data-dir",
+                 str(workspace / "glue"), "--calibration-samples", "32", "--heldout-samples", "32",
+                 "--latency-repeats", "2", "--output", str(out), *budget, *extra])
+
+
+def test_compress_with_rank_saves_a_reloadable_model_and_prints_the_table(workspace, tmp_path, capsys):
+    assert _compress(workspace, tmp_path / "out", "--rank", "8") == 0
+    printed = capsys.readouterr().out
+    assert "speed-up" in printed and "FLOP bound" in printed and "| dense |" in printed and "| drone |" in printed
+    import drone_hf  # noqa: F401
+    from transformers import AutoModelForSequenceClassification
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert set(reloaded.config.drone_ranks.values()) == {8}
+    summary = json.loads((tmp_path / "out" / "drone_results.json").read_text())
+    assert summary["results"]["drone"]["flop_bound"] > 1.0 and summary["budget"] == {"rank": 8}
+    assert (tmp_path / "out" / "tokenizer.json").is_file() or (tmp_path / "out" / "vocab.txt").is_file()
+
+
+def test_compress_with_target_speedup_factors_attention(workspace, tmp_path):
+    assert _compress(workspace, tmp_path / "out", "--target-speedup", "1.5", extra=["--method", "svd"]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["drone_attention_ranks"] and config["drone_method"] == "svd"
+    assert json.loads((tmp_path / "out" / "drone_results.json").read_text())["results"]["svd"]["flop_bound"] >= 1.5
+
+
+def test_compress_with_accuracy_budget_reports_allocation(workspace, tmp_path, capsys):
+    assert _compress(workspace, tmp_path / "out", "--max-accuracy-drop", "100") == 0
+    assert "held-out evaluations (32 train rows)" in capsys.readouterr().out
+    allocation = json.loads((tmp_path / "out" / "drone_results.json").read_text())["allocation"]
+    assert allocation["evaluations"] > 0 and allocation["heldout_drop"] <= 100
+
+
+def test_evaluate(workspace, capsys):
+    assert main(["evaluate", "--model", str(workspace / "model"), "--task", "sst2", "--data-dir",
+                 str(workspace / "glue"), "--latency-repeats", "2"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_unknown_task_and_missing_folder_exit_with_usage_error(workspace, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--model", str(workspace / "model"), "--task", "imdb"])
+    assert info.value.code == 2 and "Unknown GLUE task" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", str(workspace / "model"), "--task", "sst2", "--data-dir", "/nonexistent"])
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_not_a_bert_classifier(workspace, tmp_path, capsys):
+    roberta = RobertaForSequenceClassification(
+        RobertaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+    )
+    roberta.save_pretrained(tmp_path / "roberta")
+    code = main(["evaluate", "--model", str(tmp_path / "roberta"), "--task", "sst2", "--data-dir", str(workspace / "glue")])
+    assert code == 2 and "must be a BertForSequenceClassification" in capsys.readouterr().err
+
+
+def test_wrong_num_labels(workspace, capsys):
+    code = main(["evaluate", "--model", str(workspace / "model"), "--task", "mnli", "--data-dir", str(workspace / "glue")])
+    assert code == 2 and "num_labels=2 but task mnli has 3" in capsys.readouterr().err
+
+
+def test_impossible_budget(workspace, tmp_path, capsys):
+    assert _compress(workspace, tmp_path / "out", "--target-speedup", "1000") == 2
+    assert "cannot be met" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_console_entry_point_help():
+    result = subprocess.run([sys.executable, "-m", "drone_hf.cli", "compress", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--max-accuracy-drop" in result.stdout and "--target-speedup" in result.stdout
