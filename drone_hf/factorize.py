@@ -115,6 +115,40 @@ def drone_factorize(
     return DroneDecomposition(weight, second_moment, rtol=rtol).factors(rank)
 
 
+def drone_factorize_affine(
+    weight: torch.Tensor, stats: torch.Tensor, rank: int, *, rtol: float = DEFAULT_RTOL
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""
+    DRONE with bias correction: the optimal rank-`k` `M` *and* bias shift for `||(W X + b) - (M X + b')||_F`.
+
+    For a fixed `M` the best bias is `b' = b + (W - M) mu` (`mu` the mean input), which turns the objective into
+    DRONE on the centred scatter `C - n mu mu^T`. Its error is never above the uncentred optimum's (that one pays
+    `n ||(W - M) mu||^2` more): the mean direction no longer costs a rank.
+
+    Args:
+        weight (`torch.Tensor`): `out x in` weight.
+        stats (`torch.Tensor`): `(in+1) x (in+1)` augmented statistic from [`collect_activation_stats`].
+        rank (`int`): Target rank.
+
+    Returns:
+        `tuple[Tensor, Tensor, Tensor]`: `down`, `up` and `bias_shift = (W - M) mu` (add it to the layer's bias).
+    """
+    _check_rank(rank, weight)
+    if stats.shape != (weight.shape[1] + 1, weight.shape[1] + 1):
+        raise ValueError(
+            f"`stats` must be ({weight.shape[1] + 1}, {weight.shape[1] + 1}) for this weight, got {tuple(stats.shape)}."
+        )
+    stats = stats.double()
+    count = stats[-1, -1]
+    if count <= 0:
+        raise ValueError("`stats` was accumulated over 0 tokens.")
+    mean = stats[:-1, -1] / count
+    centred = stats[:-1, :-1] - count * torch.outer(mean, mean)
+    down, up = DroneDecomposition(weight, centred, rtol=rtol).factors(rank)
+    shift = (weight.double() - up.double() @ down.double()) @ mean
+    return down, up, shift.to(weight.dtype)
+
+
 def svd_factorize(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated SVD of `W` (the data-free baseline) with the balanced split `down = S^{1/2} V^T`, `up = U S^{1/2}`.
 
@@ -150,6 +184,7 @@ __all__ = [
     "DroneDecomposition",
     "data_weighted_error",
     "drone_factorize",
+    "drone_factorize_affine",
     "drone_spectrum",
     "svd_factorize",
     "svd_spectrum",
