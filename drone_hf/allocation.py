@@ -20,7 +20,7 @@ from transformers.utils import logging
 
 from .attention import DroneBertSelfAttention
 from .calibration import split_stats
-from .factorize import DroneDecomposition, svd_factorize, svd_spectrum
+from .factorize import DroneDecomposition, centred_scatter, svd_factorize, svd_spectrum
 from .factorize_attention import attention_spectrum, drone_attention_factorize, svd_attention_factorize
 from .heldout import LayerwiseEvaluator, MetricFn, default_metric_fn, module_time_shares, soft_score
 from .layers import DroneLinear
@@ -123,8 +123,10 @@ class _Candidates:
     """The modules an allocation chooses ranks for: encoder linears and (optionally) whole attention-score blocks,
     whose query/key linears they replace. Holds cached decompositions so any rank's module is cheap to build."""
 
-    def __init__(self, model, stats, *, method, attention, target_modules, rank_grid, rank_multiple, seq_len):
-        self.model, self.method, self.seq_len = model, method, seq_len
+    def __init__(
+        self, model, stats, *, method, attention, target_modules, rank_grid, rank_multiple, seq_len, bias_correction
+    ):
+        self.model, self.method, self.seq_len, self.bias_correction = model, method, seq_len, bias_correction
         roles = encoder_linear_roles(model)
         targets = resolve_target_modules(model, target_modules)
         blocks = [b for b in attention_block_names(model) if f"{b}.query" in targets and f"{b}.key" in targets]
@@ -136,6 +138,7 @@ class _Candidates:
         self.layer = {name: int(name.split(".encoder.layer.")[1].split(".")[0]) for name in self.names}
         self.stats = stats
         self._decompositions: dict[str, DroneDecomposition] = {}
+        self._means: dict[str, torch.Tensor] = {}
         self.grid, self.shape = {}, {}
         for name in self.linears:
             out_f, in_f = model.get_submodule(name).weight.shape
@@ -153,7 +156,11 @@ class _Candidates:
     def _decomposition(self, name):
         if name not in self._decompositions:
             weight = self.model.get_submodule(name).weight.detach()
-            self._decompositions[name] = DroneDecomposition(weight, split_stats(self.stats[name])[0])
+            if self.bias_correction:
+                moment, self._means[name] = centred_scatter(self.stats[name])
+            else:
+                moment = split_stats(self.stats[name])[0]
+            self._decompositions[name] = DroneDecomposition(weight, moment)
         return self._decompositions[name]
 
     def module(self, name, rank):
@@ -173,11 +180,14 @@ class _Candidates:
                 for target, value in ((new.query.weight, q_w), (new.query.bias, q_b), (new.key.weight, k_w), (new.key.bias, k_b)):
                     target.copy_(value)
             return new.eval()
+        bias = None if old.bias is None else old.bias.detach()
         if self.method == "svd":
             down, up = svd_factorize(old.weight.detach(), rank)
         else:
             down, up = self._decomposition(name).factors(rank)
-        return DroneLinear.from_factors(down, up, None if old.bias is None else old.bias.detach()).to(old.weight.device)
+            if name in self._means and bias is not None:  # bias correction: fold (W - M) mu into the bias
+                bias = bias + ((old.weight.detach().double() - up.double() @ down.double()) @ self._means[name]).to(bias)
+        return DroneLinear.from_factors(down, up, bias).to(old.weight.device)
 
     # ----- closed-form losses and costs -----
     def energy_loss(self, name) -> Callable[[int | None], float]:
@@ -256,6 +266,7 @@ def allocate_ranks(
     metric_fn: MetricFn | None = None,
     seq_len: int = 128,
     rank_multiple: int = 8,
+    bias_correction: bool = False,
     show_progress: bool = False,
     report: dict | None = None,
 ) -> dict[str, int]:
@@ -293,6 +304,8 @@ def allocate_ranks(
         metric_fn (`Callable[[ndarray, ndarray], float]`, *optional*): `(logits, labels) -> score in points`;
             defaults to accuracy (classification) or Pearson correlation (regression), times 100.
         seq_len (`int`, *optional*, defaults to 128): Sequence length of the multiply-add model.
+        bias_correction (`bool`, *optional*, defaults to `False`): Score linear candidates with bias-corrected DRONE
+            (compress with the same setting).
         show_progress (`bool`, *optional*): Progress bar over candidate evaluations.
         report (`dict`, *optional*): Filled with what was done: evaluations, seconds, shares, curves, joint checks.
 
@@ -314,7 +327,7 @@ def allocate_ranks(
     working = copy.deepcopy(model).eval()
     candidates = _Candidates(
         working, stats, method=method, attention=attention, target_modules=target_modules, rank_grid=rank_grid,
-        rank_multiple=rank_multiple, seq_len=seq_len,
+        rank_multiple=rank_multiple, seq_len=seq_len, bias_correction=bias_correction and method == "drone",
     )
     if method == "drone":
         from .compress import _check_stats

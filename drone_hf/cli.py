@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--rank", type=int, help="one rank for every encoder linear")
     compress.add_argument("--method", choices=["drone", "svd"], default="drone")
     compress.add_argument("--no-attention", action="store_true", help="do not factor the attention score product")
+    compress.add_argument("--bias-correction", action="store_true",
+                          help="DRONE on centred statistics with the optimal bias shift folded in")
     compress.add_argument("--calibration-samples", type=int, default=512)
     compress.add_argument("--heldout-samples", type=int, default=512, help="train rows for --max-accuracy-drop")
     compress.add_argument("--output", required=True)
@@ -152,19 +154,21 @@ def _compress(args) -> int:
     budget = {"max_accuracy_drop": args.max_accuracy_drop, "target_speedup": args.target_speedup,
               "param_ratio": args.param_ratio}
     if args.rank is not None:
-        compressed = compress_model(model, stats, method=args.method, rank=args.rank, calibration_info=calibration_info)
+        compressed = compress_model(model, stats, method=args.method, rank=args.rank, calibration_info=calibration_info,
+                                    bias_correction=args.bias_correction)
     else:
         heldout = rows.select(range(args.calibration_samples, total)) if needs_heldout else None
         ranks = allocate_ranks(
             model, stats, method=args.method, attention=not args.no_attention, show_progress=True, report=report,
-            seq_len=min(128, model.config.max_position_embeddings),
+            seq_len=min(128, model.config.max_position_embeddings), bias_correction=args.bias_correction,
             eval_dataloader=list(iter_batches(heldout, tokenizer, batch_size=64, sort_by_length=True))
             if heldout is not None else None,
             **budget,
         )
         if not ranks:
             raise ValueError(f"The budget cannot be met: no module can be compressed within {budget}.")
-        compressed = compress_model(model, stats, method=args.method, ranks=ranks, calibration_info=calibration_info)
+        compressed = compress_model(model, stats, method=args.method, ranks=ranks, calibration_info=calibration_info,
+                                    bias_correction=args.bias_correction)
     seconds = time.perf_counter() - started
     dev = _dev(args, tokenizer, info)
     results = _measure(args, {"dense": model, f"{args.method}": compressed}, dev, tokenizer, info)

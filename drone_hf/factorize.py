@@ -115,6 +115,16 @@ def drone_factorize(
     return DroneDecomposition(weight, second_moment, rtol=rtol).factors(rank)
 
 
+def centred_scatter(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(C - n mu mu^T, mu)` from an augmented statistic (see [`collect_activation_stats`])."""
+    stats = stats.double()
+    count = stats[-1, -1]
+    if count <= 0:
+        raise ValueError("`stats` was accumulated over 0 tokens.")
+    mean = stats[:-1, -1] / count
+    return stats[:-1, :-1] - count * torch.outer(mean, mean), mean
+
+
 def drone_factorize_affine(
     weight: torch.Tensor, stats: torch.Tensor, rank: int, *, rtol: float = DEFAULT_RTOL
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -138,12 +148,7 @@ def drone_factorize_affine(
         raise ValueError(
             f"`stats` must be ({weight.shape[1] + 1}, {weight.shape[1] + 1}) for this weight, got {tuple(stats.shape)}."
         )
-    stats = stats.double()
-    count = stats[-1, -1]
-    if count <= 0:
-        raise ValueError("`stats` was accumulated over 0 tokens.")
-    mean = stats[:-1, -1] / count
-    centred = stats[:-1, :-1] - count * torch.outer(mean, mean)
+    centred, mean = centred_scatter(stats)
     down, up = DroneDecomposition(weight, centred, rtol=rtol).factors(rank)
     shift = (weight.double() - up.double() @ down.double()) @ mean
     return down, up, shift.to(weight.dtype)

@@ -130,3 +130,21 @@ def test_spectra_are_descending():
 def test_bad_input(rank, second_moment, match):
     with pytest.raises(ValueError, match=match):
         drone_factorize(torch.randn(5, 6), second_moment, rank)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_bias_corrected_drone_is_optimal_on_centred_data_and_never_worse(rank):
+    from drone_hf.factorize import drone_factorize_affine
+
+    torch.manual_seed(5)
+    w, b = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    x = _data(5, 40) + torch.tensor([4.0, -2.0, 1.0, 0.0, 3.0], dtype=torch.float64)[:, None]
+    x_tilde = torch.cat([x, torch.ones(1, 40, dtype=torch.float64)])
+    down, up, shift = drone_factorize_affine(w, x_tilde @ x_tilde.T, rank)
+    affine_err = float(((w @ x + b[:, None]) - (up @ down @ x + (b + shift)[:, None])).pow(2).sum())
+    centred = x - x.mean(1, keepdim=True)
+    assert affine_err == pytest.approx(float((drone_spectrum(w, centred @ centred.T)[rank:] ** 2).sum()), rel=1e-8)
+    p_down, p_up = drone_factorize(w, x @ x.T, rank)
+    assert affine_err <= float(((w @ x) - (p_up @ p_down @ x)).pow(2).sum()) + 1e-9
+    with pytest.raises(ValueError, match=r"`stats` must be \(6, 6\)"):
+        drone_factorize_affine(w, torch.eye(5), rank)
