@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from numbers import Real
 
 import torch
 from torch import nn
@@ -11,9 +12,11 @@ from torch import nn
 from .allocation import allocate_by_energy, breakeven_rank
 from .calibration import split_stats
 from .configuration_drone import DRONE_METHODS, DroneConfig
-from .factorize import drone_factorize, drone_spectrum, svd_factorize, svd_spectrum
+from .embedding import DroneEmbedding
+from .factorize import drone_factorize, drone_factorize_affine, drone_spectrum, svd_factorize, svd_spectrum
 from .factorize_attention import drone_attention_factorize, svd_attention_factorize
 from .modeling_drone_bert import DroneBertForSequenceClassification
+from .projective import choose_kj, embedding_parameter_count, projective_clustering, projective_clustering_cost
 from .replace import validate_attention_ranks, validate_drone_ranks
 from .targets import attention_block_names, check_bert_classifier, resolve_ranks, resolve_target_modules
 
@@ -104,8 +107,11 @@ def compress_model(
     rank_grid: Sequence[int] | None = None,
     attention: bool = True,
     allocation_report: dict | None = None,
+    bias_correction: bool = False,
     rank_multiple: int = 8,
     calibration_info: Mapping | None = None,
+    embedding: tuple[int, int] | float | None = None,
+    embedding_options: Mapping | None = None,
 ) -> DroneBertForSequenceClassification:
     r"""
     Factors the encoder of a fine-tuned BERT classifier and returns a **new** [`DroneBertForSequenceClassification`];
@@ -137,8 +143,20 @@ def compress_model(
             split (never the dev split you report), for `max_accuracy_drop`.
         rank_grid (`Sequence[int]`, *optional*), attention (`bool`, *optional*, defaults to `True`),
         allocation_report (`dict`, *optional*): Passed to [`allocate_ranks`].
+        bias_correction (`bool`, *optional*, defaults to `False`): DRONE on the *centred* statistics with the
+            optimal bias shift `(W - M) mu` folded into each factored layer's bias ([`drone_factorize_affine`]);
+            never worse on the calibration data than the paper's uncentred form.
         rank_multiple (`int`, *optional*, defaults to 8): Granularity of the ranks chosen by `param_ratio`.
         calibration_info (`Mapping`, *optional*): Provenance (dataset, split, samples, seed) saved in the config.
+        embedding (`tuple[int, int]` or `float`, *optional*): Projective clustering of the word embedding
+            (METHODS.md §3) into a [`DroneEmbedding`]: `(k, j)` (`k` subspaces of dimension `j`; `k = 1` is truncated
+            SVD), or a parameter ratio in `(0, 1)` of the embedding to keep (`0.6` is -40%), for which the `(k, j)`
+            of lowest cost over `embedding_options["k_grid"]` is chosen ([`choose_kj`]). Data-free, so it works with
+            either `method`, alone or with any linear/attention budget. The chosen `(k, j)`, its cost and the SVD
+            cost at the same size are recorded in `config.drone_calibration["embedding"]`.
+        embedding_options (`Mapping`, *optional*): `module` (default `"bert.embeddings.word_embeddings"`), `k_grid`
+            (default `(1, 2, 4, 8)`, ratio only), `n_init` (2), `max_iter` (15), `seed` (0) and `weights`
+            (`(vocab_size,)` row weights, e.g. `1 + torch.log1p(token_frequencies(loader, vocab_size))`).
 
     Returns:
         [`DroneBertForSequenceClassification`]: the compressed model, on the device and in the dtype of `model`.
@@ -159,6 +177,7 @@ def compress_model(
     check_bert_classifier(model)
     if method not in DRONE_METHODS:
         raise ValueError(f"Unknown `method` {method!r}; expected one of {list(DRONE_METHODS)}.")
+    embedding_args = _check_embedding_args(model, embedding, embedding_options)  # before any expensive work
     if max_accuracy_drop is not None or target_speedup is not None:
         explicit = {"rank": rank, "ranks": ranks, "param_ratio": param_ratio, "attention_rank": attention_rank,
                     "attention_ranks": attention_ranks}
@@ -171,6 +190,7 @@ def compress_model(
             model, stats, eval_dataloader=eval_dataloader, max_accuracy_drop=max_accuracy_drop,
             target_speedup=target_speedup, rank_grid=rank_grid, method=method, attention=attention,
             target_modules=target_modules, rank_multiple=rank_multiple, report=allocation_report,
+            bias_correction=bias_correction,
         )
         if not ranks:
             raise ValueError(
@@ -196,27 +216,130 @@ def compress_model(
         return drone_spectrum(weights[name], split_stats(_check_stats(stats, [name], all_shapes)[name])[0])
 
     no_linear_budget = rank is None and ranks is None and param_ratio is None
-    chosen = {} if no_linear_budget and chosen_attention else _choose_ranks(
+    chosen = {} if no_linear_budget and (chosen_attention or embedding_args) else _choose_ranks(
         model, targets, shapes, spectrum, rank=rank, ranks=ranks, param_ratio=param_ratio, rank_multiple=rank_multiple
     )
-    if not chosen and not chosen_attention:
+    if not chosen and not chosen_attention and not embedding_args:
         raise ValueError("Every selected module would stay dense at these ranks; nothing to compress.")
-    # Only the modules actually factored need statistics.
-    checked = _check_stats(stats, list(chosen) + queries, all_shapes) if method == "drone" else {}
-    factors = {
-        name: drone_factorize(weights[name], split_stats(checked[name])[0], k)
-        if checked
-        else svd_factorize(weights[name], k)
-        for name, k in chosen.items()
-    }
+    # Only the modules actually factored need statistics (the embedding clustering needs none).
+    needs_stats = method == "drone" and (chosen or queries)
+    checked = _check_stats(stats, list(chosen) + queries, all_shapes) if needs_stats else {}
+    factors = {name: _factor_linear(model, name, checked.get(name), k, bias_correction) for name, k in chosen.items()}
     attention_factors = {
         block: _factor_attention(model.get_submodule(block), checked.get(f"{block}.query"), k)
         for block, k in chosen_attention.items()
     }
     provenance = dict(calibration_info or {})
+    if checked and bias_correction:
+        provenance["bias_correction"] = True
     if checked:
         provenance.setdefault("num_tokens", int(split_stats(next(iter(checked.values())))[2]))
-    return _build_compressed(model, chosen, factors, chosen_attention, attention_factors, method, provenance or None)
+    embedding_factors = None
+    if embedding_args:
+        spec, tensors, provenance["embedding"] = _factor_embedding(*embedding_args)
+        embedding_factors = (spec, tensors)
+    return _build_compressed(
+        model, chosen, factors, chosen_attention, attention_factors, method, provenance or None,
+        embedding=embedding_factors,
+    )
+
+
+def _factor_linear(model, name: str, stats: torch.Tensor | None, rank: int, bias_correction: bool):
+    """`(down, up, bias)` of one linear: SVD without statistics, else DRONE (optionally bias-corrected)."""
+    layer = model.get_submodule(name)
+    weight, bias = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+    if stats is None:
+        return (*svd_factorize(weight, rank), bias)
+    if bias_correction and bias is not None:
+        down, up, shift = drone_factorize_affine(weight, stats, rank)
+        return down, up, bias + shift
+    return (*drone_factorize(weight, split_stats(stats)[0], rank), bias)
+
+
+_EMBEDDING_OPTIONS = {
+    "module": "bert.embeddings.word_embeddings",
+    "k_grid": (1, 2, 4, 8),
+    "n_init": 2,
+    "max_iter": 15,
+    "seed": 0,
+    "weights": None,
+}
+
+
+def _check_embedding_args(model, embedding, options) -> tuple | None:
+    """Validates `embedding`/`embedding_options` (cheap) and returns what [`_factor_embedding`] needs, or None."""
+    if embedding is None:
+        if options is not None:
+            raise ValueError("`embedding_options` was given without `embedding`; pass `embedding=(k, j)` or a ratio.")
+        return None
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(_EMBEDDING_OPTIONS))
+    if unknown:
+        raise ValueError(f"Unknown `embedding_options` keys {unknown}; allowed: {sorted(_EMBEDDING_OPTIONS)}.")
+    options = {**_EMBEDDING_OPTIONS, **options}
+    name = options["module"]
+    layer = dict(model.named_modules()).get(name) if isinstance(name, str) else None
+    if isinstance(layer, DroneEmbedding):
+        raise ValueError(
+            f"`{name}` is already a DroneEmbedding (k={layer.k}, j={layer.j}); it cannot be re-clustered."
+        )
+    if not isinstance(layer, nn.Embedding):
+        raise ValueError(f"`embedding_options['module']` must name an nn.Embedding of `model`, got {name!r}.")
+    n, d = layer.weight.shape
+    if isinstance(embedding, (tuple, list)):
+        if len(embedding) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in embedding):
+            raise ValueError(
+                f"`embedding` must be a (k, j) pair of ints or a float ratio in (0, 1), got {embedding!r}."
+            )
+        k, j = embedding
+        if not 1 <= k <= n:
+            raise ValueError(f"`embedding` k must be in [1, {n}] (at most the vocabulary size), got k={k}.")
+        if not 1 <= j < d:
+            raise ValueError(f"`embedding` j must be in [1, {d - 1}] (below the embedding width {d}), got j={j}.")
+        embedding = (k, j)
+    elif isinstance(embedding, bool) or not isinstance(embedding, Real) or not 0 < embedding < 1:
+        raise ValueError(f"`embedding` must be a (k, j) pair of ints or a float ratio in (0, 1), got {embedding!r}.")
+    elif embedding * n * d < n + d:
+        raise ValueError(
+            f"`embedding`={embedding} is too small for a {n}x{d} embedding: even k=1, j=1 needs a ratio >= "
+            f"{(n + d) / (n * d):.3g}."
+        )
+    return model, name, layer, embedding, options
+
+
+def _factor_embedding(model, name: str, layer: nn.Embedding, embedding, options) -> tuple[dict, tuple, dict]:
+    """Clusters the embedding rows; returns the config spec, `(coefficients, bases, assignments)` and a report."""
+    weight = layer.weight.detach()
+    n, d = weight.shape
+    fit = {key: options[key] for key in ("n_init", "max_iter", "seed", "weights")}
+    if isinstance(embedding, tuple):
+        k, j = embedding
+        result = projective_clustering(weight, k, j, **fit)
+    else:
+        k, j, result = choose_kj(weight, float(embedding), k_grid=options["k_grid"], **fit)
+    factored = DroneEmbedding.from_embedding(weight, result, padding_idx=layer.padding_idx)
+    parameters = embedding_parameter_count(n, d, k, j)
+    # SVD at the same size: the largest rank j' with n j' + j' d <= that many parameters; its cost is the tail of
+    # the squared singular values (eigenvalues of the d x d Gram, float64).
+    svd_j = parameters // (n + d)
+    energies = torch.linalg.eigvalsh(weight.double().T @ weight.double()).flip(0).clamp_min(0)
+    total = float(energies.sum())
+    cost = projective_clustering_cost(weight, result.assignments, result.bases)
+    svd_cost = float(energies[svd_j:].sum())
+    report = {
+        "module": name, "k": k, "j": j, "parameters": parameters, "dense_parameters": n * d,
+        "param_ratio": parameters / (n * d),
+        "requested": list(embedding) if isinstance(embedding, tuple) else embedding,
+        "cost": cost, "relative_cost": cost / total, "svd_j": svd_j, "svd_cost": svd_cost,
+        "relative_svd_cost": svd_cost / total, "weighted": options["weights"] is not None,
+        "n_init": options["n_init"], "max_iter": options["max_iter"], "seed": options["seed"], "n_iter": result.n_iter,
+    }
+    if not isinstance(embedding, tuple):
+        report["k_grid"] = list(options["k_grid"])
+    if options["weights"] is not None:
+        report["weighted_cost"] = result.cost
+    tensors = (factored.coefficients.detach(), factored.bases.detach(), factored.assignments)
+    return {"module": name, "k": k, "j": j}, tensors, report
 
 
 def _factor_attention(block: nn.Module, stats: torch.Tensor | None, rank: int):
@@ -231,17 +354,21 @@ def _factor_attention(block: nn.Module, stats: torch.Tensor | None, rank: int):
     return drone_attention_factorize(*args, stats, block.num_attention_heads, rank)
 
 
-def _build_compressed(model, chosen, factors, attention_ranks, attention_factors, method, provenance):
+def _build_compressed(model, chosen, factors, attention_ranks, attention_factors, method, provenance, embedding=None):
     config_dict = model.config.to_dict()
     for key in _CONFIG_KEYS_NOT_COPIED:
         config_dict.pop(key, None)
     previous = config_dict.pop("drone_ranks", None) or {}
     previous_attention = config_dict.pop("drone_attention_ranks", None) or {}
-    config_dict.pop("drone_calibration", None)
+    previous_calibration = config_dict.pop("drone_calibration", None) or {}
+    previous_embedding = config_dict.pop("drone_embedding", None)  # an already clustered embedding is kept
+    if previous_embedding and not embedding and "embedding" in previous_calibration:
+        provenance = {**(provenance or {}), "embedding": previous_calibration["embedding"]}  # and its provenance
     config = DroneConfig(
         **config_dict,
         drone_ranks={**previous, **chosen} or None,
         drone_attention_ranks={**previous_attention, **attention_ranks} or None,
+        drone_embedding=embedding[0] if embedding else previous_embedding,
         drone_method=method,
         drone_calibration=provenance,
     )
@@ -249,8 +376,8 @@ def _build_compressed(model, chosen, factors, attention_ranks, attention_factors
     config._attn_implementation = model.config._attn_implementation
     reference = next(model.parameters())
     state = dict(model.state_dict())
-    for name, (down, up) in factors.items():
-        bias = state.pop(f"{name}.bias", None)
+    for name, (down, up, bias) in factors.items():
+        state.pop(f"{name}.bias", None)
         del state[f"{name}.weight"]
         state[f"{name}.down.weight"], state[f"{name}.up.weight"] = down, up
         if bias is not None:
@@ -258,6 +385,11 @@ def _build_compressed(model, chosen, factors, attention_ranks, attention_factors
     for block, (q_weight, q_bias, k_weight, k_bias) in attention_factors.items():
         state[f"{block}.query.weight"], state[f"{block}.query.bias"] = q_weight, q_bias
         state[f"{block}.key.weight"], state[f"{block}.key.bias"] = k_weight, k_bias
+    if embedding:
+        name, (coefficients, bases, assignments) = embedding[0]["module"], embedding[1]
+        del state[f"{name}.weight"]
+        state[f"{name}.coefficients"], state[f"{name}.bases"] = coefficients, bases
+        state[f"{name}.assignments"] = assignments
     compressed = DroneBertForSequenceClassification(config)
     compressed.load_state_dict(state, strict=True)
     compressed.to(device=reference.device, dtype=reference.dtype)

@@ -38,6 +38,10 @@ class DroneConfig(BertConfig):
         drone_attention_ranks (`dict[str, int]`, *optional*):
             Self-attention module name (e.g. `"bert.encoder.layer.0.attention.self"`) to the per-head query/key width
             `k < d_h` of its DRONE-factored score product. Absent means the attention scores are exact.
+        drone_embedding (`dict`, *optional*):
+            `{"module": full module name, "k": int, "j": int}`: that `nn.Embedding` (e.g.
+            `"bert.embeddings.word_embeddings"`) is a [`DroneEmbedding`], a `(k, j)`-projective clustering of its rows
+            (`k` subspaces of dimension `j < hidden_size`, `k <= vocab_size`). Absent means the embedding is dense.
         drone_calibration (`dict`, *optional*):
             Provenance of the calibration data (dataset, split, number of samples/tokens, seed). Nothing reads it
             at load time; it feeds the model card.
@@ -59,6 +63,7 @@ class DroneConfig(BertConfig):
     drone_method: str = "drone"
     drone_ranks: dict[str, int] | None = None
     drone_attention_ranks: dict[str, int] | None = None
+    drone_embedding: dict | None = None
     drone_calibration: dict | None = None
 
     def validate_drone_format_version(self):
@@ -76,6 +81,25 @@ class DroneConfig(BertConfig):
         """Checks that `drone_method` names a known method."""
         if self.drone_method not in DRONE_METHODS:
             raise ValueError(f"Unknown `drone_method` {self.drone_method!r}; expected one of {list(DRONE_METHODS)}.")
+
+    def validate_drone_embedding(self):
+        """Checks `drone_embedding`: exactly the keys module/k/j, a plain module path, `1 <= k <= vocab_size` and
+        `1 <= j < hidden_size` (the word embedding's sizes; loading re-checks against the module itself)."""
+        spec = self.drone_embedding
+        if spec is None:
+            return
+        keys = ("module", "k", "j")
+        if not isinstance(spec, dict) or set(spec) != set(keys):
+            got = sorted(spec) if isinstance(spec, dict) else type(spec).__name__
+            raise ValueError(f"`drone_embedding` must be a dict with exactly the keys {list(keys)}, got {got}.")
+        if not isinstance(spec["module"], str) or not _FQN_RE.match(spec["module"]):
+            raise ValueError(
+                f"`drone_embedding['module']` must be a full module name (no regex), got {spec['module']!r}."
+            )
+        for key, high, what in (("k", self.vocab_size, "vocab_size"), ("j", self.hidden_size - 1, "hidden_size - 1")):
+            value = spec[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+                raise ValueError(f"`drone_embedding[{key!r}]` must be an int in [1, {high}] ({what}), got {value!r}.")
 
     def validate_drone_ranks(self):
         """Checks that every key is a plain module path and every rank a positive int."""
