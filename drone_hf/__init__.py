@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from .attention import DroneBertSelfAttention
 from .allocation import allocate_by_energy, allocate_ranks, breakeven_rank
+from .arguments import DroneCompressionArguments, DroneDistillationArguments
 from .calibration import (
     ActivationStatsCollector,
     collect_activation_stats,
@@ -17,9 +18,13 @@ from .calibration import (
     save_activation_stats,
     split_stats,
 )
+from .callbacks import DroneCompressionCallback
 from .compress import compress_model
 from .configuration_drone import DRONE_FORMAT_VERSION, DroneConfig
+from .distillation import DroneDistillationTrainer, distill, distillation_loss
+from .embedding import DroneEmbedding, replace_embedding_with_drone, token_frequencies
 from .factorize import data_weighted_error, drone_factorize, drone_spectrum, svd_factorize
+from .hub import create_or_update_model_card, push_compressed_to_hub
 from .layers import DroneLinear
 from .modeling_drone_bert import DroneBertForSequenceClassification
 from .replace import replace_attention_with_drone, replace_linear_with_drone
@@ -49,7 +54,12 @@ __all__ = [
     "ActivationStatsCollector",
     "DroneBertForSequenceClassification",
     "DroneBertSelfAttention",
+    "DroneCompressionArguments",
+    "DroneCompressionCallback",
     "DroneConfig",
+    "DroneDistillationArguments",
+    "DroneDistillationTrainer",
+    "DroneEmbedding",
     "DroneLinear",
     "__version__",
     "allocate_by_energy",
@@ -57,15 +67,21 @@ __all__ = [
     "breakeven_rank",
     "collect_activation_stats",
     "compress_model",
+    "create_or_update_model_card",
     "data_weighted_error",
+    "distill",
+    "distillation_loss",
     "drone_factorize",
     "drone_spectrum",
     "load_activation_stats",
+    "push_compressed_to_hub",
     "replace_attention_with_drone",
+    "replace_embedding_with_drone",
     "replace_linear_with_drone",
     "resolve_ranks",
     "resolve_target_modules",
     "save_activation_stats",
     "split_stats",
     "svd_factorize",
+    "token_frequencies",
 ]

@@ -325,7 +325,7 @@ def test_frequency_weights_change_the_clustering_and_are_recorded(teacher):
 
 def _row_error(model, teacher, rows: torch.Tensor) -> float:
     out = model.get_submodule(EMB)(torch.arange(N))[rows].detach().double()
-    return float((out - teacher.get_submodule(EMB).weight[rows].double()).square().sum())
+    return float((out - teacher.get_submodule(EMB).weight[rows].detach().double()).square().sum())
 
 
 # --- remote code -----------------------------------------------------------------------------------------------------

@@ -1,0 +1,304 @@
+"""Runtime settings of the Trainer workflow: what to compress and how to distil. Never persisted with a model."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .configuration_drone import DRONE_METHODS
+
+
+_BUDGETS = ("rank", "ranks", "param_ratio", "attention_rank", "max_accuracy_drop", "target_speedup")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_int(name: str, value: Any, *, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not _is_int(value) or value < minimum:
+        allowed = f"an int >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+
+
+def _parse_json_mapping(name: str, value: Any) -> dict | None:
+    # Command lines pass mappings as JSON strings, as TrainingArguments does for its dict fields.
+    if value is None or isinstance(value, Mapping):
+        return None if value is None else dict(value)
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`{name}` must be a mapping or a JSON object string, got {value!r} ({error}).") from None
+        if isinstance(parsed, dict):
+            return parsed
+    raise ValueError(f"`{name}` must be a mapping or a JSON object string, got {value!r}.")
+
+
+@dataclass
+class DroneCompressionArguments:
+    r"""
+    What [`DroneCompressionCallback`] compresses at the end of training, and on which training rows it calibrates.
+
+    Pass exactly one budget: explicit ranks (`rank`, `ranks` and/or `attention_rank`), `param_ratio`,
+    `target_speedup` or `max_accuracy_drop`. The values are checked here (bad values raise at construction); whether
+    they fit a given model is checked by [`DroneCompressionCallback`] in `on_train_begin`.
+
+    Args:
+        method (`str`, *optional*, defaults to `"drone"`): `"drone"` (data-aware, closed form) or `"svd"`.
+        rank (`int`, *optional*): One rank for every target linear.
+        ranks (`dict[str, int]` or `str`, *optional*): Module name or `"re:<regex>"` -> rank (a JSON object string
+            on the command line), with the precedence of [`compress_model`].
+        param_ratio (`float`, *optional*): Fraction in `(0, 1)` of the targets' weight parameters to keep.
+        attention_rank (`int`, *optional*): Per-head query/key width of DRONE attention (METHODS.md §1a).
+        max_accuracy_drop (`float`, *optional*): Budget in metric points on `heldout_samples` training rows.
+        target_speedup (`float`, *optional*): Multiply-add reduction target (> 1).
+        target_modules (`list[str]`, *optional*): Roles, full names or `re:` regexes; defaults to every encoder
+            linear.
+        attention (`bool`, *optional*, defaults to `True`): Let `max_accuracy_drop`/`target_speedup` allocations
+            use DRONE attention.
+        num_calibration_samples (`int`, *optional*, defaults to 512): Training rows to calibrate on (in total,
+            over all processes).
+        heldout_samples (`int`, *optional*, defaults to 256): Training rows, disjoint from the calibration rows,
+            on which `max_accuracy_drop` measures drops (the dev split stays unseen).
+        calibration_batch_size (`int`, *optional*, defaults to 32): Rows per calibration batch.
+        seed (`int`, *optional*, defaults to 0): Seed of the random choice of calibration and held-out rows.
+
+    Raises:
+        `ValueError`: naming the field, the value received and what is allowed.
+
+    Example:
+
+    ```py
+    >>> from drone_hf import DroneCompressionArguments
+    >>> DroneCompressionArguments(rank=64, num_calibration_samples=256).compress_kwargs()["rank"]
+    64
+    ```
+    """
+
+    method: str = field(default="drone", metadata={"help": "`drone` (data-aware) or `svd`."})
+    rank: int | None = field(default=None, metadata={"help": "One rank for every target linear."})
+    ranks: dict[str, int] | str | None = field(
+        default=None, metadata={"help": 'Per-module ranks as a JSON object, e.g. \'{"re:.*intermediate.*": 96}\'.'}
+    )
+    param_ratio: float | None = field(default=None, metadata={"help": "Fraction of weight parameters to keep."})
+    attention_rank: int | None = field(default=None, metadata={"help": "Per-head query/key rank (DRONE attention)."})
+    max_accuracy_drop: float | None = field(
+        default=None, metadata={"help": "Budget in metric points on held-out training rows."}
+    )
+    target_speedup: float | None = field(default=None, metadata={"help": "Multiply-add reduction target (> 1)."})
+    target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Roles, full module names or 're:' regexes (default: all encoder linears)."}
+    )
+    attention: bool = field(default=True, metadata={"help": "Let budgets use DRONE attention."})
+    num_calibration_samples: int = field(default=512, metadata={"help": "Training rows to calibrate on."})
+    heldout_samples: int = field(
+        default=256, metadata={"help": "Training rows (disjoint from calibration) for max_accuracy_drop."}
+    )
+    calibration_batch_size: int = field(default=32, metadata={"help": "Rows per calibration batch."})
+    seed: int = field(default=0, metadata={"help": "Seed of the choice of calibration / held-out rows."})
+
+    def __post_init__(self):
+        if self.method not in DRONE_METHODS:
+            raise ValueError(f"Unknown `method` {self.method!r}; expected one of {list(DRONE_METHODS)}.")
+        self.ranks = _parse_json_mapping("ranks", self.ranks)
+        for key, value in (self.ranks or {}).items():
+            if not isinstance(key, str) or not _is_int(value) or value <= 0:
+                raise ValueError(f"`ranks` maps module names to positive ints, got {key!r}: {value!r}.")
+        _check_int("rank", self.rank, minimum=1, allow_none=True)
+        _check_int("attention_rank", self.attention_rank, minimum=1, allow_none=True)
+        if self.param_ratio is not None and (not _is_number(self.param_ratio) or not 0 < self.param_ratio < 1):
+            raise ValueError(f"`param_ratio` must be a float in (0, 1), got {self.param_ratio!r}.")
+        if self.max_accuracy_drop is not None and (
+            not _is_number(self.max_accuracy_drop) or self.max_accuracy_drop <= 0
+        ):
+            raise ValueError(
+                f"`max_accuracy_drop` must be a positive number of points, got {self.max_accuracy_drop!r}."
+            )
+        if self.target_speedup is not None and (not _is_number(self.target_speedup) or self.target_speedup <= 1):
+            raise ValueError(f"`target_speedup` must be a number > 1, got {self.target_speedup!r}.")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        if self.target_modules is not None and not all(isinstance(t, str) for t in self.target_modules):
+            raise ValueError(f"`target_modules` must be a list of strings, got {self.target_modules!r}.")
+        self._check_budget()
+        _check_int("num_calibration_samples", self.num_calibration_samples, minimum=1)
+        _check_int("heldout_samples", self.heldout_samples, minimum=0)
+        if self.max_accuracy_drop is not None and self.heldout_samples == 0:
+            raise ValueError("`heldout_samples` must be >= 1 with `max_accuracy_drop`, got 0.")
+        _check_int("calibration_batch_size", self.calibration_batch_size, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+
+    def _check_budget(self) -> None:
+        given = [name for name in _BUDGETS if getattr(self, name) is not None]
+        explicit = [name for name in given if name in ("rank", "ranks", "attention_rank")]
+        others = [name for name in given if name not in explicit]
+        if not given:
+            raise ValueError(f"Pass one budget among {list(_BUDGETS)}; got none.")
+        if len(others) > 1 or (others and explicit):
+            raise ValueError(
+                f"Pass one budget: explicit ranks (`rank`/`ranks`/`attention_rank`), `param_ratio`, "
+                f"`target_speedup` or `max_accuracy_drop`; got {given}."
+            )
+
+    def compress_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for [`compress_model`] (budget, method and targets; no data)."""
+        kwargs = {name: getattr(self, name) for name in ("method", "target_modules", *_BUDGETS)}
+        if self.max_accuracy_drop is not None or self.target_speedup is not None:
+            kwargs["attention"] = self.attention
+        return kwargs
+
+    def validate_for_model(self, model: nn.Module) -> None:
+        """Checks, without factoring anything, that these settings fit `model`: a BERT sequence classifier whose
+        target modules resolve, with ranks in range and a feasible budget.
+
+        Raises:
+            `ValueError`: naming the offending setting.
+        """
+        from .allocation import allocate_by_energy, breakeven_rank
+        from .compress import _resolve_attention
+        from .replace import validate_drone_ranks
+        from .targets import check_bert_classifier, resolve_ranks, resolve_target_modules
+
+        check_bert_classifier(model)
+        targets = resolve_target_modules(model, self.target_modules)
+        if not targets:
+            raise ValueError(f"`target_modules={self.target_modules!r}` selects no dense encoder linear.")
+        shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in targets}
+        if self.rank is not None or self.ranks is not None or self.attention_rank is not None:
+            linear_ranks, attention_ranks = _resolve_attention(model, self.ranks, self.attention_rank, None)
+            replaced = {f"{block}.{proj}" for block in attention_ranks for proj in ("query", "key")}
+            chosen = resolve_ranks([t for t in targets if t not in replaced], rank=self.rank, ranks=linear_ranks)
+            validate_drone_ranks(model, chosen)
+            if not attention_ranks and all(k > breakeven_rank(*shapes[name]) for name, k in chosen.items()):
+                raise ValueError(
+                    f"Every target would stay dense at `rank={self.rank}`/`ranks={self.ranks}`: a rank must satisfy "
+                    "k * (in + out) < in * out to reduce a layer's cost."
+                )
+        elif self.param_ratio is not None:
+            # Feasibility depends on shapes and rank grids only, not on the spectra: flat ones suffice here.
+            import torch
+
+            spectra = {name: torch.ones(min(shape)) for name, shape in shapes.items()}
+            allocate_by_energy(spectra, shapes, self.param_ratio)
+        elif self.target_speedup is not None:
+            from .allocation import allocate_ranks
+
+            allocate_ranks(
+                model, None, method="svd", target_speedup=self.target_speedup, attention=self.attention,
+                target_modules=self.target_modules,
+            )
+
+
+@dataclass
+class DroneDistillationArguments:
+    r"""
+    Feature distillation of the compressed student from the dense teacher (Ben Noach & Goldberg, AACL 2020; see
+    [`distill`]). The loss is
+
+    `alpha_hidden * mean_l MSE(h_teacher[l], h_student[l]) + alpha_kl * T^2 * KL(p_teacher^T || p_student^T)
+    + alpha_task * task_loss`,
+
+    with the MSE over every hidden state in `hidden_layers` (index 0 is the embeddings' output) and over non-padding
+    tokens; for regression (`num_labels == 1`) the KL term is the MSE between the logits.
+
+    Args:
+        alpha_hidden (`float`, *optional*, defaults to 1.0): Weight of the hidden-state MSE.
+        alpha_kl (`float`, *optional*, defaults to 1.0): Weight of the softened-logit KL divergence.
+        alpha_task (`float`, *optional*, defaults to 0.0): Weight of the task loss (needs labels when > 0).
+        temperature (`float`, *optional*, defaults to 2.0): Softmax temperature `T` of the KL term.
+        hidden_layers (`str` or `list[int]`, *optional*, defaults to `"all"`): Hidden-state indices to match
+            (`0` = embeddings, `L` = last layer) or `"all"` (`None` means `"all"`).
+        max_steps (`int`, *optional*, defaults to 300): Optimiser steps.
+        learning_rate (`float`, *optional*, defaults to 5e-5): Peak learning rate.
+        per_device_train_batch_size (`int`, *optional*, defaults to 32): Batch size per process.
+        warmup_steps (`float`, *optional*, defaults to 0.1): Warm-up steps (a float < 1 is a fraction of
+            `max_steps`, as in `TrainingArguments`).
+        weight_decay (`float`, *optional*, defaults to 0.0): AdamW weight decay.
+        lr_scheduler_type (`str`, *optional*, defaults to `"linear"`): Scheduler name.
+        logging_steps (`int`, *optional*, defaults to 50): Log every this many steps.
+        seed (`int`, *optional*, defaults to 0): Seed of the data order.
+        report_to (`str` or `list[str]`, *optional*): Integrations to report to; `None` means `"none"`.
+
+    Raises:
+        `ValueError`: naming the field, the value received and what is allowed.
+
+    Example:
+
+    ```py
+    >>> from drone_hf import DroneDistillationArguments
+    >>> DroneDistillationArguments(max_steps=200, alpha_task=0.5).temperature
+    2.0
+    ```
+    """
+
+    alpha_hidden: float = field(default=1.0, metadata={"help": "Weight of the hidden-state MSE."})
+    alpha_kl: float = field(default=1.0, metadata={"help": "Weight of the softened-logit KL (regression: logit MSE)."})
+    alpha_task: float = field(default=0.0, metadata={"help": "Weight of the task loss (needs labels)."})
+    temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the KL term."})
+    hidden_layers: str | list[int] = field(
+        default="all", metadata={"help": "Hidden-state indices to match (0 = embeddings), or 'all'."}
+    )
+    max_steps: int = field(default=300, metadata={"help": "Distillation optimiser steps."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Distillation peak learning rate."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Distillation batch size per process."})
+    warmup_steps: float = field(default=0.1, metadata={"help": "Warm-up steps (< 1: fraction of max_steps)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "Learning-rate scheduler."})
+    logging_steps: int = field(default=50, metadata={"help": "Log every this many steps."})
+    seed: int = field(default=0, metadata={"help": "Seed of the distillation data order."})
+    report_to: str | None = field(default=None, metadata={"help": "Integrations to report to (default: none)."})
+
+    def __post_init__(self):
+        for name in ("alpha_hidden", "alpha_kl", "alpha_task", "weight_decay", "warmup_steps"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        if self.alpha_hidden == self.alpha_kl == self.alpha_task == 0:
+            raise ValueError("At least one of `alpha_hidden`, `alpha_kl`, `alpha_task` must be > 0; got all 0.")
+        for name in ("temperature", "learning_rate"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                raise ValueError(f"`{name}` must be a number > 0, got {value!r}.")
+        if self.hidden_layers is None:  # HfArgumentParser gives None for an absent list option
+            self.hidden_layers = "all"
+        if isinstance(self.hidden_layers, str):
+            if self.hidden_layers != "all":
+                raise ValueError(f"`hidden_layers` must be 'all' or a list of ints, got {self.hidden_layers!r}.")
+        elif not self.hidden_layers or not all(_is_int(i) and i >= 0 for i in self.hidden_layers):
+            raise ValueError(
+                f"`hidden_layers` must be 'all' or a non-empty list of ints >= 0, got {self.hidden_layers!r}."
+            )
+        else:
+            self.hidden_layers = sorted(set(self.hidden_layers))
+        _check_int("max_steps", self.max_steps, minimum=1)
+        _check_int("per_device_train_batch_size", self.per_device_train_batch_size, minimum=1)
+        _check_int("logging_steps", self.logging_steps, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """The loss settings (for [`distillation_loss`] / [`DroneDistillationTrainer`])."""
+        names = ("alpha_hidden", "alpha_kl", "alpha_task", "temperature", "hidden_layers")
+        return {name: getattr(self, name) for name in names}
+
+    def training_overrides(self) -> dict[str, Any]:
+        """The `TrainingArguments` fields these settings replace in a copied base."""
+        names = ("max_steps", "learning_rate", "per_device_train_batch_size", "warmup_steps", "weight_decay",
+                 "lr_scheduler_type", "logging_steps", "seed")
+        overrides = {name: getattr(self, name) for name in names}
+        overrides["report_to"] = self.report_to if self.report_to is not None else "none"
+        return overrides
+
+
+__all__ = ["DroneCompressionArguments", "DroneDistillationArguments"]

@@ -1,0 +1,131 @@
+"""Two CPU processes (gloo) under `accelerate launch`: summed calibration statistics, data-parallel distillation and
+the callback. This file is both the test and, run by the launcher, the worker."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_PROCESSES = 2
+
+
+def _digest(model) -> float:
+    return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
+
+
+def worker(out: Path) -> None:
+    """Runs in each process started by `accelerate launch`."""
+    sys.path.insert(0, str(REPO))
+    from accelerate import PartialState
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from drone_hf import (
+        DroneCompressionArguments,
+        DroneCompressionCallback,
+        DroneDistillationArguments,
+        collect_activation_stats,
+        compress_model,
+        distill,
+        save_activation_stats,
+    )
+    from tests.test_distillation import tiny_dataset, tiny_tokenizer
+    from tests.testing_utils import tiny_batches, tiny_teacher
+
+    state = PartialState(cpu=True)
+    rank, world = state.process_index, state.num_processes
+    report = {"rank": rank, "world_size": world, "backend": str(torch.distributed.get_backend())}
+
+    # 1. Calibration: each process sees a different shard; collect_activation_stats sums them.
+    teacher = tiny_teacher()
+    shard = tiny_batches(num_rows=13, batch_size=2)[rank::world]
+    report["calibration_rows"] = sum(len(batch["input_ids"]) for batch in shard)
+    stats = collect_activation_stats(teacher, shard)
+    if rank == 0:
+        save_activation_stats(stats, out / "stats.safetensors")
+
+    # 2. distill() for 2 data-parallel steps.
+    class Steps(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            report.update(distill_steps=state.global_step, distill_world_size=args.world_size)
+
+    student = compress_model(teacher, None, method="svd", rank=4)
+    before = _digest(student)
+    args = TrainingArguments(output_dir=str(out / "distill"), max_steps=2, per_device_train_batch_size=4,
+                             use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True)
+    distill(student, teacher, tiny_dataset(24), args, processing_class=tiny_tokenizer(), callbacks=[Steps()])
+    report.update(student_before=before, student_after=_digest(student))
+
+    # 3. The callback under a 2-process Trainer, with distillation.
+    train = tiny_dataset(24)
+    drone = DroneCompressionCallback(
+        DroneCompressionArguments(rank=4, num_calibration_samples=12),
+        distillation_args=DroneDistillationArguments(max_steps=2, per_device_train_batch_size=4),
+        train_dataset=train, eval_dataset=tiny_dataset(8, seed=2), measure_speed=False,
+    )
+    trainer_args = TrainingArguments(output_dir=str(out / "run"), max_steps=2, per_device_train_batch_size=4,
+                                     use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True)
+    Trainer(model=tiny_teacher(), args=trainer_args, train_dataset=train, processing_class=tiny_tokenizer(),
+            callbacks=[drone]).train()
+    report.update(callback_path=drone.compressed_model_path, callback_metrics=drone.metrics,
+                  callback_digest=_digest(drone.compressed_model),
+                  callback_ranks=len(drone.compressed_model.config.drone_ranks))
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_sum_statistics_and_distil(tmp_path):
+    import pytest
+
+    from drone_hf import DroneBertForSequenceClassification, collect_activation_stats, load_activation_stats
+
+    from .testing_utils import tiny_batches, tiny_teacher
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(REPO)}
+    # `accelerate launch --multi_gpu` starts torch.distributed workers; without CUDA they use gloo on the CPU.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(NUM_PROCESSES), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), __file__, str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(NUM_PROCESSES)]
+
+    assert [(r["rank"], r["world_size"], r["backend"]) for r in reports] == [(0, 2, "gloo"), (1, 2, "gloo")]
+    # Statistics: the sum over the two shards equals one process over all the data.
+    assert reports[0]["calibration_rows"] + reports[1]["calibration_rows"] == 13
+    assert min(r["calibration_rows"] for r in reports) > 0
+    summed = load_activation_stats(tmp_path / "stats.safetensors")
+    single = collect_activation_stats(tiny_teacher(), tiny_batches(num_rows=13, batch_size=2))
+    assert set(summed) == set(single)
+    for name in single:
+        torch.testing.assert_close(summed[name], single[name], rtol=1e-12, atol=1e-9)
+
+    # distill(): 2 data-parallel steps, the same student everywhere, and it changed.
+    for report in reports:
+        assert (report["distill_steps"], report["distill_world_size"]) == (2, 2)
+        assert report["student_after"] != pytest.approx(report["student_before"], rel=1e-9)
+    assert reports[0]["student_after"] == pytest.approx(reports[1]["student_after"], rel=1e-12)
+
+    # The callback: every process holds the same distilled model; only process zero saved and evaluated.
+    assert reports[0]["callback_path"] == str(tmp_path / "run" / "drone") and reports[1]["callback_path"] is None
+    assert set(reports[0]["callback_metrics"]) == {"dense", "compressed", "compressed+distilled"}
+    assert reports[1]["callback_metrics"] == {}
+    assert reports[0]["callback_digest"] == pytest.approx(reports[1]["callback_digest"], rel=1e-12)
+    assert reports[0]["callback_ranks"] == reports[1]["callback_ranks"] == 12
+    saved = DroneBertForSequenceClassification.from_pretrained(tmp_path / "run" / "drone")
+    assert _digest(saved) == pytest.approx(reports[0]["callback_digest"], rel=1e-9)
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
