@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: install test test-fast demo benchmark quality clean
+.PHONY: install test test-fast notebooks demo benchmark report quality clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+notebooks: $(STAMP)
+	$(PY) -m pytest -q -s tests/test_notebooks.py
+
+report: $(STAMP)
+	$(PY) benchmarks/report.py
 
 demo: $(STAMP)
 	$(PY) benchmarks/demo.py

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import re
 import sys
 import tempfile
 import time
 
 import torch
 from common import (
+    CACHE,
     calibration_batches,
     finetune,
     glue_data_dir,
@@ -26,7 +29,7 @@ from common import (
     print_table,
     write_json,
 )
-from transformers import TrainingArguments
+from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 import drone_hf
 from drone_hf import DroneDistillationArguments, distill, token_frequencies
@@ -138,28 +141,39 @@ def main():
 
     dense_metric = evaluate(teacher)
     options = {"k_grid": tuple(args.k_grid), "n_init": args.n_init, "max_iter": args.max_iter}
+    # Clusterings and distilled metrics are cached, so an interrupted run (the machine is shared) resumes.
+    run_dir = CACHE / "embedding" / (
+        f"{teacher_path.name}-ratio{args.ratio:g}-k{'_'.join(map(str, args.k_grid))}-n{args.n_init}-i{args.max_iter}"
+    )
+
+    def variant(name: str, build) -> tuple:
+        folder = run_dir / re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+        if (folder / "fit.json").is_file():
+            return AutoModelForSequenceClassification.from_pretrained(folder).eval(), json.loads(
+                (folder / "fit.json").read_text()
+            )["seconds"]
+        start = time.perf_counter()
+        model = build()
+        seconds = time.perf_counter() - start
+        model.save_pretrained(folder)
+        (folder / "fit.json").write_text(json.dumps({"seconds": seconds}))
+        return model, seconds
 
     print(f"[2/6] embedding at ratio {args.ratio}: SVD, projective clustering over k in {args.k_grid}", flush=True)
-    variants = {}
-    start = time.perf_counter()
-    variants["SVD (k=1)"] = drone_hf.compress_model(
+    variants, fit = {}, {}
+    variants["SVD (k=1)"], fit["SVD (k=1)"] = variant("SVD (k=1)", lambda: drone_hf.compress_model(
         teacher, None, method="svd", embedding=args.ratio, embedding_options={**options, "k_grid": (1,)}
-    )
-    fit = {"SVD (k=1)": time.perf_counter() - start}
-    start = time.perf_counter()
-    variants["projective"] = drone_hf.compress_model(
+    ))
+    variants["projective"], fit["projective"] = variant("projective", lambda: drone_hf.compress_model(
         teacher, None, method="svd", embedding=args.ratio, embedding_options=options
-    )
-    fit["projective"] = time.perf_counter() - start
+    ))
     best = variants["projective"].config.drone_embedding
     for kind in args.weightings:
         name = f"projective, weights {WEIGHTINGS[kind][0]}"
-        start = time.perf_counter()
-        variants[name] = drone_hf.compress_model(
+        variants[name], fit[name] = variant(name, lambda kind=kind: drone_hf.compress_model(
             teacher, None, method="svd", embedding=(best["k"], best["j"]),
             embedding_options={**options, "weights": _weights(counts, kind)},
-        )
-        fit[name] = time.perf_counter() - start
+        ))
 
     print("[3/6] evaluating the embedding-only models", flush=True)
     emb_rows = [{"name": "dense", "kj": "–", "emb_params_m": vocab * teacher.config.hidden_size / 1e6,
@@ -198,10 +212,15 @@ def main():
     if args.distill_steps:
         print(f"[5/6] distilling each compressed model for {args.distill_steps} steps", flush=True)
         targets = [*[("emb", name) for name in variants], *[("model", name) for name in list(models)[1:]]]
+        done_path = run_dir / f"distilled-steps{args.distill_steps}-lr{args.distill_lr:g}.json"
+        done = json.loads(done_path.read_text()) if done_path.is_file() else {}
         for kind, name in targets:
-            student = copy.deepcopy(variants[name] if kind == "emb" else models[name]).train()
-            seconds = _distill(student, teacher, train, tokenizer, args)
-            metric = evaluate(student)
+            if f"{kind}:{name}" not in done:
+                student = copy.deepcopy(variants[name] if kind == "emb" else models[name]).train()
+                seconds = _distill(student, teacher, train, tokenizer, args)
+                done[f"{kind}:{name}"] = {"metric": evaluate(student), "seconds": seconds}
+                done_path.write_text(json.dumps(done, indent=1))
+            metric, seconds = done[f"{kind}:{name}"]["metric"], done[f"{kind}:{name}"]["seconds"]
             row = next(r for r in emb_rows if r["name"] == name) if kind == "emb" else model_rows[name]
             row.update(metric_ft=metric, delta_ft=metric - dense_metric, distill_s=seconds)
             print(f"      {name}: {metric:.2f} after {seconds / 60:.1f} min", flush=True)
