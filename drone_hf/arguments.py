@@ -70,8 +70,12 @@ class DroneCompressionArguments:
             use DRONE attention.
         num_calibration_samples (`int`, *optional*, defaults to 512): Training rows to calibrate on (in total,
             over all processes).
-        heldout_samples (`int`, *optional*, defaults to 256): Training rows, disjoint from the calibration rows,
+        heldout_samples (`int`, *optional*, defaults to 1024): Training rows, disjoint from the calibration rows,
             on which `max_accuracy_drop` measures drops (the dev split stays unseen).
+        screening_samples (`int`, *optional*, defaults to 512): Of the held-out rows, those scoring each module
+            alone ([`allocate_ranks`]).
+        safety_margin (`float`, *optional*, defaults to 1.0): Paired standard errors added to the held-out drop
+            before comparing it with `max_accuracy_drop`.
         calibration_batch_size (`int`, *optional*, defaults to 32): Rows per calibration batch.
         seed (`int`, *optional*, defaults to 0): Seed of the random choice of calibration and held-out rows.
 
@@ -104,7 +108,11 @@ class DroneCompressionArguments:
     attention: bool = field(default=True, metadata={"help": "Let budgets use DRONE attention."})
     num_calibration_samples: int = field(default=512, metadata={"help": "Training rows to calibrate on."})
     heldout_samples: int = field(
-        default=256, metadata={"help": "Training rows (disjoint from calibration) for max_accuracy_drop."}
+        default=1024, metadata={"help": "Training rows (disjoint from calibration) for max_accuracy_drop."}
+    )
+    screening_samples: int = field(default=512, metadata={"help": "Held-out rows scoring each module alone."})
+    safety_margin: float = field(
+        default=1.0, metadata={"help": "Standard errors added to the held-out drop before the budget check."}
     )
     calibration_batch_size: int = field(default=32, metadata={"help": "Rows per calibration batch."})
     seed: int = field(default=0, metadata={"help": "Seed of the choice of calibration / held-out rows."})
@@ -137,6 +145,9 @@ class DroneCompressionArguments:
         _check_int("heldout_samples", self.heldout_samples, minimum=0)
         if self.max_accuracy_drop is not None and self.heldout_samples == 0:
             raise ValueError("`heldout_samples` must be >= 1 with `max_accuracy_drop`, got 0.")
+        _check_int("screening_samples", self.screening_samples, minimum=1)
+        if not _is_number(self.safety_margin) or self.safety_margin < 0:
+            raise ValueError(f"`safety_margin` must be a number >= 0 (standard errors), got {self.safety_margin!r}.")
         _check_int("calibration_batch_size", self.calibration_batch_size, minimum=1)
         _check_int("seed", self.seed, minimum=0)
 
@@ -157,6 +168,10 @@ class DroneCompressionArguments:
         kwargs = {name: getattr(self, name) for name in ("method", "target_modules", *_BUDGETS)}
         if self.max_accuracy_drop is not None or self.target_speedup is not None:
             kwargs["attention"] = self.attention
+        if self.max_accuracy_drop is not None:
+            kwargs["allocation_options"] = {
+                "screening_samples": self.screening_samples, "safety_margin": self.safety_margin
+            }
         return kwargs
 
     def validate_for_model(self, model: nn.Module) -> None:

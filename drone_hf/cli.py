@@ -57,7 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--bias-correction", action="store_true",
                           help="DRONE on centred statistics with the optimal bias shift folded in")
     compress.add_argument("--calibration-samples", type=int, default=512)
-    compress.add_argument("--heldout-samples", type=int, default=512, help="train rows for --max-accuracy-drop")
+    compress.add_argument("--heldout-samples", type=int, default=1024,
+                          help="train rows (disjoint from calibration) for --max-accuracy-drop's joint checks")
+    compress.add_argument("--screening-samples", type=int, default=512,
+                          help="of those, rows scoring each module alone (cheap per-module curves)")
+    compress.add_argument("--safety-margin", type=float, default=1.0,
+                          help="paired standard errors added to the held-out drop before comparing with the budget")
     compress.add_argument("--output", required=True)
     compress.add_argument("--push-to-hub", metavar="REPO", help="also upload the compressed model to this Hub repo")
 
@@ -131,6 +136,13 @@ def _print_table(results: dict, info, dev_size: int) -> None:
           "median of round-robin runs in this process.")
 
 
+def _metric_fn(info):
+    """The task's main GLUE metric in points, as `(logits, labels) -> float` for the allocation."""
+    from .glue import glue_metrics
+
+    return lambda logits, labels: 100.0 * glue_metrics(info.name, logits, labels)[info.main_metric]
+
+
 def _compress(args) -> int:
     from . import allocate_ranks, collect_activation_stats, compress_model
     from .evaluation import iter_batches
@@ -161,6 +173,7 @@ def _compress(args) -> int:
         ranks = allocate_ranks(
             model, stats, method=args.method, attention=not args.no_attention, show_progress=True, report=report,
             seq_len=min(128, model.config.max_position_embeddings), bias_correction=args.bias_correction,
+            metric_fn=_metric_fn(info), screening_samples=args.screening_samples, safety_margin=args.safety_margin,
             eval_dataloader=list(iter_batches(heldout, tokenizer, batch_size=64, sort_by_length=True))
             if heldout is not None else None,
             **budget,
@@ -182,8 +195,9 @@ def _compress(args) -> int:
     print()
     _print_table(results, info, len(dev))
     if report.get("evaluations"):
-        print(f"Allocation: {report['evaluations']} held-out evaluations ({report['heldout_examples']} train rows) in "
-              f"{report['evaluation_seconds']:.0f} s; held-out drop {report['heldout_drop']:.2f} points.")
+        print(f"Allocation: {report['evaluations']} held-out evaluations ({report['screening_examples']} screening / "
+              f"{report['heldout_examples']} joint-check train rows) in {report['evaluation_seconds']:.0f} s; held-out "
+              f"{info.main_metric} drop {report['heldout_drop']:.2f} ± {report['heldout_standard_error']:.2f} points.")
     print(f"Saved to {args.output} (reload with `import drone_hf` + AutoModelForSequenceClassification).")
     if args.push_to_hub:
         from .hub import push_compressed_to_hub

@@ -90,6 +90,17 @@ def _resolve_attention(model, ranks, attention_rank, attention_ranks) -> tuple[d
     return (linear_ranks or None) if ranks is not None else None, resolved
 
 
+_ALLOCATION_OPTIONS = ("metric_fn", "screening_samples", "safety_margin", "seq_len", "show_progress")
+
+
+def _allocation_options(options: Mapping | None) -> dict:
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(_ALLOCATION_OPTIONS))
+    if unknown:
+        raise ValueError(f"Unknown `allocation_options` {unknown}; allowed: {list(_ALLOCATION_OPTIONS)}.")
+    return options
+
+
 def compress_model(
     model: nn.Module,
     stats: Mapping[str, torch.Tensor] | None,
@@ -107,6 +118,7 @@ def compress_model(
     rank_grid: Sequence[int] | None = None,
     attention: bool = True,
     allocation_report: dict | None = None,
+    allocation_options: Mapping | None = None,
     bias_correction: bool = False,
     rank_multiple: int = 8,
     calibration_info: Mapping | None = None,
@@ -142,7 +154,9 @@ def compress_model(
         eval_dataloader (`Iterable[dict]`, *optional*): Held-out batches with labels, carved from the training
             split (never the dev split you report), for `max_accuracy_drop`.
         rank_grid (`Sequence[int]`, *optional*), attention (`bool`, *optional*, defaults to `True`),
-        allocation_report (`dict`, *optional*): Passed to [`allocate_ranks`].
+        allocation_report (`dict`, *optional*): Passed to [`allocate_ranks`] as `report`.
+        allocation_options (`Mapping`, *optional*): Further keyword arguments of [`allocate_ranks`] (`metric_fn`,
+            `screening_samples`, `safety_margin`, `seq_len`).
         bias_correction (`bool`, *optional*, defaults to `False`): DRONE on the *centred* statistics with the
             optimal bias shift `(W - M) mu` folded into each factored layer's bias ([`drone_factorize_affine`]);
             never worse on the calibration data than the paper's uncentred form.
@@ -190,7 +204,7 @@ def compress_model(
             model, stats, eval_dataloader=eval_dataloader, max_accuracy_drop=max_accuracy_drop,
             target_speedup=target_speedup, rank_grid=rank_grid, method=method, attention=attention,
             target_modules=target_modules, rank_multiple=rank_multiple, report=allocation_report,
-            bias_correction=bias_correction,
+            bias_correction=bias_correction, **_allocation_options(allocation_options),
         )
         if not ranks:
             raise ValueError(

@@ -153,4 +153,38 @@ def module_time_shares(
     return {candidate: t / total for candidate, t in times.items()}
 
 
-__all__ = ["LayerwiseEvaluator", "default_metric_fn", "module_time_shares", "soft_score"]
+def spread_subset(batches: list, num_rows: int | None) -> list:
+    """Whole batches, evenly spread over `batches` (which may be sorted by length), holding about `num_rows` rows;
+    all of them when `num_rows` is None or not smaller than their total."""
+    sizes = [len(batch["input_ids"]) for batch in batches]
+    if num_rows is None or num_rows >= sum(sizes):
+        return batches
+    wanted = max(1, round(len(batches) * num_rows / sum(sizes)))
+    picks = sorted({int(round(i)) for i in np.linspace(0, len(batches) - 1, wanted)})
+    return [batches[i] for i in picks]
+
+
+def paired_standard_error(
+    metric_fn: MetricFn, base_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray, *, samples: int = 200,
+    seed: int = 0,
+) -> float:
+    """Standard error of `metric(base) - metric(compressed)` on these rows, by a paired bootstrap (the same resampled
+    rows score both models, so their shared difficulty cancels)."""
+    rng = np.random.default_rng(seed)
+    drops = []
+    for _ in range(samples):
+        rows = rng.integers(0, len(labels), len(labels))
+        drops.append(metric_fn(base_logits[rows], labels[rows]) - metric_fn(logits[rows], labels[rows]))
+    drops = np.asarray(drops, dtype=float)
+    drops = drops[np.isfinite(drops)]
+    return float(drops.std(ddof=1)) if len(drops) > 1 else 0.0
+
+
+__all__ = [
+    "LayerwiseEvaluator",
+    "default_metric_fn",
+    "module_time_shares",
+    "paired_standard_error",
+    "soft_score",
+    "spread_subset",
+]

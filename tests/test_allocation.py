@@ -1,11 +1,12 @@
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
 from drone_hf import DroneLinear, allocate_ranks, collect_activation_stats, compress_model
 from drone_hf.allocation import _greedy, breakeven_rank
-from drone_hf.heldout import LayerwiseEvaluator, module_time_shares
+from drone_hf.heldout import LayerwiseEvaluator, module_time_shares, paired_standard_error, spread_subset
 from drone_hf.profiling import encoder_macs, flop_speedup_bound
 
 from .testing_utils import tiny_batches, tiny_teacher
@@ -153,3 +154,47 @@ def test_budget_cannot_combine_with_explicit_ranks(setup):
     model, batches, stats = setup
     with pytest.raises(ValueError, match=r"cannot be combined with \['rank'\]"):
         compress_model(model, stats, rank=8, target_speedup=1.5)
+
+
+def test_paired_standard_error_matches_the_analytic_formula_for_accuracy():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 2000)
+    base = np.eye(2)[labels] + 0.1 * rng.standard_normal((2000, 2))  # always right
+    flipped = rng.random(2000) < 0.05
+    other = np.where(flipped[:, None], base[:, ::-1], base)  # 5% wrong
+    accuracy = lambda logits, y: 100.0 * float((logits.argmax(-1) == y).mean())
+    differences = 100.0 * ((base.argmax(-1) == labels).astype(float) - (other.argmax(-1) == labels))
+    analytic = differences.std() / np.sqrt(len(labels))
+    estimate = paired_standard_error(accuracy, base, other, labels, samples=2000)
+    assert estimate == pytest.approx(analytic, rel=0.08)
+    assert paired_standard_error(accuracy, base, base, labels) == 0.0  # identical models: no uncertainty
+
+
+def test_spread_subset_covers_the_whole_length_range():
+    batches = [{"input_ids": torch.zeros(8, 3, dtype=torch.long), "id": i} for i in range(20)]
+    subset = spread_subset(batches, 40)
+    assert [b["id"] for b in subset] == [0, 5, 10, 14, 19]  # first and last (shortest and longest) included
+    assert spread_subset(batches, None) is batches and spread_subset(batches, 1000) is batches
+
+
+def test_safety_margin_makes_the_joint_check_stricter(setup):
+    model, batches, stats = setup
+    strict, loose = {}, {}
+    allocate_ranks(model, stats, eval_dataloader=batches, max_accuracy_drop=10.0, safety_margin=0.0, report=loose,
+                   screening_samples=16)
+    allocate_ranks(model, stats, eval_dataloader=batches, max_accuracy_drop=10.0, safety_margin=2.0, report=strict,
+                   screening_samples=16)
+    assert loose["screening_examples"] == 16 and loose["heldout_examples"] == 32
+    assert strict["heldout_drop"] + 2.0 * strict["heldout_standard_error"] <= 10.0
+    assert loose["heldout_drop"] <= 10.0
+    assert all(entry["standard_error"] >= 0.0 for entry in strict["joint_checks"])
+    with pytest.raises(ValueError, match=r"`safety_margin` must be a number >= 0 \(standard errors\), got -1"):
+        allocate_ranks(model, stats, eval_dataloader=batches, max_accuracy_drop=1.0, safety_margin=-1)
+    with pytest.raises(ValueError, match=r"`screening_samples` must be a positive int or None \(all rows\), got 0"):
+        allocate_ranks(model, stats, eval_dataloader=batches, max_accuracy_drop=1.0, screening_samples=0)
+
+
+def test_unknown_allocation_option_is_rejected(setup):
+    model, batches, stats = setup
+    with pytest.raises(ValueError, match=r"Unknown `allocation_options` \['margin'\]; allowed: \['metric_fn'"):
+        compress_model(model, stats, eval_dataloader=batches, max_accuracy_drop=1.0, allocation_options={"margin": 1})

@@ -22,6 +22,8 @@ from .testing_utils import tiny_teacher
         ({"target_speedup": 1.0}, r"`target_speedup` must be a number > 1, got 1.0"),
         ({"max_accuracy_drop": -0.5}, r"`max_accuracy_drop` must be a positive number of points, got -0.5"),
         ({"max_accuracy_drop": 1.0, "heldout_samples": 0}, r"`heldout_samples` must be >= 1 with `max_accuracy_drop`"),
+        ({"max_accuracy_drop": 1.0, "screening_samples": 0}, r"`screening_samples` must be an int >= 1, got 0"),
+        ({"max_accuracy_drop": 1.0, "safety_margin": -1.0}, r"`safety_margin` must be a number >= 0"),
         ({"rank": 4, "num_calibration_samples": 0}, r"`num_calibration_samples` must be an int >= 1, got 0"),
         ({"rank": 4, "calibration_batch_size": 0}, r"`calibration_batch_size` must be an int >= 1"),
         ({"rank": 4, "seed": -1}, r"`seed` must be an int >= 0"),
@@ -38,7 +40,7 @@ def test_compression_arguments_reject_bad_values(kwargs, match):
 def test_compression_arguments_defaults_and_kwargs():
     args = DroneCompressionArguments(ranks='{"re:.*intermediate.*": 8}', attention_rank=2, target_modules="query")
     assert args.ranks == {"re:.*intermediate.*": 8} and args.target_modules == ["query"]
-    assert (args.num_calibration_samples, args.heldout_samples, args.seed) == (512, 256, 0)
+    assert (args.num_calibration_samples, args.heldout_samples, args.seed) == (512, 1024, 0)
     kwargs = args.compress_kwargs()
     assert kwargs == {
         "method": "drone", "target_modules": ["query"], "rank": None, "ranks": {"re:.*intermediate.*": 8},

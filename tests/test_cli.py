@@ -67,10 +67,10 @@ def test_compress_with_target_speedup_factors_attention(workspace, tmp_path):
 
 
 def test_compress_with_accuracy_budget_reports_allocation(workspace, tmp_path, capsys):
-    assert _compress(workspace, tmp_path / "out", "--max-accuracy-drop", "100") == 0
-    assert "held-out evaluations (32 train rows)" in capsys.readouterr().out
+    assert _compress(workspace, tmp_path / "out", "--max-accuracy-drop", "100", extra=["--screening-samples", "16"]) == 0
+    assert "screening / 32 joint-check train rows)" in capsys.readouterr().out
     allocation = json.loads((tmp_path / "out" / "drone_results.json").read_text())["allocation"]
-    assert allocation["evaluations"] > 0 and allocation["heldout_drop"] <= 100
+    assert allocation["evaluations"] > 0 and allocation["heldout_drop"] + allocation["heldout_standard_error"] <= 100
 
 
 def test_evaluate(workspace, capsys):
