@@ -1,11 +1,14 @@
-"""Shared pieces of the benchmark scripts: the embedded MiniLM, GLUE data, cached fine-tuning, tables."""
+"""Shared pieces of the benchmark scripts: the embedded MiniLM, GLUE data, cached fine-tuning, command-line options,
+distillation, timing, tables."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +25,9 @@ from transformers import (
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from drone_hf.evaluation import evaluate_glue  # noqa: E402
 from drone_hf.glue import get_glue_task, load_glue  # noqa: E402
+from drone_hf.profiling import measure_latency  # noqa: E402
 
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -97,10 +102,70 @@ def calibration_batches(task: str, tokenizer, *, num_samples: int, batch_size: i
     return list(iter_batches(rows, tokenizer, batch_size=batch_size, sort_by_length=True))
 
 
+def load_teacher(info, *, steps: int, max_length: int, stages: int):
+    """Step 1 of a script with `stages` steps: the cached fine-tuned teacher (eval mode), then the task's dev and
+    training splits, tokenised to `max_length`.
+
+    Returns:
+        `(teacher, tokenizer, teacher_path, dev, train)`.
+    """
+    print(f"[1/{stages}] teacher: MiniLM fine-tuned on {info.name} ({steps} steps, cached)", flush=True)
+    teacher, tokenizer, teacher_path, _ = finetune(info.name, steps=steps, max_length=max_length)
+    teacher.eval()
+    data_dir = glue_data_dir(info.name)
+    dev = load_glue(info.name, tokenizer, split=info.dev_splits[0], data_dir=data_dir, max_length=max_length)
+    train = load_glue(info.name, tokenizer, split="train", data_dir=data_dir, max_length=max_length)
+    return teacher, tokenizer, teacher_path, dev, train
+
+
+def dev_metric(model, dev, tokenizer, info) -> float:
+    """The task's main metric of `model` on the tokenised `dev` split, in points."""
+    return 100 * evaluate_glue(model, dev, tokenizer, info.name)[info.main_metric]
+
+
+def metric_description(info, dev) -> str:
+    """What the "dev metric" column measures, e.g. `"accuracy on validation (872 examples)"`."""
+    return f"{info.main_metric} on {info.dev_splits[0]} ({len(dev)} examples)"
+
+
+def run_distillation(student, teacher, train, tokenizer, settings, *, group_by_length: bool) -> float:
+    """Distils `student` in place with `drone_hf.distill` and `settings` (a `DroneDistillationArguments`), on the
+    CPU unless CUDA is there, without progress bars, in a throw-away output folder.
+
+    Returns:
+        `float`: the seconds the distillation took.
+    """
+    from drone_hf import distill
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = TrainingArguments(
+            output_dir=tmp,
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
+            train_sampling_strategy="group_by_length" if group_by_length else "random",
+        )
+        start = time.perf_counter()
+        distill(student, teacher, train, settings, training_args=base, processing_class=tokenizer)
+    return time.perf_counter() - start
+
+
 def latency_inputs(tokenizer, dataset, *, batch_size: int = 8, seq_len: int = 128) -> dict[str, torch.Tensor]:
     """The first `batch_size` rows of `dataset`, padded to `seq_len` tokens: the fixed timing input."""
-    rows = [{k: dataset[i][k] for k in ("input_ids", "token_type_ids", "attention_mask") if k in dataset[i]} for i in range(batch_size)]
+    rows = [
+        {k: dataset[i][k] for k in ("input_ids", "token_type_ids", "attention_mask") if k in dataset[i]}
+        for i in range(batch_size)
+    ]
     return dict(tokenizer.pad(rows, padding="max_length", max_length=seq_len, return_tensors="pt"))
+
+
+def measure_speedups(models: dict, tokenizer, dataset, *, seq_len: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Times `models` round-robin on the batch of [`latency_inputs`] (batch 8 x `seq_len` tokens).
+
+    Returns:
+        `dict[str, dict[str, float]]`: per model name, `latency_ms` and `speedup` (over the model named `"dense"`).
+    """
+    latency = measure_latency(models, latency_inputs(tokenizer, dataset, seq_len=seq_len), repeats=repeats)
+    return {name: {"latency_ms": 1000 * latency[name], "speedup": latency["dense"] / latency[name]} for name in models}
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
@@ -112,6 +177,11 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def command_line() -> str:
+    """The command that is running, as recorded in the results files."""
+    return " ".join(["python", *sys.argv])
 
 
 def write_json(name: str, payload: dict) -> Path:
@@ -132,3 +202,36 @@ def machine_description() -> dict:
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+# --------------------------------------------------------------------------------------------------- command lines
+
+
+def script_parser(description: str) -> argparse.ArgumentParser:
+    """The parser each script starts from: its docstring as the help text, and `--task`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="sst2")
+    return parser
+
+
+def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--teacher-steps` and `--max-length`, the options of [`load_teacher`]."""
+    parser.add_argument("--teacher-steps", type=int, default=300, help="fine-tuning steps of the cached teacher")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per example (teacher and distillation)")
+
+
+def add_distillation_arguments(parser: argparse.ArgumentParser, *, steps: int, steps_help: str | None = None) -> None:
+    """`--distill-steps` (default `steps`), `--distill-batch-size` and `--distill-lr`."""
+    parser.add_argument("--distill-steps", type=int, default=steps, help=steps_help)
+    parser.add_argument("--distill-batch-size", type=int, default=32)
+    parser.add_argument("--distill-lr", type=float, default=1e-4)
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """`--threads`; apply it with [`set_threads`]."""
+    parser.add_argument("--threads", type=int, help="torch intra-op threads for everything (default: torch's)")
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)

@@ -6,26 +6,28 @@ uniform ranks, and print one table measured in one run. Writes benchmarks/result
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 import torch
 from common import (
     calibration_batches,
+    dev_metric,
     finetune,
     glue_data_dir,
-    latency_inputs,
     machine_description,
+    measure_speedups,
+    metric_description,
     print_table,
+    script_parser,
     write_json,
 )
 from transformers import AutoModelForSequenceClassification
 
 import drone_hf
-from drone_hf.evaluation import evaluate_glue, predict
+from drone_hf.evaluation import predict
 from drone_hf.glue import get_glue_task, load_glue
-from drone_hf.profiling import checkpoint_size_mb, count_parameters, flop_speedup_bound, measure_latency
+from drone_hf.profiling import checkpoint_size_mb, count_parameters, flop_speedup_bound
 
 
 COLUMNS = [
@@ -41,8 +43,7 @@ COLUMNS = [
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="sst2")
+    parser = script_parser(__doc__)
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps (batch 32)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[96, 128, 160])
     parser.add_argument("--calibration-samples", type=int, default=512)
@@ -77,20 +78,23 @@ def main():
             models[name] = drone_hf.compress_model(
                 teacher, stats if method == "drone" else None, method=method, rank=rank, calibration_info=provenance
             )
-            rows.append({"name": name, "method": method.upper() if method == "svd" else "DRONE", "ranks": f"{rank} (all)"})
+            rows.append(
+                {"name": name, "method": method.upper() if method == "svd" else "DRONE", "ranks": f"{rank} (all)"}
+            )
     for row in rows:
         model = models[row["name"]]
-        row["metric"] = 100 * evaluate_glue(model, dev, tokenizer, info.name)[info.main_metric]
+        row["metric"] = dev_metric(model, dev, tokenizer, info)
         row["encoder_params_m"] = count_parameters(model, "bert.encoder.") / 1e6
         row["checkpoint_mb"] = checkpoint_size_mb(model)
         row["flop_bound"] = flop_speedup_bound(teacher.config, model.config, args.seq_len)
 
-    print(f"[4/5] timing all models round-robin (batch 8, sequence {args.seq_len}, {torch.get_num_threads()} threads)",
-          flush=True)
-    latency = measure_latency(models, latency_inputs(tokenizer, dev, seq_len=args.seq_len), repeats=args.latency_repeats)
+    print(
+        f"[4/5] timing all models round-robin (batch 8, sequence {args.seq_len}, {torch.get_num_threads()} threads)",
+        flush=True,
+    )
+    speed = measure_speedups(models, tokenizer, dev, seq_len=args.seq_len, repeats=args.latency_repeats)
     for row in rows:
-        row["latency_ms"] = 1000 * latency[row["name"]]
-        row["speedup"] = latency["dense"] / latency[row["name"]]
+        row.update(speed[row["name"]])
         row["delta"] = row["metric"] - rows[0]["metric"]
 
     print(f"[5/5] saving DRONE rank {args.ranks[len(args.ranks) // 2]} to {args.output} and reloading it", flush=True)
@@ -100,16 +104,22 @@ def main():
     reloaded, loading_info = AutoModelForSequenceClassification.from_pretrained(args.output, output_loading_info=True)
     before, _ = predict(models[saved_name], dev, tokenizer)
     after, _ = predict(reloaded, dev, tokenizer)
-    reload_ok = bool(np.array_equal(before, after)) and not any(loading_info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    reload_ok = bool(np.array_equal(before, after)) and not any(
+        loading_info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    )
     if not reload_ok:
         raise SystemExit(f"Reloaded model differs from the saved one: {loading_info}")
 
-    metric_name = f"{info.main_metric} on {dev_split} ({len(dev)} examples)"
-    print(f"\nMiniLM-L6 (all-MiniLM-L6-v2) fine-tuned on {info.name}, {metric_name}; speed-up = dense latency / model "
-          f"latency, batch 8 x {args.seq_len} tokens, CPU, one run:\n")
+    metric_name = metric_description(info, dev)
+    print(
+        f"\nMiniLM-L6 (all-MiniLM-L6-v2) fine-tuned on {info.name}, {metric_name}; speed-up = dense latency / model "
+        f"latency, batch 8 x {args.seq_len} tokens, CPU, one run:\n"
+    )
     table = print_table(rows, COLUMNS)
-    print(f"\nReload check: {type(reloaded).__name__} from {args.output}: identical logits on all {len(dev)} dev "
-          f"examples, no missing/unexpected keys. Total time {time.perf_counter() - started:.0f} s.")
+    print(
+        f"\nReload check: {type(reloaded).__name__} from {args.output}: identical logits on all {len(dev)} dev "
+        f"examples, no missing/unexpected keys. Total time {time.perf_counter() - started:.0f} s."
+    )
     path = write_json(
         "demo",
         {

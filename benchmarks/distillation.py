@@ -8,29 +8,32 @@ batch 8 x 128 tokens). Writes benchmarks/results/distillation_<task>.json.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import sys
-import tempfile
 import time
 
 import torch
 from common import (
+    add_distillation_arguments,
+    add_teacher_arguments,
+    add_threads_argument,
     calibration_batches,
-    finetune,
-    glue_data_dir,
-    latency_inputs,
+    command_line,
+    dev_metric,
+    load_teacher,
     machine_description,
+    measure_speedups,
+    metric_description,
     print_table,
+    run_distillation,
+    script_parser,
+    set_threads,
     write_json,
 )
-from transformers import TrainingArguments
 
 import drone_hf
-from drone_hf import DroneDistillationArguments, distill
-from drone_hf.evaluation import evaluate_glue
-from drone_hf.glue import get_glue_task, load_glue
-from drone_hf.profiling import count_parameters, flop_speedup_bound, measure_latency
+from drone_hf import DroneDistillationArguments
+from drone_hf.glue import get_glue_task
+from drone_hf.profiling import count_parameters, flop_speedup_bound
 
 
 COLUMNS = [
@@ -45,18 +48,14 @@ COLUMNS = [
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="sst2")
-    parser.add_argument("--teacher-steps", type=int, default=300, help="fine-tuning steps of the cached teacher")
-    parser.add_argument("--max-length", type=int, default=64, help="tokens per example (teacher and distillation)")
+    parser = script_parser(__doc__)
+    add_teacher_arguments(parser)
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--rank", type=int, help="one rank for every encoder linear")
     budget.add_argument("--target-speedup", type=float, help="multiply-add reduction target (closed-form allocation)")
     parser.add_argument("--attention-rank", type=int, help="with --rank: per-head query/key rank (DRONE attention)")
     parser.add_argument("--calibration-samples", type=int, default=512)
-    parser.add_argument("--distill-steps", type=int, default=300)
-    parser.add_argument("--distill-batch-size", type=int, default=32)
-    parser.add_argument("--distill-lr", type=float, default=1e-4)
+    add_distillation_arguments(parser, steps=300)
     parser.add_argument("--alpha-hidden", type=float, default=1.0)
     parser.add_argument("--alpha-kl", type=float, default=1.0)
     parser.add_argument("--alpha-task", type=float, default=0.0)
@@ -65,44 +64,41 @@ def parse_args():
     parser.add_argument("--skip-svd", action="store_true", help="DRONE rows only")
     parser.add_argument("--group-by-length", action="store_true", help="distillation batches of similar lengths")
     parser.add_argument("--output-name", help="results file name (default: distillation_<task>)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads for everything (default: torch's)")
+    add_threads_argument(parser)
     return parser.parse_args()
 
 
 def _distill(student, teacher, train, tokenizer, args):
     settings = DroneDistillationArguments(
-        alpha_hidden=args.alpha_hidden, alpha_kl=args.alpha_kl, alpha_task=args.alpha_task,
-        temperature=args.temperature, max_steps=args.distill_steps, learning_rate=args.distill_lr,
-        per_device_train_batch_size=args.distill_batch_size, logging_steps=max(1, args.distill_steps // 5),
+        alpha_hidden=args.alpha_hidden,
+        alpha_kl=args.alpha_kl,
+        alpha_task=args.alpha_task,
+        temperature=args.temperature,
+        max_steps=args.distill_steps,
+        learning_rate=args.distill_lr,
+        per_device_train_batch_size=args.distill_batch_size,
+        logging_steps=max(1, args.distill_steps // 5),
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        base = TrainingArguments(
-            output_dir=tmp, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-            train_sampling_strategy="group_by_length" if args.group_by_length else "random",
-        )
-        start = time.perf_counter()
-        distill(student, teacher, train, settings, training_args=base, processing_class=tokenizer)
-    return time.perf_counter() - start
+    return run_distillation(student, teacher, train, tokenizer, settings, group_by_length=args.group_by_length)
 
 
 def main():
     args = parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     info = get_glue_task(args.task)
     started = time.perf_counter()
-    print(f"[1/5] teacher: MiniLM fine-tuned on {info.name} ({args.teacher_steps} steps, cached)", flush=True)
-    teacher, tokenizer, teacher_path, _ = finetune(info.name, steps=args.teacher_steps, max_length=args.max_length)
-    teacher.eval()
-    data_dir = glue_data_dir(info.name)
-    dev = load_glue(info.name, tokenizer, split=info.dev_splits[0], data_dir=data_dir, max_length=args.max_length)
-    train = load_glue(info.name, tokenizer, split="train", data_dir=data_dir, max_length=args.max_length)
+    teacher, tokenizer, teacher_path, dev, train = load_teacher(
+        info, steps=args.teacher_steps, max_length=args.max_length, stages=5
+    )
 
     print(f"[2/5] calibrating on {args.calibration_samples} training rows and compressing", flush=True)
     batches = calibration_batches(info.name, tokenizer, num_samples=args.calibration_samples)
     stats = drone_hf.collect_activation_stats(teacher, batches)
-    budget = ({"rank": args.rank, "attention_rank": args.attention_rank} if args.rank is not None
-              else {"target_speedup": args.target_speedup})
+    budget = (
+        {"rank": args.rank, "attention_rank": args.attention_rank}
+        if args.rank is not None
+        else {"target_speedup": args.target_speedup}
+    )
     drone = drone_hf.compress_model(teacher, stats, **budget)
     ranks = {**(drone.config.drone_ranks or {}), **(drone.config.drone_attention_ranks or {})}
     models = {"dense": teacher, "DRONE": drone}
@@ -112,42 +108,59 @@ def main():
     print(f"[3/5] evaluating, then distilling each compressed model for {args.distill_steps} steps", flush=True)
     rows = {name: {"name": name} for name in models}
     for name, model in list(models.items()):
-        rows[name]["metric"] = 100 * evaluate_glue(model, dev, tokenizer, info.name)[info.main_metric]
+        rows[name]["metric"] = dev_metric(model, dev, tokenizer, info)
         if name == "dense":
             continue
         student = copy.deepcopy(model)
         seconds = _distill(student, teacher, train, tokenizer, args)
         distilled = f"{name} + distillation"
         models[distilled] = student
-        rows[distilled] = {"name": distilled, "distill_minutes": seconds / 60, "distill_steps": args.distill_steps,
-                           "metric": 100 * evaluate_glue(student, dev, tokenizer, info.name)[info.main_metric]}
+        rows[distilled] = {
+            "name": distilled,
+            "distill_minutes": seconds / 60,
+            "distill_steps": args.distill_steps,
+            "metric": dev_metric(student, dev, tokenizer, info),
+        }
         print(f"      {distilled}: {rows[distilled]['metric']:.2f} after {seconds / 60:.1f} min", flush=True)
 
     print(f"[4/5] timing round-robin (batch 8 x 128 tokens, {torch.get_num_threads()} threads)", flush=True)
-    latency = measure_latency(models, latency_inputs(tokenizer, dev, seq_len=128), repeats=args.latency_repeats)
+    speed = measure_speedups(models, tokenizer, dev, seq_len=128, repeats=args.latency_repeats)
     ordered = [rows[name] for name in models]
     for row in ordered:
         model = models[row["name"]]
         row.update(
-            latency_ms=1000 * latency[row["name"]], speedup=latency["dense"] / latency[row["name"]],
+            **speed[row["name"]],
             flop_bound=flop_speedup_bound(teacher.config, model.config, 128),
             encoder_params_m=count_parameters(model, "bert.encoder.") / 1e6,
             delta=row["metric"] - rows["dense"]["metric"],
         )
 
     print("[5/5] results\n", flush=True)
-    metric = f"{info.main_metric} on {info.dev_splits[0]} ({len(dev)} examples)"
+    metric = metric_description(info, dev)
     budget_text = ", ".join(f"{k}={v}" for k, v in budget.items() if v is not None)
-    print(f"MiniLM-L6 fine-tuned on {info.name}, {metric}; compression: {budget_text} ({len(ranks)} modules); "
-          f"distillation: {args.distill_steps} steps, batch {args.distill_batch_size}, lr {args.distill_lr:g}, "
-          f"alpha hidden/kl/task = {args.alpha_hidden}/{args.alpha_kl}/{args.alpha_task}, T={args.temperature}\n")
+    print(
+        f"MiniLM-L6 fine-tuned on {info.name}, {metric}; compression: {budget_text} ({len(ranks)} modules); "
+        f"distillation: {args.distill_steps} steps, batch {args.distill_batch_size}, lr {args.distill_lr:g}, "
+        f"alpha hidden/kl/task = {args.alpha_hidden}/{args.alpha_kl}/{args.alpha_task}, T={args.temperature}\n"
+    )
     table = print_table(ordered, COLUMNS)
     print(f"\nTotal time {(time.perf_counter() - started) / 60:.1f} min.")
-    path = write_json(args.output_name or f"distillation_{info.name}", {
-        "command": " ".join(["python", *sys.argv]), "task": info.name, "metric": metric, "teacher": str(teacher_path),
-        "budget": budget, "ranks": ranks, "arguments": vars(args), "machine": machine_description(), "rows": ordered,
-        "table": table, "total_seconds": time.perf_counter() - started,
-    })
+    path = write_json(
+        args.output_name or f"distillation_{info.name}",
+        {
+            "command": command_line(),
+            "task": info.name,
+            "metric": metric,
+            "teacher": str(teacher_path),
+            "budget": budget,
+            "ranks": ranks,
+            "arguments": vars(args),
+            "machine": machine_description(),
+            "rows": ordered,
+            "table": table,
+            "total_seconds": time.perf_counter() - started,
+        },
+    )
     print(f"Wrote {path}")
 
 

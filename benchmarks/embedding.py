@@ -10,32 +10,36 @@ Writes benchmarks/results/embedding_<task>.json.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import re
-import sys
-import tempfile
 import time
 
 import torch
 from common import (
     CACHE,
+    add_distillation_arguments,
+    add_teacher_arguments,
+    add_threads_argument,
     calibration_batches,
-    finetune,
-    glue_data_dir,
-    latency_inputs,
+    command_line,
+    dev_metric,
+    load_teacher,
     machine_description,
+    measure_speedups,
+    metric_description,
     print_table,
+    run_distillation,
+    script_parser,
+    set_threads,
     write_json,
 )
-from transformers import AutoModelForSequenceClassification, TrainingArguments
+from transformers import AutoModelForSequenceClassification
 
 import drone_hf
-from drone_hf import DroneDistillationArguments, distill, token_frequencies
-from drone_hf.evaluation import evaluate_glue
-from drone_hf.glue import get_glue_task, load_glue
-from drone_hf.profiling import checkpoint_size_mb, count_parameters, measure_latency
+from drone_hf import DroneDistillationArguments, token_frequencies
+from drone_hf.glue import get_glue_task
+from drone_hf.profiling import checkpoint_size_mb, count_parameters
 
 
 EMB = "bert.embeddings.word_embeddings"
@@ -68,25 +72,30 @@ MODEL_COLUMNS = [
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="sst2")
-    parser.add_argument("--teacher-steps", type=int, default=300, help="fine-tuning steps of the cached teacher")
-    parser.add_argument("--max-length", type=int, default=64, help="tokens per example (teacher and distillation)")
+    parser = script_parser(__doc__)
+    add_teacher_arguments(parser)
     parser.add_argument("--ratio", type=float, default=0.6, help="embedding parameters kept (0.6 = -40%%)")
     parser.add_argument("--k-grid", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--n-init", type=int, default=2)
     parser.add_argument("--max-iter", type=int, default=12)
     parser.add_argument("--rank", type=int, default=128, help="DRONE rank of every encoder linear (combined rows)")
     parser.add_argument("--calibration-samples", type=int, default=512)
-    parser.add_argument("--weightings", nargs="*", default=["log", "sqrt"], choices=list(WEIGHTINGS),
-                        help="token-frequency row weights to try: 1+log1p(f), 1+sqrt(f), 1+f")
-    parser.add_argument("--combined-weighting", default="sqrt", choices=list(WEIGHTINGS),
-                        help="the weighted embedding also shown on top of DRONE (needs it in --weightings)")
-    parser.add_argument("--distill-steps", type=int, default=100, help="0 skips the short distillation")
-    parser.add_argument("--distill-batch-size", type=int, default=32)
-    parser.add_argument("--distill-lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--weightings",
+        nargs="*",
+        default=["log", "sqrt"],
+        choices=list(WEIGHTINGS),
+        help="token-frequency row weights to try: 1+log1p(f), 1+sqrt(f), 1+f",
+    )
+    parser.add_argument(
+        "--combined-weighting",
+        default="sqrt",
+        choices=list(WEIGHTINGS),
+        help="the weighted embedding also shown on top of DRONE (needs it in --weightings)",
+    )
+    add_distillation_arguments(parser, steps=100, steps_help="0 skips the short distillation")
     parser.add_argument("--latency-repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, help="torch intra-op threads for everything (default: torch's)")
+    add_threads_argument(parser)
     return parser.parse_args()
 
 
@@ -108,42 +117,36 @@ def _relative_errors(model, teacher, counts: torch.Tensor) -> tuple[float, float
 
 def _distill(student, teacher, train, tokenizer, args) -> float:
     settings = DroneDistillationArguments(
-        max_steps=args.distill_steps, learning_rate=args.distill_lr,
-        per_device_train_batch_size=args.distill_batch_size, logging_steps=max(1, args.distill_steps // 4),
+        max_steps=args.distill_steps,
+        learning_rate=args.distill_lr,
+        per_device_train_batch_size=args.distill_batch_size,
+        logging_steps=max(1, args.distill_steps // 4),
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        base = TrainingArguments(output_dir=tmp, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-                                 train_sampling_strategy="group_by_length")
-        start = time.perf_counter()
-        distill(student, teacher, train, settings, training_args=base, processing_class=tokenizer)
-    return time.perf_counter() - start
+    return run_distillation(student, teacher, train, tokenizer, settings, group_by_length=True)
 
 
 def main():
     args = parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     info = get_glue_task(args.task)
     started = time.perf_counter()
-    print(f"[1/6] teacher: MiniLM fine-tuned on {info.name} ({args.teacher_steps} steps, cached)", flush=True)
-    teacher, tokenizer, teacher_path, _ = finetune(info.name, steps=args.teacher_steps, max_length=args.max_length)
-    teacher.eval()
-    data_dir = glue_data_dir(info.name)
-    dev = load_glue(info.name, tokenizer, split=info.dev_splits[0], data_dir=data_dir, max_length=args.max_length)
-    train = load_glue(info.name, tokenizer, split="train", data_dir=data_dir, max_length=args.max_length)
+    teacher, tokenizer, teacher_path, dev, train = load_teacher(
+        info, steps=args.teacher_steps, max_length=args.max_length, stages=6
+    )
     vocab = teacher.config.vocab_size
     # Token frequencies of the whole training split (no padding in the un-collated rows).
     counts = token_frequencies([{"input_ids": torch.tensor([i for row in train["input_ids"] for i in row])}], vocab)
     print(f"      {int(counts.sum())} training tokens, {int((counts > 0).sum())} of {vocab} ids seen", flush=True)
 
     def evaluate(model) -> float:
-        return 100 * evaluate_glue(model, dev, tokenizer, info.name)[info.main_metric]
+        return dev_metric(model, dev, tokenizer, info)
 
     dense_metric = evaluate(teacher)
     options = {"k_grid": tuple(args.k_grid), "n_init": args.n_init, "max_iter": args.max_iter}
     # Clusterings and distilled metrics are cached, so an interrupted run (the machine is shared) resumes.
-    run_dir = CACHE / "embedding" / (
-        f"{teacher_path.name}-ratio{args.ratio:g}-k{'_'.join(map(str, args.k_grid))}-n{args.n_init}-i{args.max_iter}"
+    k_grid = "_".join(map(str, args.k_grid))
+    run_dir = (
+        CACHE / "embedding" / f"{teacher_path.name}-ratio{args.ratio:g}-k{k_grid}-n{args.n_init}-i{args.max_iter}"
     )
 
     def variant(name: str, build) -> tuple:
@@ -161,35 +164,64 @@ def main():
 
     print(f"[2/6] embedding at ratio {args.ratio}: SVD, projective clustering over k in {args.k_grid}", flush=True)
     variants, fit = {}, {}
-    variants["SVD (k=1)"], fit["SVD (k=1)"] = variant("SVD (k=1)", lambda: drone_hf.compress_model(
-        teacher, None, method="svd", embedding=args.ratio, embedding_options={**options, "k_grid": (1,)}
-    ))
-    variants["projective"], fit["projective"] = variant("projective", lambda: drone_hf.compress_model(
-        teacher, None, method="svd", embedding=args.ratio, embedding_options=options
-    ))
+    variants["SVD (k=1)"], fit["SVD (k=1)"] = variant(
+        "SVD (k=1)",
+        lambda: drone_hf.compress_model(
+            teacher, None, method="svd", embedding=args.ratio, embedding_options={**options, "k_grid": (1,)}
+        ),
+    )
+    variants["projective"], fit["projective"] = variant(
+        "projective",
+        lambda: drone_hf.compress_model(teacher, None, method="svd", embedding=args.ratio, embedding_options=options),
+    )
     best = variants["projective"].config.drone_embedding
     for kind in args.weightings:
         name = f"projective, weights {WEIGHTINGS[kind][0]}"
-        variants[name], fit[name] = variant(name, lambda kind=kind: drone_hf.compress_model(
-            teacher, None, method="svd", embedding=(best["k"], best["j"]),
-            embedding_options={**options, "weights": _weights(counts, kind)},
-        ))
+        variants[name], fit[name] = variant(
+            name,
+            lambda kind=kind: drone_hf.compress_model(
+                teacher,
+                None,
+                method="svd",
+                embedding=(best["k"], best["j"]),
+                embedding_options={**options, "weights": _weights(counts, kind)},
+            ),
+        )
 
     print("[3/6] evaluating the embedding-only models", flush=True)
-    emb_rows = [{"name": "dense", "kj": "–", "emb_params_m": vocab * teacher.config.hidden_size / 1e6,
-                 "rel_cost": 0.0, "freq_rel_cost": 0.0, "metric": dense_metric, "delta": 0.0}]
+    emb_rows = [
+        {
+            "name": "dense",
+            "kj": "–",
+            "emb_params_m": vocab * teacher.config.hidden_size / 1e6,
+            "rel_cost": 0.0,
+            "freq_rel_cost": 0.0,
+            "metric": dense_metric,
+            "delta": 0.0,
+        }
+    ]
     for name, model in variants.items():
         spec, report = model.config.drone_embedding, model.config.drone_calibration["embedding"]
         rel, freq_rel = _relative_errors(model, teacher, counts)
-        row = {"name": name, "kj": f"({spec['k']}, {spec['j']})", "emb_params_m": report["parameters"] / 1e6,
-               "rel_cost": rel, "freq_rel_cost": freq_rel, "metric": evaluate(model), "fit_s": fit[name],
-               "report": report}
+        row = {
+            "name": name,
+            "kj": f"({spec['k']}, {spec['j']})",
+            "emb_params_m": report["parameters"] / 1e6,
+            "rel_cost": rel,
+            "freq_rel_cost": freq_rel,
+            "metric": evaluate(model),
+            "fit_s": fit[name],
+            "report": report,
+        }
         row["delta"] = row["metric"] - dense_metric
         emb_rows.append(row)
         print(f"      {name} {row['kj']}: {row['metric']:.2f} ({row['delta']:+.2f}), error {rel:.2f}%", flush=True)
 
-    print(f"[4/6] DRONE rank {args.rank} on the encoder (+ each embedding), calibrated on "
-          f"{args.calibration_samples} rows", flush=True)
+    print(
+        f"[4/6] DRONE rank {args.rank} on the encoder (+ each embedding), calibrated on "
+        f"{args.calibration_samples} rows",
+        flush=True,
+    )
     stats = drone_hf.collect_activation_stats(
         teacher, calibration_batches(info.name, tokenizer, num_samples=args.calibration_samples)
     )
@@ -206,8 +238,9 @@ def main():
         models[f"DRONE r{args.rank} + {weighted} emb"] = drone_hf.compress_model(
             variants[weighted], stats, rank=args.rank
         )
-    model_rows = {name: {"name": name, "metric": evaluate(m) if name != "dense" else dense_metric}
-                  for name, m in models.items()}
+    model_rows = {
+        name: {"name": name, "metric": evaluate(m) if name != "dense" else dense_metric} for name, m in models.items()
+    }
 
     if args.distill_steps:
         print(f"[5/6] distilling each compressed model for {args.distill_steps} steps", flush=True)
@@ -228,38 +261,56 @@ def main():
     print(f"[6/6] size and CPU timing (batch 8 x 128 tokens, {torch.get_num_threads()} threads)", flush=True)
     timed = {**models, "projective emb only": variants["projective"]}
     projective = next(r for r in emb_rows if r["name"] == "projective")
-    model_rows["projective emb only"] = {"name": "projective emb only", "metric": projective["metric"],
-                                         "metric_ft": projective.get("metric_ft")}
-    latency = measure_latency(timed, latency_inputs(tokenizer, dev, seq_len=128), repeats=args.latency_repeats)
+    model_rows["projective emb only"] = {
+        "name": "projective emb only",
+        "metric": projective["metric"],
+        "metric_ft": projective.get("metric_ft"),
+    }
+    speed = measure_speedups(timed, tokenizer, dev, seq_len=128, repeats=args.latency_repeats)
     for name, model in timed.items():
         row = model_rows[name]
         row.update(
-            params_m=count_parameters(model) / 1e6, emb_params_m=count_parameters(model, EMB) / 1e6,
-            encoder_params_m=count_parameters(model, "bert.encoder.") / 1e6, checkpoint_mb=checkpoint_size_mb(model),
-            latency_ms=1000 * latency[name], speedup=latency["dense"] / latency[name],
+            params_m=count_parameters(model) / 1e6,
+            emb_params_m=count_parameters(model, EMB) / 1e6,
+            encoder_params_m=count_parameters(model, "bert.encoder.") / 1e6,
+            checkpoint_mb=checkpoint_size_mb(model),
+            **speed[name],
             delta=row["metric"] - dense_metric,
         )
         if row.get("metric_ft") is not None:
             row["delta_ft"] = row["metric_ft"] - dense_metric
 
-    metric = f"{info.main_metric} on {info.dev_splits[0]} ({len(dev)} examples)"
-    print(f"\nMiniLM-L6 fine-tuned on {info.name}, {metric}. Embedding budget {args.ratio:g} of "
-          f"{vocab}x{teacher.config.hidden_size}; k grid {args.k_grid}, n_init {args.n_init}, "
-          f"max_iter {args.max_iter}; distillation {args.distill_steps} steps (batch {args.distill_batch_size}, "
-          f"lr {args.distill_lr:g}, hidden MSE + KL). Error columns: relative squared reconstruction error of the "
-          "embedding rows, plain and weighted by training-token frequency.\n")
+    metric = metric_description(info, dev)
+    print(
+        f"\nMiniLM-L6 fine-tuned on {info.name}, {metric}. Embedding budget {args.ratio:g} of "
+        f"{vocab}x{teacher.config.hidden_size}; k grid {args.k_grid}, n_init {args.n_init}, "
+        f"max_iter {args.max_iter}; distillation {args.distill_steps} steps (batch {args.distill_batch_size}, "
+        f"lr {args.distill_lr:g}, hidden MSE + KL). Error columns: relative squared reconstruction error of the "
+        "embedding rows, plain and weighted by training-token frequency.\n"
+    )
     emb_table = print_table(emb_rows, EMBEDDING_COLUMNS)
     print()
     ordered = [model_rows[name] for name in timed]
     model_table = print_table(ordered, MODEL_COLUMNS)
     total = time.perf_counter() - started
     print(f"\nTotal time {total / 60:.1f} min.")
-    path = write_json(f"embedding_{info.name}", {
-        "command": " ".join(["python", *sys.argv]), "task": info.name, "metric": metric, "teacher": str(teacher_path),
-        "arguments": vars(args), "machine": machine_description(), "token_frequencies": "whole training split",
-        "embedding_rows": emb_rows, "model_rows": ordered,
-        "embedding_table": emb_table, "model_table": model_table, "total_seconds": total,
-    })
+    path = write_json(
+        f"embedding_{info.name}",
+        {
+            "command": command_line(),
+            "task": info.name,
+            "metric": metric,
+            "teacher": str(teacher_path),
+            "arguments": vars(args),
+            "machine": machine_description(),
+            "token_frequencies": "whole training split",
+            "embedding_rows": emb_rows,
+            "model_rows": ordered,
+            "embedding_table": emb_table,
+            "model_table": model_table,
+            "total_seconds": total,
+        },
+    )
     print(f"Wrote {path}")
 
 

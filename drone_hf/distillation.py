@@ -3,6 +3,8 @@
 The loss lives in `DroneDistillationTrainer.compute_loss` (a callback cannot change the loss); [`distill`] is the one
 function the callback, scripts and notebooks call. Training runs on `Trainer`, hence on accelerate: `accelerate
 launch`/`torchrun` give data-parallel distillation with no extra code.
+
+The loss terms themselves (pure tensor math) are in `distillation_losses.py`, and re-exported here.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging
 
 from .arguments import DroneDistillationArguments
+from .distillation_losses import distillation_loss, hidden_state_mse
 
 
 if TYPE_CHECKING:
@@ -30,119 +32,17 @@ if TYPE_CHECKING:
 logger = logging.get_logger(__name__)
 
 # A copied base TrainingArguments must not evaluate, checkpoint, push or resume: distillation is one inner stage.
-_INNER_STAGE = {"save_strategy": "no", "eval_strategy": "no", "load_best_model_at_end": False,
-                "metric_for_best_model": None, "push_to_hub": False, "do_eval": False, "do_predict": False,
-                "resume_from_checkpoint": None, "gradient_accumulation_steps": 1}
-
-
-def hidden_state_mse(
-    student_hidden_states: Sequence[torch.Tensor],
-    teacher_hidden_states: Sequence[torch.Tensor],
-    *,
-    attention_mask: torch.Tensor | None = None,
-    hidden_layers: str | Sequence[int] = "all",
-) -> torch.Tensor:
-    r"""
-    Mean over the selected layers of the MSE between teacher and student hidden states, over non-padding tokens.
-
-    Args:
-        student_hidden_states (`Sequence[Tensor]`): `output_hidden_states` of the student, each `batch x seq x hidden`
-            (index 0 is the embeddings' output).
-        teacher_hidden_states (`Sequence[Tensor]`): The teacher's, same shapes.
-        attention_mask (`Tensor`, *optional*): `batch x seq`, 1 for real tokens; padding positions are left out.
-        hidden_layers (`str` or `Sequence[int]`, *optional*, defaults to `"all"`): Indices to match, or `"all"`.
-
-    Returns:
-        `torch.Tensor`: a scalar (float32).
-    """
-    if len(student_hidden_states) != len(teacher_hidden_states):
-        raise ValueError(
-            f"Student and teacher return {len(student_hidden_states)} and {len(teacher_hidden_states)} hidden states; "
-            "hidden-state distillation needs the same number of layers."
-        )
-    indices = range(len(teacher_hidden_states)) if hidden_layers == "all" else list(hidden_layers)
-    mask = None if attention_mask is None else attention_mask.to(torch.float32).unsqueeze(-1)
-    losses = []
-    for index in indices:
-        student, teacher = student_hidden_states[index].float(), teacher_hidden_states[index].float()
-        if student.shape != teacher.shape:
-            raise ValueError(f"Hidden state {index}: shape {tuple(student.shape)} (student), {tuple(teacher.shape)}.")
-        if mask is None:
-            losses.append(F.mse_loss(student, teacher))
-        else:
-            squared = (student - teacher).pow(2) * mask
-            losses.append(squared.sum() / (mask.sum() * student.shape[-1]).clamp_min(1.0))
-    return torch.stack(losses).mean()
-
-
-def distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    *,
-    student_hidden_states: Sequence[torch.Tensor] | None = None,
-    teacher_hidden_states: Sequence[torch.Tensor] | None = None,
-    attention_mask: torch.Tensor | None = None,
-    task_loss: torch.Tensor | None = None,
-    alpha_hidden: float = 1.0,
-    alpha_kl: float = 1.0,
-    alpha_task: float = 0.0,
-    temperature: float = 2.0,
-    hidden_layers: str | Sequence[int] = "all",
-    regression: bool = False,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    r"""
-    The feature-distillation loss `alpha_hidden * hidden MSE + alpha_kl * T^2 * KL(softmax(t/T) || softmax(s/T)) +
-    alpha_task * task_loss`; for regression the KL term is `MSE(student logits, teacher logits)` (no temperature).
-    Terms with weight 0 are not computed.
-
-    Args:
-        student_logits (`Tensor`), teacher_logits (`Tensor`): `batch x num_labels`.
-        student_hidden_states, teacher_hidden_states (`Sequence[Tensor]`, *optional*): Needed when `alpha_hidden > 0`.
-        attention_mask (`Tensor`, *optional*): Excludes padding from the hidden-state MSE.
-        task_loss (`Tensor`, *optional*): The student's own loss on the labels; needed when `alpha_task > 0`.
-        alpha_hidden, alpha_kl, alpha_task (`float`): Weights. temperature (`float`): `T`.
-        hidden_layers (`str` or `Sequence[int]`, *optional*, defaults to `"all"`): See [`hidden_state_mse`].
-        regression (`bool`, *optional*, defaults to `False`): A one-output regression head.
-
-    Returns:
-        `tuple[Tensor, dict[str, Tensor]]`: the total and its unweighted parts (`hidden`, `kl`, `task`).
-
-    Example:
-
-    ```py
-    >>> import torch
-    >>> loss, parts = distillation_loss(torch.zeros(2, 3), torch.zeros(2, 3), alpha_hidden=0.0)
-    >>> float(loss)
-    0.0
-    ```
-    """
-    parts: dict[str, torch.Tensor] = {}
-    total = student_logits.new_zeros((), dtype=torch.float32)
-    if alpha_hidden > 0:
-        if student_hidden_states is None or teacher_hidden_states is None:
-            raise ValueError("`alpha_hidden` > 0 needs the hidden states of both models (output_hidden_states=True).")
-        parts["hidden"] = hidden_state_mse(
-            student_hidden_states, teacher_hidden_states, attention_mask=attention_mask, hidden_layers=hidden_layers
-        )
-        total = total + alpha_hidden * parts["hidden"]
-    if alpha_kl > 0:
-        student, teacher = student_logits.float(), teacher_logits.float()
-        if regression:
-            parts["kl"] = F.mse_loss(student, teacher)
-        else:
-            parts["kl"] = temperature**2 * F.kl_div(
-                F.log_softmax(student / temperature, dim=-1),
-                F.log_softmax(teacher / temperature, dim=-1),
-                log_target=True,
-                reduction="batchmean",
-            )
-        total = total + alpha_kl * parts["kl"]
-    if alpha_task > 0:
-        if task_loss is None:
-            raise ValueError("`alpha_task` > 0 needs the task loss: the batches must have `labels`.")
-        parts["task"] = task_loss.float()
-        total = total + alpha_task * parts["task"]
-    return total, parts
+_INNER_STAGE = {
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "load_best_model_at_end": False,
+    "metric_for_best_model": None,
+    "push_to_hub": False,
+    "do_eval": False,
+    "do_predict": False,
+    "resume_from_checkpoint": None,
+    "gradient_accumulation_steps": 1,
+}
 
 
 def check_distillation_compatibility(
@@ -250,8 +150,11 @@ class DroneDistillationTrainer(Trainer):
         if not isinstance(settings, DroneDistillationArguments):
             raise TypeError(f"`distillation_args` must be DroneDistillationArguments, got {type(settings).__name__}.")
         check_distillation_compatibility(
-            model, teacher_model, hidden_layers=settings.hidden_layers if settings.alpha_hidden > 0 else None,
-            student_tokenizer=kwargs.get("processing_class"), teacher_tokenizer=teacher_processing_class,
+            model,
+            teacher_model,
+            hidden_layers=settings.hidden_layers if settings.alpha_hidden > 0 else None,
+            student_tokenizer=kwargs.get("processing_class"),
+            teacher_tokenizer=teacher_processing_class,
         )
         super().__init__(model=model, args=args, **kwargs)
         self.distillation_args = settings
@@ -284,9 +187,13 @@ class DroneDistillationTrainer(Trainer):
         with torch.no_grad():
             teacher_outputs = self.teacher_model(**inputs, output_hidden_states=need_hidden)
         loss, parts = distillation_loss(
-            outputs.logits, teacher_outputs.logits, student_hidden_states=outputs.hidden_states,
-            teacher_hidden_states=teacher_outputs.hidden_states, attention_mask=inputs.get("attention_mask"),
-            task_loss=outputs.loss if settings.alpha_task > 0 else None, regression=self._regression,
+            outputs.logits,
+            teacher_outputs.logits,
+            student_hidden_states=outputs.hidden_states,
+            teacher_hidden_states=teacher_outputs.hidden_states,
+            attention_mask=inputs.get("attention_mask"),
+            task_loss=outputs.loss if settings.alpha_task > 0 else None,
+            regression=self._regression,
             **settings.loss_kwargs(),
         )
         if model.training:
@@ -321,9 +228,7 @@ def _training_arguments(args, training_args: TrainingArguments | None):
             raise ValueError("Pass `training_args` only with DroneDistillationArguments; `args` already is one.")
         copied = dataclasses.replace(args, output_dir=os.path.join(args.output_dir, "distillation"))
         return DroneDistillationArguments(), copied
-    raise TypeError(
-        f"`args` must be a DroneDistillationArguments or a TrainingArguments, got {type(args).__name__}."
-    )
+    raise TypeError(f"`args` must be a DroneDistillationArguments or a TrainingArguments, got {type(args).__name__}.")
 
 
 def distill(
@@ -388,9 +293,15 @@ def distill(
     was_training = teacher.training
     try:
         trainer = DroneDistillationTrainer(
-            model=student, args=training, teacher_model=teacher, distillation_args=settings,
-            teacher_processing_class=teacher_processing_class, train_dataset=train_dataset,
-            data_collator=data_collator, processing_class=processing_class, callbacks=callbacks,
+            model=student,
+            args=training,
+            teacher_model=teacher,
+            distillation_args=settings,
+            teacher_processing_class=teacher_processing_class,
+            train_dataset=train_dataset,
+            data_collator=data_collator,
+            processing_class=processing_class,
+            callbacks=callbacks,
         )
         result = trainer.train()
         logger.info(f"Distilled for {result.global_step} steps (final training loss {result.training_loss:.4f}).")

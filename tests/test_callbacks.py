@@ -25,23 +25,28 @@ from drone_hf import (
 )
 from drone_hf.callbacks import _take_rows
 
-from .test_distillation import tiny_dataset, tiny_tokenizer
-from .testing_utils import tiny_batches, tiny_teacher
+from .testing_utils import tiny_batches, tiny_dataset, tiny_teacher, tiny_tokenizer, torch_threads
 
 
 REPO = Path(__file__).resolve().parents[1]
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def _trainer(tmp_path, callbacks, *, model=None, train=None, eval_dataset=None, **overrides) -> Trainer:
-    settings = {"output_dir": str(tmp_path / "run"), "max_steps": 2, "use_cpu": True, "report_to": "none",
-                "save_strategy": "no", "per_device_train_batch_size": 4, "disable_tqdm": True}
+    settings = {
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 2,
+        "use_cpu": True,
+        "report_to": "none",
+        "save_strategy": "no",
+        "per_device_train_batch_size": 4,
+        "disable_tqdm": True,
+    }
     return Trainer(
         model=model if model is not None else tiny_teacher(),
         args=TrainingArguments(**{**settings, **overrides}),
@@ -91,7 +96,8 @@ def test_callback_compresses_distils_evaluates_and_saves(tmp_path):
     drone = DroneCompressionCallback(
         DroneCompressionArguments(rank=4, num_calibration_samples=16),
         distillation_args=DroneDistillationArguments(max_steps=2, per_device_train_batch_size=4),
-        train_dataset=train, eval_dataset=dev,
+        train_dataset=train,
+        eval_dataset=dev,
     )
     snapshot, events = Snapshot(), Events(drone)
     trainer = _trainer(tmp_path, [snapshot, drone, events], train=train)
@@ -112,8 +118,10 @@ def test_callback_compresses_distils_evaluates_and_saves(tmp_path):
 
     assert set(drone.metrics) == {"dense", "compressed", "compressed+distilled"}
     labels = np.array(dev["labels"])
-    dense = [int(_logits(trainer.model, {"input_ids": torch.tensor([r]), "attention_mask": torch.ones(1, len(r))})
-                 .argmax()) for r in dev["input_ids"]]
+    dense = [
+        int(_logits(trainer.model, {"input_ids": torch.tensor([r]), "attention_mask": torch.ones(1, len(r))}).argmax())
+        for r in dev["input_ids"]
+    ]
     assert drone.metrics["dense"]["accuracy"] == pytest.approx(float((np.array(dense) == labels).mean()))
     card = ModelCard.load(path / "README.md")
     assert "drone_hf" in card.data.tags
@@ -150,8 +158,11 @@ def test_callback_calibrates_on_the_chosen_training_rows(tmp_path):
 
 def test_callback_calibrates_on_a_given_dataloader_or_the_trainer_dataloader(tmp_path):
     loader = tiny_batches(num_rows=13, batch_size=4)
-    drone = DroneCompressionCallback(DroneCompressionArguments(rank=4, num_calibration_samples=6),
-                                     calibration_dataloader=loader, output_dir=tmp_path / "given")
+    drone = DroneCompressionCallback(
+        DroneCompressionArguments(rank=4, num_calibration_samples=6),
+        calibration_dataloader=loader,
+        output_dir=tmp_path / "given",
+    )
     trainer = _trainer(tmp_path, [drone])
     trainer.train()
     first_six = [loader[0], {k: v[:2] for k, v in loader[1].items()}]
@@ -189,12 +200,19 @@ def test_on_train_end_runs_after_the_best_model_is_loaded(tmp_path, monkeypatch)
         return load_best(self)
 
     monkeypatch.setattr(Trainer, "_load_best_model", recording_load_best)
-    drone = DroneCompressionCallback(DroneCompressionArguments(rank=4, num_calibration_samples=8),
-                                     measure_speed=False)
+    drone = DroneCompressionCallback(DroneCompressionArguments(rank=4, num_calibration_samples=8), measure_speed=False)
     recorder = Events(drone)
-    trainer = _trainer(tmp_path, [drone, recorder], eval_strategy="steps", eval_steps=1, save_strategy="steps",
-                       save_steps=1, load_best_model_at_end=True, metric_for_best_model="loss",
-                       eval_dataset=tiny_dataset(8))
+    trainer = _trainer(
+        tmp_path,
+        [drone, recorder],
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        eval_dataset=tiny_dataset(8),
+    )
     trainer.train()
     assert events == ["load_best"] and recorder.events[-1] == ("train_end", str(tmp_path / "run" / "drone"))
 
@@ -208,9 +226,12 @@ class NotWorldProcessZero(TrainerCallback):
 
 def test_nothing_is_written_when_not_world_process_zero(tmp_path):
     train = tiny_dataset(24)
-    drone = DroneCompressionCallback(DroneCompressionArguments(rank=4, num_calibration_samples=8),
-                                     train_dataset=train, eval_dataset=tiny_dataset(8, seed=2),
-                                     distillation_args=DroneDistillationArguments(max_steps=1))
+    drone = DroneCompressionCallback(
+        DroneCompressionArguments(rank=4, num_calibration_samples=8),
+        train_dataset=train,
+        eval_dataset=tiny_dataset(8, seed=2),
+        distillation_args=DroneDistillationArguments(max_steps=1),
+    )
     trainer = _trainer(tmp_path, [NotWorldProcessZero(), drone], train=train)
     trainer.train()
     assert not (tmp_path / "run" / "drone").exists() and not (tmp_path / "run" / "distillation").exists()
@@ -229,12 +250,18 @@ def _unlabelled_test_split():
         ({"rank": 4, "target_modules": ["ffn"]}, {}, r"Unknown target module `ffn`"),
         ({"param_ratio": 0.01}, {}, r"`param_ratio=0.01` cannot be met"),
         ({"target_speedup": 50.0}, {}, r"`target_speedup=50.0` cannot be met"),
-        ({"rank": 4}, {"distillation_args": DroneDistillationArguments()},
-         r"`distillation_args` is set but `train_dataset` is None"),
+        (
+            {"rank": 4},
+            {"distillation_args": DroneDistillationArguments()},
+            r"`distillation_args` is set but `train_dataset` is None",
+        ),
         ({"rank": 4}, {"eval_dataset": tiny_dataset(8).remove_columns("labels")}, r"`eval_dataset` has no `labels`"),
         ({"rank": 4}, {"eval_dataset": _unlabelled_test_split()}, r"without labels cannot be scored"),
-        ({"max_accuracy_drop": 1.0, "num_calibration_samples": 64}, {"train_dataset": tiny_dataset(24)},
-         r"`max_accuracy_drop` needs held-out training rows after the 64 calibration rows, but `train_dataset` has"),
+        (
+            {"max_accuracy_drop": 1.0, "num_calibration_samples": 64},
+            {"train_dataset": tiny_dataset(24)},
+            r"`max_accuracy_drop` needs held-out training rows after the 64 calibration rows, but `train_dataset` has",
+        ),
     ],
 )
 def test_bad_settings_fail_in_on_train_begin_before_any_step(tmp_path, settings, kwargs, match):
@@ -247,10 +274,14 @@ def test_bad_settings_fail_in_on_train_begin_before_any_step(tmp_path, settings,
 
 
 def test_a_model_that_is_not_a_bert_classifier_fails_in_on_train_begin(tmp_path):
-    config = RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                           intermediate_size=37, num_labels=3)
-    trainer = _trainer(tmp_path, [DroneCompressionCallback(DroneCompressionArguments(rank=4))],
-                       model=RobertaForSequenceClassification(config))
+    config = RobertaConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37, num_labels=3
+    )
+    trainer = _trainer(
+        tmp_path,
+        [DroneCompressionCallback(DroneCompressionArguments(rank=4))],
+        model=RobertaForSequenceClassification(config),
+    )
     with pytest.raises(ValueError, match=r"must be a BertForSequenceClassification.*RobertaForSequenceClassification"):
         trainer.train()
     assert trainer.state.global_step == 0
@@ -262,8 +293,9 @@ def test_constructor_rejects_unknown_task_and_wrong_types():
     with pytest.raises(TypeError, match=r"`compression_args` must be a DroneCompressionArguments, got dict"):
         DroneCompressionCallback({"rank": 4})
     with pytest.raises(ValueError, match=r"Pass the tokenizer once"):
-        DroneCompressionCallback(DroneCompressionArguments(rank=4), tokenizer=tiny_tokenizer(),
-                                 processing_class=tiny_tokenizer())
+        DroneCompressionCallback(
+            DroneCompressionArguments(rank=4), tokenizer=tiny_tokenizer(), processing_class=tiny_tokenizer()
+        )
     assert DroneCompressionCallback(DroneCompressionArguments(rank=4), task="SST-2").task == "sst2"
 
 
@@ -293,8 +325,10 @@ def _run_glue_module(monkeypatch):
         (["--task_name", "sst3", "--do_train"], r"Unknown GLUE task `sst3`"),
         (["--task_name", "sst2", "--do_train", "--do_distill"], r"`--do_distill` distils the compressed model"),
         (["--task_name", "sst2", "--drone_rank", "64"], r"Compression runs when training ends: pass `--do_train`"),
-        (["--task_name", "sst2", "--do_train", "--drone_rank", "64", "--drone_param_ratio", "0.5"],
-         r"Pass one budget"),
+        (
+            ["--task_name", "sst2", "--do_train", "--drone_rank", "64", "--drone_param_ratio", "0.5"],
+            r"Pass one budget",
+        ),
     ],
 )
 def test_run_glue_example_rejects_bad_options_before_loading_anything(tmp_path, monkeypatch, extra, match):
@@ -314,14 +348,48 @@ def test_run_glue_example_on_real_minilm_and_sst2(tmp_path, monkeypatch):
         pytest.skip(requires_shared_glue("SST-2").kwargs["reason"])
     run_glue = _run_glue_module(monkeypatch)
     output = tmp_path / "sst2"
-    results = run_glue.main([
-        "--model_name_or_path", str(minilm_path()), "--task_name", "sst2", "--data_dir", str(SHARED_GLUE),
-        "--do_train", "--do_eval", "--max_seq_length", "64", "--max_train_samples", "64", "--max_eval_samples", "64",
-        "--per_device_train_batch_size", "16", "--learning_rate", "1e-4", "--max_steps", "4", "--use_cpu",
-        "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--output_dir", str(output),
-        "--drone_rank", "64", "--drone_num_calibration_samples", "32",
-        "--do_distill", "--distill_max_steps", "2", "--distill_per_device_train_batch_size", "16",
-    ])
+    results = run_glue.main(
+        [
+            "--model_name_or_path",
+            str(minilm_path()),
+            "--task_name",
+            "sst2",
+            "--data_dir",
+            str(SHARED_GLUE),
+            "--do_train",
+            "--do_eval",
+            "--max_seq_length",
+            "64",
+            "--max_train_samples",
+            "64",
+            "--max_eval_samples",
+            "64",
+            "--per_device_train_batch_size",
+            "16",
+            "--learning_rate",
+            "1e-4",
+            "--max_steps",
+            "4",
+            "--use_cpu",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+            "--disable_tqdm",
+            "true",
+            "--output_dir",
+            str(output),
+            "--drone_rank",
+            "64",
+            "--drone_num_calibration_samples",
+            "32",
+            "--do_distill",
+            "--distill_max_steps",
+            "2",
+            "--distill_per_device_train_batch_size",
+            "16",
+        ]
+    )
     drone = results["drone"]
     assert {"dense_accuracy", "compressed_accuracy", "compressed+distilled_accuracy", "speedup"} <= set(drone)
     assert drone["dense_accuracy"] == pytest.approx(results["eval_validation"]["eval_accuracy"])
@@ -332,8 +400,9 @@ def test_run_glue_example_on_real_minilm_and_sst2(tmp_path, monkeypatch):
     assert isinstance(reloaded, DroneBertForSequenceClassification) and config.drone_calibration["num_samples"] == 32
     assert len(config.drone_ranks) == 36 and set(config.drone_ranks.values()) == {64}
     tokenizer = run_glue.AutoTokenizer.from_pretrained(output / "drone")
-    dev = load_glue("sst2", tokenizer, split="validation", data_dir=SHARED_GLUE, max_length=64, max_samples=64,
-                    seed=42)  # run_glue subsets with TrainingArguments.seed
+    dev = load_glue(
+        "sst2", tokenizer, split="validation", data_dir=SHARED_GLUE, max_length=64, max_samples=64, seed=42
+    )  # run_glue subsets with TrainingArguments.seed
     reloaded_metrics = evaluate_glue(reloaded, dev, tokenizer, "sst2")
     assert reloaded_metrics["accuracy"] == pytest.approx(drone["compressed+distilled_accuracy"])
     card = ModelCard.load(output / "drone" / "README.md")

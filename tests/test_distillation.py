@@ -1,47 +1,32 @@
 import copy
 
-import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertTokenizer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from drone_hf import DroneDistillationArguments, DroneDistillationTrainer, compress_model, distill, distillation_loss
 
-from .testing_utils import tiny_batches, tiny_teacher
+from .testing_utils import tiny_batches, tiny_dataset, tiny_teacher, tiny_tokenizer, torch_threads
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Tiny models gain nothing from intra-op threads, and on a loaded CPU the thread hand-offs cost ~100x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_tokenizer(vocab_size: int = 99, offset: int = 0) -> BertTokenizer:
-    """A WordPiece tokenizer whose vocabulary matches the tiny models' (`offset` shuffles the word ids)."""
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    words = [f"w{(i + offset) % vocab_size}" for i in range(len(special), vocab_size)]
-    return BertTokenizer(vocab={token: i for i, token in enumerate(special + words)})
-
-
-def tiny_dataset(num_rows: int = 24, num_labels: int = 3, seed: int = 1) -> datasets.Dataset:
-    """Unpadded rows of random ids (lengths 4 to 7) with labels (`float` for `num_labels == 1`)."""
-    generator = torch.Generator().manual_seed(seed)
-    rows = {"input_ids": [], "attention_mask": [], "labels": []}
-    for i in range(num_rows):
-        length = 4 + i % 4
-        rows["input_ids"].append(torch.randint(5, 99, (length,), generator=generator).tolist())
-        rows["attention_mask"].append([1] * length)
-        rows["labels"].append(float(torch.rand((), generator=generator)) if num_labels == 1 else i % num_labels)
-    return datasets.Dataset.from_dict(rows)
+    with torch_threads(1):
+        yield
 
 
 def _args(tmp_path, **overrides) -> TrainingArguments:
-    defaults = {"output_dir": str(tmp_path / "out"), "use_cpu": True, "report_to": "none", "save_strategy": "no",
-                "max_steps": 2, "per_device_train_batch_size": 4, "disable_tqdm": True}
+    defaults = {
+        "output_dir": str(tmp_path / "out"),
+        "use_cpu": True,
+        "report_to": "none",
+        "save_strategy": "no",
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "disable_tqdm": True,
+    }
     return TrainingArguments(**{**defaults, **overrides})
 
 
@@ -58,7 +43,9 @@ def _pair(num_labels: int = 3):
 
 def _loss(tmp_path, teacher, student, batch, **weights):
     trainer = DroneDistillationTrainer(
-        model=student, args=_args(tmp_path), teacher_model=teacher,
+        model=student,
+        args=_args(tmp_path),
+        teacher_model=teacher,
         distillation_args=DroneDistillationArguments(**weights),
     )
     return trainer.compute_loss(student, dict(batch))
@@ -119,8 +106,10 @@ def test_hidden_term_matches_a_hand_computed_masked_mse(tmp_path, layers):
 def test_total_is_the_weighted_sum_of_the_terms(tmp_path):
     teacher, student = _pair()
     batch = tiny_batches()[0]
-    parts = {name: _loss(tmp_path, teacher, student, batch, **weights)
-             for name, weights in (("task", ONLY_TASK), ("kl", ONLY_KL), ("hidden", ONLY_HIDDEN))}
+    parts = {
+        name: _loss(tmp_path, teacher, student, batch, **weights)
+        for name, weights in (("task", ONLY_TASK), ("kl", ONLY_KL), ("hidden", ONLY_HIDDEN))
+    }
     total = _loss(tmp_path, teacher, student, batch, alpha_hidden=0.5, alpha_kl=2.0, alpha_task=0.25)
     expected = 0.5 * parts["hidden"] + 2.0 * parts["kl"] + 0.25 * parts["task"]
     torch.testing.assert_close(total, expected)
@@ -139,8 +128,14 @@ def test_regression_replaces_kl_by_logit_mse(tmp_path):
     torch.testing.assert_close(task, F.mse_loss(s.squeeze(-1), batch["labels"]))
     before = copy.deepcopy(student.state_dict())
     settings = DroneDistillationArguments(max_steps=2, per_device_train_batch_size=4, alpha_task=1.0)
-    distill(student, teacher, tiny_dataset(num_labels=1), settings, training_args=_args(tmp_path),
-            processing_class=tiny_tokenizer())
+    distill(
+        student,
+        teacher,
+        tiny_dataset(num_labels=1),
+        settings,
+        training_args=_args(tmp_path),
+        processing_class=tiny_tokenizer(),
+    )
     assert not torch.equal(before["classifier.weight"], student.classifier.weight)
 
 
@@ -167,8 +162,15 @@ def test_distill_trains_the_student_and_leaves_the_teacher_unchanged(tmp_path):
             seen.setdefault("teacher_eval", not teacher.training)
 
     settings = DroneDistillationArguments(max_steps=2, per_device_train_batch_size=4, logging_steps=1, alpha_task=0.5)
-    result = distill(student, teacher, tiny_dataset(), settings, training_args=_args(tmp_path),
-                     processing_class=tiny_tokenizer(), callbacks=[Spy()])
+    result = distill(
+        student,
+        teacher,
+        tiny_dataset(),
+        settings,
+        training_args=_args(tmp_path),
+        processing_class=tiny_tokenizer(),
+        callbacks=[Spy()],
+    )
     assert result is student and not student.training
     assert seen == {"teacher_frozen": True, "teacher_eval": True}
     assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
@@ -183,16 +185,28 @@ def test_distill_copies_training_arguments_into_a_subfolder(tmp_path):
 
     class Recorder(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            recorded.update(output_dir=args.output_dir, report_to=args.report_to, max_steps=args.max_steps,
-                            learning_rate=args.learning_rate, save_strategy=args.save_strategy)
+            recorded.update(
+                output_dir=args.output_dir,
+                report_to=args.report_to,
+                max_steps=args.max_steps,
+                learning_rate=args.learning_rate,
+                save_strategy=args.save_strategy,
+            )
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             recorded.setdefault("logs", []).append(dict(logs))
 
     base = _args(tmp_path, max_steps=50, learning_rate=1e-3, save_strategy="steps", save_steps=1)
     settings = DroneDistillationArguments(max_steps=2, learning_rate=3e-5, logging_steps=1)
-    distill(student, teacher, tiny_dataset(), settings, training_args=base, processing_class=tiny_tokenizer(),
-            callbacks=[Recorder()])
+    distill(
+        student,
+        teacher,
+        tiny_dataset(),
+        settings,
+        training_args=base,
+        processing_class=tiny_tokenizer(),
+        callbacks=[Recorder()],
+    )
     assert recorded["output_dir"] == str(tmp_path / "out" / "distillation")
     assert (recorded["max_steps"], recorded["learning_rate"], recorded["report_to"]) == (2, 3e-5, [])
     assert recorded["save_strategy"] == "no" and not [p for p in tmp_path.rglob("*") if p.is_file()]  # no files
@@ -201,15 +215,26 @@ def test_distill_copies_training_arguments_into_a_subfolder(tmp_path):
 
     # A TrainingArguments is used as is (its schedule), in its own subfolder, with the default loss.
     recorded.clear()
-    distill(student, teacher, tiny_dataset(), _args(tmp_path, max_steps=1), processing_class=tiny_tokenizer(),
-            callbacks=[Recorder()])
+    distill(
+        student,
+        teacher,
+        tiny_dataset(),
+        _args(tmp_path, max_steps=1),
+        processing_class=tiny_tokenizer(),
+        callbacks=[Recorder()],
+    )
     assert recorded["max_steps"] == 1 and recorded["output_dir"].endswith("distillation")
 
 
 def test_distillation_trainer_evaluates_with_logits_only(tmp_path):
     teacher, student = _pair()
-    trainer = DroneDistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher,
-                                       processing_class=tiny_tokenizer(), eval_dataset=tiny_dataset(8))
+    trainer = DroneDistillationTrainer(
+        model=student,
+        args=_args(tmp_path),
+        teacher_model=teacher,
+        processing_class=tiny_tokenizer(),
+        eval_dataset=tiny_dataset(8),
+    )
     predictions = trainer.predict(tiny_dataset(8))
     assert predictions.predictions.shape == (8, 3) and predictions.metrics["test_loss"] > 0
 
@@ -234,28 +259,35 @@ def test_task_term_without_labels_raises(tmp_path):
 def test_incompatible_teacher_raises(tmp_path, teacher_overrides, weights, match):
     student = tiny_teacher()
     with pytest.raises(ValueError, match=match):
-        DroneDistillationTrainer(model=student, args=_args(tmp_path), teacher_model=tiny_teacher(**teacher_overrides),
-                                 distillation_args=DroneDistillationArguments(**weights))
+        DroneDistillationTrainer(
+            model=student,
+            args=_args(tmp_path),
+            teacher_model=tiny_teacher(**teacher_overrides),
+            distillation_args=DroneDistillationArguments(**weights),
+        )
 
 
 def test_logit_only_distillation_accepts_another_shape(tmp_path):
     student, teacher = tiny_teacher(), tiny_teacher(num_hidden_layers=3)
     settings = DroneDistillationArguments(alpha_hidden=0.0, max_steps=1, per_device_train_batch_size=4)
-    distill(student, teacher, tiny_dataset(8), settings, training_args=_args(tmp_path),
-            processing_class=tiny_tokenizer())
+    distill(
+        student, teacher, tiny_dataset(8), settings, training_args=_args(tmp_path), processing_class=tiny_tokenizer()
+    )
 
 
 def test_teacher_with_another_tokenizer_raises(tmp_path):
     teacher, student = _pair()
     one_step = DroneDistillationArguments(max_steps=1)
+
+    def distill_one_step(model, **kwargs):
+        distill(model, teacher, tiny_dataset(), one_step, training_args=_args(tmp_path), **kwargs)
+
     with pytest.raises(ValueError, match=r"different vocabularies \(99 vs 99 tokens\)"):
-        distill(student, teacher, tiny_dataset(), one_step, training_args=_args(tmp_path),
-                processing_class=tiny_tokenizer(), teacher_processing_class=tiny_tokenizer(offset=7))
+        distill_one_step(student, processing_class=tiny_tokenizer(), teacher_processing_class=tiny_tokenizer(offset=7))
     with pytest.raises(ValueError, match=r"The tokenizer has 120 tokens but the models' `vocab_size` is 99"):
-        distill(student, teacher, tiny_dataset(), one_step, training_args=_args(tmp_path),
-                processing_class=tiny_tokenizer(vocab_size=120))
+        distill_one_step(student, processing_class=tiny_tokenizer(vocab_size=120))
     with pytest.raises(ValueError, match=r"`teacher_model` is the student itself"):
-        distill(teacher, teacher, tiny_dataset(), one_step, training_args=_args(tmp_path))
+        distill_one_step(teacher)
 
 
 @pytest.mark.parametrize("dataset, match", [(None, r"needs a `train_dataset`"), ([], r"`train_dataset` is empty")])

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 import drone_hf
@@ -24,7 +24,7 @@ from drone_hf import (
 )
 from drone_hf.projective import embedding_parameter_count, projective_clustering
 
-from .testing_utils import minilm_path, tiny_batches, tiny_teacher
+from .testing_utils import copy_checkpoint, minilm_path, tiny_batches, tiny_teacher
 
 
 EMB = "bert.embeddings.word_embeddings"
@@ -188,19 +188,6 @@ def test_model_built_from_config_on_meta_and_resize_refused():
         DroneBertForSequenceClassification(config).resize_token_embeddings(120)
 
 
-def _copy_checkpoint(src, dst, edit_config=None, edit_tensors=None):
-    dst.mkdir()
-    config = json.loads((src / "config.json").read_text())
-    if edit_config:
-        edit_config(config)
-    (dst / "config.json").write_text(json.dumps(config))
-    tensors = load_file(src / "model.safetensors")
-    if edit_tensors:
-        edit_tensors(tensors)
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
-
-
 def _shrink_to_k2(tensors):
     """Tensors of a k=2 clustering under a config that says k=4."""
     tensors[f"{EMB}.bases"] = tensors[f"{EMB}.bases"][:2].contiguous()
@@ -218,7 +205,7 @@ def _shrink_to_k2(tensors):
     ],
 )
 def test_checkpoint_that_disagrees_with_its_config_raises(combined, tmp_path, edit_config, edit_tensors, match):
-    bad = _copy_checkpoint(combined[1], tmp_path / "bad", edit_config, edit_tensors)
+    bad = copy_checkpoint(combined[1], tmp_path / "bad", edit_config, edit_tensors)
     with pytest.raises(ValueError, match=match):
         AutoModelForSequenceClassification.from_pretrained(bad)
 

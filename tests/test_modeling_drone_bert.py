@@ -3,19 +3,27 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from drone_hf import DroneBertForSequenceClassification, DroneConfig, DroneLinear, collect_activation_stats, compress_model
+from drone_hf import (
+    DroneBertForSequenceClassification,
+    DroneConfig,
+    DroneLinear,
+    collect_activation_stats,
+    compress_model,
+)
 
-from .testing_utils import tiny_batches, tiny_teacher
+from .testing_utils import copy_checkpoint, tiny_batches, tiny_teacher
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     teacher = tiny_teacher()
     stats = collect_activation_stats(teacher, tiny_batches())
-    compressed = compress_model(teacher, stats, ranks={"re:.*intermediate.dense": 6, "re:.*attention.self.*": 4}).eval()
+    compressed = compress_model(
+        teacher, stats, ranks={"re:.*intermediate.dense": 6, "re:.*attention.self.*": 4}
+    ).eval()
     dense_dir, drone_dir = tmp_path_factory.mktemp("dense"), tmp_path_factory.mktemp("drone")
     teacher.save_pretrained(dense_dir)
     compressed.save_pretrained(drone_dir)
@@ -63,19 +71,6 @@ def test_constructor_builds_shapes_from_config_on_meta():
     assert list(model.drone_modules()) == ["bert.encoder.layer.0.output.dense"]
 
 
-def _copy_checkpoint(src, dst, edit_config=None, edit_tensors=None):
-    dst.mkdir()
-    config = json.loads((src / "config.json").read_text())
-    if edit_config:
-        edit_config(config)
-    (dst / "config.json").write_text(json.dumps(config))
-    tensors = load_file(src / "model.safetensors")
-    if edit_tensors:
-        edit_tensors(tensors)
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
-
-
 NAME = "bert.encoder.layer.0.intermediate.dense"
 
 
@@ -89,13 +84,13 @@ NAME = "bert.encoder.layer.0.intermediate.dense"
     ],
 )
 def test_checkpoint_that_disagrees_with_its_config_raises(saved, tmp_path, edit_config, edit_tensors, match):
-    bad = _copy_checkpoint(saved[3], tmp_path / "bad", edit_config, edit_tensors)
+    bad = copy_checkpoint(saved[3], tmp_path / "bad", edit_config, edit_tensors)
     with pytest.raises(ValueError, match=match):
         AutoModelForSequenceClassification.from_pretrained(bad)
 
 
 def test_rank_out_of_range_in_config_raises(saved, tmp_path):
-    bad = _copy_checkpoint(saved[3], tmp_path / "bad", lambda c: c["drone_ranks"].update({NAME: 40}))
+    bad = copy_checkpoint(saved[3], tmp_path / "bad", lambda c: c["drone_ranks"].update({NAME: 40}))
     with pytest.raises(ValueError, match=r"Rank for `bert.encoder.layer.0.intermediate.dense` \(37x32\).*\[1, 31\]"):
         AutoModelForSequenceClassification.from_pretrained(bad)
 

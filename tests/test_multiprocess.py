@@ -19,11 +19,26 @@ def _digest(model) -> float:
     return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
 
 
+def _two_step_args(output_dir: Path):
+    """`TrainingArguments` of both trainings in the worker: 2 CPU steps of batch 4, nothing saved or reported."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+
+
 def worker(out: Path) -> None:
     """Runs in each process started by `accelerate launch`."""
     sys.path.insert(0, str(REPO))
     from accelerate import PartialState
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
     from drone_hf import (
         DroneCompressionArguments,
@@ -34,8 +49,7 @@ def worker(out: Path) -> None:
         distill,
         save_activation_stats,
     )
-    from tests.test_distillation import tiny_dataset, tiny_tokenizer
-    from tests.testing_utils import tiny_batches, tiny_teacher
+    from tests.testing_utils import tiny_batches, tiny_dataset, tiny_teacher, tiny_tokenizer
 
     state = PartialState(cpu=True)
     rank, world = state.process_index, state.num_processes
@@ -56,8 +70,7 @@ def worker(out: Path) -> None:
 
     student = compress_model(teacher, None, method="svd", rank=4)
     before = _digest(student)
-    args = TrainingArguments(output_dir=str(out / "distill"), max_steps=2, per_device_train_batch_size=4,
-                             use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True)
+    args = _two_step_args(out / "distill")
     distill(student, teacher, tiny_dataset(24), args, processing_class=tiny_tokenizer(), callbacks=[Steps()])
     report.update(student_before=before, student_after=_digest(student))
 
@@ -66,15 +79,24 @@ def worker(out: Path) -> None:
     drone = DroneCompressionCallback(
         DroneCompressionArguments(rank=4, num_calibration_samples=12),
         distillation_args=DroneDistillationArguments(max_steps=2, per_device_train_batch_size=4),
-        train_dataset=train, eval_dataset=tiny_dataset(8, seed=2), measure_speed=False,
+        train_dataset=train,
+        eval_dataset=tiny_dataset(8, seed=2),
+        measure_speed=False,
     )
-    trainer_args = TrainingArguments(output_dir=str(out / "run"), max_steps=2, per_device_train_batch_size=4,
-                                     use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True)
-    Trainer(model=tiny_teacher(), args=trainer_args, train_dataset=train, processing_class=tiny_tokenizer(),
-            callbacks=[drone]).train()
-    report.update(callback_path=drone.compressed_model_path, callback_metrics=drone.metrics,
-                  callback_digest=_digest(drone.compressed_model),
-                  callback_ranks=len(drone.compressed_model.config.drone_ranks))
+    trainer_args = _two_step_args(out / "run")
+    Trainer(
+        model=tiny_teacher(),
+        args=trainer_args,
+        train_dataset=train,
+        processing_class=tiny_tokenizer(),
+        callbacks=[drone],
+    ).train()
+    report.update(
+        callback_path=drone.compressed_model_path,
+        callback_metrics=drone.metrics,
+        callback_digest=_digest(drone.compressed_model),
+        callback_ranks=len(drone.compressed_model.config.drone_ranks),
+    )
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 
@@ -91,12 +113,32 @@ def test_two_processes_sum_statistics_and_distil(tmp_path):
 
     from .testing_utils import tiny_batches, tiny_teacher
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+    }
     # `accelerate launch --multi_gpu` starts torch.distributed workers; without CUDA they use gloo on the CPU.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-               str(NUM_PROCESSES), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), __file__, str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(NUM_PROCESSES),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        __file__,
+        str(tmp_path),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(NUM_PROCESSES)]

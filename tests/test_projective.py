@@ -18,16 +18,14 @@ from drone_hf.projective import (
     projective_clustering_cost,
 )
 
-from .testing_utils import minilm_path
+from .testing_utils import minilm_path, torch_threads
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Each op here is tiny: on shared CPUs, waiting for a second OpenMP thread costs more than the op (measured 30x).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def _matrix(n=300, d=12, seed=0, dtype=torch.float64):

@@ -1,28 +1,36 @@
-"""Tiny models and data shared by the tests (no downloads)."""
+"""Tiny models, data and helpers shared by the tests (no downloads)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from safetensors.torch import load_file, save_file
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
+
+if TYPE_CHECKING:
+    import datasets
 
 SHARED_GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "glue"
 
 
 def tiny_bert_config(**overrides) -> BertConfig:
     """The transformers `BertModelTester` sizes."""
-    kwargs = dict(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
+    kwargs = {
+        "vocab_size": 99,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 37,
+        "max_position_embeddings": 64,
+        "num_labels": 3,
+    }
     kwargs.update(overrides)
     return BertConfig(**kwargs)
 
@@ -42,9 +50,62 @@ def tiny_batches(num_rows: int = 13, seq_len: int = 7, batch_size: int = 4, voca
     ids = ids * mask  # padding id 0 where masked
     labels = torch.arange(num_rows) % num_labels
     return [
-        {"input_ids": ids[i : i + batch_size], "attention_mask": mask[i : i + batch_size], "labels": labels[i : i + batch_size]}
+        {
+            "input_ids": ids[i : i + batch_size],
+            "attention_mask": mask[i : i + batch_size],
+            "labels": labels[i : i + batch_size],
+        }
         for i in range(0, num_rows, batch_size)
     ]
+
+
+def tiny_tokenizer(vocab_size: int = 99, offset: int = 0) -> BertTokenizer:
+    """A WordPiece tokenizer whose vocabulary matches the tiny models' (`offset` shuffles the word ids)."""
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = [f"w{(i + offset) % vocab_size}" for i in range(len(special), vocab_size)]
+    return BertTokenizer(vocab={token: i for i, token in enumerate(special + words)})
+
+
+def tiny_dataset(num_rows: int = 24, num_labels: int = 3, seed: int = 1) -> datasets.Dataset:
+    """Unpadded rows of random ids (lengths 4 to 7) with labels (`float` for `num_labels == 1`)."""
+    import datasets
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = {"input_ids": [], "attention_mask": [], "labels": []}
+    for i in range(num_rows):
+        length = 4 + i % 4
+        rows["input_ids"].append(torch.randint(5, 99, (length,), generator=generator).tolist())
+        rows["attention_mask"].append([1] * length)
+        rows["labels"].append(float(torch.rand((), generator=generator)) if num_labels == 1 else i % num_labels)
+    return datasets.Dataset.from_dict(rows)
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """Sets torch's intra-op thread count for the block and restores it afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def copy_checkpoint(
+    src: Path, dst: Path, edit_config: Callable | None = None, edit_tensors: Callable | None = None
+) -> Path:
+    """Copies `config.json` and `model.safetensors` of a saved checkpoint into a new folder `dst`, after applying
+    `edit_config` to the config dict and `edit_tensors` to the tensor dict (both edit in place)."""
+    dst.mkdir()
+    config = json.loads((src / "config.json").read_text())
+    if edit_config:
+        edit_config(config)
+    (dst / "config.json").write_text(json.dumps(config))
+    tensors = load_file(src / "model.safetensors")
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
 
 
 def requires_shared_glue(task: str):
