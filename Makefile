@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: install test test-fast notebooks demo benchmark report quality clean
+.PHONY: install test test-fast notebooks demo report quality clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,9 +31,6 @@ report: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) benchmarks/demo.py
-
-benchmark: $(STAMP)
-	$(PY) benchmarks/demo.py --full
 
 quality: $(STAMP)
 	$(PY) -m ruff check drone_hf tests benchmarks examples

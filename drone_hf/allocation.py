@@ -25,7 +25,7 @@ from .heldout import (
     default_metric_fn,
     module_time_shares,
     paired_standard_error,
-    soft_score,
+    soft_change,
     spread_subset,
 )
 
@@ -115,14 +115,28 @@ def _check_fraction(name: str, value) -> None:
         raise ValueError(f"`{name}` must be a float in (0, 1), got {value!r}.")
 
 
+def _timing_batch(batches, seq_len: int) -> dict[str, torch.Tensor]:
+    """Eight rows of the longest held-out batch, padded to `seq_len` tokens: time shares are measured at the length the
+    multiply-add model and the reported latency use, not at the (often short) held-out lengths."""
+    batch = max(batches, key=lambda b: b["input_ids"].shape[1])
+    padded = {}
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        if key in batch:
+            value = batch[key][:8, :seq_len]
+            padded[key] = torch.nn.functional.pad(value, (0, seq_len - value.shape[1]))
+    return padded
+
+
 def _select(curves, shares, budget: float, scale: float) -> dict[str, int]:
-    """Smallest evaluated rank per module whose drop fits in its share of the (scaled) budget."""
+    """Smallest evaluated rank per module whose drop, and every larger rank's, fits its share of the scaled budget
+    (a rank is only as safe as the ranks above it: a curve is read as non-increasing from the top)."""
     chosen = {}
     for name, curve in curves.items():
         allowed = scale * budget * shares[name]
-        fitting = [rank for rank, drop in curve.items() if drop <= allowed]
-        if fitting:
-            chosen[name] = min(fitting)
+        for rank in sorted(curve, reverse=True):
+            if curve[rank] > allowed:
+                break
+            chosen[name] = rank
     return chosen
 
 
@@ -157,8 +171,9 @@ def allocate_ranks(
       module takes the smallest rank whose drop fits its share. The combination is then scored jointly on **all**
       held-out rows with the real metric, and the shares are scaled up or down (bisection) until the joint drop plus
       `safety_margin` paired standard errors (bootstrap) is within the budget, so that a lucky held-out draw does not
-      spend the budget twice. Per-module drops use a smooth stand-in for the metric (mean probability of the true
-      label; see [`soft_score`]) because a share is usually far below one held-out example. Use held-out data carved
+      spend the budget twice. Per-module drops use a smooth, never negative stand-in for the metric (the mean absolute
+      change of the true label's probability; see [`soft_change`]) because a share is usually far below one held-out
+      example. Use held-out data carved
       from the *training* split: the dev split you report must stay unseen.
     - `target_speedup` (e.g. `1.5`): no evaluations; multiply-adds (at `seq_len` tokens) must fall to
       `1 / target_speedup` of the dense model's, spending them where the closed form's relative residual energy
@@ -270,10 +285,10 @@ def _allocate_by_accuracy(working, candidates, batches, budget, options, show_pr
     evaluator = LayerwiseEvaluator(working, screening)  # per-module curves: cheap, smooth score
     joint_evaluator = evaluator if len(screening) == len(batches) else LayerwiseEvaluator(working, batches)
     labels, joint_labels = evaluator.labels, joint_evaluator.labels
-    base_soft = soft_score(evaluator.logits(0), labels, problem_type)
+    screening_logits = evaluator.logits(0)
     base_logits = joint_evaluator.logits(0)
     base_metric = metric_fn(base_logits, joint_labels)
-    shares = module_time_shares(working, candidates.time_entries(), batches[0])
+    shares = module_time_shares(working, candidates.time_entries(), _timing_batch(batches, min(candidates.seq_len, working.config.max_position_embeddings)))
     curves: dict[str, dict[int, float]] = {name: {} for name in candidates.names}
     total_steps = sum(len(candidates.grid[name]) for name in candidates.names)
     with tqdm(total=total_steps, desc="Allocating ranks", disable=not show_progress) as progress:
@@ -283,7 +298,7 @@ def _allocate_by_accuracy(working, candidates, batches, budget, options, show_pr
                 for rank in sorted(candidates.grid[name], reverse=True):
                     original = swap_module(working, name, candidates.module(name, rank))
                     try:
-                        drop = base_soft - soft_score(evaluator.logits(), labels, problem_type)
+                        drop = soft_change(screening_logits, evaluator.logits(), labels, problem_type)
                     finally:
                         swap_module(working, name, original)
                     curves[name][rank] = drop
@@ -315,7 +330,7 @@ def _allocate_by_accuracy(working, candidates, batches, budget, options, show_pr
     # Scale the per-module shares so that the joint drop is within the budget: grow while it fits, then bisect.
     low, high = 0.0, None
     scale = 1.0
-    for _ in range(4):
+    for _ in range(8):
         if fits(scale):
             low, scale = scale, scale * 2
         else:
@@ -323,7 +338,7 @@ def _allocate_by_accuracy(working, candidates, batches, budget, options, show_pr
             break
     if high is None:
         high = scale
-    for _ in range(4):
+    for _ in range(5):
         middle = (low + high) / 2 if low > 0 else high / 4
         if fits(middle):
             low = middle

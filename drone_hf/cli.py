@@ -132,8 +132,10 @@ def _print_table(results: dict, info, dev_size: int) -> None:
                  f"{r['encoder_parameters'] / 1e6:.2f}", f"{r['checkpoint_mb']:.1f}", f"{r['latency_ms']:.1f}",
                  f"{r['speedup']:.2f}x", f"{r['flop_bound']:.2f}x"]
         print("| " + " | ".join(cells) + " |")
+    import torch
+
     print(f"\n{info.name} {info.dev_splits[0]} ({dev_size} examples); latency: batch 8 x 128 tokens, CPU, "
-          "median of round-robin runs in this process.")
+          f"{torch.get_num_threads()} threads, median of round-robin runs in this process.")
 
 
 def _metric_fn(info):

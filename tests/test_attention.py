@@ -104,3 +104,31 @@ def test_drone_attention_needs_query_stats():
     stats = collect_activation_stats(model, tiny_batches(), target_modules="output")
     with pytest.raises(ValueError, match="no statistics for 2 target modules.*attention.self.query"):
         compress_model(model, stats, attention_rank=2)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_sdpa_path_equals_the_eager_path_with_padding(training):
+    # The SDPA path zero-pads the narrowed query/key to d_h for the fused kernel; eager runs the narrow product.
+    model, batches = tiny_teacher(), tiny_batches(num_rows=8, seq_len=9)
+    compressed = compress_model(model, collect_activation_stats(model, batches), attention_rank=3)
+    for module in compressed.modules():  # train mode without randomness: the code path, not the noise, is compared
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    compressed.train(training)
+    outputs = {}
+    for implementation in ("sdpa", "eager"):
+        compressed.config._attn_implementation = implementation
+        with torch.no_grad():
+            outputs[implementation] = torch.cat(
+                [compressed(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
+            )
+    torch.testing.assert_close(outputs["sdpa"], outputs["eager"], rtol=1e-5, atol=1e-6)
+    # ...and the padded rows' outputs do not depend on what sits under their padding.
+    batch = batches[0]
+    noisy = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 7)
+    compressed.config._attn_implementation = "sdpa"
+    compressed.eval()
+    with torch.no_grad():
+        clean = compressed(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        dirty = compressed(input_ids=noisy, attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(clean, dirty, rtol=1e-5, atol=1e-6)
