@@ -15,19 +15,11 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .candidates import Candidates, apply_ranks, breakeven_rank, relative_tail, restore_modules, swap_module
-from .heldout import (
-    LayerwiseEvaluator,
-    MetricFn,
-    default_metric_fn,
-    module_time_shares,
-    paired_standard_error,
-    soft_change,
-    spread_subset,
-)
+from .budget_search import allocate_by_accuracy
+from .candidates import Candidates, breakeven_rank, relative_tail
+from .heldout import MetricFn
 
 
 logger = logging.get_logger(__name__)
@@ -101,7 +93,9 @@ def allocate_by_energy(
     return {name: rank for name, rank in chosen.items() if rank is not None}
 
 
-def _check_screening(screening_samples, safety_margin) -> None:
+def _check_screening(screening_samples, safety_margin, refine_steps) -> None:
+    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
+        raise ValueError(f"`refine_steps` must be an int >= 0, got {refine_steps!r}.")
     if screening_samples is not None and (
         isinstance(screening_samples, bool) or not isinstance(screening_samples, int) or screening_samples <= 0
     ):
@@ -113,31 +107,6 @@ def _check_screening(screening_samples, safety_margin) -> None:
 def _check_fraction(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise ValueError(f"`{name}` must be a float in (0, 1), got {value!r}.")
-
-
-def _timing_batch(batches, seq_len: int) -> dict[str, torch.Tensor]:
-    """Eight rows of the longest held-out batch, padded to `seq_len` tokens: time shares are measured at the length the
-    multiply-add model and the reported latency use, not at the (often short) held-out lengths."""
-    batch = max(batches, key=lambda b: b["input_ids"].shape[1])
-    padded = {}
-    for key in ("input_ids", "token_type_ids", "attention_mask"):
-        if key in batch:
-            value = batch[key][:8, :seq_len]
-            padded[key] = torch.nn.functional.pad(value, (0, seq_len - value.shape[1]))
-    return padded
-
-
-def _select(curves, shares, budget: float, scale: float) -> dict[str, int]:
-    """Smallest evaluated rank per module whose drop, and every larger rank's, fits its share of the scaled budget
-    (a rank is only as safe as the ranks above it: a curve is read as non-increasing from the top)."""
-    chosen = {}
-    for name, curve in curves.items():
-        allowed = scale * budget * shares[name]
-        for rank in sorted(curve, reverse=True):
-            if curve[rank] > allowed:
-                break
-            chosen[name] = rank
-    return chosen
 
 
 def allocate_ranks(
@@ -158,6 +127,7 @@ def allocate_ranks(
     bias_correction: bool = False,
     screening_samples: int | None = 512,
     safety_margin: float = 1.0,
+    refine_steps: int = 24,
     show_progress: bool = False,
     report: dict | None = None,
 ) -> dict[str, int]:
@@ -173,8 +143,9 @@ def allocate_ranks(
       `safety_margin` paired standard errors (bootstrap) is within the budget, so that a lucky held-out draw does not
       spend the budget twice. Per-module drops use a smooth, never negative stand-in for the metric (the mean absolute
       change of the true label's probability; see [`soft_change`]) because a share is usually far below one held-out
-      example. Use held-out data carved
-      from the *training* split: the dev split you report must stay unseen.
+      example. Then up to `refine_steps` single-module moves one grid rank down (cheapest measured drop per
+      multiply-add saved first) are each kept only if the whole assignment still passes the same joint check. Use
+      held-out data carved from the *training* split: the dev split you report must stay unseen.
     - `target_speedup` (e.g. `1.5`): no evaluations; multiply-adds (at `seq_len` tokens) must fall to
       `1 / target_speedup` of the dense model's, spending them where the closed form's relative residual energy
       drops most per multiply-add.
@@ -203,6 +174,9 @@ def allocate_ranks(
             `eval_dataloader`) for the per-module curves; `None` uses every row. The joint checks always use all rows.
         safety_margin (`float`, *optional*, defaults to 1.0): Paired standard errors of the held-out drop added to it
             before comparing with `max_accuracy_drop` (`0` compares the raw held-out drop).
+        refine_steps (`int`, *optional*, defaults to 24): Joint checks spent after the time-share allocation on moving
+            single modules one grid rank down (cheapest measured drop per multiply-add first), each kept only if the
+            whole assignment still fits; `0` keeps the paper's time-share allocation as is.
         show_progress (`bool`, *optional*): Progress bar over candidate evaluations.
         report (`dict`, *optional*): Filled with what was done: evaluations, seconds, shares, curves, joint checks.
 
@@ -223,8 +197,15 @@ def allocate_ranks(
         raise TypeError("`stats` (from collect_activation_stats) is required for method='drone'.")
     working = copy.deepcopy(model).eval()
     candidates = Candidates(
-        working, stats, method=method, attention=attention, target_modules=target_modules, rank_grid=rank_grid,
-        rank_multiple=rank_multiple, seq_len=seq_len, bias_correction=bias_correction and method == "drone",
+        working,
+        stats,
+        method=method,
+        attention=attention,
+        target_modules=target_modules,
+        rank_grid=rank_grid,
+        rank_multiple=rank_multiple,
+        seq_len=seq_len,
+        bias_correction=bias_correction and method == "drone",
     )
     if method == "drone":
         from .compress import _check_stats
@@ -238,9 +219,14 @@ def allocate_ranks(
     if max_accuracy_drop is None:
         chosen = _allocate_closed_form(working, candidates, target_speedup, param_ratio)
     else:
-        _check_screening(screening_samples, safety_margin)
-        options = {"metric_fn": metric_fn, "screening_samples": screening_samples, "safety_margin": safety_margin}
-        chosen = _allocate_by_accuracy(
+        _check_screening(screening_samples, safety_margin, refine_steps)
+        options = {
+            "metric_fn": metric_fn,
+            "screening_samples": screening_samples,
+            "safety_margin": safety_margin,
+            "refine_steps": refine_steps,
+        }
+        chosen = allocate_by_accuracy(
             working, candidates, eval_dataloader, max_accuracy_drop, options, show_progress, report
         )
     report["seconds"] = time.perf_counter() - started
@@ -271,100 +257,6 @@ def _allocate_closed_form(working, candidates, target_speedup, param_ratio) -> d
     except ValueError as error:
         raise ValueError(f"{label} cannot be met with these candidates and rank grids: {error}") from None
     return {name: rank for name, rank in chosen.items() if rank is not None}
-
-
-def _allocate_by_accuracy(working, candidates, batches, budget, options, show_progress, report):
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
-        raise ValueError(f"`max_accuracy_drop` must be a positive number of metric points, got {budget!r}.")
-    if batches is None:
-        raise ValueError("`max_accuracy_drop` needs `eval_dataloader` (held-out batches with labels, from train).")
-    batches = list(batches)
-    problem_type = working.config.problem_type or ("regression" if working.config.num_labels == 1 else None)
-    metric_fn = options["metric_fn"] or default_metric_fn(problem_type)
-    screening = spread_subset(batches, options["screening_samples"])
-    evaluator = LayerwiseEvaluator(working, screening)  # per-module curves: cheap, smooth score
-    joint_evaluator = evaluator if len(screening) == len(batches) else LayerwiseEvaluator(working, batches)
-    labels, joint_labels = evaluator.labels, joint_evaluator.labels
-    screening_logits = evaluator.logits(0)
-    base_logits = joint_evaluator.logits(0)
-    base_metric = metric_fn(base_logits, joint_labels)
-    shares = module_time_shares(working, candidates.time_entries(), _timing_batch(batches, min(candidates.seq_len, working.config.max_position_embeddings)))
-    curves: dict[str, dict[int, float]] = {name: {} for name in candidates.names}
-    total_steps = sum(len(candidates.grid[name]) for name in candidates.names)
-    with tqdm(total=total_steps, desc="Allocating ranks", disable=not show_progress) as progress:
-        for layer in sorted({candidates.layer[name] for name in candidates.names}):
-            evaluator.advance_to(layer)
-            for name in [n for n in candidates.names if candidates.layer[n] == layer]:
-                for rank in sorted(candidates.grid[name], reverse=True):
-                    original = swap_module(working, name, candidates.module(name, rank))
-                    try:
-                        drop = soft_change(screening_logits, evaluator.logits(), labels, problem_type)
-                    finally:
-                        swap_module(working, name, original)
-                    curves[name][rank] = drop
-                    progress.update(1)
-                    if drop > budget:  # smaller ranks only lose more: early exit
-                        progress.update(sum(1 for r in candidates.grid[name] if r < rank))
-                        break
-
-    margin = options["safety_margin"]
-    joint = {}
-
-    def fits(scale: float) -> bool:
-        """Scores the combination chosen at `scale` on all held-out rows; it fits when its drop plus `margin`
-        paired standard errors is within the budget."""
-        ranks = _select(curves, shares, budget, scale)
-        key = tuple(sorted(ranks.items()))
-        if key not in joint:
-            originals = apply_ranks(working, candidates, ranks)
-            try:
-                logits = joint_evaluator.logits(0)
-            finally:
-                restore_modules(working, originals)
-            drop = base_metric - metric_fn(logits, joint_labels)
-            error = paired_standard_error(metric_fn, base_logits, logits, joint_labels) if margin else 0.0
-            joint[key] = {"drop": drop, "standard_error": error, "scale": scale, "ranks": ranks}
-        entry = joint[key]
-        return entry["drop"] + margin * entry["standard_error"] <= budget
-
-    # Scale the per-module shares so that the joint drop is within the budget: grow while it fits, then bisect.
-    low, high = 0.0, None
-    scale = 1.0
-    for _ in range(8):
-        if fits(scale):
-            low, scale = scale, scale * 2
-        else:
-            high = scale
-            break
-    if high is None:
-        high = scale
-    for _ in range(5):
-        middle = (low + high) / 2 if low > 0 else high / 4
-        if fits(middle):
-            low = middle
-        else:
-            high = middle
-    feasible = [e for e in joint.values() if e["drop"] + margin * e["standard_error"] <= budget]
-    best = max(feasible, key=lambda e: e["scale"]) if feasible else {"drop": 0.0, "standard_error": 0.0, "scale": 0.0,
-                                                                     "ranks": {}}
-    report.update(
-        evaluations=evaluator.evaluations + (joint_evaluator.evaluations if joint_evaluator is not evaluator else 0),
-        evaluation_seconds=evaluator.seconds + (joint_evaluator.seconds if joint_evaluator is not evaluator else 0.0),
-        heldout_examples=int(len(joint_labels)),
-        screening_examples=int(len(labels)),
-        heldout_base_metric=base_metric,
-        heldout_drop=best["drop"],
-        heldout_standard_error=best["standard_error"],
-        safety_margin=margin,
-        scale=best["scale"],
-        shares=shares,
-        curves=curves,
-        joint_checks=[
-            {"scale": e["scale"], "drop": e["drop"], "standard_error": e["standard_error"], "modules": len(e["ranks"])}
-            for e in joint.values()
-        ],
-    )
-    return best["ranks"]
 
 
 __all__ = ["DENSE", "allocate_by_energy", "allocate_ranks", "breakeven_rank"]

@@ -93,7 +93,12 @@ class Candidates:
             new.to(old.query.weight)
             new.value = old.value
             with torch.no_grad():
-                for target, value in ((new.query.weight, q_w), (new.query.bias, q_b), (new.key.weight, k_w), (new.key.bias, k_b)):
+                for target, value in (
+                    (new.query.weight, q_w),
+                    (new.query.bias, q_b),
+                    (new.key.weight, k_w),
+                    (new.key.bias, k_b),
+                ):
                     target.copy_(value)
             return new.eval()
         bias = None if old.bias is None else old.bias.detach()
@@ -102,7 +107,9 @@ class Candidates:
         else:
             down, up = self._decomposition(name).factors(rank)
             if name in self._means and bias is not None:  # bias correction: fold (W - M) mu into the bias
-                bias = bias + ((old.weight.detach().double() - up.double() @ down.double()) @ self._means[name]).to(bias)
+                bias = bias + ((old.weight.detach().double() - up.double() @ down.double()) @ self._means[name]).to(
+                    bias
+                )
         return DroneLinear.from_factors(down, up, bias).to(old.weight.device)
 
     # ----- closed-form losses and costs -----

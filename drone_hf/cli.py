@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="of those, rows scoring each module alone (cheap per-module curves)")
     compress.add_argument("--safety-margin", type=float, default=1.0,
                           help="paired standard errors added to the held-out drop before comparing with the budget")
+    compress.add_argument("--refine-steps", type=int, default=24,
+                          help="joint checks spent moving single modules one rank down after the time-share split")
     compress.add_argument("--output", required=True)
     compress.add_argument("--push-to-hub", metavar="REPO", help="also upload the compressed model to this Hub repo")
 
@@ -176,6 +178,7 @@ def _compress(args) -> int:
             model, stats, method=args.method, attention=not args.no_attention, show_progress=True, report=report,
             seq_len=min(128, model.config.max_position_embeddings), bias_correction=args.bias_correction,
             metric_fn=_metric_fn(info), screening_samples=args.screening_samples, safety_margin=args.safety_margin,
+            refine_steps=args.refine_steps,
             eval_dataloader=list(iter_batches(heldout, tokenizer, batch_size=64, sort_by_length=True))
             if heldout is not None else None,
             **budget,

@@ -90,7 +90,7 @@ def _resolve_attention(model, ranks, attention_rank, attention_ranks) -> tuple[d
     return (linear_ranks or None) if ranks is not None else None, resolved
 
 
-_ALLOCATION_OPTIONS = ("metric_fn", "screening_samples", "safety_margin", "seq_len", "show_progress")
+_ALLOCATION_OPTIONS = ("metric_fn", "screening_samples", "safety_margin", "refine_steps", "seq_len", "show_progress")
 
 
 def _allocation_options(options: Mapping | None) -> dict:
@@ -156,7 +156,7 @@ def compress_model(
         rank_grid (`Sequence[int]`, *optional*), attention (`bool`, *optional*, defaults to `True`),
         allocation_report (`dict`, *optional*): Passed to [`allocate_ranks`] as `report`.
         allocation_options (`Mapping`, *optional*): Further keyword arguments of [`allocate_ranks`] (`metric_fn`,
-            `screening_samples`, `safety_margin`, `seq_len`).
+            `screening_samples`, `safety_margin`, `refine_steps`, `seq_len`).
         bias_correction (`bool`, *optional*, defaults to `False`): DRONE on the *centred* statistics with the
             optimal bias shift `(W - M) mu` folded into each factored layer's bias ([`drone_factorize_affine`]);
             never worse on the calibration data than the paper's uncentred form.

@@ -76,7 +76,9 @@ class LayerwiseEvaluator:
             with torch.no_grad():
                 for batch in batches:
                     if "labels" not in batch:
-                        raise ValueError("Held-out batches must have `labels`: an eval set without labels cannot be scored.")
+                        raise ValueError(
+                            "Held-out batches must have `labels`: an eval set without labels cannot be scored."
+                        )
                     self.labels.append(batch["labels"].cpu().numpy())
                     model(**{k: v.to(self.device) for k, v in batch.items() if k in MODEL_INPUT_KEYS})
         finally:
@@ -146,7 +148,9 @@ def module_time_shares(
     handles = []
     for name in modules:
         module = model.get_submodule(name)
-        handles.append(module.register_forward_pre_hook(lambda m, a, n=name: starts.__setitem__(n, time.perf_counter())))
+        handles.append(
+            module.register_forward_pre_hook(lambda m, a, n=name: starts.__setitem__(n, time.perf_counter()))
+        )
         handles.append(
             module.register_forward_hook(
                 lambda m, a, o, n=name: elapsed.__setitem__(n, elapsed[n] + time.perf_counter() - starts[n])
@@ -184,7 +188,12 @@ def spread_subset(batches: list, num_rows: int | None) -> list:
 
 
 def paired_standard_error(
-    metric_fn: MetricFn, base_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray, *, samples: int = 200,
+    metric_fn: MetricFn,
+    base_logits: np.ndarray,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    *,
+    samples: int = 200,
     seed: int = 0,
 ) -> float:
     """Standard error of `metric(base) - metric(compressed)` on these rows, by a paired bootstrap (the same resampled

@@ -218,3 +218,32 @@ def test_soft_change_is_never_negative_and_zero_without_change():
     assert soft_change(base, moved, labels, None) > 0.0 and soft_change(moved, base, labels, None) > 0.0
     values = rng.standard_normal((50, 1))
     assert soft_change(values, values + 0.1, values[:, 0], "regression") == pytest.approx(10.0 / values.std(), rel=1e-6)
+
+
+def test_refinement_only_compresses_further_and_keeps_the_budget():
+    model = tiny_teacher(hidden_size=64, intermediate_size=128)
+    batches = tiny_batches(num_rows=32, seq_len=10, batch_size=8)
+    with torch.no_grad():
+        reference = torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches])
+    for batch, labels in zip(batches, reference.argmax(-1).split(8)):
+        batch["labels"] = labels
+    reference = reference.numpy()
+
+    def logit_metric(logits, labels):  # a metric that sees every small change, so the budget binds on a tiny model
+        return -100.0 * float(abs(logits - reference).mean())
+
+    stats = collect_activation_stats(model, batches)
+    report = {}
+    ranks = allocate_ranks(
+        model, stats, eval_dataloader=batches, max_accuracy_drop=0.02, safety_margin=0.0, attention=False,
+        metric_fn=logit_metric, refine_steps=12, report=report,
+    )
+    macs = lambda chosen: encoder_macs(compress_model(model, stats, ranks=chosen).config, 10)
+    assert 0 < report["refined_steps"] <= 12
+    assert macs(ranks) < macs(report["time_share_ranks"])  # the refinement moved ranks down...
+    assert all(ranks[name] <= rank for name, rank in report["time_share_ranks"].items())
+    assert report["heldout_drop"] <= 0.02  # ...within the budget, measured for real:
+    compressed = compress_model(model, stats, ranks=ranks)
+    with torch.no_grad():
+        logits = torch.cat([compressed(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches])
+    assert -logit_metric(logits.numpy(), None) == pytest.approx(report["heldout_drop"], abs=1e-5)

@@ -1,0 +1,199 @@
+"""The accuracy-budget path of rank allocation (DRONE appendix): per-module drops on held-out rows, the budget split by
+measured time share, a joint check with a safety margin, then a greedy refinement checked the same way."""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+from tqdm.auto import tqdm
+
+from .candidates import apply_ranks, restore_modules, swap_module
+from .heldout import (
+    LayerwiseEvaluator,
+    default_metric_fn,
+    module_time_shares,
+    paired_standard_error,
+    soft_change,
+    spread_subset,
+)
+
+
+def _timing_batch(batches, seq_len: int) -> dict[str, torch.Tensor]:
+    """Eight rows of the longest held-out batch, padded to `seq_len` tokens: time shares are measured at the length the
+    multiply-add model and the reported latency use, not at the (often short) held-out lengths."""
+    batch = max(batches, key=lambda b: b["input_ids"].shape[1])
+    padded = {}
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        if key in batch:
+            value = batch[key][:8, :seq_len]
+            padded[key] = torch.nn.functional.pad(value, (0, seq_len - value.shape[1]))
+    return padded
+
+
+def _select(curves, shares, budget: float, scale: float) -> dict[str, int]:
+    """Smallest evaluated rank per module whose drop, and every larger rank's, fits its share of the scaled budget
+    (a rank is only as safe as the ranks above it: a curve is read as non-increasing from the top)."""
+    chosen = {}
+    for name, curve in curves.items():
+        allowed = scale * budget * shares[name]
+        for rank in sorted(curve, reverse=True):
+            if curve[rank] > allowed:
+                break
+            chosen[name] = rank
+    return chosen
+
+
+def allocate_by_accuracy(working, candidates, batches, budget, options, show_progress, report) -> dict[str, int]:
+    """Ranks for `max_accuracy_drop=budget` (see [`allocate_ranks`]); `working` is a scratch copy of the model."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
+        raise ValueError(f"`max_accuracy_drop` must be a positive number of metric points, got {budget!r}.")
+    if batches is None:
+        raise ValueError("`max_accuracy_drop` needs `eval_dataloader` (held-out batches with labels, from train).")
+    batches = list(batches)
+    problem_type = working.config.problem_type or ("regression" if working.config.num_labels == 1 else None)
+    metric_fn = options["metric_fn"] or default_metric_fn(problem_type)
+    screening = spread_subset(batches, options["screening_samples"])
+    evaluator = LayerwiseEvaluator(working, screening)  # per-module curves: cheap, smooth score
+    joint_evaluator = evaluator if len(screening) == len(batches) else LayerwiseEvaluator(working, batches)
+    seq_len = min(candidates.seq_len, working.config.max_position_embeddings)
+    shares = module_time_shares(working, candidates.time_entries(), _timing_batch(batches, seq_len))
+    curves = _module_curves(working, candidates, evaluator, problem_type, budget, show_progress)
+
+    joint = _JointCheck(working, candidates, joint_evaluator, metric_fn, budget, options["safety_margin"])
+    # Scale the per-module shares so that the joint drop is within the budget: grow while it fits, then bisect.
+    low, high, scale = 0.0, None, 1.0
+    for _ in range(8):
+        if joint.fits(_select(curves, shares, budget, scale), scale=scale):
+            low, scale = scale, scale * 2
+        else:
+            high = scale
+            break
+    if high is None:
+        high = scale
+    for _ in range(5):
+        middle = (low + high) / 2 if low > 0 else high / 4
+        if joint.fits(_select(curves, shares, budget, middle), scale=middle):
+            low = middle
+        else:
+            high = middle
+    feasible = [entry for entry in joint.entries.values() if joint.accepts(entry)]
+    best = max(feasible, key=lambda e: e["scale"], default={"ranks": {}, "drop": 0.0, "standard_error": 0.0})
+    refined = _refine(joint, candidates, curves, best, options["refine_steps"])
+    evaluators = [evaluator] + ([joint_evaluator] if joint_evaluator is not evaluator else [])
+    report.update(
+        evaluations=sum(e.evaluations for e in evaluators),
+        evaluation_seconds=sum(e.seconds for e in evaluators),
+        heldout_examples=int(len(joint_evaluator.labels)),
+        screening_examples=int(len(evaluator.labels)),
+        heldout_base_metric=joint.base_metric,
+        heldout_drop=refined["drop"],
+        heldout_standard_error=refined["standard_error"],
+        safety_margin=joint.margin,
+        scale=best.get("scale", 0.0),
+        refined_steps=refined.get("steps", 0),
+        time_share_ranks=best["ranks"],
+        shares=shares,
+        curves=curves,
+        joint_checks=[
+            {key: entry.get(key) for key in ("scale", "drop", "standard_error", "stage")}
+            | {"modules": len(entry["ranks"])}
+            for entry in joint.entries.values()
+        ],
+    )
+    return refined["ranks"]
+
+
+def _module_curves(working, candidates, evaluator, problem_type, budget, show_progress) -> dict[str, dict[int, float]]:
+    """Each candidate compressed alone at each grid rank (largest first; early exit past the whole budget), scored by
+    [`soft_change`] on the screening rows, re-running only the layers from the candidate's on."""
+    labels, reference = evaluator.labels, evaluator.logits(0)
+    curves: dict[str, dict[int, float]] = {name: {} for name in candidates.names}
+    total_steps = sum(len(candidates.grid[name]) for name in candidates.names)
+    with tqdm(total=total_steps, desc="Allocating ranks", disable=not show_progress) as progress:
+        for layer in sorted({candidates.layer[name] for name in candidates.names}):
+            evaluator.advance_to(layer)
+            for name in [n for n in candidates.names if candidates.layer[n] == layer]:
+                for rank in sorted(candidates.grid[name], reverse=True):
+                    original = swap_module(working, name, candidates.module(name, rank))
+                    try:
+                        drop = soft_change(reference, evaluator.logits(), labels, problem_type)
+                    finally:
+                        swap_module(working, name, original)
+                    curves[name][rank] = drop
+                    progress.update(1)
+                    if drop > budget:  # smaller ranks only lose more: early exit
+                        progress.update(sum(1 for r in candidates.grid[name] if r < rank))
+                        break
+    return curves
+
+
+class _JointCheck:
+    """Scores whole rank assignments on all held-out rows with the real metric (cached by assignment). An assignment
+    fits when its drop plus `margin` paired standard errors is within the budget."""
+
+    def __init__(self, working, candidates, evaluator, metric_fn, budget, margin):
+        self.working, self.candidates, self.evaluator = working, candidates, evaluator
+        self.metric_fn, self.budget, self.margin = metric_fn, budget, margin
+        self.labels = evaluator.labels
+        self.base_logits = evaluator.logits(0)
+        self.base_metric = metric_fn(self.base_logits, self.labels)
+        self.entries: dict[tuple, dict] = {}
+
+    def score(self, ranks, **extra) -> dict:
+        key = tuple(sorted(ranks.items()))
+        if key not in self.entries:
+            originals = apply_ranks(self.working, self.candidates, ranks)
+            try:
+                logits = self.evaluator.logits(0)
+            finally:
+                restore_modules(self.working, originals)
+            drop = self.base_metric - self.metric_fn(logits, self.labels)
+            error = (
+                paired_standard_error(self.metric_fn, self.base_logits, logits, self.labels) if self.margin else 0.0
+            )
+            self.entries[key] = {"drop": drop, "standard_error": error, "ranks": dict(ranks), **extra}
+        return self.entries[key]
+
+    def accepts(self, entry) -> bool:
+        return entry["drop"] + self.margin * entry["standard_error"] <= self.budget
+
+    def fits(self, ranks, **extra) -> bool:
+        return self.accepts(self.score(ranks, **extra))
+
+
+def _refine(joint: _JointCheck, candidates, curves, start: dict, steps: int) -> dict:
+    """The "adjustment" after the joint check: starting from the time-share allocation, repeatedly tries to move one
+    module one grid rank down (or from dense to its largest rank), cheapest measured drop per multiply-add saved
+    first, keeping each move only if the whole assignment still fits. At most `steps` joint checks."""
+    current = dict(start)
+    ranks = dict(current["ranks"])
+
+    def next_step(name):
+        ladder = sorted(curves[name], reverse=True)  # evaluated ranks only
+        here = ranks.get(name)
+        lower = ladder if here is None else [r for r in ladder if r < here]
+        if not lower:
+            return None
+        rank = lower[0]
+        extra_loss = curves[name][rank] - (0.0 if here is None else curves[name][here])
+        saved = candidates.macs(name, here) - candidates.macs(name, rank)
+        return (max(extra_loss, 0.0) / max(saved, 1), name, rank) if saved > 0 else None
+
+    heap = [step for step in map(next_step, candidates.names) if step is not None]
+    heapq.heapify(heap)
+    tried = 0
+    while heap and tried < steps:
+        _, name, rank = heapq.heappop(heap)
+        trial = {**ranks, name: rank}
+        tried += 1
+        entry = joint.score(trial, stage="refine")
+        if joint.accepts(entry):
+            ranks, current = trial, entry
+            step = next_step(name)
+            if step is not None:
+                heapq.heappush(heap, step)
+    return {**current, "ranks": ranks, "steps": tried}
+
+
+__all__ = ["allocate_by_accuracy"]
