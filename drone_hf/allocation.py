@@ -127,7 +127,7 @@ def allocate_ranks(
     bias_correction: bool = False,
     screening_samples: int | None = 512,
     safety_margin: float = 1.0,
-    refine_steps: int = 24,
+    refine_steps: int = 48,
     show_progress: bool = False,
     report: dict | None = None,
 ) -> dict[str, int]:
@@ -174,7 +174,7 @@ def allocate_ranks(
             `eval_dataloader`) for the per-module curves; `None` uses every row. The joint checks always use all rows.
         safety_margin (`float`, *optional*, defaults to 1.0): Paired standard errors of the held-out drop added to it
             before comparing with `max_accuracy_drop` (`0` compares the raw held-out drop).
-        refine_steps (`int`, *optional*, defaults to 24): Joint checks spent after the time-share allocation on moving
+        refine_steps (`int`, *optional*, defaults to 48): Joint checks spent after the time-share allocation on moving
             single modules one grid rank down (cheapest measured drop per multiply-add first), each kept only if the
             whole assignment still fits; `0` keeps the paper's time-share allocation as is.
         show_progress (`bool`, *optional*): Progress bar over candidate evaluations.

@@ -70,7 +70,7 @@ class DroneCompressionArguments:
             use DRONE attention.
         num_calibration_samples (`int`, *optional*, defaults to 512): Training rows to calibrate on (in total,
             over all processes).
-        heldout_samples (`int`, *optional*, defaults to 1024): Training rows, disjoint from the calibration rows,
+        heldout_samples (`int`, *optional*, defaults to 2048): Training rows, disjoint from the calibration rows,
             on which `max_accuracy_drop` measures drops (the dev split stays unseen).
         screening_samples (`int`, *optional*, defaults to 512): Of the held-out rows, those scoring each module
             alone ([`allocate_ranks`]).
@@ -108,7 +108,7 @@ class DroneCompressionArguments:
     attention: bool = field(default=True, metadata={"help": "Let budgets use DRONE attention."})
     num_calibration_samples: int = field(default=512, metadata={"help": "Training rows to calibrate on."})
     heldout_samples: int = field(
-        default=1024, metadata={"help": "Training rows (disjoint from calibration) for max_accuracy_drop."}
+        default=2048, metadata={"help": "Training rows (disjoint from calibration) for max_accuracy_drop."}
     )
     screening_samples: int = field(default=512, metadata={"help": "Held-out rows scoring each module alone."})
     safety_margin: float = field(

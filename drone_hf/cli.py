@@ -57,13 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--bias-correction", action="store_true",
                           help="DRONE on centred statistics with the optimal bias shift folded in")
     compress.add_argument("--calibration-samples", type=int, default=512)
-    compress.add_argument("--heldout-samples", type=int, default=1024,
+    compress.add_argument("--heldout-samples", type=int, default=2048,
                           help="train rows (disjoint from calibration) for --max-accuracy-drop's joint checks")
     compress.add_argument("--screening-samples", type=int, default=512,
                           help="of those, rows scoring each module alone (cheap per-module curves)")
     compress.add_argument("--safety-margin", type=float, default=1.0,
                           help="paired standard errors added to the held-out drop before comparing with the budget")
-    compress.add_argument("--refine-steps", type=int, default=24,
+    compress.add_argument("--refine-steps", type=int, default=48,
                           help="joint checks spent moving single modules one rank down after the time-share split")
     compress.add_argument("--output", required=True)
     compress.add_argument("--push-to-hub", metavar="REPO", help="also upload the compressed model to this Hub repo")
@@ -158,7 +158,15 @@ def _compress(args) -> int:
     rows = load_glue(info.name, tokenizer, split="train", data_dir=args.data_dir, max_length=args.max_length,
                      max_samples=total, seed=args.seed).shuffle(seed=args.seed)
     if len(rows) < total:
-        raise ValueError(f"The train split has {len(rows)} rows; --calibration-samples + --heldout-samples = {total}.")
+        spare = len(rows) - args.calibration_samples
+        if not needs_heldout or spare < 64:
+            raise ValueError(
+                f"The train split has {len(rows)} rows; --calibration-samples + --heldout-samples = {total} (the "
+                "accuracy budget needs at least 64 held-out rows after the calibration rows)."
+            )
+        print(f"The train split has {len(rows)} rows: holding out the {spare} after the calibration rows "
+              f"(--heldout-samples {args.heldout_samples} asked for more).", file=sys.stderr)
+        total = len(rows)
     calibration = rows.select(range(args.calibration_samples))
     started = time.perf_counter()
     stats = collect_activation_stats(

@@ -40,7 +40,7 @@ def test_compression_arguments_reject_bad_values(kwargs, match):
 def test_compression_arguments_defaults_and_kwargs():
     args = DroneCompressionArguments(ranks='{"re:.*intermediate.*": 8}', attention_rank=2, target_modules="query")
     assert args.ranks == {"re:.*intermediate.*": 8} and args.target_modules == ["query"]
-    assert (args.num_calibration_samples, args.heldout_samples, args.seed) == (512, 1024, 0)
+    assert (args.num_calibration_samples, args.heldout_samples, args.seed) == (512, 2048, 0)
     kwargs = args.compress_kwargs()
     assert kwargs == {
         "method": "drone", "target_modules": ["query"], "rank": None, "ranks": {"re:.*intermediate.*": 8},

@@ -111,3 +111,13 @@ def test_impossible_budget(workspace, tmp_path, capsys):
 def test_console_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "drone_hf.cli", "compress", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--max-accuracy-drop" in result.stdout and "--target-speedup" in result.stdout
+
+
+def test_small_train_split_clips_the_held_out_rows(workspace, tmp_path, capsys):
+    extra = ["--calibration-samples", "8", "--heldout-samples", "1000"]
+    assert _compress(workspace, tmp_path / "out", "--max-accuracy-drop", "100", extra=extra) == 0
+    assert "holding out the 72 after the calibration rows" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "drone_results.json").read_text())["allocation"]["heldout_examples"] == 72
+    extra = ["--calibration-samples", "40", "--heldout-samples", "1000"]
+    assert _compress(workspace, tmp_path / "out2", "--max-accuracy-drop", "100", extra=extra) == 2
+    assert "needs at least 64 held-out rows" in capsys.readouterr().err
