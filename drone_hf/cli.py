@@ -54,8 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--rank", type=int, help="one rank for every encoder linear")
     compress.add_argument("--method", choices=["drone", "svd"], default="drone")
     compress.add_argument("--no-attention", action="store_true", help="do not factor the attention score product")
-    compress.add_argument("--bias-correction", action="store_true",
-                          help="DRONE on centred statistics with the optimal bias shift folded in")
+    compress.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=True,
+                          help="DRONE on centred statistics with the optimal bias shift folded in (default; never "
+                               "worse on the calibration data; --no-bias-correction gives the paper's uncentred form)")
     compress.add_argument("--calibration-samples", type=int, default=512)
     compress.add_argument("--heldout-samples", type=int, default=2048,
                           help="train rows (disjoint from calibration) for --max-accuracy-drop's joint checks")

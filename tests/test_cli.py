@@ -121,3 +121,12 @@ def test_small_train_split_clips_the_held_out_rows(workspace, tmp_path, capsys):
     extra = ["--calibration-samples", "40", "--heldout-samples", "1000"]
     assert _compress(workspace, tmp_path / "out2", "--max-accuracy-drop", "100", extra=extra) == 2
     assert "needs at least 64 held-out rows" in capsys.readouterr().err
+
+
+def test_bias_correction_is_the_default_and_can_be_turned_off():
+    from drone_hf.cli import _parser
+
+    base = ["compress", "--model", "m", "--task", "sst2", "--rank", "8", "--output", "o"]
+    assert _parser().parse_args(base).bias_correction is True
+    assert _parser().parse_args([*base, "--no-bias-correction"]).bias_correction is False
+    assert _parser().parse_args([*base, "--bias-correction"]).bias_correction is True
