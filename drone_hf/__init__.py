@@ -27,6 +27,7 @@ from .factorize import data_weighted_error, drone_factorize, drone_spectrum, svd
 from .hub import create_or_update_model_card, push_compressed_to_hub
 from .layers import DroneLinear
 from .modeling_drone_bert import DroneBertForSequenceClassification
+from .projective import ProjectiveClusteringResult, choose_kj, projective_clustering
 from .replace import replace_attention_with_drone, replace_linear_with_drone
 from .targets import BERT_ROLES, resolve_ranks, resolve_target_modules
 
@@ -60,6 +61,9 @@ __all__ = [
     "DroneDistillationArguments",
     "DroneDistillationTrainer",
     "DroneEmbedding",
+    "ProjectiveClusteringResult",
+    "choose_kj",
+    "projective_clustering",
     "DroneLinear",
     "__version__",
     "allocate_by_energy",

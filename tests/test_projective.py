@@ -291,3 +291,11 @@ def test_other_errors():
         embedding_parameter_count(10, 4, 2, 1.5)
     with pytest.raises(TypeError, match="`k` must be an int, got str 'a'"):
         choose_kj(a, 0.5, k_grid=("a",))
+
+
+def test_public_api_at_the_top_level():
+    import drone_hf
+
+    assert drone_hf.projective_clustering is projective_clustering and drone_hf.choose_kj is choose_kj
+    result = drone_hf.projective_clustering(torch.randn(40, 6, generator=torch.Generator().manual_seed(0)), 2, 3)
+    assert isinstance(result, drone_hf.ProjectiveClusteringResult) and result.bases.shape == (2, 3, 6)
