@@ -28,22 +28,14 @@ def _true_label_probability(logits: np.ndarray, labels: np.ndarray) -> np.ndarra
     return probs[np.arange(len(labels)), labels.astype(int)]
 
 
-def soft_score(logits: np.ndarray, labels: np.ndarray, problem_type: str | None) -> float:
-    """A smooth stand-in for the metric, in points: the mean probability of the true label (classification) or
-    `100 (1 - MSE / Var(y))` (regression)."""
-    if problem_type == "regression":
-        mse = float(((logits.reshape(-1) - labels.reshape(-1)) ** 2).mean())
-        return 100.0 * (1.0 - mse / max(float(labels.var()), 1e-12))
-    return 100.0 * float(_true_label_probability(logits, labels).mean())
-
-
 def soft_change(base_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray, problem_type: str | None) -> float:
     """How much a compression moves the model, in points, used for per-module drops that are far below one held-out
     example: the mean absolute change of the true label's probability (classification) or of the prediction, over
     the labels' standard deviation (regression).
 
-    Unlike a drop in [`soft_score`], it is never negative: a module whose compression happens to raise the score on
-    these rows is still charged for changing the model, so noise cannot make a harsh rank look free.
+    Unlike a drop in the mean true-label probability, it is never negative: a module whose compression happens to
+    raise that score on these rows is still charged for changing the model, so noise cannot make a harsh rank look
+    free.
     """
     if problem_type == "regression":
         moved = np.abs(logits.reshape(-1) - base_logits.reshape(-1)).mean()
@@ -214,6 +206,5 @@ __all__ = [
     "module_time_shares",
     "paired_standard_error",
     "soft_change",
-    "soft_score",
     "spread_subset",
 ]
