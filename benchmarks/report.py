@@ -45,8 +45,8 @@ GPU_SETTINGS = [(dtype, batch) for dtype in ("fp32", "bf16") for batch in (1, 32
 class Settings:
     tasks: list[str] = field(default_factory=lambda: ["sst2", "mrpc", "cola"])
     budgets: list[float] = field(default_factory=lambda: [1.5, 2.0, 3.0])
-    steps: int = 400
-    max_length: int = 128
+    steps: int | None = None  # None: the task's entry in TEACHERS
+    max_length: int | None = None
     dev_rows: int | None = None
     calibration_samples: int = 512
     distill_steps: int = 100
@@ -56,6 +56,11 @@ class Settings:
     latency_batch: int = 8
     quick: bool = False
 
+
+# Fine-tuning steps and maximum length of each task's teacher when `--steps` / `--max-length` are not given: the same
+# teachers as the demo and the other benchmark scripts (cached under .cache/finetuned). Pairs (MRPC) need 128 tokens.
+TEACHERS = {"sst2": (300, 64), "mrpc": (350, 128), "cola": (300, 64)}
+DEFAULT_TEACHER = (400, 128)
 
 QUICK = {"budgets": [2.0], "steps": 40, "max_length": 64, "dev_rows": 200, "calibration_samples": 128,
          "distill_steps": 10, "distill_rows": 320, "latency_repeats": 5}
@@ -71,7 +76,8 @@ def parse_args() -> Settings:
     for name in ("steps", "max_length", "dev_rows", "calibration_samples", "distill_steps", "distill_rows",
                  "latency_repeats", "seq_len", "latency_batch"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                            help=f"default {getattr(defaults, name)} ({QUICK.get(name, 'same')} with --quick)")
+                            help=f"default {getattr(defaults, name) or f'per task {TEACHERS}'} "
+                                 f"({QUICK.get(name, 'same')} with --quick)")
     parsed = vars(parser.parse_args())
     settings = {**asdict(defaults), **(QUICK if parsed["quick"] else {})}
     settings.update({key: value for key, value in parsed.items() if value is not None})
@@ -94,8 +100,8 @@ def distill_function(settings: Settings, task: str, tokenizer):
         return None
     from transformers import TrainingArguments
 
-    train = load_glue(task, tokenizer, split="train", data_dir=glue_data_dir(task), max_length=settings.max_length,
-                      max_samples=settings.distill_rows, seed=1)
+    train = load_glue(task, tokenizer, split="train", data_dir=glue_data_dir(task),
+                      max_length=teacher_settings(task, settings)[1], max_samples=settings.distill_rows, seed=1)
     scratch = tempfile.mkdtemp(prefix="drone-report-")
 
     def run(student, teacher):
@@ -125,14 +131,20 @@ def gpu_speedups(models: dict, inputs_for_batch, settings: Settings) -> dict[str
     return results
 
 
+def teacher_settings(task: str, settings: Settings) -> tuple[int, int]:
+    """`(fine-tuning steps, max_length)` of `task`'s teacher: the command line's, else the task's entry in TEACHERS."""
+    steps, max_length = TEACHERS.get(task, DEFAULT_TEACHER)
+    return settings.steps or steps, settings.max_length or max_length
+
+
 def run_task(task: str, settings: Settings) -> dict:
     info = get_glue_task(task)
     started = time.perf_counter()
-    print(f"\n=== {info.name}: fine-tuning MiniLM ({settings.steps} steps, cached) ===", flush=True)
-    teacher, tokenizer, teacher_path, train_seconds = finetune(info.name, steps=settings.steps,
-                                                                max_length=settings.max_length)
+    steps, max_length = teacher_settings(info.name, settings)
+    print(f"\n=== {info.name}: fine-tuning MiniLM ({steps} steps, {max_length} tokens, cached) ===", flush=True)
+    teacher, tokenizer, teacher_path, train_seconds = finetune(info.name, steps=steps, max_length=max_length)
     dev = load_glue(info.name, tokenizer, split=info.dev_splits[0], data_dir=glue_data_dir(info.name),
-                    max_length=settings.max_length, max_samples=settings.dev_rows)
+                    max_length=max_length, max_samples=settings.dev_rows)
     batches = calibration_batches(info.name, tokenizer, num_samples=settings.calibration_samples)
     stats = drone_hf.collect_activation_stats(teacher, batches)
     provenance = {"dataset": f"glue/{info.name}", "split": "train", "num_samples": settings.calibration_samples,
@@ -176,7 +188,8 @@ def run_task(task: str, settings: Settings) -> dict:
                    **gpu.get(parent, {}))
         row["delta"] = row["metric"] - rows[0]["metric"]
     return {"task": info.name, "metric_name": info.main_metric, "dev_split": info.dev_splits[0], "dev_rows": len(dev),
-            "teacher": str(teacher_path), "fine_tune_seconds": train_seconds, "gpu": bool(gpu),
+            "teacher": str(teacher_path), "teacher_steps": steps, "max_length": max_length,
+            "fine_tune_seconds": train_seconds, "gpu": bool(gpu),
             "seconds": time.perf_counter() - started, "rows": rows}
 
 
@@ -184,7 +197,7 @@ def markdown(results: dict, settings: Settings) -> str:
     machine = results["machine"]
     lines = [
         "# drone_hf benchmark report" + (" (quick smoke settings)" if settings.quick else ""), "",
-        f"MiniLM-L6 (all-MiniLM-L6-v2) fine-tuned for {settings.steps} steps per task; calibration on "
+        "MiniLM-L6 (all-MiniLM-L6-v2) fine-tuned per task (steps and token length in each heading); calibration on "
         f"{settings.calibration_samples} training rows; ranks chosen by `compress_model(target_speedup=...)` "
         f"(FLOP budget); distillation {settings.distill_steps} steps on {settings.distill_rows} training rows "
         "(`+KD`, when available; timed as the undistilled model, same architecture). Dev metric in points; "
@@ -194,7 +207,8 @@ def markdown(results: dict, settings: Settings) -> str:
     ]
     for task in results["tasks"].values():
         gpu_columns = [f"gpu_{dtype}_b{batch}" for dtype, batch in GPU_SETTINGS] if task["gpu"] else []
-        lines += [f"## {task['task']} ({task['metric_name']}, {task['dev_rows']} {task['dev_split']} rows)", "",
+        lines += [f"## {task['task']} ({task['metric_name']}, {task['dev_rows']} {task['dev_split']} rows; teacher "
+                  f"{task['teacher_steps']} steps, {task['max_length']} tokens)", "",
                   "| model | params (M) | checkpoint MB | dev metric | Δ | CPU speed-up | FLOP bound |"
                   + "".join(f" GPU {c[4:].replace('_b', ' b')} |" for c in gpu_columns),
                   "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(gpu_columns)]

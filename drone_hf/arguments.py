@@ -76,6 +76,10 @@ class DroneCompressionArguments:
             alone ([`allocate_ranks`]).
         safety_margin (`float`, *optional*, defaults to 1.0): Paired standard errors added to the held-out drop
             before comparing it with `max_accuracy_drop`.
+        refine_steps (`int`, *optional*, defaults to 48): Joint checks `max_accuracy_drop` spends after its
+            time-share allocation on lowering one module's rank at a time ([`allocate_ranks`]).
+        bias_correction (`bool`, *optional*, defaults to `False`): Factor DRONE linears on the centred statistics
+            and fold the mean into the bias ([`compress_model`]); the `drone-hf` command line turns it on.
         calibration_batch_size (`int`, *optional*, defaults to 32): Rows per calibration batch.
         seed (`int`, *optional*, defaults to 0): Seed of the random choice of calibration and held-out rows.
 
@@ -114,6 +118,12 @@ class DroneCompressionArguments:
     safety_margin: float = field(
         default=1.0, metadata={"help": "Standard errors added to the held-out drop before the budget check."}
     )
+    refine_steps: int = field(
+        default=48, metadata={"help": "Joint checks spent lowering single ranks after the max_accuracy_drop search."}
+    )
+    bias_correction: bool = field(
+        default=False, metadata={"help": "DRONE on centred statistics, the mean folded into the bias."}
+    )
     calibration_batch_size: int = field(default=32, metadata={"help": "Rows per calibration batch."})
     seed: int = field(default=0, metadata={"help": "Seed of the choice of calibration / held-out rows."})
 
@@ -148,6 +158,11 @@ class DroneCompressionArguments:
         _check_int("screening_samples", self.screening_samples, minimum=1)
         if not _is_number(self.safety_margin) or self.safety_margin < 0:
             raise ValueError(f"`safety_margin` must be a number >= 0 (standard errors), got {self.safety_margin!r}.")
+        _check_int("refine_steps", self.refine_steps, minimum=0)
+        if not isinstance(self.bias_correction, bool):
+            raise ValueError(f"`bias_correction` must be True or False, got {self.bias_correction!r}.")
+        if self.bias_correction and self.method != "drone":
+            raise ValueError(f"`bias_correction=True` needs `method='drone'`, got method={self.method!r}.")
         _check_int("calibration_batch_size", self.calibration_batch_size, minimum=1)
         _check_int("seed", self.seed, minimum=0)
 
@@ -163,15 +178,28 @@ class DroneCompressionArguments:
                 f"`target_speedup` or `max_accuracy_drop`; got {given}."
             )
 
-    def compress_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for [`compress_model`] (budget, method and targets; no data)."""
+    def compress_kwargs(self, task: str | None = None) -> dict[str, Any]:
+        """Keyword arguments for [`compress_model`] (budget, method and targets; no data).
+
+        Args:
+            task (`str`, *optional*): GLUE task name. With `max_accuracy_drop`, the drop is then measured on the
+                task's main metric ([`~glue.glue_metric_points`]: F1 for MRPC/QQP, Matthews correlation for CoLA,
+                Pearson for STS-B) instead of accuracy.
+        """
         kwargs = {name: getattr(self, name) for name in ("method", "target_modules", *_BUDGETS)}
+        if self.bias_correction:
+            kwargs["bias_correction"] = True
         if self.max_accuracy_drop is not None or self.target_speedup is not None:
             kwargs["attention"] = self.attention
         if self.max_accuracy_drop is not None:
             kwargs["allocation_options"] = {
-                "screening_samples": self.screening_samples, "safety_margin": self.safety_margin
+                "screening_samples": self.screening_samples, "safety_margin": self.safety_margin,
+                "refine_steps": self.refine_steps,
             }
+            if task is not None:
+                from .glue_metrics import glue_metric_points
+
+                kwargs["allocation_options"]["metric_fn"] = glue_metric_points(task)
         return kwargs
 
     def validate_for_model(self, model: nn.Module) -> None:

@@ -225,7 +225,7 @@ class DroneCompressionCallback(TrainerCallback):
                 "num_samples": num_rows, "seed": settings.seed}
         compressed = None
         if state.is_world_process_zero:
-            compressed = compress_model(model, stats, **settings.compress_kwargs(), eval_dataloader=heldout,
+            compressed = compress_model(model, stats, **settings.compress_kwargs(self.task), eval_dataloader=heldout,
                                         allocation_report=self.allocation_report, calibration_info=info)
         if distil_everywhere:
             compressed = self._same_structure_everywhere(model, stats, compressed, info)
@@ -254,7 +254,7 @@ class DroneCompressionCallback(TrainerCallback):
         torch.distributed.broadcast_object_list(structure, src=0)
         if compressed is None:
             compressed = compress_model(model, stats, method=self.compression_args.method, ranks=structure[0],
-                                        calibration_info=info)
+                                        calibration_info=info, bias_correction=self.compression_args.bias_correction)
         return compressed
 
     def _collate(self, rows: list[dict], tokenizer) -> dict[str, torch.Tensor]:

@@ -141,17 +141,10 @@ def _print_table(results: dict, info, dev_size: int) -> None:
           f"{torch.get_num_threads()} threads, median of round-robin runs in this process.")
 
 
-def _metric_fn(info):
-    """The task's main GLUE metric in points, as `(logits, labels) -> float` for the allocation."""
-    from .glue import glue_metrics
-
-    return lambda logits, labels: 100.0 * glue_metrics(info.name, logits, labels)[info.main_metric]
-
-
 def _compress(args) -> int:
     from . import allocate_ranks, collect_activation_stats, compress_model
     from .evaluation import iter_batches
-    from .glue import load_glue
+    from .glue import glue_metric_points, load_glue
 
     model, tokenizer, info = _load(args)
     needs_heldout = args.max_accuracy_drop is not None
@@ -186,8 +179,8 @@ def _compress(args) -> int:
         ranks = allocate_ranks(
             model, stats, method=args.method, attention=not args.no_attention, show_progress=True, report=report,
             seq_len=min(128, model.config.max_position_embeddings), bias_correction=args.bias_correction,
-            metric_fn=_metric_fn(info), screening_samples=args.screening_samples, safety_margin=args.safety_margin,
-            refine_steps=args.refine_steps,
+            metric_fn=glue_metric_points(info.name), screening_samples=args.screening_samples,
+            safety_margin=args.safety_margin, refine_steps=args.refine_steps,
             eval_dataloader=list(iter_batches(heldout, tokenizer, batch_size=64, sort_by_length=True))
             if heldout is not None else None,
             **budget,

@@ -15,6 +15,7 @@ from transformers.utils import logging
 
 # Names imported `as` themselves were defined here before the GLUE code was split; they stay importable from here.
 from .glue_metrics import glue_compute_metrics as glue_compute_metrics
+from .glue_metrics import glue_metric_points as glue_metric_points
 from .glue_metrics import glue_metrics as glue_metrics
 from .glue_tasks import GLUE_HUB_ID, GlueTask, _normalise, get_glue_task
 from .glue_tasks import GLUE_TASK_INFO as GLUE_TASK_INFO

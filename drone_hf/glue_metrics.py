@@ -134,4 +134,28 @@ def glue_compute_metrics(task: str) -> Callable[[EvalPrediction], dict[str, floa
     return compute_metrics
 
 
-__all__ = ["glue_compute_metrics", "glue_metrics"]
+def glue_metric_points(task: str) -> Callable[[Any, Any], float]:
+    """The task's main GLUE metric in points, as the `metric_fn` of [`allocate_ranks`] (`max_accuracy_drop`).
+
+    Budgets are then spent on the number the task is judged by (F1 for MRPC/QQP, Matthews correlation for CoLA,
+    Pearson for STS-B) instead of plain accuracy.
+
+    Args:
+        task: GLUE task name (validated immediately).
+
+    Returns:
+        `(logits, labels) -> float`: `100 * glue_metrics(task, logits, labels)[main_metric]`.
+
+    Example:
+        >>> glue_metric_points("mrpc")([[0.1, 0.9], [2.0, -1.0]], [1, 1])
+        66.66666666666666
+    """
+    info = get_glue_task(task)
+
+    def metric_points(logits: Any, labels: Any) -> float:
+        return 100.0 * glue_metrics(info, logits, labels)[info.main_metric]
+
+    return metric_points
+
+
+__all__ = ["glue_compute_metrics", "glue_metric_points", "glue_metrics"]

@@ -24,6 +24,9 @@ from .testing_utils import tiny_teacher
         ({"max_accuracy_drop": 1.0, "heldout_samples": 0}, r"`heldout_samples` must be >= 1 with `max_accuracy_drop`"),
         ({"max_accuracy_drop": 1.0, "screening_samples": 0}, r"`screening_samples` must be an int >= 1, got 0"),
         ({"max_accuracy_drop": 1.0, "safety_margin": -1.0}, r"`safety_margin` must be a number >= 0"),
+        ({"max_accuracy_drop": 1.0, "refine_steps": -1}, r"`refine_steps` must be an int >= 0, got -1"),
+        ({"rank": 4, "bias_correction": "yes"}, r"`bias_correction` must be True or False, got 'yes'"),
+        ({"rank": 4, "method": "svd", "bias_correction": True}, r"`bias_correction=True` needs `method='drone'`"),
         ({"rank": 4, "num_calibration_samples": 0}, r"`num_calibration_samples` must be an int >= 1, got 0"),
         ({"rank": 4, "calibration_batch_size": 0}, r"`calibration_batch_size` must be an int >= 1"),
         ({"rank": 4, "seed": -1}, r"`seed` must be an int >= 0"),
@@ -47,6 +50,17 @@ def test_compression_arguments_defaults_and_kwargs():
         "param_ratio": None, "attention_rank": 2, "max_accuracy_drop": None, "target_speedup": None,
     }
     assert DroneCompressionArguments(target_speedup=1.5, attention=False).compress_kwargs()["attention"] is False
+    assert DroneCompressionArguments(rank=4, bias_correction=True).compress_kwargs()["bias_correction"] is True
+
+
+def test_accuracy_budget_kwargs_carry_the_search_options_and_the_task_metric():
+    args = DroneCompressionArguments(max_accuracy_drop=1.0, screening_samples=64, safety_margin=0.5, refine_steps=3)
+    assert args.compress_kwargs()["allocation_options"] == {"screening_samples": 64, "safety_margin": 0.5,
+                                                           "refine_steps": 3}
+    metric = args.compress_kwargs("cola")["allocation_options"]["metric_fn"]
+    logits, labels = [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]], [0, 1, 1, 0]
+    # CoLA's Matthews correlation, not accuracy (75): tp=2, tn=1, fp=1, fn=0 -> (2*1 - 1*0) / sqrt(3*2*1*2).
+    assert metric(logits, labels) == pytest.approx(100 * 2 / 12**0.5)
 
 
 def test_compression_arguments_parse_from_the_command_line():

@@ -24,6 +24,7 @@ from drone_hf import (
     compress_model,
 )
 from drone_hf.callbacks import _take_rows
+from drone_hf.glue import glue_metric_points
 
 from .testing_utils import tiny_batches, tiny_dataset, tiny_teacher, tiny_tokenizer, torch_threads
 
@@ -190,6 +191,23 @@ def test_max_accuracy_drop_uses_heldout_training_rows_disjoint_from_calibration(
     assert not ids(calibration) & ids(heldout) and all("labels" in b for b in heldout)
     _trainer(tmp_path, [drone], train=train).train()
     assert drone.allocation_report["heldout_examples"] == 12 and drone.compressed_model is not None
+
+
+def test_max_accuracy_drop_is_measured_on_the_tasks_main_metric(tmp_path):
+    # MRPC is judged by F1: with `task="mrpc"` the budget is spent on held-out F1, as in `drone-hf compress`.
+    train = tiny_dataset(40, num_labels=2)
+    settings = DroneCompressionArguments(max_accuracy_drop=50.0, num_calibration_samples=16, heldout_samples=24,
+                                         screening_samples=8, refine_steps=2)
+    drone = DroneCompressionCallback(settings, train_dataset=train, task="mrpc", measure_speed=False)
+    trainer = _trainer(tmp_path, [drone], model=tiny_teacher(num_labels=2), train=train)
+    trainer.train()
+    _, heldout, _ = drone._training_batches(None, tiny_tokenizer(), 0, 1)
+    logits = torch.cat([_logits(trainer.model, batch) for batch in heldout]).numpy()
+    labels = torch.cat([batch["labels"] for batch in heldout]).numpy()
+    f1, accuracy = glue_metric_points("mrpc")(logits, labels), 100.0 * (logits.argmax(-1) == labels).mean()
+    assert abs(f1 - accuracy) > 1.0  # the two metrics differ here, so the check below tells them apart
+    assert drone.allocation_report["heldout_base_metric"] == pytest.approx(f1, abs=1e-6)
+    assert drone.allocation_report["refined_steps"] <= 2
 
 
 def test_on_train_end_runs_after_the_best_model_is_loaded(tmp_path, monkeypatch):
