@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from .attention import DroneBertSelfAttention
 from .allocation import allocate_by_energy, allocate_ranks, breakeven_rank
 from .arguments import DroneCompressionArguments, DroneDistillationArguments
+from .attention import DroneBertSelfAttention
 from .calibration import (
     ActivationStatsCollector,
     collect_activation_stats,

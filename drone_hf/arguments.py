@@ -98,7 +98,7 @@ class DroneCompressionArguments:
     method: str = field(default="drone", metadata={"help": "`drone` (data-aware) or `svd`."})
     rank: int | None = field(default=None, metadata={"help": "One rank for every target linear."})
     ranks: dict[str, int] | str | None = field(
-        default=None, metadata={"help": 'Per-module ranks as a JSON object, e.g. \'{"re:.*intermediate.*": 96}\'.'}
+        default=None, metadata={"help": "Per-module ranks as a JSON object, e.g. '{\"re:.*intermediate.*\": 96}'."}
     )
     param_ratio: float | None = field(default=None, metadata={"help": "Fraction of weight parameters to keep."})
     attention_rank: int | None = field(default=None, metadata={"help": "Per-head query/key rank (DRONE attention)."})
@@ -193,7 +193,8 @@ class DroneCompressionArguments:
             kwargs["attention"] = self.attention
         if self.max_accuracy_drop is not None:
             kwargs["allocation_options"] = {
-                "screening_samples": self.screening_samples, "safety_margin": self.safety_margin,
+                "screening_samples": self.screening_samples,
+                "safety_margin": self.safety_margin,
                 "refine_steps": self.refine_steps,
             }
             if task is not None:
@@ -239,7 +240,11 @@ class DroneCompressionArguments:
             from .allocation import allocate_ranks
 
             allocate_ranks(
-                model, None, method="svd", target_speedup=self.target_speedup, attention=self.attention,
+                model,
+                None,
+                method="svd",
+                target_speedup=self.target_speedup,
+                attention=self.attention,
                 target_modules=self.target_modules,
             )
 
@@ -337,8 +342,16 @@ class DroneDistillationArguments:
 
     def training_overrides(self) -> dict[str, Any]:
         """The `TrainingArguments` fields these settings replace in a copied base."""
-        names = ("max_steps", "learning_rate", "per_device_train_batch_size", "warmup_steps", "weight_decay",
-                 "lr_scheduler_type", "logging_steps", "seed")
+        names = (
+            "max_steps",
+            "learning_rate",
+            "per_device_train_batch_size",
+            "warmup_steps",
+            "weight_decay",
+            "lr_scheduler_type",
+            "logging_steps",
+            "seed",
+        )
         overrides = {name: getattr(self, name) for name in names}
         overrides["report_to"] = self.report_to if self.report_to is not None else "none"
         return overrides

@@ -152,7 +152,9 @@ def collect_activation_stats(
     Raises:
         `ValueError`: for an empty dataloader, batches without `input_ids`, all-padding data, or NaN/Inf activations.
     """
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches <= 0):
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches <= 0
+    ):
         raise ValueError(f"`max_batches` must be a positive int or None, got {max_batches!r}.")
     names = resolve_target_modules(model, target_modules)
     if not names:
@@ -169,8 +171,10 @@ def collect_activation_stats(
                     break
                 if not isinstance(batch, Mapping) or "input_ids" not in batch:
                     raise ValueError(
-                        f"`dataloader` must yield dicts with `input_ids` (tokenizer batches), got {type(batch).__name__}"
-                        f"{' with keys ' + str(list(batch)) if isinstance(batch, Mapping) else ''}."
+                        "`dataloader` must yield dicts with `input_ids` (tokenizer batches), got "
+                        + type(batch).__name__
+                        + (f" with keys {list(batch)}" if isinstance(batch, Mapping) else "")
+                        + "."
                     )
                 inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUT_KEYS and v is not None}
                 collector.set_attention_mask(inputs.get("attention_mask"))

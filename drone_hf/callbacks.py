@@ -202,16 +202,31 @@ class DroneCompressionCallback(TrainerCallback):
             if tokenizer is None:
                 raise ValueError("`eval_dataset` needs a tokenizer to pad rows: pass `processing_class`.")
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
-                       processing_class=None, **kwargs):
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model=None,
+        processing_class=None,
+        **kwargs,
+    ):
         """Validates the settings before the first training step (see [`validate`])."""
         if model is None:
             raise ValueError("DroneCompressionCallback needs the trainer's `model`.")
         self.validate(model, processing_class)
 
     # --------------------------------------------------------------------------------------------------- the work
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
-                     train_dataloader=None, processing_class=None, **kwargs):
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model=None,
+        train_dataloader=None,
+        processing_class=None,
+        **kwargs,
+    ):
         """Calibrates, compresses, optionally distils, evaluates and saves (see the class docstring)."""
         tokenizer = self.processing_class if self.processing_class is not None else processing_class
         rank, world = _world()
@@ -221,12 +236,22 @@ class DroneCompressionCallback(TrainerCallback):
         stats = collect_activation_stats(model, calibration, target_modules=settings.target_modules)  # summed
         if not (state.is_world_process_zero or distil_everywhere):
             return
-        info = {"dataset": f"glue/{self.task}" if self.task else "train_dataset", "split": "train",
-                "num_samples": num_rows, "seed": settings.seed}
+        info = {
+            "dataset": f"glue/{self.task}" if self.task else "train_dataset",
+            "split": "train",
+            "num_samples": num_rows,
+            "seed": settings.seed,
+        }
         compressed = None
         if state.is_world_process_zero:
-            compressed = compress_model(model, stats, **settings.compress_kwargs(self.task), eval_dataloader=heldout,
-                                        allocation_report=self.allocation_report, calibration_info=info)
+            compressed = compress_model(
+                model,
+                stats,
+                **settings.compress_kwargs(self.task),
+                eval_dataloader=heldout,
+                allocation_report=self.allocation_report,
+                calibration_info=info,
+            )
         if distil_everywhere:
             compressed = self._same_structure_everywhere(model, stats, compressed, info)
         metrics = {}
@@ -236,8 +261,15 @@ class DroneCompressionCallback(TrainerCallback):
         if self.distillation_args is not None:
             from .distillation import distill
 
-            compressed = distill(compressed, model, self.train_dataset, self.distillation_args, training_args=args,
-                                 data_collator=self.data_collator, processing_class=tokenizer)
+            compressed = distill(
+                compressed,
+                model,
+                self.train_dataset,
+                self.distillation_args,
+                training_args=args,
+                data_collator=self.data_collator,
+                processing_class=tokenizer,
+            )
             if state.is_world_process_zero and self.eval_dataset is not None:
                 metrics["compressed+distilled"] = self._evaluate(compressed, tokenizer)
         self.compressed_model, self.metrics = compressed.eval(), metrics
@@ -253,8 +285,14 @@ class DroneCompressionCallback(TrainerCallback):
             structure = [{**(config.drone_ranks or {}), **(config.drone_attention_ranks or {})}]
         torch.distributed.broadcast_object_list(structure, src=0)
         if compressed is None:
-            compressed = compress_model(model, stats, method=self.compression_args.method, ranks=structure[0],
-                                        calibration_info=info, bias_correction=self.compression_args.bias_correction)
+            compressed = compress_model(
+                model,
+                stats,
+                method=self.compression_args.method,
+                ranks=structure[0],
+                calibration_info=info,
+                bias_correction=self.compression_args.bias_correction,
+            )
         return compressed
 
     def _collate(self, rows: list[dict], tokenizer) -> dict[str, torch.Tensor]:
@@ -317,8 +355,10 @@ class DroneCompressionCallback(TrainerCallback):
         source = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
         if not self.measure_speed or source is None or tokenizer is None:
             return None
-        rows = [{k: v[:seq_len] for k, v in source[i].items() if k in MODEL_INPUT_KEYS}
-                for i in range(min(len(source), _LATENCY_BATCH))]
+        rows = [
+            {k: v[:seq_len] for k, v in source[i].items() if k in MODEL_INPUT_KEYS}
+            for i in range(min(len(source), _LATENCY_BATCH))
+        ]
         inputs = dict(tokenizer.pad(rows, padding="max_length", max_length=seq_len, return_tensors="pt"))
         training = model.training
         try:
@@ -326,12 +366,18 @@ class DroneCompressionCallback(TrainerCallback):
         finally:
             model.train(training)
         device = next(model.parameters()).device
-        hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                    else f"CPU {platform.machine()}, {torch.get_num_threads()} threads")
+        hardware = (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+        )
         dtype = next(model.parameters()).dtype
-        return {"speedup": latency["dense"] / latency["compressed"],
-                "flop_bound": flop_speedup_bound(model.config, compressed.config, seq_len),
-                "hardware": hardware, "setting": f"batch {len(rows)} x {seq_len} tokens, {dtype}"}
+        return {
+            "speedup": latency["dense"] / latency["compressed"],
+            "flop_bound": flop_speedup_bound(model.config, compressed.config, seq_len),
+            "hardware": hardware,
+            "setting": f"batch {len(rows)} x {seq_len} tokens, {dtype}",
+        }
 
     def _save(self, args, state, model, compressed, tokenizer) -> None:
         from .hub import create_or_update_model_card
@@ -342,11 +388,15 @@ class DroneCompressionCallback(TrainerCallback):
             tokenizer.save_pretrained(path)
         self.speed = self._speed(model, compressed, tokenizer)
         base_model = self.base_model or getattr(model.config, "name_or_path", None) or None
-        create_or_update_model_card(path, base_model=base_model, dataset=self.task, metrics=self.metrics or None,
-                                    speed=self.speed)
+        create_or_update_model_card(
+            path, base_model=base_model, dataset=self.task, metrics=self.metrics or None, speed=self.speed
+        )
         self.compressed_model_path = path
-        flat = {f"drone/{variant}_{name}": value for variant, values in self.metrics.items()
-                for name, value in values.items()}
+        flat = {
+            f"drone/{variant}_{name}": value
+            for variant, values in self.metrics.items()
+            for name, value in values.items()
+        }
         if self.speed is not None:
             flat["drone/speedup"] = self.speed["speedup"]
         state.log_history.append({**flat, "step": state.global_step})

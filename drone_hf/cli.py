@@ -1,9 +1,9 @@
 """`drone-hf`: compress a fine-tuned BERT classifier on a GLUE task from the command line, or evaluate one.
 
-    drone-hf compress --model DIR_OR_HUB_ID --task sst2 [--data-dir GLUE_DIR]
-        (--max-accuracy-drop PTS | --target-speedup X | --param-ratio P | --rank K) [--method drone|svd]
-        [--calibration-samples N] --output DIR
-    drone-hf evaluate --model DIR --task sst2 [--data-dir GLUE_DIR]
+drone-hf compress --model DIR_OR_HUB_ID --task sst2 [--data-dir GLUE_DIR]
+    (--max-accuracy-drop PTS | --target-speedup X | --param-ratio P | --rank K) [--method drone|svd]
+    [--calibration-samples N] --output DIR
+drone-hf evaluate --model DIR --task sst2 [--data-dir GLUE_DIR]
 """
 
 from __future__ import annotations
@@ -32,12 +32,16 @@ def _data_dir(value: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="drone-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="drone-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub):
         sub.add_argument("--model", required=True, help="fine-tuned BertForSequenceClassification: folder or Hub id")
-        sub.add_argument("--task", required=True, type=_task, help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli")
+        sub.add_argument(
+            "--task", required=True, type=_task, help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli"
+        )
         sub.add_argument("--data-dir", type=_data_dir, help="local GLUE TSV folder (default: the Hub, nyu-mll/glue)")
         sub.add_argument("--max-length", type=int, default=128)
         sub.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
@@ -54,18 +58,38 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--rank", type=int, help="one rank for every encoder linear")
     compress.add_argument("--method", choices=["drone", "svd"], default="drone")
     compress.add_argument("--no-attention", action="store_true", help="do not factor the attention score product")
-    compress.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=True,
-                          help="DRONE on centred statistics with the optimal bias shift folded in (default; never "
-                               "worse on the calibration data; --no-bias-correction gives the paper's uncentred form)")
+    compress.add_argument(
+        "--bias-correction",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="DRONE on centred statistics with the optimal bias shift folded in (default; never "
+        "worse on the calibration data; --no-bias-correction gives the paper's uncentred form)",
+    )
     compress.add_argument("--calibration-samples", type=int, default=512)
-    compress.add_argument("--heldout-samples", type=int, default=2048,
-                          help="train rows (disjoint from calibration) for --max-accuracy-drop's joint checks")
-    compress.add_argument("--screening-samples", type=int, default=512,
-                          help="of those, rows scoring each module alone (cheap per-module curves)")
-    compress.add_argument("--safety-margin", type=float, default=1.0,
-                          help="paired standard errors added to the held-out drop before comparing with the budget")
-    compress.add_argument("--refine-steps", type=int, default=48,
-                          help="joint checks spent moving single modules one rank down after the time-share split")
+    compress.add_argument(
+        "--heldout-samples",
+        type=int,
+        default=2048,
+        help="train rows (disjoint from calibration) for --max-accuracy-drop's joint checks",
+    )
+    compress.add_argument(
+        "--screening-samples",
+        type=int,
+        default=512,
+        help="of those, rows scoring each module alone (cheap per-module curves)",
+    )
+    compress.add_argument(
+        "--safety-margin",
+        type=float,
+        default=1.0,
+        help="paired standard errors added to the held-out drop before comparing with the budget",
+    )
+    compress.add_argument(
+        "--refine-steps",
+        type=int,
+        default=48,
+        help="joint checks spent moving single modules one rank down after the time-share split",
+    )
     compress.add_argument("--output", required=True)
     compress.add_argument("--push-to-hub", metavar="REPO", help="also upload the compressed model to this Hub repo")
 
@@ -95,8 +119,13 @@ def _dev(args, tokenizer, info):
     from .glue import load_glue
 
     return load_glue(
-        info.name, tokenizer, split=info.dev_splits[0], data_dir=args.data_dir, max_length=args.max_length,
-        max_samples=args.max_eval_samples, seed=args.seed,
+        info.name,
+        tokenizer,
+        split=info.dev_splits[0],
+        data_dir=args.data_dir,
+        max_length=args.max_length,
+        max_samples=args.max_eval_samples,
+        seed=args.seed,
     )
 
 
@@ -108,8 +137,12 @@ def _measure(args, models: dict, dev, tokenizer, info) -> dict[str, dict]:
     seq_len = min(128, first.config.max_position_embeddings)
     rows = [dev[i] for i in range(min(8, len(dev)))]
     keys = ("input_ids", "token_type_ids", "attention_mask")
-    batch = tokenizer.pad([{k: r[k] for k in keys if k in r} for r in rows], padding="max_length", max_length=seq_len,
-                          return_tensors="pt")
+    batch = tokenizer.pad(
+        [{k: r[k] for k in keys if k in r} for r in rows],
+        padding="max_length",
+        max_length=seq_len,
+        return_tensors="pt",
+    )
     latency = measure_latency(models, dict(batch), repeats=args.latency_repeats)
     results = {}
     for name, model in models.items():
@@ -131,14 +164,23 @@ def _print_table(results: dict, info, dev_size: int) -> None:
     header = ["model", *metric_names, "params (M)", "encoder (M)", "size MB", "latency ms", "speed-up", "FLOP bound"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for name, r in results.items():
-        cells = [name, *(f"{100 * r['metrics'][m]:.2f}" for m in metric_names), f"{r['parameters'] / 1e6:.2f}",
-                 f"{r['encoder_parameters'] / 1e6:.2f}", f"{r['checkpoint_mb']:.1f}", f"{r['latency_ms']:.1f}",
-                 f"{r['speedup']:.2f}x", f"{r['flop_bound']:.2f}x"]
+        cells = [
+            name,
+            *(f"{100 * r['metrics'][m]:.2f}" for m in metric_names),
+            f"{r['parameters'] / 1e6:.2f}",
+            f"{r['encoder_parameters'] / 1e6:.2f}",
+            f"{r['checkpoint_mb']:.1f}",
+            f"{r['latency_ms']:.1f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['flop_bound']:.2f}x",
+        ]
         print("| " + " | ".join(cells) + " |")
     import torch
 
-    print(f"\n{info.name} {info.dev_splits[0]} ({dev_size} examples); latency: batch 8 x 128 tokens, CPU, "
-          f"{torch.get_num_threads()} threads, median of round-robin runs in this process.")
+    print(
+        f"\n{info.name} {info.dev_splits[0]} ({dev_size} examples); latency: batch 8 x 128 tokens, CPU, "
+        f"{torch.get_num_threads()} threads, median of round-robin runs in this process."
+    )
 
 
 def _compress(args) -> int:
@@ -149,8 +191,15 @@ def _compress(args) -> int:
     model, tokenizer, info = _load(args)
     needs_heldout = args.max_accuracy_drop is not None
     total = args.calibration_samples + (args.heldout_samples if needs_heldout else 0)
-    rows = load_glue(info.name, tokenizer, split="train", data_dir=args.data_dir, max_length=args.max_length,
-                     max_samples=total, seed=args.seed).shuffle(seed=args.seed)
+    rows = load_glue(
+        info.name,
+        tokenizer,
+        split="train",
+        data_dir=args.data_dir,
+        max_length=args.max_length,
+        max_samples=total,
+        seed=args.seed,
+    ).shuffle(seed=args.seed)
     if len(rows) < total:
         spare = len(rows) - args.calibration_samples
         if not needs_heldout or spare < 64:
@@ -158,53 +207,92 @@ def _compress(args) -> int:
                 f"The train split has {len(rows)} rows; --calibration-samples + --heldout-samples = {total} (the "
                 "accuracy budget needs at least 64 held-out rows after the calibration rows)."
             )
-        print(f"The train split has {len(rows)} rows: holding out the {spare} after the calibration rows "
-              f"(--heldout-samples {args.heldout_samples} asked for more).", file=sys.stderr)
+        print(
+            f"The train split has {len(rows)} rows: holding out the {spare} after the calibration rows "
+            f"(--heldout-samples {args.heldout_samples} asked for more).",
+            file=sys.stderr,
+        )
         total = len(rows)
     calibration = rows.select(range(args.calibration_samples))
     started = time.perf_counter()
     stats = collect_activation_stats(
         model, iter_batches(calibration, tokenizer, batch_size=32, sort_by_length=True), show_progress=True
     )
-    calibration_info = {"dataset": f"glue/{info.name}", "split": "train", "num_samples": args.calibration_samples,
-                        "seed": args.seed}
+    calibration_info = {
+        "dataset": f"glue/{info.name}",
+        "split": "train",
+        "num_samples": args.calibration_samples,
+        "seed": args.seed,
+    }
     report: dict = {}
-    budget = {"max_accuracy_drop": args.max_accuracy_drop, "target_speedup": args.target_speedup,
-              "param_ratio": args.param_ratio}
+    budget = {
+        "max_accuracy_drop": args.max_accuracy_drop,
+        "target_speedup": args.target_speedup,
+        "param_ratio": args.param_ratio,
+    }
     if args.rank is not None:
-        compressed = compress_model(model, stats, method=args.method, rank=args.rank, calibration_info=calibration_info,
-                                    bias_correction=args.bias_correction)
+        compressed = compress_model(
+            model,
+            stats,
+            method=args.method,
+            rank=args.rank,
+            calibration_info=calibration_info,
+            bias_correction=args.bias_correction,
+        )
     else:
         heldout = rows.select(range(args.calibration_samples, total)) if needs_heldout else None
         ranks = allocate_ranks(
-            model, stats, method=args.method, attention=not args.no_attention, show_progress=True, report=report,
-            seq_len=min(128, model.config.max_position_embeddings), bias_correction=args.bias_correction,
-            metric_fn=glue_metric_points(info.name), screening_samples=args.screening_samples,
-            safety_margin=args.safety_margin, refine_steps=args.refine_steps,
+            model,
+            stats,
+            method=args.method,
+            attention=not args.no_attention,
+            show_progress=True,
+            report=report,
+            seq_len=min(128, model.config.max_position_embeddings),
+            bias_correction=args.bias_correction,
+            metric_fn=glue_metric_points(info.name),
+            screening_samples=args.screening_samples,
+            safety_margin=args.safety_margin,
+            refine_steps=args.refine_steps,
             eval_dataloader=list(iter_batches(heldout, tokenizer, batch_size=64, sort_by_length=True))
-            if heldout is not None else None,
+            if heldout is not None
+            else None,
             **budget,
         )
         if not ranks:
             raise ValueError(f"The budget cannot be met: no module can be compressed within {budget}.")
-        compressed = compress_model(model, stats, method=args.method, ranks=ranks, calibration_info=calibration_info,
-                                    bias_correction=args.bias_correction)
+        compressed = compress_model(
+            model,
+            stats,
+            method=args.method,
+            ranks=ranks,
+            calibration_info=calibration_info,
+            bias_correction=args.bias_correction,
+        )
     seconds = time.perf_counter() - started
     dev = _dev(args, tokenizer, info)
     results = _measure(args, {"dense": model, f"{args.method}": compressed}, dev, tokenizer, info)
     compressed.save_pretrained(args.output)
     tokenizer.save_pretrained(args.output)
-    summary = {"task": info.name, "budget": {k: v for k, v in {**budget, "rank": args.rank}.items() if v is not None},
-               "method": args.method, "compress_seconds": seconds, "allocation": report, "results": results}
+    summary = {
+        "task": info.name,
+        "budget": {k: v for k, v in {**budget, "rank": args.rank}.items() if v is not None},
+        "method": args.method,
+        "compress_seconds": seconds,
+        "allocation": report,
+        "results": results,
+    }
     tmp = Path(args.output) / "drone_results.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=float))
     os.replace(tmp, Path(args.output) / "drone_results.json")
     print()
     _print_table(results, info, len(dev))
     if report.get("evaluations"):
-        print(f"Allocation: {report['evaluations']} held-out evaluations ({report['screening_examples']} screening / "
-              f"{report['heldout_examples']} joint-check train rows) in {report['evaluation_seconds']:.0f} s; held-out "
-              f"{info.main_metric} drop {report['heldout_drop']:.2f} ± {report['heldout_standard_error']:.2f} points.")
+        print(
+            f"Allocation: {report['evaluations']} held-out evaluations ({report['screening_examples']} screening / "
+            f"{report['heldout_examples']} joint-check train rows) in {report['evaluation_seconds']:.0f} s; held-out "
+            f"{info.main_metric} drop {report['heldout_drop']:.2f} ± {report['heldout_standard_error']:.2f} points."
+        )
     print(f"Saved to {args.output} (reload with `import drone_hf` + AutoModelForSequenceClassification).")
     if args.push_to_hub:
         from .hub import push_compressed_to_hub

@@ -193,18 +193,32 @@ def compress_model(
         raise ValueError(f"Unknown `method` {method!r}; expected one of {list(DRONE_METHODS)}.")
     embedding_args = _check_embedding_args(model, embedding, embedding_options)  # before any expensive work
     if max_accuracy_drop is not None or target_speedup is not None:
-        explicit = {"rank": rank, "ranks": ranks, "param_ratio": param_ratio, "attention_rank": attention_rank,
-                    "attention_ranks": attention_ranks}
+        explicit = {
+            "rank": rank,
+            "ranks": ranks,
+            "param_ratio": param_ratio,
+            "attention_rank": attention_rank,
+            "attention_ranks": attention_ranks,
+        }
         clashing = [key for key, value in explicit.items() if value is not None]
         if clashing:
             raise ValueError(f"A budget (`max_accuracy_drop`/`target_speedup`) cannot be combined with {clashing}.")
         from .allocation import allocate_ranks
 
         ranks = allocate_ranks(
-            model, stats, eval_dataloader=eval_dataloader, max_accuracy_drop=max_accuracy_drop,
-            target_speedup=target_speedup, rank_grid=rank_grid, method=method, attention=attention,
-            target_modules=target_modules, rank_multiple=rank_multiple, report=allocation_report,
-            bias_correction=bias_correction, **_allocation_options(allocation_options),
+            model,
+            stats,
+            eval_dataloader=eval_dataloader,
+            max_accuracy_drop=max_accuracy_drop,
+            target_speedup=target_speedup,
+            rank_grid=rank_grid,
+            method=method,
+            attention=attention,
+            target_modules=target_modules,
+            rank_multiple=rank_multiple,
+            report=allocation_report,
+            bias_correction=bias_correction,
+            **_allocation_options(allocation_options),
         )
         if not ranks:
             raise ValueError(
@@ -230,8 +244,19 @@ def compress_model(
         return drone_spectrum(weights[name], split_stats(_check_stats(stats, [name], all_shapes)[name])[0])
 
     no_linear_budget = rank is None and ranks is None and param_ratio is None
-    chosen = {} if no_linear_budget and (chosen_attention or embedding_args) else _choose_ranks(
-        model, targets, shapes, spectrum, rank=rank, ranks=ranks, param_ratio=param_ratio, rank_multiple=rank_multiple
+    chosen = (
+        {}
+        if no_linear_budget and (chosen_attention or embedding_args)
+        else _choose_ranks(
+            model,
+            targets,
+            shapes,
+            spectrum,
+            rank=rank,
+            ranks=ranks,
+            param_ratio=param_ratio,
+            rank_multiple=rank_multiple,
+        )
     )
     if not chosen and not chosen_attention and not embedding_args:
         raise ValueError("Every selected module would stay dense at these ranks; nothing to compress.")
@@ -253,7 +278,13 @@ def compress_model(
         spec, tensors, provenance["embedding"] = _factor_embedding(*embedding_args)
         embedding_factors = (spec, tensors)
     return _build_compressed(
-        model, chosen, factors, chosen_attention, attention_factors, method, provenance or None,
+        model,
+        chosen,
+        factors,
+        chosen_attention,
+        attention_factors,
+        method,
+        provenance or None,
         embedding=embedding_factors,
     )
 
@@ -341,12 +372,23 @@ def _factor_embedding(model, name: str, layer: nn.Embedding, embedding, options)
     cost = projective_clustering_cost(weight, result.assignments, result.bases)
     svd_cost = float(energies[svd_j:].sum())
     report = {
-        "module": name, "k": k, "j": j, "parameters": parameters, "dense_parameters": n * d,
+        "module": name,
+        "k": k,
+        "j": j,
+        "parameters": parameters,
+        "dense_parameters": n * d,
         "param_ratio": parameters / (n * d),
         "requested": list(embedding) if isinstance(embedding, tuple) else embedding,
-        "cost": cost, "relative_cost": cost / total, "svd_j": svd_j, "svd_cost": svd_cost,
-        "relative_svd_cost": svd_cost / total, "weighted": options["weights"] is not None,
-        "n_init": options["n_init"], "max_iter": options["max_iter"], "seed": options["seed"], "n_iter": result.n_iter,
+        "cost": cost,
+        "relative_cost": cost / total,
+        "svd_j": svd_j,
+        "svd_cost": svd_cost,
+        "relative_svd_cost": svd_cost / total,
+        "weighted": options["weights"] is not None,
+        "n_init": options["n_init"],
+        "max_iter": options["max_iter"],
+        "seed": options["seed"],
+        "n_iter": result.n_iter,
     }
     if not isinstance(embedding, tuple):
         report["k_grid"] = list(options["k_grid"])
@@ -409,5 +451,6 @@ def _build_compressed(model, chosen, factors, attention_ranks, attention_factors
     compressed.to(device=reference.device, dtype=reference.dtype)
     compressed.train(model.training)
     return compressed
+
 
 __all__ = ["compress_model"]

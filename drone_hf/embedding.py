@@ -147,8 +147,10 @@ class DroneEmbedding(nn.Module):
         """
         bases, assignments = result.bases, result.assignments
         if weight.dim() != 2 or bases.dim() != 3 or weight.shape[1] != bases.shape[2]:
-            raise ValueError(f"`weight` must be (n, d) and `result.bases` (k, j, d), got {tuple(weight.shape)} and "
-                             f"{tuple(bases.shape)}.")
+            raise ValueError(
+                f"`weight` must be (n, d) and `result.bases` (k, j, d), got {tuple(weight.shape)} and "
+                f"{tuple(bases.shape)}."
+            )
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         weight, bases = weight.detach(), bases.detach().to(device=weight.device, dtype=dtype)
         assignments = assignments.to(weight.device)

@@ -55,9 +55,7 @@ def _order(dataset, sort_by_length: bool, shuffle_seed: int | None) -> np.ndarra
 
 
 @torch.inference_mode()
-def predict(
-    model: nn.Module, dataset, tokenizer, *, batch_size: int = 64
-) -> tuple[np.ndarray, np.ndarray | None]:
+def predict(model: nn.Module, dataset, tokenizer, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
     """Returns `(logits, labels)` over `dataset` in its original row order (`labels` is `None` without labels)."""
     if len(dataset) == 0:
         raise ValueError("`dataset` is empty; nothing to evaluate.")

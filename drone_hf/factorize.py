@@ -146,7 +146,8 @@ def drone_factorize_affine(
     _check_rank(rank, weight)
     if stats.shape != (weight.shape[1] + 1, weight.shape[1] + 1):
         raise ValueError(
-            f"`stats` must be ({weight.shape[1] + 1}, {weight.shape[1] + 1}) for this weight, got {tuple(stats.shape)}."
+            f"`stats` must be ({weight.shape[1] + 1}, {weight.shape[1] + 1}) for this weight, "
+            f"got {tuple(stats.shape)}."
         )
     centred, mean = centred_scatter(stats)
     down, up = DroneDecomposition(weight, centred, rtol=rtol).factors(rank)

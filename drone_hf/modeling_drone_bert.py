@@ -9,10 +9,10 @@ from __future__ import annotations
 from transformers import BertForSequenceClassification
 from transformers.utils import logging
 
-from .configuration_drone import DroneConfig
-from .layers import DroneLinear
 from .attention import DroneBertSelfAttention
+from .configuration_drone import DroneConfig
 from .embedding import DroneEmbedding, replace_embedding_with_drone
+from .layers import DroneLinear
 from .replace import replace_attention_with_drone, replace_linear_with_drone
 
 
@@ -91,9 +91,10 @@ class DroneBertForSequenceClassification(BertForSequenceClassification):
             )
         for name, module in self.named_modules():
             # An out-of-range cluster id would index past `bases` at the first forward; refuse it at load instead.
-            if isinstance(module, DroneEmbedding) and not 0 <= int(module.assignments.min()) <= int(
-                module.assignments.max()
-            ) < module.k:
+            if (
+                isinstance(module, DroneEmbedding)
+                and not 0 <= int(module.assignments.min()) <= int(module.assignments.max()) < module.k
+            ):
                 raise ValueError(
                     f"The checkpoint's `{name}.assignments` must lie in [0, {module.k}) (`drone_embedding['k']`), got "
                     f"[{int(module.assignments.min())}, {int(module.assignments.max())}]."

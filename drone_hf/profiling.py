@@ -46,15 +46,21 @@ def encoder_macs(config: PretrainedConfig, seq_len: int = 128, *, prefix: str = 
         # the n^2 score product shrink with it.
         head_rank = attention_ranks.get(layer + "attention.self")
         width = hidden if head_rank is None else head_rank * config.num_attention_heads
-        projections = [("attention.self.value", hidden, hidden), ("attention.output.dense", hidden, hidden),
-                       ("intermediate.dense", ffn, hidden), ("output.dense", hidden, ffn)]
+        projections = [
+            ("attention.self.value", hidden, hidden),
+            ("attention.output.dense", hidden, hidden),
+            ("intermediate.dense", ffn, hidden),
+            ("output.dense", hidden, ffn),
+        ]
         projections += [("attention.self.query", width, hidden), ("attention.self.key", width, hidden)]
         per_token = sum(_linear_macs(config, layer + name, out_f, in_f) for name, out_f, in_f in projections)
         total += seq_len * per_token + seq_len * seq_len * (width + hidden)
     return total + hidden * hidden + hidden * getattr(config, "num_labels", 2)
 
 
-def flop_speedup_bound(dense_config: PretrainedConfig, compressed_config: PretrainedConfig, seq_len: int = 128) -> float:
+def flop_speedup_bound(
+    dense_config: PretrainedConfig, compressed_config: PretrainedConfig, seq_len: int = 128
+) -> float:
     """Ratio of multiply-adds dense / compressed: the speed-up a perfectly efficient kernel would give."""
     return encoder_macs(dense_config, seq_len) / encoder_macs(compressed_config, seq_len)
 

@@ -170,7 +170,9 @@ def replace_attention_with_drone(
         width, hidden = old.num_attention_heads * rank, old.query.in_features
         expected = [(width, hidden), (width,), (width, hidden), (width,)]
         if [tuple(t.shape) for t in tensors] != expected:
-            raise ValueError(f"Factors for `{name}` must have shapes {expected}, got {[tuple(t.shape) for t in tensors]}.")
+            raise ValueError(
+                f"Factors for `{name}` must have shapes {expected}, got {[tuple(t.shape) for t in tensors]}."
+            )
     replaced = []
     for name, rank in attention_ranks.items():
         old = model.get_submodule(name)

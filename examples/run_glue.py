@@ -121,27 +121,47 @@ def main(argv: list[str] | None = None) -> dict:
         id2label=labels,
         label2id={name: i for i, name in labels.items()} if labels else None,
     )
-    glue = {"tokenizer": tokenizer, "data_dir": data_args.data_dir, "max_length": data_args.max_seq_length,
-            "seed": training_args.seed}
+    glue = {
+        "tokenizer": tokenizer,
+        "data_dir": data_args.data_dir,
+        "max_length": data_args.max_seq_length,
+        "seed": training_args.seed,
+    }
     train = None
     if training_args.do_train:
         train = load_glue(info.name, split="train", max_samples=data_args.max_train_samples, **glue)
-    dev_sets = {
-        split: load_glue(info.name, split=split, max_samples=data_args.max_eval_samples, **glue)
-        for split in info.dev_splits
-    } if training_args.do_eval or compress else {}
+    dev_sets = (
+        {
+            split: load_glue(info.name, split=split, max_samples=data_args.max_eval_samples, **glue)
+            for split in info.dev_splits
+        }
+        if training_args.do_eval or compress
+        else {}
+    )
     dev = next(iter(dev_sets.values()), None)
 
     callbacks = []
     if compress:
-        callbacks.append(DroneCompressionCallback(
-            compression_args, output_dir=run_args.drone_output_dir, distillation_args=distillation_args,
-            train_dataset=train, eval_dataset=dev, processing_class=tokenizer, task=info.name,
-            base_model=model_args.model_name_or_path,
-        ))
+        callbacks.append(
+            DroneCompressionCallback(
+                compression_args,
+                output_dir=run_args.drone_output_dir,
+                distillation_args=distillation_args,
+                train_dataset=train,
+                eval_dataset=dev,
+                processing_class=tokenizer,
+                task=info.name,
+                base_model=model_args.model_name_or_path,
+            )
+        )
     trainer = Trainer(
-        model=model, args=training_args, train_dataset=train, eval_dataset=dev, processing_class=tokenizer,
-        compute_metrics=glue_compute_metrics(info.name), callbacks=callbacks,
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=dev,
+        processing_class=tokenizer,
+        compute_metrics=glue_compute_metrics(info.name),
+        callbacks=callbacks,
     )
     results = {}
     if training_args.do_train:

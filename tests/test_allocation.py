@@ -24,7 +24,9 @@ def setup():
     batches = tiny_batches(num_rows=32, seq_len=10, batch_size=8)
     with torch.no_grad():  # labels = the teacher's own predictions: base accuracy is 100%
         for batch in batches:
-            batch["labels"] = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+            batch["labels"] = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits.argmax(-1)
     return model, batches, collect_activation_stats(model, batches)
 
 
@@ -62,7 +64,14 @@ def test_param_ratio_budget_is_met_with_attention_candidates(setup):
     ranks = allocate_ranks(model, stats, param_ratio=0.5)
     compressed = compress_model(model, stats, ranks=ranks)
     assert compressed.config.drone_attention_ranks  # the attention blocks are candidates
-    enc = lambda m: sum(p.numel() for n, p in m.named_parameters() if ".encoder." in n and n.endswith("weight") and "LayerNorm" not in n)
+
+    def enc(m):
+        return sum(
+            p.numel()
+            for n, p in m.named_parameters()
+            if ".encoder." in n and n.endswith("weight") and "LayerNorm" not in n
+        )
+
     assert enc(compressed) <= 0.5 * enc(model)
 
 
@@ -92,7 +101,14 @@ def test_layerwise_evaluator_equals_full_forward_after_a_swap(setup):
 
 def test_time_shares_sum_to_one(setup):
     model, batches, _ = setup
-    shares = module_time_shares(model, {"ffn": ["+bert.encoder.layer.0.intermediate.dense"], "att": ["+bert.encoder.layer.0.attention.self", "-bert.encoder.layer.0.attention.self.value"]}, batches[0])
+    shares = module_time_shares(
+        model,
+        {
+            "ffn": ["+bert.encoder.layer.0.intermediate.dense"],
+            "att": ["+bert.encoder.layer.0.attention.self", "-bert.encoder.layer.0.attention.self.value"],
+        },
+        batches[0],
+    )
     assert sum(shares.values()) == pytest.approx(1.0) and all(v > 0 for v in shares.values())
 
 
@@ -104,9 +120,17 @@ def test_accuracy_budget_is_respected_on_held_out_data(setup):
     assert report["heldout_drop"] <= 10.0 and report["evaluations"] > 0 and report["seconds"] > 0
     compressed = compress_model(model, stats, ranks=ranks)
     with torch.no_grad():
-        acc = torch.cat(
-            [compressed(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1) == b["labels"] for b in batches]
-        ).float().mean()
+        acc = (
+            torch.cat(
+                [
+                    compressed(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1)
+                    == b["labels"]
+                    for b in batches
+                ]
+            )
+            .float()
+            .mean()
+        )
     assert 100 * (1 - acc) == pytest.approx(report["heldout_drop"], abs=1e-6)
     # Early exit: once a module's drop exceeds the whole budget, smaller ranks are not evaluated.
     for curve in report["curves"].values():
@@ -117,7 +141,9 @@ def test_accuracy_budget_is_respected_on_held_out_data(setup):
 def test_impossible_accuracy_budget_raises(setup):
     model, batches, stats = setup
     with torch.no_grad():
-        reference = torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches])
+        reference = torch.cat(
+            [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
+        )
     reference = reference.numpy()
 
     def strict_metric(logits, labels):  # any change of any logit costs points: no compression can fit 0.01
@@ -126,8 +152,14 @@ def test_impossible_accuracy_budget_raises(setup):
     report = {}
     with pytest.raises(ValueError, match="budget cannot be met"):
         compress_model(
-            model, stats, eval_dataloader=batches, max_accuracy_drop=0.01, rank_grid=[1], attention=False,
-            target_modules=["bert.encoder.layer.1.output.dense"], allocation_report=report,
+            model,
+            stats,
+            eval_dataloader=batches,
+            max_accuracy_drop=0.01,
+            rank_grid=[1],
+            attention=False,
+            target_modules=["bert.encoder.layer.1.output.dense"],
+            allocation_report=report,
             allocation_options={"metric_fn": strict_metric, "safety_margin": 0.0},
         )
     assert report["curves"]["bert.encoder.layer.1.output.dense"][1] > 0.0
@@ -172,7 +204,10 @@ def test_paired_standard_error_matches_the_analytic_formula_for_accuracy():
     base = np.eye(2)[labels] + 0.1 * rng.standard_normal((2000, 2))  # always right
     flipped = rng.random(2000) < 0.05
     other = np.where(flipped[:, None], base[:, ::-1], base)  # 5% wrong
-    accuracy = lambda logits, y: 100.0 * float((logits.argmax(-1) == y).mean())
+
+    def accuracy(logits, y):
+        return 100.0 * float((logits.argmax(-1) == y).mean())
+
     differences = 100.0 * ((base.argmax(-1) == labels).astype(float) - (other.argmax(-1) == labels))
     analytic = differences.std() / np.sqrt(len(labels))
     estimate = paired_standard_error(accuracy, base, other, labels, samples=2000)
@@ -190,10 +225,24 @@ def test_spread_subset_covers_the_whole_length_range():
 def test_safety_margin_makes_the_joint_check_stricter(setup):
     model, batches, stats = setup
     strict, loose = {}, {}
-    allocate_ranks(model, stats, eval_dataloader=batches, max_accuracy_drop=10.0, safety_margin=0.0, report=loose,
-                   screening_samples=16)
-    allocate_ranks(model, stats, eval_dataloader=batches, max_accuracy_drop=10.0, safety_margin=2.0, report=strict,
-                   screening_samples=16)
+    allocate_ranks(
+        model,
+        stats,
+        eval_dataloader=batches,
+        max_accuracy_drop=10.0,
+        safety_margin=0.0,
+        report=loose,
+        screening_samples=16,
+    )
+    allocate_ranks(
+        model,
+        stats,
+        eval_dataloader=batches,
+        max_accuracy_drop=10.0,
+        safety_margin=2.0,
+        report=strict,
+        screening_samples=16,
+    )
     assert loose["screening_examples"] == 16 and loose["heldout_examples"] == 32
     assert strict["heldout_drop"] + 2.0 * strict["heldout_standard_error"] <= 10.0
     assert loose["heldout_drop"] <= 10.0
@@ -217,14 +266,18 @@ def test_soft_change_is_never_negative_and_zero_without_change():
     assert soft_change(base, base, labels, None) == 0.0
     assert soft_change(base, moved, labels, None) > 0.0 and soft_change(moved, base, labels, None) > 0.0
     values = rng.standard_normal((50, 1))
-    assert soft_change(values, values + 0.1, values[:, 0], "regression") == pytest.approx(10.0 / values.std(), rel=1e-6)
+    assert soft_change(values, values + 0.1, values[:, 0], "regression") == pytest.approx(
+        10.0 / values.std(), rel=1e-6
+    )
 
 
 def test_refinement_only_compresses_further_and_keeps_the_budget():
     model = tiny_teacher(hidden_size=64, intermediate_size=128)
     batches = tiny_batches(num_rows=32, seq_len=10, batch_size=8)
     with torch.no_grad():
-        reference = torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches])
+        reference = torch.cat(
+            [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
+        )
     for batch, labels in zip(batches, reference.argmax(-1).split(8)):
         batch["labels"] = labels
     reference = reference.numpy()
@@ -235,15 +288,27 @@ def test_refinement_only_compresses_further_and_keeps_the_budget():
     stats = collect_activation_stats(model, batches)
     report = {}
     ranks = allocate_ranks(
-        model, stats, eval_dataloader=batches, max_accuracy_drop=0.02, safety_margin=0.0, attention=False,
-        metric_fn=logit_metric, refine_steps=12, report=report,
+        model,
+        stats,
+        eval_dataloader=batches,
+        max_accuracy_drop=0.02,
+        safety_margin=0.0,
+        attention=False,
+        metric_fn=logit_metric,
+        refine_steps=12,
+        report=report,
     )
-    macs = lambda chosen: encoder_macs(compress_model(model, stats, ranks=chosen).config, 10)
+
+    def macs(chosen):
+        return encoder_macs(compress_model(model, stats, ranks=chosen).config, 10)
+
     assert 0 < report["refined_steps"] <= 12
     assert macs(ranks) < macs(report["time_share_ranks"])  # the refinement moved ranks down...
     assert all(ranks[name] <= rank for name, rank in report["time_share_ranks"].items())
     assert report["heldout_drop"] <= 0.02  # ...within the budget, measured for real:
     compressed = compress_model(model, stats, ranks=ranks)
     with torch.no_grad():
-        logits = torch.cat([compressed(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches])
+        logits = torch.cat(
+            [compressed(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
+        )
     assert -logit_metric(logits.numpy(), None) == pytest.approx(report["heldout_drop"], abs=1e-5)

@@ -46,8 +46,14 @@ def test_compression_arguments_defaults_and_kwargs():
     assert (args.num_calibration_samples, args.heldout_samples, args.seed) == (512, 2048, 0)
     kwargs = args.compress_kwargs()
     assert kwargs == {
-        "method": "drone", "target_modules": ["query"], "rank": None, "ranks": {"re:.*intermediate.*": 8},
-        "param_ratio": None, "attention_rank": 2, "max_accuracy_drop": None, "target_speedup": None,
+        "method": "drone",
+        "target_modules": ["query"],
+        "rank": None,
+        "ranks": {"re:.*intermediate.*": 8},
+        "param_ratio": None,
+        "attention_rank": 2,
+        "max_accuracy_drop": None,
+        "target_speedup": None,
     }
     assert DroneCompressionArguments(target_speedup=1.5, attention=False).compress_kwargs()["attention"] is False
     assert DroneCompressionArguments(rank=4, bias_correction=True).compress_kwargs()["bias_correction"] is True
@@ -55,8 +61,11 @@ def test_compression_arguments_defaults_and_kwargs():
 
 def test_accuracy_budget_kwargs_carry_the_search_options_and_the_task_metric():
     args = DroneCompressionArguments(max_accuracy_drop=1.0, screening_samples=64, safety_margin=0.5, refine_steps=3)
-    assert args.compress_kwargs()["allocation_options"] == {"screening_samples": 64, "safety_margin": 0.5,
-                                                           "refine_steps": 3}
+    assert args.compress_kwargs()["allocation_options"] == {
+        "screening_samples": 64,
+        "safety_margin": 0.5,
+        "refine_steps": 3,
+    }
     metric = args.compress_kwargs("cola")["allocation_options"]["metric_fn"]
     logits, labels = [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]], [0, 1, 1, 0]
     # CoLA's Matthews correlation, not accuracy (75): tp=2, tn=1, fp=1, fn=0 -> (2*1 - 1*0) / sqrt(3*2*1*2).
@@ -91,15 +100,21 @@ def test_validate_for_model_rejects_what_would_fail_after_training(kwargs, match
 def test_validate_for_model_accepts_feasible_settings_and_leaves_the_model_alone():
     model = tiny_teacher()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for kwargs in ({"rank": 4}, {"attention_rank": 2, "rank": 4}, {"param_ratio": 0.5}, {"target_speedup": 1.3},
-                   {"max_accuracy_drop": 1.0}):
+    for kwargs in (
+        {"rank": 4},
+        {"attention_rank": 2, "rank": 4},
+        {"param_ratio": 0.5},
+        {"target_speedup": 1.3},
+        {"max_accuracy_drop": 1.0},
+    ):
         DroneCompressionArguments(**kwargs).validate_for_model(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_validate_for_model_rejects_a_non_bert_model():
-    config = RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                           intermediate_size=37)
+    config = RobertaConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37
+    )
     with pytest.raises(ValueError, match=r"must be a BertForSequenceClassification.*RobertaForSequenceClassification"):
         DroneCompressionArguments(rank=4).validate_for_model(RobertaForSequenceClassification(config))
 
@@ -129,7 +144,11 @@ def test_distillation_arguments_split_into_loss_and_schedule():
     args = DroneDistillationArguments(alpha_task=0.5, hidden_layers=[2, 0, 2], max_steps=7)
     assert args.hidden_layers == [0, 2]
     assert args.loss_kwargs() == {
-        "alpha_hidden": 1.0, "alpha_kl": 1.0, "alpha_task": 0.5, "temperature": 2.0, "hidden_layers": [0, 2]
+        "alpha_hidden": 1.0,
+        "alpha_kl": 1.0,
+        "alpha_task": 0.5,
+        "temperature": 2.0,
+        "hidden_layers": [0, 2],
     }
     overrides = args.training_overrides()
     assert overrides["max_steps"] == 7 and overrides["report_to"] == "none"

@@ -28,7 +28,10 @@ def test_exact_on_the_calibration_span():
     compressed = compress_model(model, collect_activation_stats(model, [batch]), attention_rank=5)
     assert isinstance(compressed.get_submodule(BLOCK), DroneBertSelfAttention)
     assert compressed.get_submodule(BLOCK).query.weight.shape == (4 * 5, 32)
-    (probs_dense, logits_dense), (probs_drone, logits_drone) = _attentions(model, batch), _attentions(compressed, batch)
+    (probs_dense, logits_dense), (probs_drone, logits_drone) = (
+        _attentions(model, batch),
+        _attentions(compressed, batch),
+    )
     for a, b in zip(probs_dense, probs_drone):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logits_dense, logits_drone, rtol=1e-4, atol=1e-5)
@@ -61,7 +64,10 @@ def test_save_reload_identical_and_linear_ranks_combine(tmp_path):
     stats = collect_activation_stats(model, batches)
     compressed = compress_model(model, stats, rank=6, attention_ranks={"re:.*layer\\.1.*": 4}).eval()
     ranks = compressed.config.drone_ranks
-    assert "bert.encoder.layer.1.attention.self.query" not in ranks and "bert.encoder.layer.0.attention.self.query" in ranks
+    assert (
+        "bert.encoder.layer.1.attention.self.query" not in ranks
+        and "bert.encoder.layer.0.attention.self.query" in ranks
+    )
     compressed.save_pretrained(tmp_path)
     loaded, info = AutoModelForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
@@ -83,10 +89,18 @@ def test_ranks_mapping_accepts_attention_blocks_and_flops_drop():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"attention_rank": 8}, ValueError, r"Attention rank for `bert.encoder.layer.0.attention.self` \(head size 8\) .*\[1, 7\], got 8"),
+        (
+            {"attention_rank": 8},
+            ValueError,
+            r"Attention rank for `bert.encoder.layer.0.attention.self` \(head size 8\) .*\[1, 7\], got 8",
+        ),
         ({"attention_rank": 0}, ValueError, r"\[1, 7\], got 0"),
         ({"attention_rank": 2.0}, TypeError, "`attention_rank` must be an int"),
-        ({"attention_ranks": {"bert.encoder.layer.0.attention": 2}}, ValueError, "Unknown module in `attention_ranks`"),
+        (
+            {"attention_ranks": {"bert.encoder.layer.0.attention": 2}},
+            ValueError,
+            "Unknown module in `attention_ranks`",
+        ),
         (
             {"attention_rank": 2, "ranks": {"bert.encoder.layer.0.attention.self.query": 4}},
             ValueError,

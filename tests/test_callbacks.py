@@ -196,8 +196,9 @@ def test_max_accuracy_drop_uses_heldout_training_rows_disjoint_from_calibration(
 def test_max_accuracy_drop_is_measured_on_the_tasks_main_metric(tmp_path):
     # MRPC is judged by F1: with `task="mrpc"` the budget is spent on held-out F1, as in `drone-hf compress`.
     train = tiny_dataset(40, num_labels=2)
-    settings = DroneCompressionArguments(max_accuracy_drop=50.0, num_calibration_samples=16, heldout_samples=24,
-                                         screening_samples=8, refine_steps=2)
+    settings = DroneCompressionArguments(
+        max_accuracy_drop=50.0, num_calibration_samples=16, heldout_samples=24, screening_samples=8, refine_steps=2
+    )
     drone = DroneCompressionCallback(settings, train_dataset=train, task="mrpc", measure_speed=False)
     trainer = _trainer(tmp_path, [drone], model=tiny_teacher(num_labels=2), train=train)
     trainer.train()

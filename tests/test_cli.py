@@ -7,8 +7,13 @@ import sys
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, RobertaConfig
-from transformers import RobertaForSequenceClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
 from drone_hf.cli import main
 
@@ -23,8 +28,15 @@ def workspace(tmp_path_factory):
     (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     model_dir = root / "model"
     BertForSequenceClassification(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -40,17 +52,36 @@ def workspace(tmp_path_factory):
 
 
 def _compress(workspace, out, *budget, extra=()):
-    return main(["compress", "--model", str(workspace / "model"), "--task", "SST-2", "--data-dir",
-                 str(workspace / "glue"), "--calibration-samples", "32", "--heldout-samples", "32",
-                 "--latency-repeats", "2", "--output", str(out), *budget, *extra])
+    return main(
+        [
+            "compress",
+            "--model",
+            str(workspace / "model"),
+            "--task",
+            "SST-2",
+            "--data-dir",
+            str(workspace / "glue"),
+            "--calibration-samples",
+            "32",
+            "--heldout-samples",
+            "32",
+            "--latency-repeats",
+            "2",
+            "--output",
+            str(out),
+            *budget,
+            *extra,
+        ]
+    )
 
 
 def test_compress_with_rank_saves_a_reloadable_model_and_prints_the_table(workspace, tmp_path, capsys):
     assert _compress(workspace, tmp_path / "out", "--rank", "8") == 0
     printed = capsys.readouterr().out
     assert "speed-up" in printed and "FLOP bound" in printed and "| dense |" in printed and "| drone |" in printed
-    import drone_hf  # noqa: F401
     from transformers import AutoModelForSequenceClassification
+
+    import drone_hf  # noqa: F401
 
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     assert set(reloaded.config.drone_ranks.values()) == {8}
@@ -67,15 +98,31 @@ def test_compress_with_target_speedup_factors_attention(workspace, tmp_path):
 
 
 def test_compress_with_accuracy_budget_reports_allocation(workspace, tmp_path, capsys):
-    assert _compress(workspace, tmp_path / "out", "--max-accuracy-drop", "100", extra=["--screening-samples", "16"]) == 0
+    assert (
+        _compress(workspace, tmp_path / "out", "--max-accuracy-drop", "100", extra=["--screening-samples", "16"]) == 0
+    )
     assert "screening / 32 joint-check train rows)" in capsys.readouterr().out
     allocation = json.loads((tmp_path / "out" / "drone_results.json").read_text())["allocation"]
     assert allocation["evaluations"] > 0 and allocation["heldout_drop"] + allocation["heldout_standard_error"] <= 100
 
 
 def test_evaluate(workspace, capsys):
-    assert main(["evaluate", "--model", str(workspace / "model"), "--task", "sst2", "--data-dir",
-                 str(workspace / "glue"), "--latency-repeats", "2"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(workspace / "model"),
+                "--task",
+                "sst2",
+                "--data-dir",
+                str(workspace / "glue"),
+                "--latency-repeats",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "accuracy" in capsys.readouterr().out
 
 
@@ -93,12 +140,16 @@ def test_not_a_bert_classifier(workspace, tmp_path, capsys):
         RobertaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
     )
     roberta.save_pretrained(tmp_path / "roberta")
-    code = main(["evaluate", "--model", str(tmp_path / "roberta"), "--task", "sst2", "--data-dir", str(workspace / "glue")])
+    code = main(
+        ["evaluate", "--model", str(tmp_path / "roberta"), "--task", "sst2", "--data-dir", str(workspace / "glue")]
+    )
     assert code == 2 and "must be a BertForSequenceClassification" in capsys.readouterr().err
 
 
 def test_wrong_num_labels(workspace, capsys):
-    code = main(["evaluate", "--model", str(workspace / "model"), "--task", "mnli", "--data-dir", str(workspace / "glue")])
+    code = main(
+        ["evaluate", "--model", str(workspace / "model"), "--task", "mnli", "--data-dir", str(workspace / "glue")]
+    )
     assert code == 2 and "num_labels=2 but task mnli has 3" in capsys.readouterr().err
 
 
@@ -109,7 +160,9 @@ def test_impossible_budget(workspace, tmp_path, capsys):
 
 
 def test_console_entry_point_help():
-    result = subprocess.run([sys.executable, "-m", "drone_hf.cli", "compress", "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "drone_hf.cli", "compress", "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0 and "--max-accuracy-drop" in result.stdout and "--target-speedup" in result.stdout
 
 

@@ -99,7 +99,11 @@ def test_compressing_a_compressed_model_factors_remaining_layers(teacher_and_sta
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"rank": 0}, ValueError, r"Rank for `bert.encoder.layer.0.attention.self.query` \(32x32\) .*\[1, 31\], got 0"),
+        (
+            {"rank": 0},
+            ValueError,
+            r"Rank for `bert.encoder.layer.0.attention.self.query` \(32x32\) .*\[1, 31\], got 0",
+        ),
         ({"rank": 32}, ValueError, r"\[1, 31\], got 32"),
         ({"rank": 2.5}, TypeError, "`rank` must be an int"),
         ({"ranks": {"bert.encoder.layer.0.intermediat.dense": 4}}, ValueError, "Unknown module in `ranks`.*Close"),
@@ -144,7 +148,9 @@ def test_not_a_bert_classifier():
     roberta = RobertaForSequenceClassification(
         RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
     )
-    with pytest.raises(ValueError, match=r"must be a BertForSequenceClassification .*got RobertaForSequenceClassification"):
+    with pytest.raises(
+        ValueError, match=r"must be a BertForSequenceClassification .*got RobertaForSequenceClassification"
+    ):
         compress_model(roberta, None, method="svd", rank=4)
     with pytest.raises(ValueError, match="got BertModel"):
         compress_model(BertModel(BertConfig(hidden_size=32, num_attention_heads=4)), None, method="svd", rank=4)

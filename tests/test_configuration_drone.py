@@ -53,8 +53,12 @@ def test_invalid_values_raise(kwargs, match):
 
 def test_future_version_in_file_raises(tmp_path):
     _config(drone_ranks=RANKS).save_pretrained(tmp_path)
-    text = (tmp_path / "config.json").read_text().replace(
-        f'"drone_format_version": {DRONE_FORMAT_VERSION}', f'"drone_format_version": {DRONE_FORMAT_VERSION + 1}'
+    text = (
+        (tmp_path / "config.json")
+        .read_text()
+        .replace(
+            f'"drone_format_version": {DRONE_FORMAT_VERSION}', f'"drone_format_version": {DRONE_FORMAT_VERSION + 1}'
+        )
     )
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(StrictDataclassError, match="Upgrade"):

@@ -3,7 +3,14 @@ import itertools
 import pytest
 import torch
 
-from drone_hf.factorize import data_weighted_error, drone_factorize, drone_spectrum, svd_factorize, svd_spectrum, whiten
+from drone_hf.factorize import (
+    data_weighted_error,
+    drone_factorize,
+    drone_spectrum,
+    svd_factorize,
+    svd_spectrum,
+    whiten,
+)
 
 
 def _data(in_features=6, tokens=50, seed=0):

@@ -50,8 +50,10 @@ def _probs(logits, head_dim):
 
 def _bilinear(qw, qb, kw, kb, num_heads):
     """Per-head homogeneous bilinear form G̃ = W̃_Qᵀ W̃_K, shape (H, d+1, d+1)."""
-    wq, wk = (torch.cat([w, (torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b)[:, None]], 1)
-              for w, b in ((qw, qb), (kw, kb)))
+    wq, wk = (
+        torch.cat([w, (torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b)[:, None]], 1)
+        for w, b in ((qw, qb), (kw, kb))
+    )
     wq, wk = (w.to(F64).reshape(num_heads, -1, w.shape[1]) for w in (wq, wk))
     return wq.transpose(-1, -2) @ wk
 
@@ -71,8 +73,9 @@ def test_full_rank_reproduces_attention_probabilities(bias_scale):
     assert new[0].shape == (num_heads * head_dim, d) and new[1].shape == (num_heads * head_dim,)
     # Logits themselves are reproduced on the calibration span, not just up to a per-query shift.
     torch.testing.assert_close(_logits(*new, x, num_heads), dense, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(_probs(_logits(*new, x, num_heads), head_dim), _probs(dense, head_dim),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        _probs(_logits(*new, x, num_heads), head_dim), _probs(dense, head_dim), rtol=1e-10, atol=1e-12
+    )
     if bias_scale:
         # b_K only adds a per-query constant (cancels in softmax); b_Q adds b_Qᵀ W_K x_k, which varies by key.
         torch.testing.assert_close(_probs(_logits(qw, qb, kw, None, x, num_heads), head_dim), _probs(dense, head_dim))
@@ -87,8 +90,9 @@ def test_bias_none_and_dtype_preserved():
     new = drone_attention_factorize(qw, None, kw, None, _stats(x), num_heads, rank=head_dim)
     assert all(t.dtype == torch.float32 for t in new)
     xf = x.float()
-    torch.testing.assert_close(_logits(*new, xf, num_heads), _logits(qw, None, kw, None, xf, num_heads),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        _logits(*new, xf, num_heads), _logits(qw, None, kw, None, xf, num_heads), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("num_heads", [1, 2])
@@ -119,13 +123,20 @@ def test_reduced_rank_error_is_the_optimum(num_heads, rank):
     # Gradient-based search over factors M = A Bᵀ from random starts (float64, L-BFGS), one head at a time because
     # the heads' very different error scales slow a joint solve down.
     best = torch.full((num_heads,), math.inf, dtype=F64)
-    for head, start in itertools.product(range(num_heads), range(3)):
+    for head, _start in itertools.product(range(num_heads), range(3)):
         a = torch.randn(d + 1, rank, generator=gen, dtype=F64).requires_grad_()
         b = torch.randn(d + 1, rank, generator=gen, dtype=F64).requires_grad_()
-        opt = torch.optim.LBFGS([a, b], lr=1, max_iter=1000, tolerance_grad=1e-14, tolerance_change=1e-16,
-                                history_size=50, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(
+            [a, b],
+            lr=1,
+            max_iter=1000,
+            tolerance_grad=1e-14,
+            tolerance_change=1e-16,
+            history_size=50,
+            line_search_fn="strong_wolfe",
+        )
 
-        def closure():
+        def closure(opt=opt, head=head, a=a, b=b):
             opt.zero_grad()
             loss = _direct_error(g[head], a @ b.T, xt) / err[head]
             loss.backward()
@@ -149,8 +160,9 @@ def test_rank_deficient_stats(x_kind):
     stats = _stats(x)
     new = drone_attention_factorize(qw, qb, kw, kb, stats, num_heads, rank=head_dim)
     assert all(torch.isfinite(t).all() for t in new)
-    torch.testing.assert_close(_logits(*new, x, num_heads), _logits(qw, qb, kw, kb, x, num_heads),
-                               rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        _logits(*new, x, num_heads), _logits(qw, qb, kw, kb, x, num_heads), rtol=1e-9, atol=1e-9
+    )
     # The data span is narrower than the head: the surplus query/key dimensions are padded with exact zeros.
     per_head = new[0].reshape(num_heads, head_dim, d)
     per_head_bias = new[1].reshape(num_heads, head_dim)
@@ -182,8 +194,11 @@ def test_drone_beats_svd_on_structured_data():
     qw, qb, kw, kb = _weights(d, num_heads, head_dim, seed=7, bias_scale=0.3)
     gen = torch.Generator().manual_seed(8)
     # Tokens near a 2-D affine subspace far from the origin: exactly the structure weight-only SVD ignores.
-    x = (torch.randn(n, 2, generator=gen, dtype=F64) @ torch.randn(2, d, generator=gen, dtype=F64) * 3
-         + torch.randn(d, generator=gen, dtype=F64) * 2 + 0.05 * torch.randn(n, d, generator=gen, dtype=F64))
+    x = (
+        torch.randn(n, 2, generator=gen, dtype=F64) @ torch.randn(2, d, generator=gen, dtype=F64) * 3
+        + torch.randn(d, generator=gen, dtype=F64) * 2
+        + 0.05 * torch.randn(n, d, generator=gen, dtype=F64)
+    )
     stats = _stats(x)
     scale = attention_spectrum(qw, qb, kw, kb, stats, num_heads).square().sum()
     ratios = []
@@ -220,8 +235,16 @@ _GOOD = _stats(torch.randn(20, 6, generator=torch.Generator().manual_seed(0), dt
     ],
 )
 def test_invalid_inputs_raise(kwargs, match):
-    args = {"q_weight": _QW, "q_bias": _QB, "k_weight": _KW, "k_bias": _KB, "stats": _GOOD, "num_heads": 2,
-            "rank": 2, **kwargs}
+    args = {
+        "q_weight": _QW,
+        "q_bias": _QB,
+        "k_weight": _KW,
+        "k_bias": _KB,
+        "stats": _GOOD,
+        "num_heads": 2,
+        "rank": 2,
+        **kwargs,
+    }
     with pytest.raises(ValueError, match=match):
         drone_attention_factorize(**args)
 

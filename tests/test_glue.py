@@ -157,8 +157,9 @@ def test_wrong_task_folder_reports_missing_columns():
 @needs_glue_data
 def test_load_glue_pair_task_real_tokenizer(tokenizer):
     raw = load_glue_split("mrpc", "validation", data_dir=GLUE_ROOT, max_samples=12, seed=1)
-    encoded = load_glue("mrpc", tokenizer, split="validation", data_dir=GLUE_ROOT, max_samples=12, seed=1,
-                        max_length=24)
+    encoded = load_glue(
+        "mrpc", tokenizer, split="validation", data_dir=GLUE_ROOT, max_samples=12, seed=1, max_length=24
+    )
     assert set(encoded.column_names) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
     assert encoded["labels"] == raw["label"] and len(encoded) == 12
     for row, source in zip(encoded, raw):
@@ -216,8 +217,12 @@ def test_stsb_regression_labels_are_float32(tmp_path):
 
 def test_qqp_layout_and_short_rows_are_skipped(tmp_path, caplog):
     header = ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]
-    rows = [["1", "11", "12", "How old?", "What age?", "1"], ["2", "21", "22", "Why?", "Where?", "0"],
-            ["3", "31", "32", "Broken row"], ["4", "41", "42", "Is it?", "Is it so?", "1"]]
+    rows = [
+        ["1", "11", "12", "How old?", "What age?", "1"],
+        ["2", "21", "22", "Why?", "Where?", "0"],
+        ["3", "31", "32", "Broken row"],
+        ["4", "41", "42", "Is it?", "Is it so?", "1"],
+    ]
     write_tsv(tmp_path / "QQP" / "dev.tsv", header, rows)
     with caplog.at_level(logging.WARNING, logger="drone_hf.glue"):
         dataset = load_glue_split("qqp", "validation", data_dir=tmp_path)
@@ -227,8 +232,18 @@ def test_qqp_layout_and_short_rows_are_skipped(tmp_path, caplog):
     assert dataset[2]["question2"] == "Is it so?"
 
 
-MNLI_PREFIX = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
-               "sentence1_parse", "sentence2_parse", "sentence1", "sentence2"]
+MNLI_PREFIX = [
+    "index",
+    "promptID",
+    "pairID",
+    "genre",
+    "sentence1_binary_parse",
+    "sentence2_binary_parse",
+    "sentence1_parse",
+    "sentence2_parse",
+    "sentence1",
+    "sentence2",
+]
 
 
 def mnli_row(i: int, premise: str, hypothesis: str, labels: list[str]) -> list[str]:
@@ -237,19 +252,31 @@ def mnli_row(i: int, premise: str, hypothesis: str, labels: list[str]) -> list[s
 
 def test_mnli_layouts_label_columns_and_dev_splits(tmp_path):
     folder = tmp_path / "MNLI"
-    write_tsv(folder / "train.tsv", [*MNLI_PREFIX, "label1", "gold_label"], [
-        mnli_row(0, 'He said "hi there.', "He spoke.", ["entailment", "entailment"]),
-        mnli_row(1, "It rains.", "It is dry.", ["contradiction", "contradiction"]),
-    ])
+    write_tsv(
+        folder / "train.tsv",
+        [*MNLI_PREFIX, "label1", "gold_label"],
+        [
+            mnli_row(0, 'He said "hi there.', "He spoke.", ["entailment", "entailment"]),
+            mnli_row(1, "It rains.", "It is dry.", ["contradiction", "contradiction"]),
+        ],
+    )
     dev_header = [*MNLI_PREFIX, "label1", "label2", "label3", "label4", "label5", "gold_label"]
-    write_tsv(folder / "dev_matched.tsv", dev_header, [
-        mnli_row(0, "A dog runs.", "An animal moves.", ["entailment"] * 4 + ["neutral", "entailment"]),
-        mnli_row(1, "She sings.", "She sings well.", ["contradiction", "neutral"]),  # short row: gold = last field
-        mnli_row(2, "Cold day.", "It is hot.", ["contradiction"] * 6),
-    ])
-    write_tsv(folder / "dev_mismatched.tsv", dev_header, [
-        mnli_row(0, "Mismatched premise.", "Other genre.", ["neutral"] * 5 + ["neutral"]),
-    ])
+    write_tsv(
+        folder / "dev_matched.tsv",
+        dev_header,
+        [
+            mnli_row(0, "A dog runs.", "An animal moves.", ["entailment"] * 4 + ["neutral", "entailment"]),
+            mnli_row(1, "She sings.", "She sings well.", ["contradiction", "neutral"]),  # short row: gold = last field
+            mnli_row(2, "Cold day.", "It is hot.", ["contradiction"] * 6),
+        ],
+    )
+    write_tsv(
+        folder / "dev_mismatched.tsv",
+        dev_header,
+        [
+            mnli_row(0, "Mismatched premise.", "Other genre.", ["neutral"] * 5 + ["neutral"]),
+        ],
+    )
     train = load_glue_split("mnli", "train", data_dir=tmp_path)
     assert train.column_names == ["premise", "hypothesis", "label", "idx"]
     assert train[0]["premise"] == 'He said "hi there.' and train["label"] == [0, 2]
@@ -264,8 +291,11 @@ def test_mnli_layouts_label_columns_and_dev_splits(tmp_path):
 
 def test_rte_wnli_label_mapping_and_lowercase_folder(tmp_path):
     header = ["index", "sentence1", "sentence2", "label"]
-    write_tsv(tmp_path / "rte" / "train.tsv", header, [["0", "A b.", "A.", "entailment"],
-                                                       ["1", "C d.", "E.", "not_entailment"]])
+    write_tsv(
+        tmp_path / "rte" / "train.tsv",
+        header,
+        [["0", "A b.", "A.", "entailment"], ["1", "C d.", "E.", "not_entailment"]],
+    )
     write_tsv(tmp_path / "WNLI" / "dev.tsv", header, [["0", "X y.", "X.", "1"], ["1", "Z.", "W.", "0"]])
     rte = load_glue_split("rte", "train", data_dir=tmp_path)
     assert rte["label"] == [0, 1] and rte.features["label"].names == ["entailment", "not_entailment"]
@@ -310,8 +340,13 @@ def test_hub_path_maps_split_and_selects_columns(monkeypatch):
     def fake_load_dataset(path, name, split):
         calls.append((path, name, split))
         return datasets.Dataset.from_dict(
-            {"extra": ["x"] * 4, "premise": list("abcd"), "hypothesis": list("efgh"), "label": [0, 1, 2, 1],
-             "idx": [0, 1, 2, 3]}
+            {
+                "extra": ["x"] * 4,
+                "premise": list("abcd"),
+                "hypothesis": list("efgh"),
+                "label": [0, 1, 2, 1],
+                "idx": [0, 1, 2, 3],
+            }
         )
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)

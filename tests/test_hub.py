@@ -33,8 +33,11 @@ def compressed():
     teacher = tiny_teacher()
     stats = drone_hf.collect_activation_stats(teacher, tiny_batches())
     return drone_hf.compress_model(
-        teacher, stats, ranks={"re:.*intermediate.dense": 8, "re:.*output.dense": 6},
-        attention_ranks={"bert.encoder.layer.1.attention.self": 4}, calibration_info=CALIBRATION,
+        teacher,
+        stats,
+        ranks={"re:.*intermediate.dense": 8, "re:.*output.dense": 6},
+        attention_ranks={"bert.encoder.layer.1.attention.self": 4},
+        calibration_info=CALIBRATION,
     )
 
 
@@ -52,8 +55,9 @@ def _tokenizer(tmp_path) -> BertTokenizerFast:
 
 
 def test_card_metadata(saved):
-    create_or_update_model_card(saved, base_model="someone/tiny-bert-sst2", dataset="sst2", metrics=METRICS,
-                                speed=SPEED)
+    create_or_update_model_card(
+        saved, base_model="someone/tiny-bert-sst2", dataset="sst2", metrics=METRICS, speed=SPEED
+    )
     data = ModelCard.load(saved / "README.md").data
     assert data.library_name == "transformers"
     assert data.pipeline_tag == "text-classification"
@@ -74,8 +78,16 @@ def test_card_metadata(saved):
 def test_card_sections_and_rank_table(saved, compressed):
     card = create_or_update_model_card(saved, dataset="glue/sst2", metrics=METRICS, speed=SPEED)
     text = card.text
-    for heading in ("Compression summary", "Evaluation", "How to load", "Ranks per module", "Calibration", "Method",
-                    "Framework versions", "Citation"):
+    for heading in (
+        "Compression summary",
+        "Evaluation",
+        "How to load",
+        "Ranks per module",
+        "Calibration",
+        "Method",
+        "Framework versions",
+        "Citation",
+    ):
         assert f"\n## {heading}\n" in text
     assert "import drone_hf" in text and 'from_pretrained("path/to/this/folder")' in text
     assert "trust_remote_code=True` does not apply" in text  # this save did not export the modelling code
@@ -88,9 +100,14 @@ def test_card_sections_and_rank_table(saved, compressed):
     assert "| parameters | " in text and f"{params:,}" in text
     for line in ("- dataset: glue/sst2", "- split: train", "- num samples: 13", "- seed: 0", "- num tokens: "):
         assert line in text
-    for title in ("Data-aware Low-rank Compression for Large {NLP} Models", "Chen, Patrick and Yu, Hsiang-Fu",
-                  "Compressing Pre-trained Language Models by Matrix Decomposition", "Ben Noach, Matan",
-                  "Deep Learning Meets Projective Clustering", "Maalouf, Alaa"):
+    for title in (
+        "Data-aware Low-rank Compression for Large {NLP} Models",
+        "Chen, Patrick and Yu, Hsiang-Fu",
+        "Compressing Pre-trained Language Models by Matrix Decomposition",
+        "Ben Noach, Matan",
+        "Deep Learning Meets Projective Clustering",
+        "Maalouf, Alaa",
+    ):
         assert title in text
     assert text.count(BEGIN_MARKER) == 1 and text.count(END_MARKER) == 1
 
@@ -210,7 +227,12 @@ def test_save_over_existing_folder_keeps_foreign_files_and_drops_stale_shards(sa
     (saved / "logs" / "run.txt").write_text("kept")
     compressed.save_pretrained(saved)
     assert sorted(os.listdir(saved)) == [
-        "README.md", "config.json", "logs", "model.safetensors", "stats.safetensors", "tokenizer.json",
+        "README.md",
+        "config.json",
+        "logs",
+        "model.safetensors",
+        "stats.safetensors",
+        "tokenizer.json",
         "tokenizer_config.json",
     ]
     assert (saved / "logs" / "run.txt").read_text() == "kept"
@@ -243,7 +265,11 @@ class _FakeHub:
 
     def patch(self):
         return mock.patch.multiple(
-            HfApi, create_repo=mock.DEFAULT, hf_hub_download=mock.DEFAULT, upload_folder=mock.DEFAULT, autospec=True,
+            HfApi,
+            create_repo=mock.DEFAULT,
+            hf_hub_download=mock.DEFAULT,
+            upload_folder=mock.DEFAULT,
+            autospec=True,
         )
 
     def __enter__(self):
@@ -264,7 +290,10 @@ BASE_FILES = {"README.md", "config.json", "model.safetensors"}
 def test_push_uploads_exactly_the_checkpoint(compressed, tmp_path, export):
     with _FakeHub() as hub:
         url = drone_hf.push_compressed_to_hub(
-            compressed, "me/tiny-drone", tokenizer=_tokenizer(tmp_path), trust_remote_code_export=export,
+            compressed,
+            "me/tiny-drone",
+            tokenizer=_tokenizer(tmp_path),
+            trust_remote_code_export=export,
             card_kwargs={"base_model": "me/tiny-bert", "dataset": "sst2", "metrics": METRICS, "speed": SPEED},
         )
     assert url == "https://huggingface.co/me/tiny-drone/commit/abc123"

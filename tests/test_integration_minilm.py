@@ -45,8 +45,11 @@ def test_drone_reaches_the_optimum_and_beats_svd_on_real_activations(minilm):
     model, _, stats, _ = minilm
     drone = drone_hf.compress_model(model, stats, rank=64)
     svd = drone_hf.compress_model(model, None, method="svd", rank=64)
-    for name in ("bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.3.intermediate.dense",
-                 "bert.encoder.layer.5.output.dense"):
+    for name in (
+        "bert.encoder.layer.0.attention.self.query",
+        "bert.encoder.layer.3.intermediate.dense",
+        "bert.encoder.layer.5.output.dense",
+    ):
         weight = model.get_submodule(name).weight.detach()
         c = split_stats(stats[name])[0]
         d_err = data_weighted_error(weight, drone.get_submodule(name).to_dense().weight.detach(), c)

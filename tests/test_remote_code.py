@@ -44,8 +44,9 @@ def _run_without_drone_hf(code: str, cwd: Path) -> subprocess.CompletedProcess:
         "HF_HOME": str(cwd / "hf_home"),
     }
     script = "import os\n" + _NO_DRONE_HF + textwrap.dedent(code)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
