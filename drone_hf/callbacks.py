@@ -100,8 +100,9 @@ class DroneCompressionCallback(TrainerCallback):
         eval_dataset (*optional*): Labelled rows to compare dense / compressed / distilled on.
         processing_class / tokenizer (`PreTrainedTokenizerBase`, *optional*): Pads rows and is saved with the model;
             defaults to the trainer's `processing_class`.
-        task (`str`, *optional*): GLUE task name: GLUE metrics on `eval_dataset` and the dataset in the model card.
-            Without it: accuracy (classification) or Pearson correlation (regression).
+        task (`str`, *optional*): GLUE task name: GLUE metrics on `eval_dataset`, the task's main metric for a
+            `max_accuracy_drop` budget (F1 for MRPC/QQP, Matthews correlation for CoLA) and the dataset in the model
+            card. Without it: accuracy (classification) or Pearson correlation (regression).
         data_collator (*optional*): Collates rows of `train_dataset` (default: padding with the tokenizer).
         base_model (`str`, *optional*): Hub id of the fine-tuned model, for the card (default: the model's
             `name_or_path`).
