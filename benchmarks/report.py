@@ -293,12 +293,12 @@ def summary_table(results: dict) -> list[str]:
         "|---|---|" + "---:|---:|---:|" * len(tasks),
         "| dense | – |" + "".join(f" {rows['dense']['metric']:.2f} | | 1.00 |" for rows in by_name),
     ]
-    names = [row["name"] for row in tasks[0]["rows"][1:] if not row["distilled"]] if tasks else []
-    for name in names:
-        row = tasks[0]["rows"][[r["name"] for r in tasks[0]["rows"]].index(name)]
+    for row in tasks[0]["rows"][1:] if tasks else []:
+        if row["distilled"]:
+            continue
         cells = [f"{row['budget']:g}×", row["family"]]
         for rows in by_name:
-            plain, distilled = rows.get(name), rows.get(f"{name} +KD")
+            plain, distilled = rows.get(row["name"]), rows.get(f"{row['name']} +KD")
             cells += [
                 f"{plain['delta']:+.2f}" if plain else "–",
                 f"{distilled['delta']:+.2f}" if distilled else "–",
@@ -435,20 +435,16 @@ def main():
         results["settings"]["tasks"] = [*kept, *settings.tasks]
         for task in settings.tasks:
             results["tasks"].pop(task, None)
-        for task in settings.tasks:
-            results["tasks"][task] = run_task(task, settings)
-            print("\n" + write_report(results, settings, stem), flush=True)
-        return
-    results = {
-        "settings": asdict(settings),
-        "machine": machine_description(),
-        "tasks": {},
-        "plot": f"{stem}_pareto.png",
-    }
+    else:
+        results = {
+            "settings": asdict(settings),
+            "machine": machine_description(),
+            "tasks": {},
+            "plot": f"{stem}_pareto.png",
+        }
     for task in settings.tasks:
         results["tasks"][task] = run_task(task, settings)
-        text = write_report(results, settings, stem)
-        print("\n" + text, flush=True)
+        print("\n" + write_report(results, settings, stem), flush=True)
     print(f"Wrote {RESULTS / stem}.md, {stem}.json and {results['plot']}")
 
 
