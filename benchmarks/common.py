@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from drone_hf.evaluation import evaluate_glue  # noqa: E402
 from drone_hf.glue import get_glue_task, load_glue  # noqa: E402
-from drone_hf.profiling import measure_latency  # noqa: E402
+from drone_hf.profiling import cpu_name, measure_latency  # noqa: E402
 
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -191,20 +191,6 @@ def write_json(name: str, payload: dict) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     os.replace(tmp, path)
     return path
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()}, {os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_description() -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -350,7 +349,7 @@ class DroneCompressionCallback(TrainerCallback):
         return {"accuracy": float((logits.argmax(-1) == labels).mean())}
 
     def _speed(self, model: nn.Module, compressed: nn.Module, tokenizer) -> dict[str, Any] | None:
-        from .profiling import flop_speedup_bound, measure_latency
+        from .profiling import cpu_name, flop_speedup_bound, measure_latency
 
         seq_len = min(_LATENCY_SEQ_LEN, model.config.max_position_embeddings)
         source = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
@@ -370,7 +369,7 @@ class DroneCompressionCallback(TrainerCallback):
         hardware = (
             torch.cuda.get_device_name(device)
             if device.type == "cuda"
-            else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+            else f"CPU {cpu_name()}, {torch.get_num_threads()} threads"
         )
         dtype = next(model.parameters()).dtype
         return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import tempfile
 import time
@@ -121,4 +122,28 @@ def measure_latency(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-__all__ = ["checkpoint_size_mb", "count_parameters", "encoder_macs", "flop_speedup_bound", "measure_latency"]
+def cpu_name() -> str:
+    """The CPU's model name from `/proc/cpuinfo` (Linux), with architecture and core count, else what `platform` knows.
+
+    Example:
+        >>> cpu_name()  # doctest: +SKIP
+        'AMD EPYC (x86_64, 2 cores)'
+    """
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()}, {os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+__all__ = [
+    "checkpoint_size_mb",
+    "cpu_name",
+    "count_parameters",
+    "encoder_macs",
+    "flop_speedup_bound",
+    "measure_latency",
+]

@@ -25,6 +25,7 @@ from drone_hf import (
 )
 from drone_hf.callbacks import _take_rows
 from drone_hf.glue import glue_metric_points
+from drone_hf.profiling import cpu_name
 
 from .testing_utils import tiny_batches, tiny_dataset, tiny_teacher, tiny_tokenizer, torch_threads
 
@@ -126,6 +127,7 @@ def test_callback_compresses_distils_evaluates_and_saves(tmp_path):
     assert drone.metrics["dense"]["accuracy"] == pytest.approx(float((np.array(dense) == labels).mean()))
     card = ModelCard.load(path / "README.md")
     assert "drone_hf" in card.data.tags
+    assert drone.speed["hardware"] == f"CPU {cpu_name()}, {torch.get_num_threads()} threads"
     assert {r.metric_name for r in card.data.eval_results} >= {"accuracy (dense)", "accuracy (compressed+distilled)"}
     assert trainer.state.log_history[-1]["drone/compressed+distilled_accuracy"] == pytest.approx(
         drone.metrics["compressed+distilled"]["accuracy"]
