@@ -86,7 +86,8 @@ class DroneCompressionCallback(TrainerCallback):
     - Under several processes (`accelerate launch`, `torchrun`) every process calibrates on its own shard and the
       statistics are summed; the compressed model is built on process zero, and on every process when distillation
       runs (data-parallel, ranks broadcast from process zero). Files, logs and evaluation happen only when
-      `state.is_world_process_zero`.
+      `state.is_world_process_zero`; every process waits for them, so when `train()` returns the checkpoint is
+      complete on disk.
 
     Args:
         compression_args ([`DroneCompressionArguments`]): What to compress and the calibration rows.
@@ -228,8 +229,15 @@ class DroneCompressionCallback(TrainerCallback):
         **kwargs,
     ):
         """Calibrates, compresses, optionally distils, evaluates and saves (see the class docstring)."""
-        tokenizer = self.processing_class if self.processing_class is not None else processing_class
         rank, world = _world()
+        self._compress_on_this_process(args, state, model, train_dataloader, processing_class, rank, world)
+        if world > 1:
+            # No process leaves before process zero has written the checkpoint: whatever runs after `train()`, on
+            # any process, finds it complete.
+            torch.distributed.barrier()
+
+    def _compress_on_this_process(self, args, state, model, train_dataloader, processing_class, rank, world):
+        tokenizer = self.processing_class if self.processing_class is not None else processing_class
         distil_everywhere = self.distillation_args is not None and world > 1
         calibration, heldout, num_rows = self._training_batches(train_dataloader, tokenizer, rank, world)
         settings = self.compression_args

@@ -91,6 +91,8 @@ def worker(out: Path) -> None:
         processing_class=tiny_tokenizer(),
         callbacks=[drone],
     ).train()
+    saved = out / "run" / "drone"
+    report["files_after_train"] = sorted(os.listdir(saved)) if saved.is_dir() else None
     report.update(
         callback_path=drone.compressed_model_path,
         callback_metrics=drone.metrics,
@@ -98,6 +100,10 @@ def worker(out: Path) -> None:
         callback_ranks=len(drone.compressed_model.config.drone_ranks),
     )
     (out / f"rank{rank}.json").write_text(json.dumps(report))
+    # A process that exits while its peers still use the gloo group can abort ("terminate called without an active
+    # exception"): leave together, then tear the group down.
+    state.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -165,6 +171,10 @@ def test_two_processes_sum_statistics_and_distil(tmp_path):
     assert reports[1]["callback_metrics"] == {}
     assert reports[0]["callback_digest"] == pytest.approx(reports[1]["callback_digest"], rel=1e-12)
     assert reports[0]["callback_ranks"] == reports[1]["callback_ranks"] == 12
+    # When train() returns, on any process, the checkpoint is complete: its model card is the last file written.
+    for report in reports:
+        assert report["files_after_train"] is not None and "README.md" in report["files_after_train"]
+        assert {"config.json", "model.safetensors"} <= set(report["files_after_train"])
     saved = DroneBertForSequenceClassification.from_pretrained(tmp_path / "run" / "drone")
     assert _digest(saved) == pytest.approx(reports[0]["callback_digest"], rel=1e-9)
 
