@@ -195,3 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    # Under `accelerate launch`/`torchrun`, leave together and close the process group: a process that exits while
+    # the others still hold the group can abort, and the launcher then kills the rest.
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+    PartialState().destroy_process_group()
