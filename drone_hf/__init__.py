@@ -1,58 +1,65 @@
-"""drone_hf: data-aware low-rank compression (DRONE) of fine-tuned BERT classifiers, as Hugging Face citizens.
+"""drone_hf: data-aware low-rank compression (DRONE) of fine-tuned encoders, as Hugging Face citizens.
 
-Importing this package registers `"drone_bert"` with `AutoConfig` and `AutoModelForSequenceClassification`; it is the
-one place where registration happens.
+Importing this package registers, for every supported family (`drone_hf.architecture`), a DRONE config
+(`"drone_bert"`, `"drone_roberta"`, ...) with `AutoConfig` and a DRONE model class for every head transformers' Auto
+mappings have for that family (`AutoModel`, `AutoModelForSequenceClassification`, `...TokenClassification`,
+`...QuestionAnswering`, `...MultipleChoice`, ...). This is the one place where registration happens.
 """
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModelForSequenceClassification
-
 from .allocation import allocate_by_energy, allocate_ranks, breakeven_rank
+from .architecture import ArchitectureSpec, AttentionSpec, get_architecture, register_architecture
 from .arguments import DroneCompressionArguments, DroneDistillationArguments
 from .attention import DroneBertSelfAttention
-from .calibration import (
-    ActivationStatsCollector,
-    collect_activation_stats,
-    load_activation_stats,
-    save_activation_stats,
-    split_stats,
-)
-from .callbacks import DroneCompressionCallback
+from .calibration import ActivationStatsCollector, collect_activation_stats
 from .compress import compress_model
-from .configuration_drone import DRONE_FORMAT_VERSION, DroneConfig
-from .distillation import DroneDistillationTrainer, distill, distillation_loss
+from .configuration_drone import DRONE_FORMAT_VERSION, DroneConfig, drone_config_class
 from .embedding import DroneEmbedding, replace_embedding_with_drone, token_frequencies
 from .factorize import data_weighted_error, drone_factorize, drone_spectrum, svd_factorize
 from .hub import create_or_update_model_card, push_compressed_to_hub
-from .layers import DroneLinear
-from .modeling_drone_bert import DroneBertForSequenceClassification
+from .layers import DroneLinear, DroneQKLinear
+from .methods import FactorizationMethod, register_method
+from .modeling_drone import DroneBertForSequenceClassification, DroneModelMixin, drone_model_class
 from .projective import ProjectiveClusteringResult, choose_kj, projective_clustering
-from .replace import replace_attention_with_drone, replace_linear_with_drone
+from .registration import register_drone_auto_classes
+from .stats import load_activation_stats, save_activation_stats, split_stats
+from .structure import replace_attention_with_drone, replace_linear_with_drone
 from .targets import BERT_ROLES, resolve_ranks, resolve_target_modules
 
 
 __version__ = "0.1.0"
 
 
-def _register() -> None:
-    # exist_ok=True keeps importlib.reload and re-run notebook cells working; a *different* class already registered
-    # under our model type is a real collision and must raise.
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+register_drone_auto_classes()
 
-    existing = CONFIG_MAPPING._extra_content.get(DroneConfig.model_type)
-    if existing is not None and existing.__qualname__ != DroneConfig.__qualname__:
-        raise ValueError(f"Model type {DroneConfig.model_type!r} is already registered to {existing!r}.")
-    AutoConfig.register(DroneConfig.model_type, DroneConfig, exist_ok=True)
-    AutoModelForSequenceClassification.register(DroneConfig, DroneBertForSequenceClassification, exist_ok=True)
+# Trainer-side names (callback, distillation) import transformers' Trainer and datasets: loaded on first use.
+_LAZY = {
+    "DroneCompressionCallback": ".callbacks",
+    "DroneDistillationTrainer": ".distillation",
+    "distill": ".distillation",
+    "distillation_loss": ".distillation_losses",
+}
 
 
-_register()
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
 
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# The public API. Everything imported above stays importable (`drone_hf.split_stats`, ...); internals are documented
+# in their own modules.
 __all__ = [
+    "__version__",
+    "ArchitectureSpec",
+    "AttentionSpec",
     "BERT_ROLES",
     "DRONE_FORMAT_VERSION",
-    "ActivationStatsCollector",
     "DroneBertForSequenceClassification",
     "DroneBertSelfAttention",
     "DroneCompressionArguments",
@@ -61,31 +68,29 @@ __all__ = [
     "DroneDistillationArguments",
     "DroneDistillationTrainer",
     "DroneEmbedding",
-    "ProjectiveClusteringResult",
-    "choose_kj",
-    "projective_clustering",
     "DroneLinear",
-    "__version__",
-    "allocate_by_energy",
+    "DroneModelMixin",
+    "DroneQKLinear",
+    "FactorizationMethod",
+    "ProjectiveClusteringResult",
     "allocate_ranks",
-    "breakeven_rank",
+    "choose_kj",
     "collect_activation_stats",
     "compress_model",
     "create_or_update_model_card",
-    "data_weighted_error",
     "distill",
     "distillation_loss",
+    "drone_config_class",
     "drone_factorize",
-    "drone_spectrum",
+    "drone_model_class",
+    "get_architecture",
     "load_activation_stats",
+    "projective_clustering",
     "push_compressed_to_hub",
-    "replace_attention_with_drone",
-    "replace_embedding_with_drone",
-    "replace_linear_with_drone",
-    "resolve_ranks",
+    "register_architecture",
+    "register_method",
     "resolve_target_modules",
     "save_activation_stats",
-    "split_stats",
     "svd_factorize",
     "token_frequencies",
 ]

@@ -2,8 +2,8 @@
 
 `allocate_by_energy` and the `target_speedup` / `param_ratio` paths of [`allocate_ranks`] need no evaluation: they use
 the closed form's residual energy. The `max_accuracy_drop` path follows the DRONE appendix: measure each module's
-drop alone on held-out data, split the budget by measured time share, pick the smallest rank within each share,
-then check the combination jointly and adjust.
+drop alone on held-out data, split the budget by each module's share of the multiply-adds (deterministic, unlike a
+clock), pick the smallest rank within each share, then check the combination jointly and adjust.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from transformers.utils import logging
 
 from .budget_search import allocate_by_accuracy
 from .candidates import Candidates, breakeven_rank, relative_tail
-from .heldout import MetricFn
+from .heads import MetricFn
+from .methods import DEFAULT_METHOD, get_method, resolve_method
+from .stats import check_stats
 
 
 logger = logging.get_logger(__name__)
@@ -118,13 +120,13 @@ def allocate_ranks(
     target_speedup: float | None = None,
     param_ratio: float | None = None,
     rank_grid: Sequence[int] | None = None,
-    method: str = "drone",
+    method: str = DEFAULT_METHOD,
     attention: bool = True,
     target_modules: Sequence[str] | str | None = None,
     metric_fn: MetricFn | None = None,
     seq_len: int = 128,
     rank_multiple: int = 8,
-    bias_correction: bool = False,
+    bias_correction: bool | None = None,
     screening_samples: int | None = 512,
     safety_margin: float = 1.0,
     refine_steps: int = 48,
@@ -137,7 +139,7 @@ def allocate_ranks(
     - `max_accuracy_drop` (points of the task metric on `eval_dataloader`, e.g. `1.0`): the DRONE appendix recipe.
       Each candidate module is compressed alone at each grid rank (largest first, stopping early once its drop
       exceeds the whole budget) and scored on `screening_samples` held-out rows spread over the batches, re-running
-      only the layers after it. The budget is split by each module's **measured** share of inference time; each
+      only the layers after it. The budget is split by each module's share of the multiply-adds at `seq_len`; each
       module takes the smallest rank whose drop fits its share. The combination is then scored jointly on **all**
       held-out rows with the real metric, and the shares are scaled up or down (bisection) until the joint drop plus
       `safety_margin` paired standard errors (bootstrap) is within the budget, so that a lucky held-out draw does not
@@ -156,20 +158,21 @@ def allocate_ranks(
     linear's break-even rank (`k (in + out) < in * out`), so only ranks that reduce a layer's cost are chosen.
 
     Args:
-        model (`BertForSequenceClassification`): The fine-tuned model (not modified; a copy is used).
-        stats (`dict[str, Tensor]`, *optional*): From [`collect_activation_stats`] (required for `method="drone"`).
-        eval_dataloader (`Iterable[dict]`, *optional*): Held-out tokenizer batches with `labels`
-            (required for `max_accuracy_drop`).
+        model (`PreTrainedModel`): The fine-tuned model, any supported family and head (not modified; a copy is
+            used).
+        stats (`dict[str, Tensor]`, *optional*): From [`collect_activation_stats`] (required for data-aware methods).
+        eval_dataloader (`Iterable[dict]`, *optional*): Held-out tokenizer batches with labels (`labels`; for
+            question answering `start_positions`/`end_positions`), required for `max_accuracy_drop`.
         rank_grid (`Sequence[int]`, *optional*): Candidate ranks for linears (default: 1/8 ... 7/8 of break-even,
             rounded to `rank_multiple`). Attention blocks use 1/8 ... 7/8 of the head size.
-        method (`str`, *optional*, defaults to `"drone"`): `"drone"` or `"svd"`.
+        method (`str`, *optional*, defaults to `"drone"`): A registered method: `"drone"`, `"drone-bc"`, `"svd"`.
         attention (`bool`, *optional*, defaults to `True`): Include DRONE attention candidates.
         target_modules: As in [`compress_model`].
-        metric_fn (`Callable[[ndarray, ndarray], float]`, *optional*): `(logits, labels) -> score in points`;
-            defaults to accuracy (classification) or Pearson correlation (regression), times 100.
+        metric_fn (`Callable[[ndarray, ndarray], float]`, *optional*): `(logits, labels) -> score in points` on the
+            rows of `drone_hf.heads`; defaults to accuracy (sequence classification, multiple choice), Pearson
+            correlation (regression), token accuracy (token classification) or span F1 (question answering).
         seq_len (`int`, *optional*, defaults to 128): Sequence length of the multiply-add model.
-        bias_correction (`bool`, *optional*, defaults to `False`): Score linear candidates with bias-corrected DRONE
-            (compress with the same setting).
+        bias_correction (`bool`, *optional*): drone_hf 0.1's switch: `True` is `method="drone-bc"`.
         screening_samples (`int`, *optional*, defaults to 512): Held-out rows (whole batches, spread evenly over
             `eval_dataloader`) for the per-module curves; `None` uses every row. The joint checks always use all rows.
         safety_margin (`float`, *optional*, defaults to 1.0): Paired standard errors of the held-out drop added to it
@@ -191,10 +194,9 @@ def allocate_ranks(
     given = [key for key, value in budgets.items() if value is not None]
     if len(given) != 1:
         raise ValueError(f"Pass exactly one of {list(budgets)}, got {given or 'none'}.")
-    if method not in ("drone", "svd"):
-        raise ValueError(f"Unknown `method` {method!r}; expected one of ['drone', 'svd'].")
-    if method == "drone" and not isinstance(stats, Mapping):
-        raise TypeError("`stats` (from collect_activation_stats) is required for method='drone'.")
+    method = resolve_method(method, bias_correction)
+    if get_method(method).data_aware and not isinstance(stats, Mapping):
+        raise TypeError(f"`stats` (from collect_activation_stats) is required for method={method!r}.")
     working = copy.deepcopy(model).eval()
     candidates = Candidates(
         working,
@@ -205,14 +207,11 @@ def allocate_ranks(
         rank_grid=rank_grid,
         rank_multiple=rank_multiple,
         seq_len=seq_len,
-        bias_correction=bias_correction and method == "drone",
     )
-    if method == "drone":
-        from .compress import _check_stats
-
-        needed = candidates.linears + [f"{block}.query" for block in candidates.blocks]
+    if candidates.method.data_aware:
+        needed = candidates.linears + [candidates.qk[block][0] for block in candidates.blocks]
         shapes = {n: tuple(working.get_submodule(n).weight.shape) for n in needed}
-        _check_stats(stats, needed, shapes)
+        check_stats(stats, needed, shapes)
     started = time.perf_counter()
     report = report if report is not None else {}
     report.update(budget=given[0], value=budgets[given[0]], method=method, candidates=len(candidates.names))
@@ -235,7 +234,7 @@ def allocate_ranks(
 
 
 def _allocate_closed_form(working, candidates, target_speedup, param_ratio) -> dict[str, int]:
-    from .profiling import encoder_macs
+    from .profiling import model_macs
 
     losses = {name: candidates.energy_loss(name) for name in candidates.names}
     if param_ratio is not None:
@@ -247,7 +246,7 @@ def _allocate_closed_form(working, candidates, target_speedup, param_ratio) -> d
         if isinstance(target_speedup, bool) or not isinstance(target_speedup, (int, float)) or target_speedup <= 1:
             raise ValueError(f"`target_speedup` must be a number > 1, got {target_speedup!r}.")
         costs = {name: (lambda k, n=name: candidates.macs(n, k)) for name in candidates.names}
-        total = encoder_macs(working.config, candidates.seq_len, prefix=working.base_model_prefix)
+        total = model_macs(working, candidates.seq_len)
         fixed = total - sum(candidates.macs(name, None) for name in candidates.names)
         budget = total / target_speedup - fixed
         label = f"`target_speedup={target_speedup}`"

@@ -10,8 +10,6 @@ from typing import Any
 
 from torch import nn
 
-from .configuration_drone import DRONE_METHODS
-
 
 _BUDGETS = ("rank", "ranks", "param_ratio", "attention_rank", "max_accuracy_drop", "target_speedup")
 
@@ -56,7 +54,8 @@ class DroneCompressionArguments:
     they fit a given model is checked by [`DroneCompressionCallback`] in `on_train_begin`.
 
     Args:
-        method (`str`, *optional*, defaults to `"drone"`): `"drone"` (data-aware, closed form) or `"svd"`.
+        method (`str`, *optional*, defaults to `"drone"`): A registered method: `"drone"` (the paper's closed form),
+            `"drone-bc"` (bias-corrected) or `"svd"` (data-free).
         rank (`int`, *optional*): One rank for every target linear.
         ranks (`dict[str, int]` or `str`, *optional*): Module name or `"re:<regex>"` -> rank (a JSON object string
             on the command line), with the precedence of [`compress_model`].
@@ -95,7 +94,7 @@ class DroneCompressionArguments:
     ```
     """
 
-    method: str = field(default="drone", metadata={"help": "`drone` (data-aware) or `svd`."})
+    method: str = field(default="drone", metadata={"help": "`drone`, `drone-bc` (bias-corrected) or `svd`."})
     rank: int | None = field(default=None, metadata={"help": "One rank for every target linear."})
     ranks: dict[str, int] | str | None = field(
         default=None, metadata={"help": "Per-module ranks as a JSON object, e.g. '{\"re:.*intermediate.*\": 96}'."}
@@ -128,8 +127,9 @@ class DroneCompressionArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the choice of calibration / held-out rows."})
 
     def __post_init__(self):
-        if self.method not in DRONE_METHODS:
-            raise ValueError(f"Unknown `method` {self.method!r}; expected one of {list(DRONE_METHODS)}.")
+        from .methods import get_method
+
+        get_method(self.method)
         self.ranks = _parse_json_mapping("ranks", self.ranks)
         for key, value in (self.ranks or {}).items():
             if not isinstance(key, str) or not _is_int(value) or value <= 0:
@@ -161,7 +161,7 @@ class DroneCompressionArguments:
         _check_int("refine_steps", self.refine_steps, minimum=0)
         if not isinstance(self.bias_correction, bool):
             raise ValueError(f"`bias_correction` must be True or False, got {self.bias_correction!r}.")
-        if self.bias_correction and self.method != "drone":
+        if self.bias_correction and self.method not in ("drone", "drone-bc"):
             raise ValueError(f"`bias_correction=True` needs `method='drone'`, got method={self.method!r}.")
         _check_int("calibration_batch_size", self.calibration_batch_size, minimum=1)
         _check_int("seed", self.seed, minimum=0)
@@ -189,7 +189,7 @@ class DroneCompressionArguments:
         kwargs = {name: getattr(self, name) for name in ("method", "target_modules", *_BUDGETS)}
         if self.bias_correction:
             kwargs["bias_correction"] = True
-        if self.max_accuracy_drop is not None or self.target_speedup is not None:
+        if self.max_accuracy_drop is not None or self.target_speedup is not None or self.param_ratio is not None:
             kwargs["attention"] = self.attention
         if self.max_accuracy_drop is not None:
             kwargs["allocation_options"] = {
@@ -204,25 +204,25 @@ class DroneCompressionArguments:
         return kwargs
 
     def validate_for_model(self, model: nn.Module) -> None:
-        """Checks, without factoring anything, that these settings fit `model`: a BERT sequence classifier whose
+        """Checks, without factoring anything, that these settings fit `model`: a model of a supported family whose
         target modules resolve, with ranks in range and a feasible budget.
 
         Raises:
             `ValueError`: naming the offending setting.
         """
-        from .allocation import allocate_by_energy, breakeven_rank
+        from .allocation import breakeven_rank
         from .compress import _resolve_attention
-        from .replace import validate_drone_ranks
-        from .targets import check_bert_classifier, resolve_ranks, resolve_target_modules
+        from .structure import qk_linear_names, validate_drone_ranks
+        from .targets import check_supported_model, resolve_ranks, resolve_target_modules
 
-        check_bert_classifier(model)
+        check_supported_model(model)
         targets = resolve_target_modules(model, self.target_modules)
         if not targets:
             raise ValueError(f"`target_modules={self.target_modules!r}` selects no dense encoder linear.")
         shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in targets}
         if self.rank is not None or self.ranks is not None or self.attention_rank is not None:
             linear_ranks, attention_ranks = _resolve_attention(model, self.ranks, self.attention_rank, None)
-            replaced = {f"{block}.{proj}" for block in attention_ranks for proj in ("query", "key")}
+            replaced = {name for block in attention_ranks for name in qk_linear_names(model, block)}
             chosen = resolve_ranks([t for t in targets if t not in replaced], rank=self.rank, ranks=linear_ranks)
             validate_drone_ranks(model, chosen)
             if not attention_ranks and all(k > breakeven_rank(*shapes[name]) for name, k in chosen.items()):
@@ -230,13 +230,8 @@ class DroneCompressionArguments:
                     f"Every target would stay dense at `rank={self.rank}`/`ranks={self.ranks}`: a rank must satisfy "
                     "k * (in + out) < in * out to reduce a layer's cost."
                 )
-        elif self.param_ratio is not None:
-            # Feasibility depends on shapes and rank grids only, not on the spectra: flat ones suffice here.
-            import torch
-
-            spectra = {name: torch.ones(min(shape)) for name, shape in shapes.items()}
-            allocate_by_energy(spectra, shapes, self.param_ratio)
-        elif self.target_speedup is not None:
+        elif self.param_ratio is not None or self.target_speedup is not None:
+            # Feasibility depends on shapes and rank grids only, not on the spectra: the data-free method suffices.
             from .allocation import allocate_ranks
 
             allocate_ranks(
@@ -244,6 +239,7 @@ class DroneCompressionArguments:
                 None,
                 method="svd",
                 target_speedup=self.target_speedup,
+                param_ratio=self.param_ratio,
                 attention=self.attention,
                 target_modules=self.target_modules,
             )

@@ -1,34 +1,28 @@
 """The accuracy-budget path of rank allocation (DRONE appendix): per-module drops on held-out rows, the budget split by
-measured time share, a joint check with a safety margin, then a greedy refinement checked the same way."""
+each module's share of the model's multiply-adds, a joint check with a safety margin, then a greedy refinement checked
+the same way. Nothing here reads a clock, so the same model, data and seed give the same ranks."""
 
 from __future__ import annotations
 
 import heapq
 
-import torch
 from tqdm.auto import tqdm
 
 from .candidates import apply_ranks, restore_modules, swap_module
-from .heldout import (
-    LayerwiseEvaluator,
-    default_metric_fn,
-    module_time_shares,
-    paired_standard_error,
-    soft_change,
-    spread_subset,
-)
+from .heads import default_metric_fn, soft_change
+from .heldout import LayerwiseEvaluator, paired_standard_error, spread_subset
 
 
-def _timing_batch(batches, seq_len: int) -> dict[str, torch.Tensor]:
-    """Eight rows of the longest held-out batch, padded to `seq_len` tokens: time shares are measured at the length the
-    multiply-add model and the reported latency use, not at the (often short) held-out lengths."""
-    batch = max(batches, key=lambda b: b["input_ids"].shape[1])
-    padded = {}
-    for key in ("input_ids", "token_type_ids", "attention_mask"):
-        if key in batch:
-            value = batch[key][:8, :seq_len]
-            padded[key] = torch.nn.functional.pad(value, (0, seq_len - value.shape[1]))
-    return padded
+COST_MODEL = "multiply-adds"
+
+
+def cost_shares(candidates) -> dict[str, float]:
+    """Each candidate's share of the candidates' dense multiply-adds at `candidates.seq_len` tokens (an attention
+    block: its query/key projections and score product). Deterministic: the DRONE appendix splits the budget by
+    share of inference time, and multiply-adds are that share without the noise of a clock on a shared machine."""
+    costs = {name: candidates.macs(name, None) for name in candidates.names}
+    total = sum(costs.values()) or 1
+    return {name: cost / total for name, cost in costs.items()}
 
 
 def _select(curves, shares, budget: float, scale: float) -> dict[str, int]:
@@ -51,13 +45,13 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
     if batches is None:
         raise ValueError("`max_accuracy_drop` needs `eval_dataloader` (held-out batches with labels, from train).")
     batches = list(batches)
-    problem_type = working.config.problem_type or ("regression" if working.config.num_labels == 1 else None)
-    metric_fn = options["metric_fn"] or default_metric_fn(problem_type)
+    problem_type = getattr(working.config, "problem_type", None)
+    problem_type = problem_type or ("regression" if getattr(working.config, "num_labels", 2) == 1 else None)
     screening = spread_subset(batches, options["screening_samples"])
     evaluator = LayerwiseEvaluator(working, screening)  # per-module curves: cheap, smooth score
     joint_evaluator = evaluator if len(screening) == len(batches) else LayerwiseEvaluator(working, batches)
-    seq_len = min(candidates.seq_len, working.config.max_position_embeddings)
-    shares = module_time_shares(working, candidates.time_entries(), _timing_batch(batches, seq_len))
+    metric_fn = options["metric_fn"] or default_metric_fn(problem_type, evaluator.kind)
+    shares = cost_shares(candidates)
     curves = _module_curves(working, candidates, evaluator, problem_type, budget, show_progress)
 
     joint = _JointCheck(working, candidates, joint_evaluator, metric_fn, budget, options["safety_margin"])
@@ -91,6 +85,8 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
         heldout_standard_error=refined["standard_error"],
         safety_margin=joint.margin,
         scale=best.get("scale", 0.0),
+        cost_model=f"{COST_MODEL} at {candidates.seq_len} tokens",
+        heldout_kind=evaluator.kind,
         refined_steps=refined.get("steps", 0),
         time_share_ranks=best["ranks"],
         shares=shares,
@@ -117,7 +113,7 @@ def _module_curves(working, candidates, evaluator, problem_type, budget, show_pr
                 for rank in sorted(candidates.grid[name], reverse=True):
                     original = swap_module(working, name, candidates.module(name, rank))
                     try:
-                        drop = soft_change(reference, evaluator.logits(), labels, problem_type)
+                        drop = soft_change(reference, evaluator.logits(), labels, problem_type, evaluator.kind)
                     finally:
                         swap_module(working, name, original)
                     curves[name][rank] = drop

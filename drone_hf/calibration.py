@@ -2,31 +2,38 @@
 
 from __future__ import annotations
 
-import math
-import os
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .targets import encoder_linear_roles, resolve_target_modules, shared_input_name
+from .architecture import get_architecture
+from .stats import load_activation_stats, save_activation_stats, split_stats
+from .targets import resolve_target_modules, shared_input_sources
 
 
 logger = logging.get_logger(__name__)
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
-def split_stats(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Splits an augmented statistic into `(C, sum_x, n)`.
+def model_inputs(model: nn.Module, batch: Mapping, device=None) -> dict:
+    """The entries of a tokenizer `batch` that `model.forward` takes (DistilBERT and ModernBERT take no
+    `token_type_ids`), moved to `device`."""
+    accepted = _forward_keys(type(model))
+    return {k: (v if device is None else v.to(device)) for k, v in batch.items() if k in accepted and v is not None}
 
-    Each statistic is the `(in+1) x (in+1)` float64 matrix `sum over tokens of [x; 1][x; 1]^T`: its top-left block is
-    the uncentred second moment `C = X X^T`, its last column the sum of the inputs and its corner the token count.
-    Keeping the three together lets bias-aware (homogeneous-coordinate) solvers use the same file.
-    """
-    return stats[:-1, :-1], stats[:-1, -1], float(stats[-1, -1])
+
+def _forward_keys(cls) -> frozenset:
+    if cls not in _FORWARD_KEYS:
+        parameters = inspect.signature(cls.forward).parameters
+        _FORWARD_KEYS[cls] = frozenset(k for k in MODEL_INPUT_KEYS if k in parameters)
+    return _FORWARD_KEYS[cls]
+
+
+_FORWARD_KEYS: dict[type, frozenset] = {}
 
 
 class ActivationStatsCollector:
@@ -38,7 +45,7 @@ class ActivationStatsCollector:
     under `no_grad` and are removed on exit, even if the forward raised.
 
     Args:
-        model (`nn.Module`): A BERT classifier.
+        model (`nn.Module`): A model of a supported family.
         module_names (`Sequence[str]`): Full names of the linears to collect for.
         mask_padding (`bool`, *optional*, defaults to `True`): Drop positions where the attention mask is 0.
 
@@ -54,15 +61,17 @@ class ActivationStatsCollector:
     """
 
     def __init__(self, model: nn.Module, module_names: Sequence[str], *, mask_padding: bool = True):
-        roles = encoder_linear_roles(model)
+        sources = shared_input_sources(model)
         modules = dict(model.named_modules())
         self.model = model
         self.mask_padding = mask_padding
+        # DeBERTa's query/key projections also read relative-position embeddings: rows without a token mask.
+        self._extra_inputs = get_architecture(model).extra_linear_inputs
         self._sources = {}
         for name in module_names:
             if not isinstance(modules.get(name), nn.Linear):
                 raise ValueError(f"`module_names` entry `{name}` is not an nn.Linear of the model.")
-            self._sources[name] = shared_input_name(name, roles[name]) if name in roles else name
+            self._sources[name] = sources.get(name, name)
         self._sums: dict[str, torch.Tensor] = {}
         self._handles = []
         self._mask: torch.Tensor | None = None
@@ -75,13 +84,16 @@ class ActivationStatsCollector:
         @torch.no_grad()
         def hook(module, args):
             inputs = args[0]
-            if self.mask_padding and self._mask is not None:
-                if inputs.shape[:-1] != self._mask.shape:
+            mask = self._mask
+            if mask is not None and mask.shape != inputs.shape[:-1] and mask.numel() == inputs.shape[:-1].numel():
+                mask = mask.reshape(inputs.shape[:-1])  # multiple choice: (batch, choices, seq) runs as one batch
+            if self.mask_padding and mask is not None and not (self._extra_inputs and mask.shape != inputs.shape[:-1]):
+                if inputs.shape[:-1] != mask.shape:
                     raise ValueError(
                         f"`attention_mask` of shape {tuple(self._mask.shape)} does not match the input of `{source}` "
                         f"{tuple(inputs.shape[:-1])}."
                     )
-                inputs = inputs[self._mask.to(inputs.device)]
+                inputs = inputs[mask.to(inputs.device)]
             inputs = inputs.reshape(-1, inputs.shape[-1])
             if not torch.isfinite(inputs).all():
                 raise ValueError(f"NaN or Inf in the inputs of `{source}`; calibration data must give finite values.")
@@ -136,7 +148,7 @@ def collect_activation_stats(
     reuse one calibration for many budgets.
 
     Args:
-        model (`BertForSequenceClassification`): The fine-tuned model (left unchanged; run in eval mode).
+        model (`PreTrainedModel`): The fine-tuned model, any supported family and head (left unchanged).
         dataloader (`Iterable[Mapping[str, Tensor]]`):
             Tokenizer batches: dicts with `input_ids`, `attention_mask` and optionally `token_type_ids`; other keys
             such as `labels` are ignored.
@@ -176,7 +188,7 @@ def collect_activation_stats(
                         + (f" with keys {list(batch)}" if isinstance(batch, Mapping) else "")
                         + "."
                     )
-                inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUT_KEYS and v is not None}
+                inputs = model_inputs(model, batch, device)
                 collector.set_attention_mask(inputs.get("attention_mask"))
                 model(**inputs)
                 num_batches += 1
@@ -199,27 +211,11 @@ def _safe_len(obj) -> int | None:
         return None
 
 
-def save_activation_stats(stats: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping | None = None):
-    """Saves statistics to a safetensors file (shared tensors are written once per name)."""
-    tensors = {name: tensor.detach().clone().contiguous() for name, tensor in stats.items()}
-    tmp = f"{os.fspath(path)}.tmp"
-    save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)  # never leave a half-written file under the final name
-
-
-def load_activation_stats(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Loads statistics written by [`save_activation_stats`]."""
-    stats = load_file(os.fspath(path))
-    bad = [name for name, t in stats.items() if t.dim() != 2 or t.shape[0] != t.shape[1] or not math.isfinite(t.sum())]
-    if bad:
-        raise ValueError(f"`{path}` is not an activation-statistics file: bad tensors {bad}.")
-    return stats
-
-
 __all__ = [
     "ActivationStatsCollector",
     "collect_activation_stats",
     "load_activation_stats",
+    "model_inputs",
     "save_activation_stats",
     "split_stats",
 ]

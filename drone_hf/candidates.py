@@ -8,12 +8,10 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from .attention import DroneBertSelfAttention
-from .calibration import split_stats
-from .factorize import DroneDecomposition, centred_scatter, svd_factorize, svd_spectrum
-from .factorize_attention import attention_spectrum, drone_attention_factorize, svd_attention_factorize
 from .layers import DroneLinear
-from .targets import attention_block_names, encoder_linear_roles, resolve_target_modules
+from .methods import get_method
+from .structure import attention_geometry, narrowed_attention_block, qk_linear_names, swap_module
+from .targets import attention_block_names, encoder_linear_layers, resolve_target_modules
 
 
 _FRACTIONS = (1 / 8, 2 / 8, 3 / 8, 4 / 8, 5 / 8, 6 / 8, 7 / 8)
@@ -39,22 +37,24 @@ class Candidates:
     """The modules an allocation chooses ranks for: encoder linears and (optionally) whole attention-score blocks,
     whose query/key linears they replace. Holds cached decompositions so any rank's module is cheap to build."""
 
-    def __init__(
-        self, model, stats, *, method, attention, target_modules, rank_grid, rank_multiple, seq_len, bias_correction
-    ):
-        self.model, self.method, self.seq_len, self.bias_correction = model, method, seq_len, bias_correction
-        roles = encoder_linear_roles(model)
+    def __init__(self, model, stats, *, method, attention, target_modules, rank_grid, rank_multiple, seq_len):
+        self.model, self.seq_len = model, seq_len
+        self.method = get_method(method)
         targets = resolve_target_modules(model, target_modules)
-        blocks = [b for b in attention_block_names(model) if f"{b}.query" in targets and f"{b}.key" in targets]
-        blocks = blocks if attention else []
-        qk = {f"{b}.{p}" for b in blocks for p in ("query", "key")}
-        self.linears = [name for name in targets if name not in qk]
+        blocks = [
+            block
+            for block in (attention_block_names(model) if attention else [])
+            if all(name in targets for name in qk_linear_names(model, block))
+        ]
+        self.qk = {block: qk_linear_names(model, block) for block in blocks}
+        replaced = {name for names in self.qk.values() for name in names}
+        self.linears = [name for name in targets if name not in replaced]
         self.blocks = blocks
         self.names = self.linears + blocks
-        self.layer = {name: int(name.split(".encoder.layer.")[1].split(".")[0]) for name in self.names}
+        layers = encoder_linear_layers(model)
+        self.layer = {name: layers[name] for name in self.names}
         self.stats = stats
-        self._decompositions: dict[str, DroneDecomposition] = {}
-        self._means: dict[str, torch.Tensor] = {}
+        self._decompositions = {}
         self.grid, self.shape = {}, {}
         for name in self.linears:
             out_f, in_f = model.get_submodule(name).weight.shape
@@ -63,93 +63,61 @@ class Candidates:
             grid = _default_grid(limit, rank_multiple) if rank_grid is None else list(rank_grid)
             self.grid[name] = sorted({k for k in grid if isinstance(k, int) and 0 < k <= limit})
         for block in blocks:
-            head = model.get_submodule(block).attention_head_size
+            head = attention_geometry(model, block)[3]
             self.grid[block] = sorted({max(1, round(head * f)) for f in _FRACTIONS} - {head})
         self.names = [name for name in self.names if self.grid[name]]
-        self.roles = roles
+
+    def block_stats(self, block):
+        """The statistics of an attention block's (shared) query/key input, or None for a data-free method."""
+        return self.stats[self.qk[block][0]] if self.method.data_aware else None
 
     # ----- factors and modules -----
     def _decomposition(self, name):
         if name not in self._decompositions:
-            weight = self.model.get_submodule(name).weight.detach()
-            if self.bias_correction:
-                moment, self._means[name] = centred_scatter(self.stats[name])
-            else:
-                moment = split_stats(self.stats[name])[0]
-            self._decompositions[name] = DroneDecomposition(weight, moment)
+            layer = self.model.get_submodule(name)
+            bias = None if layer.bias is None else layer.bias.detach()
+            stats = self.stats[name] if self.method.data_aware else None
+            self._decompositions[name] = self.method.decompose(layer.weight.detach(), bias, stats)
         return self._decompositions[name]
 
+    def _qk_tensors(self, block):
+        query, key, num_heads, _ = attention_geometry(self.model, block)
+        tensors = (query.weight, query.bias, key.weight, key.bias)
+        return tuple(t.detach() for t in tensors), num_heads
+
     def module(self, name, rank):
-        """The replacement module for `name` at `rank` (a DroneLinear or a DroneBertSelfAttention)."""
-        old = self.model.get_submodule(name)
+        """The replacement module for `name` at `rank` (a DroneLinear, or the attention block with narrowed
+        query/key projections)."""
         if name in self.blocks:
-            args = (old.query.weight.detach(), old.query.bias.detach(), old.key.weight.detach(), old.key.bias.detach())
-            if self.method == "svd":
-                q_w, q_b, k_w, k_b = svd_attention_factorize(*args, old.num_attention_heads, rank)
-            else:
-                stats = self.stats[f"{name}.query"]
-                q_w, q_b, k_w, k_b = drone_attention_factorize(*args, stats, old.num_attention_heads, rank)
-            new = DroneBertSelfAttention(old.config, rank, is_causal=old.is_causal, layer_idx=old.layer_idx)
-            new.to(old.query.weight)
-            new.value = old.value
-            with torch.no_grad():
-                for target, value in (
-                    (new.query.weight, q_w),
-                    (new.query.bias, q_b),
-                    (new.key.weight, k_w),
-                    (new.key.bias, k_b),
-                ):
-                    target.copy_(value)
-            return new.eval()
-        bias = None if old.bias is None else old.bias.detach()
-        if self.method == "svd":
-            down, up = svd_factorize(old.weight.detach(), rank)
-        else:
-            down, up = self._decomposition(name).factors(rank)
-            if name in self._means and bias is not None:  # bias correction: fold (W - M) mu into the bias
-                bias = bias + ((old.weight.detach().double() - up.double() @ down.double()) @ self._means[name]).to(
-                    bias
-                )
+            tensors, num_heads = self._qk_tensors(name)
+            factors = self.method.factor_attention(tensors, self.block_stats(name), num_heads, rank)
+            return narrowed_attention_block(self.model, name, rank, factors).eval()
+        old = self.model.get_submodule(name)
+        down, up, bias = self._decomposition(name).factors(rank)
         return DroneLinear.from_factors(down, up, bias).to(old.weight.device)
 
     # ----- closed-form losses and costs -----
     def energy_loss(self, name) -> Callable[[int | None], float]:
-        module = self.model.get_submodule(name)
         if name in self.blocks:
-            args = (module.query.weight, module.query.bias, module.key.weight, module.key.bias)
-            args = tuple(t.detach() for t in args)
-            stats = self.stats[f"{name}.query"] if self.method == "drone" else torch.eye(args[0].shape[1] + 1)
-            energy = (attention_spectrum(*args, stats.double(), module.num_attention_heads) ** 2).sum(0)
-        elif self.method == "svd":
-            energy = svd_spectrum(module.weight.detach()) ** 2
-        else:
-            energy = self._decomposition(name).sigma ** 2
-        return relative_tail(energy)
+            tensors, num_heads = self._qk_tensors(name)
+            return relative_tail(self.method.attention_energy(tensors, self.block_stats(name), num_heads))
+        return relative_tail(self._decomposition(name).energy)
 
     def params(self, name, rank) -> int:
         if name in self.blocks:
-            block = self.model.get_submodule(name)
-            width = block.all_head_size if rank is None else block.num_attention_heads * rank
-            return 2 * block.query.in_features * width
+            query, _, num_heads, head = attention_geometry(self.model, name)
+            width = num_heads * (head if rank is None else rank)
+            return 2 * query.in_features * width
         out_f, in_f = self.shape[name]
         return out_f * in_f if rank is None else rank * (out_f + in_f)
 
     def macs(self, name, rank) -> int:
         """Multiply-adds per sequence of `seq_len` tokens (attention blocks: Q/K projections and scores)."""
         if name in self.blocks:
-            block = self.model.get_submodule(name)
-            width = block.all_head_size if rank is None else block.num_attention_heads * rank
-            return self.seq_len * 2 * block.query.in_features * width + self.seq_len**2 * width
+            _, _, num_heads, head = attention_geometry(self.model, name)
+            width = num_heads * (head if rank is None else rank)
+            return self.seq_len * self.params(name, rank) + self.seq_len**2 * width
         return self.seq_len * self.params(name, rank)
-
-    def time_entries(self) -> dict[str, list[str]]:
-        return {name: ([f"+{name}", f"-{name}.value"] if name in self.blocks else [f"+{name}"]) for name in self.names}
-
-
-def swap_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    old = model.get_submodule(name)
-    model.set_submodule(name, module)
-    return old
 
 
 def apply_ranks(model, candidates: Candidates, ranks: Mapping[str, int]) -> dict[str, nn.Module]:

@@ -1,7 +1,7 @@
 """`drone-hf`: compress a fine-tuned BERT classifier on a GLUE task from the command line, or evaluate one.
 
 drone-hf compress --model DIR_OR_HUB_ID --task sst2 [--data-dir GLUE_DIR]
-    (--max-accuracy-drop PTS | --target-speedup X | --param-ratio P | --rank K) [--method drone|svd]
+    (--max-accuracy-drop PTS | --target-speedup X | --param-ratio P | --rank K) [--method drone|drone-bc|svd]
     [--calibration-samples N] --output DIR
 drone-hf evaluate --model DIR --task sst2 [--data-dir GLUE_DIR]
 """
@@ -14,6 +14,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from .methods import DEFAULT_METHOD, method_names
 
 
 def _task(value: str) -> str:
@@ -38,7 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub):
-        sub.add_argument("--model", required=True, help="fine-tuned BertForSequenceClassification: folder or Hub id")
+        sub.add_argument(
+            "--model",
+            required=True,
+            help="fine-tuned sequence classifier of a supported family (BERT, RoBERTa, "
+            "DistilBERT, ELECTRA, MPNet, DeBERTa-v2, ModernBERT, ...): folder or Hub id",
+        )
         sub.add_argument(
             "--task", required=True, type=_task, help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli"
         )
@@ -56,14 +63,19 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--target-speedup", type=float, help="multiply-add reduction target (no evaluations)")
     budget.add_argument("--param-ratio", type=float, help="fraction of encoder-linear parameters to keep")
     budget.add_argument("--rank", type=int, help="one rank for every encoder linear")
-    compress.add_argument("--method", choices=["drone", "svd"], default="drone")
+    compress.add_argument(
+        "--method",
+        choices=method_names(),
+        default=DEFAULT_METHOD,
+        help="factorisation method (drone: the paper's closed form; drone-bc: on centred statistics with the optimal "
+        "bias shift; svd: data-free baseline)",
+    )
     compress.add_argument("--no-attention", action="store_true", help="do not factor the attention score product")
     compress.add_argument(
         "--bias-correction",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="DRONE on centred statistics with the optimal bias shift folded in (default; never "
-        "worse on the calibration data; --no-bias-correction gives the paper's uncentred form)",
+        default=None,
+        help="drone_hf 0.1 switch: --bias-correction is --method drone-bc",
     )
     compress.add_argument("--calibration-samples", type=int, default=512)
     compress.add_argument(
@@ -102,10 +114,10 @@ def _load(args):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from .glue import get_glue_task
-    from .targets import check_bert_classifier
+    from .targets import check_supported_model
 
     model = AutoModelForSequenceClassification.from_pretrained(args.model)
-    check_bert_classifier(model)
+    check_supported_model(model)
     info = get_glue_task(args.task)
     if model.config.num_labels != info.num_labels:
         raise ValueError(
@@ -131,7 +143,7 @@ def _dev(args, tokenizer, info):
 
 def _measure(args, models: dict, dev, tokenizer, info) -> dict[str, dict]:
     from .evaluation import evaluate_glue
-    from .profiling import checkpoint_size_mb, count_parameters, flop_speedup_bound, measure_latency
+    from .profiling import checkpoint_size_mb, count_parameters, flop_speedup_bound, layer_parameters, measure_latency
 
     first = next(iter(models.values()))
     seq_len = min(128, first.config.max_position_embeddings)
@@ -149,7 +161,7 @@ def _measure(args, models: dict, dev, tokenizer, info) -> dict[str, dict]:
         results[name] = {
             "metrics": evaluate_glue(model, dev, tokenizer, info.name, batch_size=args.batch_size),
             "parameters": count_parameters(model),
-            "encoder_parameters": count_parameters(model, f"{model.base_model_prefix}.encoder."),
+            "encoder_parameters": layer_parameters(model),
             "checkpoint_mb": checkpoint_size_mb(model),
             "latency_ms": 1000 * latency[name],
             "speedup": latency[next(iter(models))] / latency[name],

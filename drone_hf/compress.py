@@ -1,4 +1,5 @@
-"""`compress_model`: from a fine-tuned BERT classifier and its statistics to a new, factored model."""
+"""`compress_model`: from a fine-tuned encoder (any supported family and head) and its statistics to a new, factored
+model. Orchestration only: the method registry factors, `structure` rewrites, `allocation` chooses ranks."""
 
 from __future__ import annotations
 
@@ -8,60 +9,35 @@ from numbers import Real
 
 import torch
 from torch import nn
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .allocation import allocate_by_energy, breakeven_rank
-from .calibration import split_stats
-from .configuration_drone import DRONE_METHODS, DroneConfig
+from .allocation import breakeven_rank
+from .architecture import base_model_type
+from .configuration_drone import drone_config_class
 from .embedding import DroneEmbedding
-from .factorize import drone_factorize, drone_factorize_affine, drone_spectrum, svd_factorize, svd_spectrum
-from .factorize_attention import drone_attention_factorize, svd_attention_factorize
-from .modeling_drone_bert import DroneBertForSequenceClassification
+from .methods import DEFAULT_METHOD, get_method, resolve_method
+from .modeling_drone import drone_model_class
 from .projective import choose_kj, embedding_parameter_count, projective_clustering, projective_clustering_cost
-from .replace import validate_attention_ranks, validate_drone_ranks
-from .targets import attention_block_names, check_bert_classifier, resolve_ranks, resolve_target_modules
+from .stats import check_stats, split_stats
+from .structure import attention_geometry, qk_linear_names, validate_attention_ranks, validate_drone_ranks
+from .targets import (
+    attention_block_names,
+    check_supported_model,
+    resolve_ranks,
+    resolve_target_modules,
+    word_embedding_name,
+)
 
 
 _CONFIG_KEYS_NOT_COPIED = ("model_type", "architectures", "transformers_version", "auto_map", "drone_method")
 
 
-def _check_stats(stats, targets: Sequence[str], shapes: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
-    """Checks the statistics against the model and returns the augmented statistic per target."""
-    if not isinstance(stats, Mapping):
-        raise TypeError(
-            f"`stats` must be the dict returned by collect_activation_stats, got {type(stats).__name__}. "
-            "Pass method='svd' to compress without data."
-        )
-    missing = [name for name in targets if name not in stats]
-    if missing:
-        raise ValueError(
-            f"`stats` has no statistics for {len(missing)} target modules, e.g. {missing[:3]}; collect them with the "
-            "same `target_modules`."
-        )
-    moments = {}
-    for name in targets:
-        tensor, expected = stats[name], shapes[name][1] + 1
-        if not isinstance(tensor, torch.Tensor) or tensor.shape != (expected, expected):
-            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(
-                f"`stats[{name!r}]` must have shape ({expected}, {expected}) for this model, got {got}: were the "
-                "statistics computed on another model?"
-            )
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"`stats[{name!r}]` contains NaN or Inf.")
-        if split_stats(tensor)[2] <= 0:
-            raise ValueError(f"`stats[{name!r}]` was accumulated over 0 tokens.")
-        moments[name] = tensor
-    return moments
-
-
-def _choose_ranks(model, targets, shapes, spectra_fn, *, rank, ranks, param_ratio, rank_multiple) -> dict[str, int]:
-    if param_ratio is not None:
-        if rank is not None or ranks is not None:
-            raise ValueError("`param_ratio` cannot be combined with `rank` or `ranks`; pass one budget.")
-        spectra = {name: spectra_fn(name) for name in targets}
-        return allocate_by_energy(spectra, shapes, param_ratio, multiple=rank_multiple)
+def _explicit_ranks(model, targets, shapes, *, rank, ranks) -> dict[str, int]:
     if rank is None and ranks is None:
-        raise ValueError("Pass one of `rank` (all targets), `ranks` (per module) or `param_ratio` (a budget).")
+        raise ValueError(
+            "Pass one of `rank` (all targets), `ranks` (per module), or a budget: `param_ratio`, `target_speedup` or "
+            "`max_accuracy_drop`."
+        )
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
         raise TypeError(f"`rank` must be an int, got {rank!r} ({type(rank).__name__}).")
     chosen = resolve_ranks(targets, rank=rank, ranks=ranks)
@@ -78,8 +54,10 @@ def _choose_ranks(model, targets, shapes, spectra_fn, *, rank, ranks, param_rati
 
 
 def _resolve_attention(model, ranks, attention_rank, attention_ranks) -> tuple[dict | None, dict[str, int]]:
-    """Moves `...attention.self` keys of `ranks` to the attention ranks and resolves `attention_rank(s)`."""
+    """Moves attention-block keys of `ranks` to the attention ranks and resolves `attention_rank(s)`."""
     blocks = attention_block_names(model)
+    if not blocks and (attention_rank is not None or attention_ranks):
+        validate_attention_ranks(model, {"attention_rank": attention_rank})  # raises the family's reason
     linear_ranks = None if ranks is None else {k: v for k, v in ranks.items() if k not in blocks}
     from_ranks = {k: v for k, v in (ranks or {}).items() if k in blocks}
     if attention_rank is not None and (isinstance(attention_rank, bool) or not isinstance(attention_rank, int)):
@@ -104,8 +82,9 @@ def _allocation_options(options: Mapping | None) -> dict:
 def compress_model(
     model: nn.Module,
     stats: Mapping[str, torch.Tensor] | None,
+    settings=None,
     *,
-    method: str = "drone",
+    method: str | None = None,
     rank: int | None = None,
     ranks: Mapping[str, int] | None = None,
     param_ratio: float | None = None,
@@ -119,34 +98,40 @@ def compress_model(
     attention: bool = True,
     allocation_report: dict | None = None,
     allocation_options: Mapping | None = None,
-    bias_correction: bool = False,
+    bias_correction: bool | None = None,
     rank_multiple: int = 8,
     calibration_info: Mapping | None = None,
     embedding: tuple[int, int] | float | None = None,
     embedding_options: Mapping | None = None,
-) -> DroneBertForSequenceClassification:
+):
     r"""
-    Factors the encoder of a fine-tuned BERT classifier and returns a **new** [`DroneBertForSequenceClassification`];
-    `model` is not modified.
+    Factors the encoder of a fine-tuned model and returns a **new** DRONE model of the same family and head (e.g.
+    [`DroneBertForSequenceClassification`], `DroneRobertaForTokenClassification`, `DroneMPNetModel`); `model` is not
+    modified.
 
     Args:
-        model (`BertForSequenceClassification`): The fine-tuned model (a [`DroneBertForSequenceClassification`] works
-            too: its dense layers can be factored further).
-        stats (`dict[str, Tensor]`, *optional*): Output of [`collect_activation_stats`]; required for `"drone"`,
-            ignored by `"svd"`.
-        method (`str`, *optional*, defaults to `"drone"`): `"drone"` (data-aware, closed form) or `"svd"`.
+        model (`PreTrainedModel`): The fine-tuned model: any head of a supported family (see
+            `drone_hf.architecture.supported_model_types()`), or a DRONE model whose dense layers are factored further.
+        stats (`dict[str, Tensor]`, *optional*): Output of [`collect_activation_stats`]; required by data-aware
+            methods (`"drone"`, `"drone-bc"`), ignored by `"svd"`.
+        settings ([`DroneCompressionArguments`], *optional*): The budget, method and targets as one settings object
+            (the same dataclass the Trainer callback takes); keywords given explicitly override it.
+        method (`str`, *optional*, defaults to `"drone"`): A registered method (`drone_hf.methods`): `"drone"` (the
+            paper's closed form), `"drone-bc"` (on centred statistics, with the optimal bias shift) or `"svd"`.
         rank (`int`, *optional*): One rank for every target linear.
         ranks (`Mapping[str, int]`, *optional*): Full module name or `"re:<regex>"` -> rank. Exact names win over
             patterns, the first matching pattern wins over `rank`; targets without a rank stay dense. Exact names of
-            self-attention blocks (`"...attention.self"`) set per-head query/key ranks, as in `attention_ranks`.
-        param_ratio (`float`, *optional*): Fraction of the targets' weight parameters to keep; ranks are allocated by
-            the closed form's residual energy (no evaluations).
-        attention_rank (`int`, *optional*): DRONE attention (METHODS.md §1a): factor every head's `W_Q W_K^T` to
-            this per-head query/key width (`< d_h`), replacing the separate query/key linears.
-        attention_ranks (`Mapping[str, int]`, *optional*): Self-attention block name or `"re:<regex>"` -> per-head
-            rank, with the same precedence as `ranks`.
+            attention blocks (`"...attention.self"` in BERT) set per-head query/key ranks, as in `attention_ranks`.
+        param_ratio (`float`, *optional*): Fraction of the candidates' weight parameters to keep; ranks are allocated
+            by [`allocate_ranks`] from the closed form's residual energy (no evaluations).
+        attention_rank (`int`, *optional*): DRONE attention (METHODS §1a): factor every head's `W_Q W_K^T` to this
+            per-head query/key width (`< d_h`). Refused, with the reason, for families where it does not apply
+            (rotary position embeddings in ModernBERT, relative-position projections in DeBERTa-v2).
+        attention_ranks (`Mapping[str, int]`, *optional*): Attention block name or `"re:<regex>"` -> per-head rank,
+            with the same precedence as `ranks`.
         target_modules (`Sequence[str]` or `str`, *optional*): Roles (`query, key, value, attention_output,
-            intermediate, output`), full names or `re:` regexes. Defaults to every encoder linear.
+            intermediate, output`; `qkv` for a fused projection), full names or `re:` regexes. Defaults to every
+            encoder linear.
         max_accuracy_drop (`float`, *optional*): Budget in metric points on `eval_dataloader`; ranks (linears and,
             with `attention=True`, attention blocks) are chosen by [`allocate_ranks`].
         target_speedup (`float`, *optional*): Multiply-add reduction target; ranks chosen by [`allocate_ranks`]
@@ -156,29 +141,29 @@ def compress_model(
         rank_grid (`Sequence[int]`, *optional*), attention (`bool`, *optional*, defaults to `True`),
         allocation_report (`dict`, *optional*): Passed to [`allocate_ranks`] as `report`.
         allocation_options (`Mapping`, *optional*): Further keyword arguments of [`allocate_ranks`] (`metric_fn`,
-            `screening_samples`, `safety_margin`, `refine_steps`, `seq_len`).
-        bias_correction (`bool`, *optional*, defaults to `False`): DRONE on the *centred* statistics with the
-            optimal bias shift `(W - M) mu` folded into each factored layer's bias ([`drone_factorize_affine`]);
-            never worse on the calibration data than the paper's uncentred form.
-        rank_multiple (`int`, *optional*, defaults to 8): Granularity of the ranks chosen by `param_ratio`.
+            `screening_samples`, `safety_margin`, `refine_steps`, `seq_len`, `show_progress`).
+        bias_correction (`bool`, *optional*): drone_hf 0.1's switch: `True` selects `method="drone-bc"`.
+        rank_multiple (`int`, *optional*, defaults to 8): Granularity of the ranks budgets choose.
         calibration_info (`Mapping`, *optional*): Provenance (dataset, split, samples, seed) saved in the config.
         embedding (`tuple[int, int]` or `float`, *optional*): Projective clustering of the word embedding
-            (METHODS.md §3) into a [`DroneEmbedding`]: `(k, j)` (`k` subspaces of dimension `j`; `k = 1` is truncated
+            (METHODS §3) into a [`DroneEmbedding`]: `(k, j)` (`k` subspaces of dimension `j`; `k = 1` is truncated
             SVD), or a parameter ratio in `(0, 1)` of the embedding to keep (`0.6` is -40%), for which the `(k, j)`
             of lowest cost over `embedding_options["k_grid"]` is chosen ([`choose_kj`]). Data-free, so it works with
-            either `method`, alone or with any linear/attention budget. The chosen `(k, j)`, its cost and the SVD
-            cost at the same size are recorded in `config.drone_calibration["embedding"]`.
-        embedding_options (`Mapping`, *optional*): `module` (default `"bert.embeddings.word_embeddings"`), `k_grid`
-            (default `(1, 2, 4, 8)`, ratio only), `n_init` (2), `max_iter` (15), `seed` (0) and `weights`
-            (`(vocab_size,)` row weights, e.g. `1 + torch.log1p(token_frequencies(loader, vocab_size))`).
+            any method, alone or with any linear/attention budget. The chosen `(k, j)`, its cost and the SVD cost at
+            the same size are recorded in `config.drone_calibration["embedding"]`.
+        embedding_options (`Mapping`, *optional*): `module` (default: the family's word embedding, e.g.
+            `"bert.embeddings.word_embeddings"`), `k_grid` (default `(1, 2, 4, 8)`, ratio only), `n_init` (2),
+            `max_iter` (15), `seed` (0) and `weights` (`(vocab_size,)` row weights, e.g.
+            `1 + torch.log1p(token_frequencies(loader, vocab_size))`).
 
     Returns:
-        [`DroneBertForSequenceClassification`]: the compressed model, on the device and in the dtype of `model`.
-        Linears whose rank would not reduce their cost (`k (in + out) >= in * out`) are left dense with a warning.
+        The compressed model (a `DroneModelMixin` subclass of `model`'s class), on the device and in the dtype of
+        `model`. Linears whose rank would not reduce their cost (`k (in + out) >= in * out`) are left dense with a
+        warning.
 
     Raises:
-        `ValueError`: for a model that is not a BERT classifier, an unknown `method` or module, a rank outside
-            `[1, min(in, out))` (attention: `[1, d_h)`), statistics missing or of the wrong shape, or no budget.
+        `ValueError`: for an unsupported family, an unknown `method` or module, a rank outside `[1, min(in, out))`
+            (attention: `[1, d_h)`), statistics missing or of the wrong shape, or no budget.
 
     Example:
 
@@ -188,21 +173,57 @@ def compress_model(
     >>> small.save_pretrained("minilm-sst2-drone")  # doctest: +SKIP
     ```
     """
-    check_bert_classifier(model)
-    if method not in DRONE_METHODS:
-        raise ValueError(f"Unknown `method` {method!r}; expected one of {list(DRONE_METHODS)}.")
-    embedding_args = _check_embedding_args(model, embedding, embedding_options)  # before any expensive work
-    if max_accuracy_drop is not None or target_speedup is not None:
-        explicit = {
+    check_supported_model(model)
+    if settings is not None:
+        from .arguments import DroneCompressionArguments
+
+        if not isinstance(settings, DroneCompressionArguments):
+            raise TypeError(f"`settings` must be a DroneCompressionArguments, got {type(settings).__name__}.")
+        given = {
+            "method": method,
             "rank": rank,
             "ranks": ranks,
             "param_ratio": param_ratio,
             "attention_rank": attention_rank,
-            "attention_ranks": attention_ranks,
+            "target_modules": target_modules,
+            "max_accuracy_drop": max_accuracy_drop,
+            "target_speedup": target_speedup,
+            "bias_correction": bias_correction,
+            "allocation_options": allocation_options,
         }
+        merged = {**settings.compress_kwargs(), **{k: v for k, v in given.items() if v is not None}}
+        for key in ("attention",):
+            merged.setdefault(key, attention)
+        return compress_model(
+            model,
+            stats,
+            eval_dataloader=eval_dataloader,
+            rank_grid=rank_grid,
+            allocation_report=allocation_report,
+            rank_multiple=rank_multiple,
+            calibration_info=calibration_info,
+            embedding=embedding,
+            embedding_options=embedding_options,
+            attention_ranks=attention_ranks,
+            **merged,
+        )
+    method = resolve_method(DEFAULT_METHOD if method is None else method, bias_correction)
+    factorizer = get_method(method)
+    embedding_args = _check_embedding_args(model, embedding, embedding_options)  # before any expensive work
+    if max_accuracy_drop is not None or target_speedup is not None or param_ratio is not None:
+        explicit = {"rank": rank, "ranks": ranks, "attention_rank": attention_rank, "attention_ranks": attention_ranks}
         clashing = [key for key, value in explicit.items() if value is not None]
+        budgets = [
+            k
+            for k, v in (
+                ("max_accuracy_drop", max_accuracy_drop),
+                ("target_speedup", target_speedup),
+                ("param_ratio", param_ratio),
+            )
+            if v is not None
+        ]
         if clashing:
-            raise ValueError(f"A budget (`max_accuracy_drop`/`target_speedup`) cannot be combined with {clashing}.")
+            raise ValueError(f"A budget ({budgets[0]}) cannot be combined with {clashing}; pass one budget.")
         from .allocation import allocate_ranks
 
         ranks = allocate_ranks(
@@ -211,66 +232,48 @@ def compress_model(
             eval_dataloader=eval_dataloader,
             max_accuracy_drop=max_accuracy_drop,
             target_speedup=target_speedup,
+            param_ratio=param_ratio,
             rank_grid=rank_grid,
             method=method,
             attention=attention,
             target_modules=target_modules,
             rank_multiple=rank_multiple,
             report=allocation_report,
-            bias_correction=bias_correction,
             **_allocation_options(allocation_options),
         )
         if not ranks:
+            value = {"max_accuracy_drop": max_accuracy_drop, "target_speedup": target_speedup}.get(budgets[0])
+            value = param_ratio if value is None else value
             raise ValueError(
-                f"The budget cannot be met: no module can be compressed within max_accuracy_drop={max_accuracy_drop}"
-                f" / target_speedup={target_speedup}; loosen it."
+                f"The budget cannot be met: no module can be compressed within {budgets[0]}={value}; loosen it."
             )
     ranks, chosen_attention = _resolve_attention(model, ranks, attention_rank, attention_ranks)
     # The query/key of a DRONE-factored attention block are replaced as a pair; they are no longer linear targets.
-    replaced_qk = {f"{block}.{proj}" for block in chosen_attention for proj in ("query", "key")}
+    replaced_qk = {name for block in chosen_attention for name in qk_linear_names(model, block)}
     clash = sorted(replaced_qk & set(ranks or {}))
     if clash:
         raise ValueError(f"{clash} have a linear rank but their attention block gets an attention rank; pass one.")
     targets = [name for name in resolve_target_modules(model, target_modules) if name not in replaced_qk]
-    weights = {name: model.get_submodule(name).weight.detach() for name in targets}
-    shapes = {name: tuple(weight.shape) for name, weight in weights.items()}
-    queries = [f"{block}.query" for block in chosen_attention]
-    query_shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in queries}
-    all_shapes = {**shapes, **query_shapes}
-
-    def spectrum(name):
-        if method == "svd":
-            return svd_spectrum(weights[name])
-        return drone_spectrum(weights[name], split_stats(_check_stats(stats, [name], all_shapes)[name])[0])
-
-    no_linear_budget = rank is None and ranks is None and param_ratio is None
+    shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in targets}
+    queries = {block: qk_linear_names(model, block)[0] for block in chosen_attention}
+    all_shapes = {**shapes, **{q: tuple(model.get_submodule(q).weight.shape) for q in queries.values()}}
+    no_linear_budget = rank is None and ranks is None
     chosen = (
         {}
         if no_linear_budget and (chosen_attention or embedding_args)
-        else _choose_ranks(
-            model,
-            targets,
-            shapes,
-            spectrum,
-            rank=rank,
-            ranks=ranks,
-            param_ratio=param_ratio,
-            rank_multiple=rank_multiple,
-        )
+        else _explicit_ranks(model, targets, shapes, rank=rank, ranks=ranks)
     )
     if not chosen and not chosen_attention and not embedding_args:
         raise ValueError("Every selected module would stay dense at these ranks; nothing to compress.")
     # Only the modules actually factored need statistics (the embedding clustering needs none).
-    needs_stats = method == "drone" and (chosen or queries)
-    checked = _check_stats(stats, list(chosen) + queries, all_shapes) if needs_stats else {}
-    factors = {name: _factor_linear(model, name, checked.get(name), k, bias_correction) for name, k in chosen.items()}
+    needs_stats = factorizer.data_aware and (chosen or queries)
+    checked = check_stats(stats, list(chosen) + list(queries.values()), all_shapes) if needs_stats else {}
+    factors = {name: _factor_linear(model, factorizer, name, checked.get(name), k) for name, k in chosen.items()}
     attention_factors = {
-        block: _factor_attention(model.get_submodule(block), checked.get(f"{block}.query"), k)
+        block: _factor_attention(model, factorizer, block, checked.get(queries[block]), k)
         for block, k in chosen_attention.items()
     }
     provenance = dict(calibration_info or {})
-    if checked and bias_correction:
-        provenance["bias_correction"] = True
     if checked:
         provenance.setdefault("num_tokens", int(split_stats(next(iter(checked.values())))[2]))
     embedding_factors = None
@@ -289,20 +292,15 @@ def compress_model(
     )
 
 
-def _factor_linear(model, name: str, stats: torch.Tensor | None, rank: int, bias_correction: bool):
-    """`(down, up, bias)` of one linear: SVD without statistics, else DRONE (optionally bias-corrected)."""
+def _factor_linear(model, factorizer, name: str, stats: torch.Tensor | None, rank: int):
+    """`(down, up, bias)` of one linear by the registered method."""
     layer = model.get_submodule(name)
-    weight, bias = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
-    if stats is None:
-        return (*svd_factorize(weight, rank), bias)
-    if bias_correction and bias is not None:
-        down, up, shift = drone_factorize_affine(weight, stats, rank)
-        return down, up, bias + shift
-    return (*drone_factorize(weight, split_stats(stats)[0], rank), bias)
+    bias = None if layer.bias is None else layer.bias.detach()
+    return factorizer.decompose(layer.weight.detach(), bias, stats).factors(rank)
 
 
 _EMBEDDING_OPTIONS = {
-    "module": "bert.embeddings.word_embeddings",
+    "module": None,  # the family's word embedding
     "k_grid": (1, 2, 4, 8),
     "n_init": 2,
     "max_iter": 15,
@@ -322,6 +320,8 @@ def _check_embedding_args(model, embedding, options) -> tuple | None:
     if unknown:
         raise ValueError(f"Unknown `embedding_options` keys {unknown}; allowed: {sorted(_EMBEDDING_OPTIONS)}.")
     options = {**_EMBEDDING_OPTIONS, **options}
+    if options["module"] is None:
+        options["module"] = word_embedding_name(model)
     name = options["module"]
     layer = dict(model.named_modules()).get(name) if isinstance(name, str) else None
     if isinstance(layer, DroneEmbedding):
@@ -398,16 +398,10 @@ def _factor_embedding(model, name: str, layer: nn.Embedding, embedding, options)
     return {"module": name, "k": k, "j": j}, tensors, report
 
 
-def _factor_attention(block: nn.Module, stats: torch.Tensor | None, rank: int):
-    args = (
-        block.query.weight.detach(),
-        block.query.bias.detach(),
-        block.key.weight.detach(),
-        block.key.bias.detach(),
-    )
-    if stats is None:
-        return svd_attention_factorize(*args, block.num_attention_heads, rank)
-    return drone_attention_factorize(*args, stats, block.num_attention_heads, rank)
+def _factor_attention(model, factorizer, block: str, stats: torch.Tensor | None, rank: int):
+    query, key, num_heads, _ = attention_geometry(model, block)
+    tensors = tuple(t.detach() for t in (query.weight, query.bias, key.weight, key.bias))
+    return factorizer.factor_attention(tensors, stats, num_heads, rank)
 
 
 def _build_compressed(model, chosen, factors, attention_ranks, attention_factors, method, provenance, embedding=None):
@@ -420,7 +414,8 @@ def _build_compressed(model, chosen, factors, attention_ranks, attention_factors
     previous_embedding = config_dict.pop("drone_embedding", None)  # an already clustered embedding is kept
     if previous_embedding and not embedding and "embedding" in previous_calibration:
         provenance = {**(provenance or {}), "embedding": previous_calibration["embedding"]}  # and its provenance
-    config = DroneConfig(
+    family_config = CONFIG_MAPPING[base_model_type(model.config.model_type)]
+    config = drone_config_class(family_config)(
         **config_dict,
         drone_ranks={**previous, **chosen} or None,
         drone_attention_ranks={**previous_attention, **attention_ranks} or None,
@@ -428,7 +423,8 @@ def _build_compressed(model, chosen, factors, attention_ranks, attention_factors
         drone_method=method,
         drone_calibration=provenance,
     )
-    config.architectures = [DroneBertForSequenceClassification.__name__]
+    model_class = drone_model_class(type(model))
+    config.architectures = [model_class.__name__]
     config._attn_implementation = model.config._attn_implementation
     reference = next(model.parameters())
     state = dict(model.state_dict())
@@ -439,14 +435,15 @@ def _build_compressed(model, chosen, factors, attention_ranks, attention_factors
         if bias is not None:
             state[f"{name}.up.bias"] = bias
     for block, (q_weight, q_bias, k_weight, k_bias) in attention_factors.items():
-        state[f"{block}.query.weight"], state[f"{block}.query.bias"] = q_weight, q_bias
-        state[f"{block}.key.weight"], state[f"{block}.key.bias"] = k_weight, k_bias
+        query, key = qk_linear_names(model, block)
+        state[f"{query}.weight"], state[f"{query}.bias"] = q_weight, q_bias
+        state[f"{key}.weight"], state[f"{key}.bias"] = k_weight, k_bias
     if embedding:
         name, (coefficients, bases, assignments) = embedding[0]["module"], embedding[1]
         del state[f"{name}.weight"]
         state[f"{name}.coefficients"], state[f"{name}.bases"] = coefficients, bases
         state[f"{name}.assignments"] = assignments
-    compressed = DroneBertForSequenceClassification(config)
+    compressed = model_class(config)
     compressed.load_state_dict(state, strict=True)
     compressed.to(device=reference.device, dtype=reference.dtype)
     compressed.train(model.training)

@@ -1,63 +1,60 @@
-"""DRONE-compressed BERT configuration."""
+"""Configuration of DRONE-compressed encoders: the `drone_*` fields on top of each family's own config.
+
+[`DroneConfig`] is the BERT one (`model_type "drone_bert"`); [`drone_config_class`] derives the same for any
+supported family (`"drone_roberta"`, `"drone_mpnet"`, ...). Part of the format layer: copied beside the weights for
+`trust_remote_code` loading, so it imports only transformers, huggingface_hub and siblings.
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
-from transformers import BertConfig
+from transformers import BertConfig, PretrainedConfig
+
+from .architecture import DRONE_MODEL_TYPE_PREFIX
 
 
 DRONE_FORMAT_VERSION = 1
 """On-disk format version this library writes. It changes only when the tensor layout or key meaning changes."""
 
-DRONE_METHODS = ("drone", "svd")
+DRONE_METHODS = ("drone", "drone-bc", "svd")
+"""The built-in factorisation methods (`drone_method` is provenance: any registered method's name is accepted)."""
 
 # A factored-module key is a plain dotted module path as printed by `model.named_modules()`.
 _FQN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 
 
-@strict(accept_kwargs=True)
-class DroneConfig(BertConfig):
+@dataclass(kw_only=True, repr=False)
+class DroneConfigMixin:
     r"""
-    Configuration of a [`DroneBertForSequenceClassification`]: a [`~transformers.BertConfig`] plus the resolved,
-    per-module facts that rebuild the factored layers on load.
+    The `drone_*` fields shared by every DRONE config, with their validators. They are the single source of
+    structural truth: `from_pretrained` re-creates exactly the modules listed here and does no pattern matching.
 
-    Every `BertConfig` field keeps its meaning. The `drone_*` fields are the single source of structural truth:
-    `from_pretrained` re-creates exactly the modules listed here and does no pattern matching or guessing.
+    Module names are stored as they were in the model that was compressed (`"bert.encoder.layer.0..."` for a
+    classifier, `"encoder.layer.0..."` for a bare encoder); loading into another head adds or strips the base-model
+    prefix, as transformers does for the weights.
 
     Args:
         drone_format_version (`int`, *optional*, defaults to 1):
             Version of the checkpoint layout. A version newer than this library knows raises a `ValueError`.
         drone_method (`str`, *optional*, defaults to `"drone"`):
-            How the factors were computed, one of `"drone"` (data-aware, closed form) or `"svd"` (plain truncated
-            SVD). Provenance: the layer layout is the same for both.
+            How the factors were computed (`"drone"`, `"drone-bc"`, `"svd"` or another registered method).
+            Provenance: the layer layout is the same for all.
         drone_ranks (`dict[str, int]`, *optional*):
             Full module name (as in `model.named_modules()`) to rank, one entry per factored `nn.Linear`. A module
             that is absent stays dense; a rank of 0 is never stored.
         drone_attention_ranks (`dict[str, int]`, *optional*):
-            Self-attention module name (e.g. `"bert.encoder.layer.0.attention.self"`) to the per-head query/key width
+            Attention block name (e.g. `"bert.encoder.layer.0.attention.self"`) to the per-head query/key width
             `k < d_h` of its DRONE-factored score product. Absent means the attention scores are exact.
         drone_embedding (`dict`, *optional*):
-            `{"module": full module name, "k": int, "j": int}`: that `nn.Embedding` (e.g.
-            `"bert.embeddings.word_embeddings"`) is a [`DroneEmbedding`], a `(k, j)`-projective clustering of its rows
-            (`k` subspaces of dimension `j < hidden_size`, `k <= vocab_size`). Absent means the embedding is dense.
+            `{"module": full module name, "k": int, "j": int}`: that `nn.Embedding` is a [`DroneEmbedding`], a
+            `(k, j)`-projective clustering of its rows (`k <= vocab_size` subspaces of dimension `j < hidden_size`).
         drone_calibration (`dict`, *optional*):
             Provenance of the calibration data (dataset, split, number of samples/tokens, seed). Nothing reads it
             at load time; it feeds the model card.
-
-    Example:
-
-    ```py
-    >>> from drone_hf import DroneConfig
-    >>> config = DroneConfig(hidden_size=32, num_attention_heads=4, intermediate_size=37,
-    ...                      drone_ranks={"bert.encoder.layer.0.intermediate.dense": 8})
-    >>> config.model_type
-    'drone_bert'
-    ```
     """
-
-    model_type = "drone_bert"
 
     drone_format_version: int = DRONE_FORMAT_VERSION
     drone_method: str = "drone"
@@ -78,9 +75,11 @@ class DroneConfig(BertConfig):
             )
 
     def validate_drone_method(self):
-        """Checks that `drone_method` names a known method."""
-        if self.drone_method not in DRONE_METHODS:
-            raise ValueError(f"Unknown `drone_method` {self.drone_method!r}; expected one of {list(DRONE_METHODS)}.")
+        """Checks that `drone_method` is a method name (provenance only: a custom registered method is accepted)."""
+        if not isinstance(self.drone_method, str) or not self.drone_method:
+            raise ValueError(
+                f"`drone_method` must be a method name such as {list(DRONE_METHODS)}, got {self.drone_method!r}."
+            )
 
     def validate_drone_embedding(self):
         """Checks `drone_embedding`: exactly the keys module/k/j, a plain module path, `1 <= k <= vocab_size` and
@@ -121,4 +120,53 @@ class DroneConfig(BertConfig):
                 )
 
 
-__all__ = ["DRONE_FORMAT_VERSION", "DRONE_METHODS", "DroneConfig"]
+@strict(accept_kwargs=True)
+class DroneConfig(DroneConfigMixin, BertConfig):
+    r"""
+    Configuration of a DRONE-compressed BERT model (any head): a [`~transformers.BertConfig`] plus the `drone_*`
+    fields of [`DroneConfigMixin`]. Other families get the same through [`drone_config_class`].
+
+    Example:
+
+    ```py
+    >>> from drone_hf import DroneConfig
+    >>> config = DroneConfig(hidden_size=32, num_attention_heads=4, intermediate_size=37,
+    ...                      drone_ranks={"bert.encoder.layer.0.intermediate.dense": 8})
+    >>> config.model_type
+    'drone_bert'
+    ```
+    """
+
+    model_type = "drone_bert"
+
+
+_CONFIG_CLASSES: dict[type, type] = {BertConfig: DroneConfig}
+
+
+def drone_config_class(base: type[PretrainedConfig]) -> type[PretrainedConfig]:
+    """The DRONE config class of a family's config class: `RobertaConfig` -> `DroneRobertaConfig` with
+    `model_type "drone_roberta"` (created once, then cached; `BertConfig` gives [`DroneConfig`])."""
+    if base not in _CONFIG_CLASSES:
+        namespace = {
+            "model_type": f"{DRONE_MODEL_TYPE_PREFIX}{base.model_type}",
+            "__module__": __name__,
+            "__doc__": f"[`~transformers.{base.__name__}`] plus the `drone_*` fields of [`DroneConfigMixin`].",
+        }
+        cls = type(f"Drone{base.__name__}", (DroneConfigMixin, base), namespace)
+        _CONFIG_CLASSES[base] = strict(accept_kwargs=True)(cls)
+    return _CONFIG_CLASSES[base]
+
+
+def __getattr__(name: str):
+    # `DroneRobertaConfig` and friends are made on demand, so that `auto_map` entries of the remote-code copy and
+    # pickles resolve: `configuration_drone.DroneRobertaConfig`.
+    if name.startswith("Drone") and name.endswith("Config"):
+        import transformers
+
+        base = getattr(transformers, name[len("Drone") :], None)
+        if isinstance(base, type) and issubclass(base, PretrainedConfig):
+            return drone_config_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["DRONE_FORMAT_VERSION", "DRONE_METHODS", "DroneConfig", "DroneConfigMixin", "drone_config_class"]

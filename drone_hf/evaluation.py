@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calibration import MODEL_INPUT_KEYS
+from .calibration import MODEL_INPUT_KEYS, model_inputs
 
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ def predict(model: nn.Module, dataset, tokenizer, *, batch_size: int = 64) -> tu
     for batch in iter_batches(dataset, tokenizer, batch_size=batch_size, sort_by_length=True):
         if "labels" in batch:
             labels.append(batch.pop("labels"))
-        inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+        inputs = model_inputs(model, batch, device)
         logits.append(model(**inputs).logits.float().cpu())
     model.train(was_training)
     inverse = np.empty_like(order)

@@ -3,119 +3,123 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from .calibration import MODEL_INPUT_KEYS
+from .architecture import get_architecture, layer_names
+from .calibration import model_inputs
+from .heads import MetricFn, concat_rows, default_metric_fn, head_rows, soft_change
+from .structure import swap_module
 
 
-MetricFn = Callable[[np.ndarray, np.ndarray], float]
+class _StopForward(Exception):
+    """Raised by a capture hook once the layer whose output is wanted has run."""
 
 
-def default_metric_fn(problem_type: str | None) -> MetricFn:
-    """Accuracy in points for classification, Pearson correlation in points for regression."""
-    if problem_type == "regression":
-        return lambda logits, labels: 100.0 * float(np.corrcoef(logits.reshape(-1), labels.reshape(-1))[0, 1])
-    return lambda logits, labels: 100.0 * float((logits.argmax(-1) == labels).mean())
+class _Replay(nn.Module):
+    """Stands in for an encoder layer that has not changed: returns the cached output of the last such layer."""
 
+    def __init__(self, evaluator: LayerwiseEvaluator):
+        super().__init__()
+        self._evaluator = [evaluator]  # a list, so the evaluator is not registered as a submodule
 
-def _true_label_probability(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(-1, keepdims=True)
-    probs = np.exp(shifted) / np.exp(shifted).sum(-1, keepdims=True)
-    return probs[np.arange(len(labels)), labels.astype(int)]
-
-
-def soft_change(base_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray, problem_type: str | None) -> float:
-    """How much a compression moves the model, in points, used for per-module drops that are far below one held-out
-    example: the mean absolute change of the true label's probability (classification) or of the prediction, over
-    the labels' standard deviation (regression).
-
-    Unlike a drop in the mean true-label probability, it is never negative: a module whose compression happens to
-    raise that score on these rows is still charged for changing the model, so noise cannot make a harsh rank look
-    free.
-    """
-    if problem_type == "regression":
-        moved = np.abs(logits.reshape(-1) - base_logits.reshape(-1)).mean()
-        return 100.0 * float(moved / max(float(labels.std()), 1e-12))
-    moved = np.abs(_true_label_probability(logits, labels) - _true_label_probability(base_logits, labels))
-    return 100.0 * float(moved.mean())
+    def forward(self, *args, **kwargs):
+        return self._evaluator[0]._current
 
 
 class LayerwiseEvaluator:
     r"""
-    Evaluates a BERT classifier on fixed held-out batches, re-running only the layers at and after the one that
-    changed. The inputs of the current layer are cached for every batch, so scoring a change in layer `i` costs
-    `L - i` layers instead of `L`.
+    Evaluates a model with a task head on fixed held-out batches, re-running only the layers at and after the one
+    that changed.
+
+    The output of the last unchanged layer is cached for every batch; while scoring, the layers before the changed
+    one are swapped for stand-ins that return that output, so the model's own forward (embeddings, masks, position
+    biases, final norm, pooler and head) runs unchanged for every family and head, and a change in layer `i` costs
+    `L - i` layers instead of `L`. Families whose layers are shared (ALBERT) are always run whole.
 
     Args:
-        model (`BertForSequenceClassification`): Evaluated in eval mode; modules may be swapped between calls.
-        batches (`Iterable[Mapping[str, Tensor]]`): Held-out tokenizer batches **with** `labels`.
+        model (`PreTrainedModel`): Evaluated in eval mode; modules may be swapped between calls.
+        batches (`Iterable[Mapping[str, Tensor]]`): Held-out tokenizer batches **with** labels (`labels`, or
+            `start_positions`/`end_positions` for question answering).
     """
 
     def __init__(self, model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]):
         self.model = model.eval()
-        self.layers = getattr(model, model.base_model_prefix).encoder.layer
+        spec = get_architecture(model)
+        self.layer_names = layer_names(model) if spec.layerwise else []
         self.device = next(model.parameters()).device
-        self.labels, self._inputs, self._layer_args = [], [], []
-        captured = []
-        handle = self.layers[0].register_forward_pre_hook(
-            lambda module, args, kwargs: captured.append((args, kwargs)), with_kwargs=True
-        )
-        try:
-            with torch.no_grad():
-                for batch in batches:
-                    if "labels" not in batch:
-                        raise ValueError(
-                            "Held-out batches must have `labels`: an eval set without labels cannot be scored."
-                        )
-                    self.labels.append(batch["labels"].cpu().numpy())
-                    model(**{k: v.to(self.device) for k, v in batch.items() if k in MODEL_INPUT_KEYS})
-        finally:
-            handle.remove()
-        if not captured:
+        batches = list(batches)
+        self._batches = [model_inputs(model, batch) for batch in batches]
+        label_keys = ("labels", "start_positions", "end_positions")
+        self._labelled = [{k: v for k, v in batch.items() if k in label_keys} for batch in batches]
+        if not self._batches:
             raise ValueError("`eval_dataloader` yielded no batch; rank allocation needs held-out data.")
-        self._inputs = [args[0] for args, _ in captured]
-        self._first_inputs = self._inputs
-        self._layer_args = [(args[1:], kwargs) for args, kwargs in captured]
+        rows = []
+        with torch.no_grad():
+            for batch, labelled in zip(self._batches, self._labelled):
+                rows.append(head_rows(self._forward(batch), labelled))
+        self.labels = concat_rows([labels for _, labels, _ in rows])
+        self.kind = rows[0][2]
+        self._cache: list | None = None
+        self._current = None
         self.layer_index = 0
         self.evaluations = 0
         self.seconds = 0.0
-        self.labels = np.concatenate(self.labels)
+
+    def _forward(self, batch):
+        return self.model(**{k: v.to(self.device) for k, v in batch.items()})
+
+    def _run(self, start: int, capture: int | None = None) -> list:
+        """Runs every batch with layers `< start` replayed from the cache; returns the model outputs, or, with
+        `capture`, the outputs of layer `capture` (the forward stops there)."""
+        replaced = {name: _Replay(self) for name in self.layer_names[:start]}
+        originals = {name: swap_module(self.model, name, module) for name, module in replaced.items()}
+        captured: list = []
+        handle = None
+        if capture is not None:
+
+            def hook(module, args, output):
+                captured.append(output)
+                raise _StopForward
+
+            handle = self.model.get_submodule(self.layer_names[capture]).register_forward_hook(hook)
+        outputs = []
+        try:
+            for index, batch in enumerate(self._batches):
+                self._current = self._cache[index] if start else None
+                try:
+                    outputs.append(self._forward(batch))
+                except _StopForward:
+                    pass
+        finally:
+            if handle is not None:
+                handle.remove()
+            for name, module in originals.items():
+                swap_module(self.model, name, module)
+            self._current = None
+        return captured if capture is not None else outputs
 
     @torch.no_grad()
     def logits(self, start: int | None = None) -> np.ndarray:
-        """Logits of the current model, recomputed from layer `start` (default: the cached layer; `0`: all)."""
+        """Rows of logits of the current model (see `drone_hf.heads`), recomputed from layer `start` (default: the
+        cached layer; a layer before it, e.g. `0`, recomputes everything)."""
         begin = time.perf_counter()
-        start = self.layer_index if start is None else start
-        # Before the cached layer, start again from the embeddings' output.
-        inputs, cached = (self._inputs, self.layer_index) if start >= self.layer_index else (self._first_inputs, 0)
-        base = getattr(self.model, self.model.base_model_prefix)
-        outputs = []
-        for hidden, (args, kwargs) in zip(inputs, self._layer_args):
-            hidden = self._advance(hidden, args, kwargs, cached, start)
-            for layer in self.layers[start:]:
-                hidden = layer(hidden, *args, **kwargs)
-            pooled = base.pooler(hidden) if base.pooler is not None else hidden[:, 0]
-            outputs.append(self.model.classifier(self.model.dropout(pooled)).float().cpu())
+        start = self.layer_index if start is None or start >= self.layer_index else 0
+        outputs = self._run(start)
+        rows = concat_rows([head_rows(out, batch)[0] for out, batch in zip(outputs, self._labelled)])
         self.evaluations += 1
         self.seconds += time.perf_counter() - begin
-        return torch.cat(outputs).numpy()
-
-    def _advance(self, hidden, args, kwargs, begin: int, end: int):
-        for layer in self.layers[begin:end]:
-            hidden = layer(hidden, *args, **kwargs)
-        return hidden
+        return rows
 
     @torch.no_grad()
     def advance_to(self, layer_index: int) -> None:
         """Moves the cache forward to the inputs of `layer_index` (layers before it must be final by then)."""
-        self._inputs = [
-            self._advance(hidden, args, kwargs, self.layer_index, layer_index)
-            for hidden, (args, kwargs) in zip(self._inputs, self._layer_args)
-        ]
+        if not self.layer_names or layer_index <= self.layer_index:
+            return
+        self._cache = self._run(self.layer_index, capture=layer_index - 1)
         self.layer_index = layer_index
 
 
@@ -151,7 +155,7 @@ def module_time_shares(
     try:
         model.eval()
         device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in inputs.items() if k in MODEL_INPUT_KEYS}
+        batch = model_inputs(model, inputs, device)
         model(**batch)  # warm-up
         for value in elapsed:
             elapsed[value] = 0.0

@@ -5,6 +5,7 @@ files are chosen by `remote_code.py`; their public names are re-exported here.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -16,6 +17,7 @@ from typing import Any
 
 from huggingface_hub import HfApi
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import logging
 
 # Names imported `as` themselves were defined here before the Hub code was split; they stay importable from here.
@@ -27,50 +29,45 @@ from .model_card_metadata import DRONE_TAGS as DRONE_TAGS
 from .model_card_metadata import METRIC_VARIANTS as METRIC_VARIANTS
 from .model_card_metadata import METRICS_EXAMPLE as METRICS_EXAMPLE
 from .remote_code import REMOTE_CODE_FILES, _ensure_remote_code_files, _remote_code_export
+from .saving import atomic_save
 
 
 logger = logging.get_logger(__name__)
 
 
-def _carry_over(old: Path, new: Path) -> None:
-    """Copies into `new` what the save did not rewrite (tokenizer, training files), as hard links where possible;
-    stale weight files and, without `auto_map`, stale modelling files are dropped."""
-    exported = (new / REMOTE_CODE_FILES[0]).is_file()
-    for entry in old.iterdir():
-        target = new / entry.name
-        if target.exists() or _WEIGHT_FILE_RE.match(entry.name) or (entry.name in REMOTE_CODE_FILES and not exported):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(entry, target)
-
-
-def _link_or_copy(source, target) -> None:
+def _owned_files(folder: Path) -> list[str]:
+    """The files of the checkpoint in `folder` that a save replaces, or removes when it does not write them again:
+    `config.json`, weights and shard indexes, and the modelling code (ours, and the modules the old `auto_map` names
+    with their relative imports). Tokenizer, training and other user files are not the save's."""
+    names = [
+        name
+        for name in os.listdir(folder)
+        if name == "config.json" or _WEIGHT_FILE_RE.match(name) or name in REMOTE_CODE_FILES
+    ]
     try:
-        os.link(source, target, follow_symlinks=False)
-    except OSError:
-        shutil.copy2(source, target, follow_symlinks=False)
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    _carry_over(target, tmp)
-    shutil.copymode(target, tmp)
-    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-    os.replace(target, old / target.name)  # two renames: the folder is briefly absent, never half-written
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+        auto_map = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return names
+    for key, references in auto_map.items() if isinstance(auto_map, dict) else ():
+        if key != "AutoConfig" and not key.startswith("AutoModel"):
+            continue  # AutoTokenizer and the like: the tokenizer's code is not the model save's
+        for reference in references if isinstance(references, list) else [references]:
+            module = folder / f"{str(reference).split('--')[-1].rpartition('.')[0]}.py"
+            if module.parent == folder and module.is_file():
+                names.append(module.name)
+                with contextlib.suppress(Exception):  # an unparsable file: just the module itself
+                    names += [Path(path).name for path in get_relative_import_files(str(module))]
+    return sorted(set(names))
 
 
 def save_pretrained_with_card(model, save_fn: Callable, save_directory: str | os.PathLike, *args, **kwargs) -> None:
     r"""
     The body of [`DroneBertForSequenceClassification.save_pretrained`]: runs `save_fn` (transformers'
-    `save_pretrained`) into a temporary sibling folder, writes the model card there (merging an existing
-    `README.md`), then moves the folder into place, so an interrupted save never leaves a half-written checkpoint.
-    Files of an existing folder that the save does not rewrite (tokenizer, training state) are kept.
+    `save_pretrained`) into a staging folder inside `save_directory`, writes the model card there (merging an existing
+    `README.md`), then moves the files into place one by one, `config.json` last (`drone_hf.saving.atomic_save`), so
+    that a save killed at any moment leaves the old or the new checkpoint, and the next save or load finishes or
+    cleans up what it left. Files of an existing folder that the save does not own (tokenizer, training state) are
+    kept; old weight shards and stale modelling files are removed.
 
     Distributed checkpoints and non-main processes are passed straight to `save_fn`. With `push_to_hub=True` the
     saved folder is then uploaded (`repo_id`, `commit_message`, `token`, `private`, `create_pr` as in transformers).
@@ -89,11 +86,8 @@ def save_pretrained_with_card(model, save_fn: Callable, save_directory: str | os
     main = model.should_save_on_this_rank(options.get("is_main_process", True))
     if options.get("distributed_checkpoint") or not main or target.is_file():
         return save_fn(target, push_to_hub=push, **hub_options, **options)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    tmp = scratch / target.name  # same folder name, so the card's title is right
-    tmp.mkdir()
-    try:
+    # The staging folder is named like the target, so the card's title is right.
+    with atomic_save(target, owned_files=_owned_files, name=target.name) as tmp:
         if (target / "README.md").is_file():
             shutil.copy2(target / "README.md", tmp / "README.md")
         save_fn(tmp, **options)
@@ -103,9 +97,6 @@ def save_pretrained_with_card(model, save_fn: Callable, save_directory: str | os
             create_or_update_model_card(tmp, tags=model.model_tags or ())
         except (ImportError, OSError, ValueError, TypeError) as error:
             logger.warning(f"Saved {target} without updating its model card: {error}")
-        _move_into_place(tmp, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     if push:
         api = _api()
         repo_id = api.create_repo(
@@ -168,7 +159,7 @@ def push_compressed_to_hub(
         commit_message (`str`, *optional*): Defaults to `"Upload DRONE-compressed model"`.
         token (`str` or `bool`, *optional*): Hub token; defaults to the stored login.
         trust_remote_code_export (`bool`, *optional*, defaults to `False`): Also write `auto_map` and copy
-            `modeling_drone_bert.py` with its sibling files, so that `from_pretrained(..., trust_remote_code=True)`
+            `modeling_drone.py` with its sibling files, so that `from_pretrained(..., trust_remote_code=True)`
             works without drone_hf.
         tokenizer (`PreTrainedTokenizerBase`, *optional*): Saved beside the weights.
         card_kwargs (`dict`, *optional*): Passed to [`create_or_update_model_card`] (`base_model`, `dataset`,
@@ -181,7 +172,7 @@ def push_compressed_to_hub(
         `str`: the URL of the commit (of the pull request with `create_pr=True`).
 
     Raises:
-        `TypeError`: if `model` is not a DRONE model (`config.model_type != "drone_bert"`).
+        `TypeError`: if `model` is not a DRONE model (`config.model_type` not `"drone_*"`).
 
     Example:
 
@@ -190,10 +181,8 @@ def push_compressed_to_hub(
     ...     card_kwargs={"base_model": "me/minilm-sst2", "dataset": "sst2"})  # doctest: +SKIP
     ```
     """
-    if getattr(getattr(model, "config", None), "model_type", None) != "drone_bert":
-        raise TypeError(
-            f"`model` must be a DroneBertForSequenceClassification (from compress_model), got {type(model).__name__}."
-        )
+    if not str(getattr(getattr(model, "config", None), "model_type", None)).startswith("drone_"):
+        raise TypeError(f"`model` must be a DRONE model (from compress_model), got {type(model).__name__}.")
     api = _api()
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     card_kwargs = dict(card_kwargs or {})
@@ -210,7 +199,8 @@ def push_compressed_to_hub(
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         create_or_update_model_card(folder, model_id=repo_id, **card_kwargs)
-        stale = ["model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin"]
+        # modeling_drone_bert.py: the remote-code file of drone_hf 0.1 exports, superseded by modeling_drone.py.
+        stale = ["model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "modeling_drone_bert.py"]
         if not trust_remote_code_export:
             stale += list(REMOTE_CODE_FILES)
         info = api.upload_folder(

@@ -1,4 +1,4 @@
-"""Factored replacement for `nn.Linear`.
+"""The module kinds of a compressed model: a factored `nn.Linear` and a per-head narrowed query/key projection.
 
 This file is copied next to the weights for the Hub remote-code path, so it imports nothing from drone_hf.
 """
@@ -94,4 +94,84 @@ class DroneLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-__all__ = ["DroneLinear"]
+class DroneQKLinear(nn.Module):
+    r"""
+    The query (or key) projection of a DRONE-factored attention block: `num_heads * rank` outputs, each head's `rank`
+    coordinates zero-padded back to `head_size`.
+
+    Per head, the logits `q_h · k_h` of two such projections equal those of the narrow `rank`-wide vectors, which are
+    the DRONE optimum of the bilinear form `W_Q^h W_K^h^T` under the data (METHODS §1a). Because the padded output
+    has the dense projection's width, the family's own attention module (its scaling by the **original**
+    `1/sqrt(d_h)`, position biases, masks and fused SDPA kernel) runs unchanged around it, for every family whose
+    scores are per-head dot products of separate query and key projections. The saving is in the projection
+    (`rank / head_size` of its multiply-adds).
+
+    Persisted tensors: `weight` (`num_heads * rank x in`) and `bias` (`num_heads * rank`), the layout of format
+    version 1's narrowed `query`/`key`.
+
+    Args:
+        in_features (`int`): Size of each input sample.
+        num_heads (`int`): Number of attention heads.
+        head_size (`int`): Dense per-head width `d_h`.
+        rank (`int`): Per-head query/key width, `1 <= rank < head_size`.
+        bias (`bool`, *optional*, defaults to `True`): Whether the projection has a bias.
+        device, dtype: Of the parameters.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_heads: int,
+        head_size: int,
+        rank: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank < head_size:
+            raise ValueError(
+                f"`rank` must be an int in [1, {head_size - 1}] (the head size is {head_size}), got {rank!r}."
+            )
+        self.in_features, self.num_heads, self.head_size, self.rank = in_features, num_heads, head_size, rank
+        self.out_features = num_heads * head_size
+        self.weight = nn.Parameter(torch.empty(num_heads * rank, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(num_heads * rank, device=device, dtype=dtype)) if bias else None
+        if self.weight.device.type != "meta":
+            nn.init.normal_(self.weight, std=0.02)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        narrow = nn.functional.linear(hidden_states, self.weight, self.bias)
+        narrow = narrow.view(*narrow.shape[:-1], self.num_heads, self.rank)
+        return nn.functional.pad(narrow, (0, self.head_size - self.rank)).flatten(-2)
+
+    @classmethod
+    def from_factors(cls, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, head_size: int):
+        """Builds the projection from its narrow `weight` (`num_heads * rank x in`) and `bias`."""
+        if weight.dim() != 2 or weight.shape[0] % num_heads:
+            raise ValueError(
+                f"`weight` must be (num_heads * rank, in) with num_heads={num_heads}, got {tuple(weight.shape)}."
+            )
+        layer = cls(
+            weight.shape[1],
+            num_heads,
+            head_size,
+            weight.shape[0] // num_heads,
+            bias=bias is not None,
+            device="meta",
+            dtype=weight.dtype,
+        )
+        layer.weight = nn.Parameter(weight.detach().clone())
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone())
+        return layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, num_heads={self.num_heads}, head_size={self.head_size}, rank={self.rank}"
+        )
+
+
+__all__ = ["DroneLinear", "DroneQKLinear"]

@@ -14,7 +14,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 
-DRONE_TAGS = ("drone_hf", "low-rank", "compression", "bert", "glue")
+DRONE_TAGS = ("drone_hf", "low-rank", "compression")
 METRIC_VARIANTS = ("dense", "compressed", "compressed+distilled")
 METRICS_EXAMPLE = {"dense": {"accuracy": 0.91}, "compressed": {"accuracy": 0.9}}
 _METRIC_NAME_RE = re.compile(r"^(?P<metric>.+) \((?P<variant>dense|compressed|compressed\+distilled)\)$")
@@ -133,9 +133,22 @@ def _metrics_from_card(card: ModelCard) -> dict[str, dict[str, float]]:
     return recovered
 
 
-def _merge_metadata(data: ModelCardData, *, base_model, dataset, metrics, speed, model_name, tags) -> None:
+_PIPELINE_TAGS = {
+    "AutoModelForSequenceClassification": "text-classification",
+    "AutoModelForTokenClassification": "token-classification",
+    "AutoModelForQuestionAnswering": "question-answering",
+    "AutoModelForMaskedLM": "fill-mask",
+    "AutoModel": "feature-extraction",
+}
+
+
+def _merge_metadata(
+    data: ModelCardData, *, base_model, dataset, metrics, speed, model_name, tags, family=None, auto_class=None
+) -> None:
     data.library_name = "transformers"
-    data.pipeline_tag = data.pipeline_tag or "text-classification"
+    data.pipeline_tag = data.pipeline_tag or _PIPELINE_TAGS.get(auto_class)
+    glue = ["glue"] if dataset and str(dataset.get("id", "")).startswith("glue/") else []
+    tags = [*([family] if family else []), *glue, *tags]
     if _hub_repo_id(base_model):
         data.base_model = base_model
     data.tags = list(dict.fromkeys([*(data.tags or []), *DRONE_TAGS, *tags]))

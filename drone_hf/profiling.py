@@ -14,49 +14,87 @@ from torch import nn
 from transformers import PretrainedConfig
 
 
-def _linear_macs(config: PretrainedConfig, name: str, out_features: int, in_features: int) -> int:
-    rank = (getattr(config, "drone_ranks", None) or {}).get(name)
-    return in_features * out_features if rank is None else rank * (in_features + out_features)
+def _linear_macs(module: nn.Module) -> int:
+    """Multiply-adds per token of one linear kind (dense, factored, narrowed query/key)."""
+    from .layers import DroneLinear, DroneQKLinear
+
+    if isinstance(module, DroneLinear):
+        return module.rank * (module.in_features + module.out_features)
+    if isinstance(module, DroneQKLinear):
+        return module.in_features * module.num_heads * module.rank
+    return module.in_features * module.out_features
 
 
-def encoder_macs(config: PretrainedConfig, seq_len: int = 128, *, prefix: str = "bert") -> int:
+def model_macs(model: nn.Module, seq_len: int = 128) -> int:
     r"""
-    Multiply-adds of one sequence through the encoder, pooler and classifier, computed from the config alone.
+    Multiply-adds of one sequence of `seq_len` tokens through the encoder layers of `model`, plus its pooler and
+    classification head, counted from the module tree (any supported family; factored and narrowed modules as they
+    are).
 
-    Counts every linear (dense `in * out` per token, factored `k (in + out)`), and the attention products
-    (`n^2` times the query/key width for the scores, `n^2` times the value width for the context). Query/key widths
-    narrowed by DRONE attention (`drone_attention_ranks`) are honoured. Embedding lookups,
-    softmax, LayerNorm and activations are not counted: they are not matrix products.
+    Counts every linear of every layer per token (a layer that runs several times, as ALBERT's shared one, once per
+    run) and the attention products: `n^2` times the query/key width for the scores (narrowed by DRONE attention) and
+    `n^2` times the value width for the context. Linears outside the layers (pooler, classifier, heads) count once
+    per sequence. Embedding lookups, softmax, LayerNorm and activations are not counted: they are not matrix products.
+    """
+    from .architecture import get_architecture, layer_names
+    from .layers import DroneQKLinear
+    from .structure import attention_blocks, attention_geometry
+
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+        raise ValueError(f"`seq_len` must be a positive int, got {seq_len!r}.")
+    layers = layer_names(model)
+    runs = 1 if get_architecture(model).layerwise else max(1, model.config.num_hidden_layers // len(layers))
+    blocks = set(attention_blocks(model))
+    per_layer = 0
+    for layer in layers:
+        per_layer += seq_len * sum(_linear_macs(m) for m in _linear_kinds(model.get_submodule(layer)))
+        block = next((b for b in blocks if b.startswith(f"{layer}.")), None)
+        if block is not None:
+            query, _, num_heads, head = attention_geometry(model, block)
+            width = num_heads * (query.rank if isinstance(query, DroneQKLinear) else head)
+            per_layer += seq_len * seq_len * (width + num_heads * head)
+        else:  # scores and context at the full width (e.g. ModernBERT's fused projection)
+            per_layer += 2 * seq_len * seq_len * model.config.hidden_size
+    layer_ids = {id(model.get_submodule(layer)) for layer in layers}
+    outside = sum(_linear_macs(m) for m in _linear_kinds(model, skip=layer_ids))
+    return runs * per_layer + outside
+
+
+def _linear_kinds(root: nn.Module, skip: set[int] = frozenset()):
+    """The linear-kind modules under `root` (a DroneLinear counts as one; its inner `down`/`up` are not visited),
+    leaving out the subtrees whose ids are in `skip`."""
+    from .layers import DroneLinear, DroneQKLinear
+
+    for child in root.children():
+        if id(child) in skip:
+            continue
+        if isinstance(child, (nn.Linear, DroneLinear, DroneQKLinear)):
+            yield child
+        else:
+            yield from _linear_kinds(child, skip)
+
+
+def encoder_macs(config: PretrainedConfig, seq_len: int = 128, *, prefix: str | None = None) -> int:
+    r"""
+    Multiply-adds of one sequence through the encoder, pooler and classifier, computed from the config alone (a
+    shape-only copy of the model is built on the meta device and counted by [`model_macs`]).
 
     Args:
-        config (`PretrainedConfig`): A `BertConfig` or [`DroneConfig`] (its `drone_ranks` are honoured).
+        config (`PretrainedConfig`): A dense config of a supported family or a DRONE config (its `drone_ranks`,
+            `drone_attention_ranks` are honoured).
         seq_len (`int`, *optional*, defaults to 128): Tokens per sequence.
-        prefix (`str`, *optional*, defaults to `"bert"`): Base-model prefix of the module names.
+        prefix (`str`, *optional*): Ignored (drone_hf 0.1 took the base-model prefix; names are now resolved).
 
     Returns:
         `int`: multiply-adds per sequence.
     """
-    if seq_len <= 0:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
         raise ValueError(f"`seq_len` must be a positive int, got {seq_len!r}.")
-    hidden, ffn = config.hidden_size, config.intermediate_size
-    attention_ranks = getattr(config, "drone_attention_ranks", None) or {}
-    total = 0
-    for i in range(config.num_hidden_layers):
-        layer = f"{prefix}.encoder.layer.{i}."
-        # DRONE attention narrows each head's query/key width from d_h to its rank: the query/key projections and
-        # the n^2 score product shrink with it.
-        head_rank = attention_ranks.get(layer + "attention.self")
-        width = hidden if head_rank is None else head_rank * config.num_attention_heads
-        projections = [
-            ("attention.self.value", hidden, hidden),
-            ("attention.output.dense", hidden, hidden),
-            ("intermediate.dense", ffn, hidden),
-            ("output.dense", hidden, ffn),
-        ]
-        projections += [("attention.self.query", width, hidden), ("attention.self.key", width, hidden)]
-        per_token = sum(_linear_macs(config, layer + name, out_f, in_f) for name, out_f, in_f in projections)
-        total += seq_len * per_token + seq_len * seq_len * (width + hidden)
-    return total + hidden * hidden + hidden * getattr(config, "num_labels", 2)
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    return model_macs(model, seq_len) + config.hidden_size * getattr(config, "num_labels", 2)
 
 
 def flop_speedup_bound(
@@ -64,6 +102,14 @@ def flop_speedup_bound(
 ) -> float:
     """Ratio of multiply-adds dense / compressed: the speed-up a perfectly efficient kernel would give."""
     return encoder_macs(dense_config, seq_len) / encoder_macs(compressed_config, seq_len)
+
+
+def layer_parameters(model: nn.Module) -> int:
+    """Parameters of the encoder layers (any supported family; what compression shrinks), each shared tensor once."""
+    from .architecture import layer_names
+
+    seen = {id(p): p.numel() for layer in layer_names(model) for p in model.get_submodule(layer).parameters()}
+    return sum(seen.values())
 
 
 def count_parameters(model: nn.Module, prefix: str | None = None) -> int:
@@ -101,6 +147,8 @@ def measure_latency(
     Returns:
         `dict[str, float]`: Name -> median seconds.
     """
+    from .calibration import model_inputs
+
     if repeats <= 0 or warmup < 0:
         raise ValueError(f"`repeats` must be > 0 and `warmup` >= 0, got {repeats} and {warmup}.")
     for model in models.values():
@@ -110,7 +158,7 @@ def measure_latency(
     for round_index in range(warmup + repeats):
         for name, model in models.items():
             device = next(model.parameters()).device
-            device_inputs = {k: v.to(device) for k, v in inputs.items()}
+            device_inputs = model_inputs(model, inputs, device)  # e.g. no token_type_ids for DistilBERT
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
@@ -145,5 +193,7 @@ __all__ = [
     "count_parameters",
     "encoder_macs",
     "flop_speedup_bound",
+    "layer_parameters",
     "measure_latency",
+    "model_macs",
 ]

@@ -14,11 +14,12 @@ _MISSING = object()
 
 
 def _remote_code_files() -> tuple[str, ...]:
-    """`modeling_drone_bert.py` and every sibling it imports, as transformers' `custom_object_save` copies them."""
+    """`modeling_drone.py` and every sibling it imports, as transformers' `custom_object_save` copies them."""
     from transformers.dynamic_module_utils import get_relative_import_files
 
-    modeling = Path(__file__).parent / "modeling_drone_bert.py"
-    return (modeling.name, *sorted(Path(name).name for name in get_relative_import_files(str(modeling))))
+    modeling = Path(__file__).parent / "modeling_drone.py"
+    siblings = sorted({Path(name).name for name in get_relative_import_files(str(modeling))} - {modeling.name})
+    return (modeling.name, *siblings)
 
 
 REMOTE_CODE_FILES = _remote_code_files()
@@ -36,7 +37,7 @@ def _remote_code_export(model, enabled: bool) -> Iterator[None]:
     before = [cls.__dict__.get("_auto_class", _MISSING) for cls in classes]
     auto_map = config.__dict__.get("auto_map", _MISSING)
     classes[0].register_for_auto_class("AutoConfig")
-    classes[1].register_for_auto_class("AutoModelForSequenceClassification")
+    classes[1].register_for_auto_class(_auto_class_name(type(model)))
     try:
         yield
     finally:
@@ -49,6 +50,16 @@ def _remote_code_export(model, enabled: bool) -> Iterator[None]:
             config.__dict__.pop("auto_map", None)
         else:
             config.auto_map = auto_map
+
+
+def _auto_class_name(cls: type) -> str:
+    """The `AutoModel*` class registered for this DRONE class (the head's; `AutoModel` for a bare encoder)."""
+    from .registration import auto_model_classes
+
+    preferred = ("AutoModelForPreTraining", "AutoModelForTextEncoding")
+    names = [auto.__name__ for auto in auto_model_classes() if cls in auto._model_mapping._extra_content.values()]
+    names = sorted(names, key=lambda name: (name in preferred, name != "AutoModel", name))
+    return names[0] if names else "AutoModel"
 
 
 def _ensure_remote_code_files(save_dir: Path) -> None:

@@ -1,4 +1,5 @@
-"""Which modules of a BERT classifier can be factored, and how user rank options resolve to per-module ranks."""
+"""Which modules of an encoder can be factored (from its family's [`ArchitectureSpec`]), and how user rank options
+resolve to per-module ranks."""
 
 from __future__ import annotations
 
@@ -7,36 +8,32 @@ import re
 from collections.abc import Mapping, Sequence
 
 from torch import nn
-from transformers import BertForSequenceClassification
+
+from .architecture import base_model_prefix, get_architecture, layer_names
 
 
-# Role name -> module path inside one `BertLayer`. Pooler and classifier are never targets (output heads stay dense).
-BERT_ROLES: dict[str, str] = {
-    "query": "attention.self.query",
-    "key": "attention.self.key",
-    "value": "attention.self.value",
-    "attention_output": "attention.output.dense",
-    "intermediate": "intermediate.dense",
-    "output": "output.dense",
-}
-# Roles whose input is the input of another role: Q, K and V all read the attention block's input.
-_SHARED_INPUT = {"key": "query", "value": "query"}
+# BERT's role name -> module path inside one `BertLayer` (kept for drone_hf 0.1 imports; every family's table is in
+# `drone_hf.architecture`). Pooler and classifier are never targets (output heads stay dense).
+BERT_ROLES: dict[str, str] = dict(get_architecture("bert").linears)
 _REGEX_PREFIX = "re:"
 
 
-def check_bert_classifier(model: nn.Module) -> None:
-    """Raises a `ValueError` unless `model` is a BERT sequence classifier ([`DroneBertForSequenceClassification`]
-    included)."""
-    if not isinstance(model, BertForSequenceClassification):
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
+def check_supported_model(model: nn.Module) -> None:
+    """Raises a `ValueError` unless `model` is a transformers model of a supported family (any head, or the bare
+    encoder; a DRONE-compressed one included)."""
+    if not hasattr(model, "config") or not isinstance(model, nn.Module):
         raise ValueError(
-            f"`model` must be a BertForSequenceClassification (model_type 'bert' or 'drone_bert'), got "
-            f"{type(model).__name__} (model_type {model_type!r})."
+            f"`model` must be a transformers encoder model (e.g. from AutoModelForSequenceClassification), got "
+            f"{type(model).__name__}."
         )
+    get_architecture(model)
+
+
+check_bert_classifier = check_supported_model  # drone_hf 0.1 name
 
 
 def encoder_linear_roles(model: nn.Module) -> dict[str, str]:
-    """Maps the full name of every encoder linear of a BERT classifier to its role, layer by layer.
+    """Maps the full name of every encoder linear to its role, layer by layer (from the family's spec).
 
     Example:
 
@@ -45,22 +42,46 @@ def encoder_linear_roles(model: nn.Module) -> dict[str, str]:
     ('bert.encoder.layer.0.attention.self.query', 'query')
     ```
     """
-    check_bert_classifier(model)
-    prefix = f"{model.base_model_prefix}.encoder.layer"
-    num_layers = len(getattr(model, model.base_model_prefix).encoder.layer)
-    return {f"{prefix}.{i}.{path}": role for i in range(num_layers) for role, path in BERT_ROLES.items()}
+    check_supported_model(model)
+    spec = get_architecture(model)
+    return {f"{layer}.{path}": role for layer in layer_names(model) for role, path in spec.linears.items()}
+
+
+def encoder_linear_layers(model: nn.Module) -> dict[str, int]:
+    """Maps the full name of every encoder linear (and attention block) to the index of its layer."""
+    spec = get_architecture(model)
+    paths = [*spec.linears.values(), *([spec.attention.block] if spec.attention else [])]
+    return {f"{layer}.{path}": index for index, layer in enumerate(layer_names(model)) for path in paths}
+
+
+def shared_input_sources(model: nn.Module) -> dict[str, str]:
+    """Maps each encoder linear to the linear whose input it reads (itself, or the query for K/V), so statistics of
+    a shared input are accumulated once."""
+    spec = get_architecture(model)
+    sources = {}
+    for layer in layer_names(model):
+        for role, path in spec.linears.items():
+            source = spec.shared_inputs.get(role, role)
+            sources[f"{layer}.{path}"] = f"{layer}.{spec.linears[source]}"
+    return sources
 
 
 def shared_input_name(name: str, role: str) -> str:
-    """Returns the module whose input `name` shares (Q/K/V share the query's), so its statistics are computed once."""
-    source = _SHARED_INPUT.get(role)
-    return name if source is None else name[: -len(BERT_ROLES[role])] + BERT_ROLES[source]
+    """BERT-only helper of drone_hf 0.1: the module whose input `name` shares. Use [`shared_input_sources`]."""
+    spec = get_architecture("bert")
+    source = spec.shared_inputs.get(role)
+    return name if source is None else name[: -len(spec.linears[role])] + spec.linears[source]
+
+
+def word_embedding_name(model: nn.Module) -> str:
+    """Full name of the word (token) embedding of `model`."""
+    return base_model_prefix(model) + get_architecture(model).word_embeddings
 
 
 def _unknown(kind: str, value: str, allowed: Sequence[str]) -> ValueError:
     close = difflib.get_close_matches(value, list(allowed), n=3, cutoff=0.6)
     hint = f" Close matches: {close}." if close else ""
-    hint += f" Expected a role in {list(BERT_ROLES)}, a full encoder module name or a 're:' regex."
+    hint += " Expected a role, a full encoder module name or a 're:' regex."
     return ValueError(f"Unknown {kind} `{value}`.{hint}")
 
 
@@ -75,10 +96,11 @@ def resolve_target_modules(model: nn.Module, target_modules: Sequence[str] | str
     """Resolves role names, full module names and `re:` regexes to the encoder linears they select, in model order.
 
     Args:
-        model (`BertForSequenceClassification`): The model.
+        model (`PreTrainedModel`): The model (any supported family and head).
         target_modules (`Sequence[str]` or `str`, *optional*):
-            Items among the roles `query, key, value, attention_output, intermediate, output`, full module names, or
-            `"re:<regex>"` matched in full against module names. Defaults to every encoder linear.
+            Items among the family's roles (`query, key, value, attention_output, intermediate, output`, or `qkv` for
+            a fused projection), full module names, or `"re:<regex>"` matched in full against module names. Defaults
+            to every encoder linear.
 
     Returns:
         `list[str]`: The selected module names that are still dense `nn.Linear` layers.
@@ -103,19 +125,23 @@ def resolve_target_modules(model: nn.Module, target_modules: Sequence[str] | str
             if not matched:
                 raise ValueError(f"`target_modules` pattern {item!r} matches no encoder linear.")
             selected |= matched
-        elif item in BERT_ROLES:
+        elif item in set(roles.values()):
             selected |= {name for name in candidates if roles[name] == item}
         elif item in candidates:
             selected.add(item)
         else:
-            raise _unknown("target module", item, list(BERT_ROLES) + candidates)
+            allowed = list(dict.fromkeys(roles.values()))
+            error = _unknown("target module", item, allowed + candidates)
+            raise ValueError(f"{error} The roles of this {get_architecture(model).model_type} model: {allowed}.")
     return [name for name in candidates if name in selected]
 
 
 def attention_block_names(model: nn.Module) -> list[str]:
-    """Full names of the self-attention blocks (`...attention.self`) of a BERT classifier, layer by layer."""
-    roles = encoder_linear_roles(model)
-    return [name[: -len(".query")] for name, role in roles.items() if role == "query"]
+    """Full names of the attention blocks whose `Q·Kᵀ` DRONE can factor (`...attention.self` in BERT), layer by
+    layer; empty for a family where it does not apply."""
+    from .structure import attention_blocks
+
+    return attention_blocks(model)
 
 
 def resolve_ranks(
@@ -157,7 +183,11 @@ __all__ = [
     "BERT_ROLES",
     "attention_block_names",
     "check_bert_classifier",
+    "check_supported_model",
+    "encoder_linear_layers",
     "encoder_linear_roles",
+    "shared_input_sources",
+    "word_embedding_name",
     "resolve_ranks",
     "resolve_target_modules",
     "shared_input_name",

@@ -1,10 +1,10 @@
 import pytest
 import torch
-from transformers import HfArgumentParser, RobertaConfig, RobertaForSequenceClassification
+from transformers import HfArgumentParser
 
 from drone_hf import DroneCompressionArguments, DroneDistillationArguments
 
-from .testing_utils import tiny_teacher
+from .testing_utils import tiny_teacher, unsupported_classifier
 
 
 @pytest.mark.parametrize(
@@ -13,7 +13,7 @@ from .testing_utils import tiny_teacher
         ({}, r"Pass one budget .*got none"),
         ({"rank": 4, "param_ratio": 0.5}, r"Pass one budget.*\['rank', 'param_ratio'\]"),
         ({"target_speedup": 2.0, "max_accuracy_drop": 1.0}, r"Pass one budget"),
-        ({"rank": 4, "method": "pca"}, r"Unknown `method` 'pca'; expected one of \['drone', 'svd'\]"),
+        ({"rank": 4, "method": "pca"}, r"Unknown `method` 'pca'; expected one of \['drone', 'drone-bc', 'svd'\]"),
         ({"rank": 0}, r"`rank` must be an int >= 1 or None, got 0"),
         ({"rank": 4.0}, r"`rank` must be an int >= 1"),
         ({"rank": True}, r"`rank` must be an int >= 1"),
@@ -111,12 +111,9 @@ def test_validate_for_model_accepts_feasible_settings_and_leaves_the_model_alone
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_validate_for_model_rejects_a_non_bert_model():
-    config = RobertaConfig(
-        vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37
-    )
-    with pytest.raises(ValueError, match=r"must be a BertForSequenceClassification.*RobertaForSequenceClassification"):
-        DroneCompressionArguments(rank=4).validate_for_model(RobertaForSequenceClassification(config))
+def test_validate_for_model_rejects_an_unsupported_family():
+    with pytest.raises(ValueError, match=r"does not support model_type 'gpt2'.*supported: \['bert'"):
+        DroneCompressionArguments(rank=4).validate_for_model(unsupported_classifier())
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from drone_hf import DroneBertSelfAttention, collect_activation_stats, compress_model
+from drone_hf import DroneQKLinear, collect_activation_stats, compress_model
 from drone_hf.profiling import encoder_macs
 
 from .testing_utils import tiny_batches, tiny_teacher
@@ -26,7 +26,8 @@ def test_exact_on_the_calibration_span():
     ids = torch.randint(1, 99, (1, 5))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     compressed = compress_model(model, collect_activation_stats(model, [batch]), attention_rank=5)
-    assert isinstance(compressed.get_submodule(BLOCK), DroneBertSelfAttention)
+    assert isinstance(compressed.get_submodule(BLOCK).query, DroneQKLinear)
+    assert isinstance(compressed.get_submodule(BLOCK).key, DroneQKLinear)
     assert compressed.get_submodule(BLOCK).query.weight.shape == (4 * 5, 32)
     (probs_dense, logits_dense), (probs_drone, logits_drone) = (
         _attentions(model, batch),
@@ -56,7 +57,9 @@ def test_scaling_uses_original_head_size():
     model = tiny_teacher()
     compressed = compress_model(model, None, method="svd", attention_rank=2)
     block = compressed.get_submodule(BLOCK)
-    assert block.scaling == pytest.approx(8**-0.5) and block.qk_rank == 2
+    # The family's own attention module runs around the narrowed projections, with its original 1/sqrt(d_h).
+    assert type(block) is type(model.get_submodule(BLOCK))
+    assert block.scaling == pytest.approx(8**-0.5) and block.query.rank == block.key.rank == 2
 
 
 def test_save_reload_identical_and_linear_ranks_combine(tmp_path):

@@ -8,8 +8,6 @@ from huggingface_hub import ModelCard
 from transformers import (
     AutoModelForSequenceClassification,
     BertForSequenceClassification,
-    RobertaConfig,
-    RobertaForSequenceClassification,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -27,7 +25,14 @@ from drone_hf.callbacks import _take_rows
 from drone_hf.glue import glue_metric_points
 from drone_hf.profiling import cpu_name
 
-from .testing_utils import tiny_batches, tiny_dataset, tiny_teacher, tiny_tokenizer, torch_threads
+from .testing_utils import (
+    tiny_batches,
+    tiny_dataset,
+    tiny_teacher,
+    tiny_tokenizer,
+    torch_threads,
+    unsupported_classifier,
+)
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -294,16 +299,13 @@ def test_bad_settings_fail_in_on_train_begin_before_any_step(tmp_path, settings,
     assert "step" not in events.events and trainer.state.global_step == 0
 
 
-def test_a_model_that_is_not_a_bert_classifier_fails_in_on_train_begin(tmp_path):
-    config = RobertaConfig(
-        vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37, num_labels=3
-    )
+def test_a_model_of_an_unsupported_family_fails_in_on_train_begin(tmp_path):
     trainer = _trainer(
         tmp_path,
         [DroneCompressionCallback(DroneCompressionArguments(rank=4))],
-        model=RobertaForSequenceClassification(config),
+        model=unsupported_classifier(),
     )
-    with pytest.raises(ValueError, match=r"must be a BertForSequenceClassification.*RobertaForSequenceClassification"):
+    with pytest.raises(ValueError, match=r"does not support model_type 'gpt2'"):
         trainer.train()
     assert trainer.state.global_step == 0
 

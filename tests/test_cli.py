@@ -11,11 +11,11 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertTokenizerFast,
-    RobertaConfig,
-    RobertaForSequenceClassification,
 )
 
 from drone_hf.cli import main
+
+from .testing_utils import unsupported_classifier
 
 
 WORDS = ["good", "bad", "movie", "plot", "great", "awful", "fine", "dull", "fun", "boring", "the", "a", "is", "was"]
@@ -135,15 +135,12 @@ def test_unknown_task_and_missing_folder_exit_with_usage_error(workspace, capsys
     assert "is not a folder" in capsys.readouterr().err
 
 
-def test_not_a_bert_classifier(workspace, tmp_path, capsys):
-    roberta = RobertaForSequenceClassification(
-        RobertaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
-    )
-    roberta.save_pretrained(tmp_path / "roberta")
+def test_an_unsupported_family(workspace, tmp_path, capsys):
+    unsupported_classifier().save_pretrained(tmp_path / "gpt2")
     code = main(
-        ["evaluate", "--model", str(tmp_path / "roberta"), "--task", "sst2", "--data-dir", str(workspace / "glue")]
+        ["evaluate", "--model", str(tmp_path / "gpt2"), "--task", "sst2", "--data-dir", str(workspace / "glue")]
     )
-    assert code == 2 and "must be a BertForSequenceClassification" in capsys.readouterr().err
+    assert code == 2 and "does not support model_type 'gpt2'" in capsys.readouterr().err
 
 
 def test_wrong_num_labels(workspace, capsys):
@@ -176,10 +173,15 @@ def test_small_train_split_clips_the_held_out_rows(workspace, tmp_path, capsys):
     assert "needs at least 64 held-out rows" in capsys.readouterr().err
 
 
-def test_bias_correction_is_the_default_and_can_be_turned_off():
+def test_the_default_method_is_defined_once_and_bias_correction_selects_drone_bc():
+    from drone_hf.arguments import DroneCompressionArguments
     from drone_hf.cli import _parser
+    from drone_hf.methods import DEFAULT_METHOD, resolve_method
 
     base = ["compress", "--model", "m", "--task", "sst2", "--rank", "8", "--output", "o"]
-    assert _parser().parse_args(base).bias_correction is True
-    assert _parser().parse_args([*base, "--no-bias-correction"]).bias_correction is False
-    assert _parser().parse_args([*base, "--bias-correction"]).bias_correction is True
+    args = _parser().parse_args(base)
+    assert args.method == DEFAULT_METHOD == DroneCompressionArguments(rank=4).method
+    assert args.bias_correction is None
+    assert _parser().parse_args([*base, "--method", "drone-bc"]).method == "drone-bc"
+    flag = _parser().parse_args([*base, "--bias-correction"])
+    assert resolve_method(flag.method, flag.bias_correction) == "drone-bc"

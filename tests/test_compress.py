@@ -1,12 +1,11 @@
 import pytest
 import torch
-from transformers import BertConfig, BertModel, RobertaConfig, RobertaForSequenceClassification
 
 from drone_hf import DroneBertForSequenceClassification, DroneLinear, collect_activation_stats, compress_model
 from drone_hf.calibration import split_stats
 from drone_hf.factorize import data_weighted_error
 
-from .testing_utils import tiny_batches, tiny_teacher
+from .testing_utils import tiny_batches, tiny_teacher, unsupported_classifier
 
 
 INTER = "bert.encoder.layer.0.intermediate.dense"
@@ -108,7 +107,11 @@ def test_compressing_a_compressed_model_factors_remaining_layers(teacher_and_sta
         ({"rank": 2.5}, TypeError, "`rank` must be an int"),
         ({"ranks": {"bert.encoder.layer.0.intermediat.dense": 4}}, ValueError, "Unknown module in `ranks`.*Close"),
         ({"ranks": {"bert.pooler.dense": 4}}, ValueError, "Unknown module in `ranks` `bert.pooler.dense`"),
-        ({"method": "pca", "rank": 4}, ValueError, r"Unknown `method` 'pca'; expected one of \['drone', 'svd'\]"),
+        (
+            {"method": "pca", "rank": 4},
+            ValueError,
+            r"Unknown `method` 'pca'; expected one of \['drone', 'drone-bc', 'svd'\]",
+        ),
         ({}, ValueError, "Pass one of `rank`"),
         ({"rank": 4, "param_ratio": 0.5}, ValueError, "cannot be combined"),
         ({"param_ratio": 1.5}, ValueError, r"`param_ratio` must be a float in \(0, 1\), got 1.5"),
@@ -144,13 +147,8 @@ def test_missing_or_bad_stats(teacher_and_stats):
         compress_model(model, nan, rank=4)
 
 
-def test_not_a_bert_classifier():
-    roberta = RobertaForSequenceClassification(
-        RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
-    )
-    with pytest.raises(
-        ValueError, match=r"must be a BertForSequenceClassification .*got RobertaForSequenceClassification"
-    ):
-        compress_model(roberta, None, method="svd", rank=4)
-    with pytest.raises(ValueError, match="got BertModel"):
-        compress_model(BertModel(BertConfig(hidden_size=32, num_attention_heads=4)), None, method="svd", rank=4)
+def test_an_unsupported_family_or_object():
+    with pytest.raises(ValueError, match=r"does not support model_type 'gpt2' \(GPT2ForSequenceClassification\)"):
+        compress_model(unsupported_classifier(), None, method="svd", rank=4)
+    with pytest.raises(ValueError, match="must be a transformers encoder model"):
+        compress_model(torch.nn.Linear(3, 3), None, method="svd", rank=4)

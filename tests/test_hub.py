@@ -184,7 +184,7 @@ def test_card_needs_a_drone_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         create_or_update_model_card(tmp_path)
     tiny_teacher().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="holds a 'bert' model; expected a 'drone_bert'"):
+    with pytest.raises(ValueError, match="holds a 'bert' model; expected a drone_hf checkpoint"):
         create_or_update_model_card(tmp_path)
 
 
@@ -303,7 +303,7 @@ def test_push_uploads_exactly_the_checkpoint(compressed, tmp_path, export):
     assert set(upload["files"]) == expected
     assert upload["commit_message"] == "Upload DRONE-compressed model"
     assert "model*.safetensors" in upload["delete_patterns"]
-    assert ("modeling_drone_bert.py" in upload["delete_patterns"]) is not export
+    assert ("modeling_drone.py" in upload["delete_patterns"]) is not export
     card = ModelCard(upload["files"]["README.md"].decode())
     assert card.data.base_model == "me/tiny-bert" and card.data.model_name == "tiny-drone"
     assert 'from_pretrained("me/tiny-drone")' in card.text
@@ -337,7 +337,7 @@ def test_push_merges_the_remote_readme(compressed, tmp_path):
 
 
 def test_push_rejects_a_dense_model():
-    with pytest.raises(TypeError, match="must be a DroneBertForSequenceClassification"):
+    with pytest.raises(TypeError, match="must be a DRONE model"):
         drone_hf.push_compressed_to_hub(tiny_teacher(), "me/x")
 
 

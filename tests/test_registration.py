@@ -99,3 +99,30 @@ def test_a_different_class_under_our_model_type_is_a_collision():
         """
     )
     assert result.returncode != 0 and "already registered" in result.stderr
+
+
+def test_import_is_light_and_every_family_is_registered():
+    """`import drone_hf` registers every family's DRONE config and heads, and loads neither Trainer nor datasets
+    (scipy only if transformers' own modelling import brings it)."""
+    result = _run(
+        """
+        import sys
+        import transformers.modeling_utils
+        scipy_from_transformers = "scipy" in sys.modules
+        import drone_hf
+        from transformers import AutoConfig
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        loaded = [m for m in ("transformers.trainer", "datasets", "evaluate", "sklearn") if m in sys.modules]
+        if not scipy_from_transformers and "scipy" in sys.modules:
+            loaded.append("scipy")
+        print("loaded:", loaded)
+        print("types:", sorted(t for t in CONFIG_MAPPING._extra_content if t.startswith("drone_")))
+        print("all sorted:", drone_hf.__all__[1:] == sorted(drone_hf.__all__[1:]))
+        drone_hf.DroneCompressionCallback  # lazy names still resolve
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "loaded: []" in result.stdout
+    assert "all sorted: True" in result.stdout
+    for family in ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "deberta-v2", "modernbert"):
+        assert f"'drone_{family}'" in result.stdout

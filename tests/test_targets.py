@@ -38,7 +38,7 @@ def test_roles_names_and_regexes_select_modules():
 @pytest.mark.parametrize(
     "targets, error, match",
     [
-        ("ffn", ValueError, r"Unknown target module `ffn`.*Expected a role in \['query'"),
+        ("ffn", ValueError, r"Unknown target module `ffn`.*roles of this bert model: \['query'"),
         (["bert.pooler.dense"], ValueError, "Unknown target module `bert.pooler.dense`"),
         (["re:nothing.*"], ValueError, "matches no encoder linear"),
         (["re:("], ValueError, "Invalid regex"),
@@ -50,9 +50,9 @@ def test_bad_targets(targets, error, match):
         resolve_target_modules(tiny_teacher(), targets)
 
 
-def test_not_a_bert_classifier():
-    with pytest.raises(ValueError, match=r"must be a BertForSequenceClassification .*got BertModel"):
-        encoder_linear_roles(BertModel(BertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=37)))
+def test_a_bare_encoder_has_the_same_roles_without_the_prefix():
+    roles = encoder_linear_roles(BertModel(BertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=37)))
+    assert roles["encoder.layer.0.attention.self.query"] == "query" and len(roles) == 12 * 6
 
 
 TARGETS = [L0 + "attention.self.query", L0 + "intermediate.dense", L0 + "output.dense"]

