@@ -252,6 +252,26 @@ register_architecture(
     )
 )
 
+# ALBERT: one layer module shared by all passes; its statistics pool every pass, and held-out scoring runs it whole.
+register_architecture(
+    ArchitectureSpec(
+        model_type="albert",
+        layers="encoder.albert_layer_groups.*.albert_layers.*",
+        linears={
+            "query": "attention.query",
+            "key": "attention.key",
+            "value": "attention.value",
+            "attention_output": "attention.dense",
+            "intermediate": "ffn",
+            "output": "ffn_output",
+        },
+        shared_inputs=_QKV_SHARED,
+        attention=AttentionSpec(block="attention", query="query", key="key"),
+        word_embeddings="embeddings.word_embeddings",
+        layerwise=False,
+    )
+)
+
 
 __all__ = [
     "ArchitectureSpec",
