@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import heapq
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -132,6 +132,7 @@ def allocate_ranks(
     refine_steps: int = 48,
     show_progress: bool = False,
     report: dict | None = None,
+    rows_fn: Callable | None = None,
 ) -> dict[str, int]:
     r"""
     Allocates per-module ranks for a budget. Pass exactly one of `max_accuracy_drop`, `target_speedup`, `param_ratio`.
@@ -181,7 +182,11 @@ def allocate_ranks(
             single modules one grid rank down (cheapest measured drop per multiply-add first), each kept only if the
             whole assignment still fits; `0` keeps the paper's time-share allocation as is.
         show_progress (`bool`, *optional*): Progress bar over candidate evaluations.
-        report (`dict`, *optional*): Filled with what was done: evaluations, seconds, shares, curves, joint checks.
+        report (`dict`, *optional*): Filled with what was done: evaluations, seconds, shares, curves, joint checks,
+            the cost model (`cost_model`) and the kind of held-out rows (`heldout_kind`).
+        rows_fn (`Callable`, *optional*): How model outputs become scored rows (`drone_hf.heads`): the task head's
+            by default; `embedding_rows("mean")` scores a bare encoder by the cosine similarity of its pooled
+            embeddings to the dense ones (`max_accuracy_drop = 100 * (1 - min_cosine_similarity)`).
 
     Returns:
         `dict[str, int]`: linear name -> rank and attention block name (`...attention.self`) -> per-head rank, for
@@ -224,6 +229,7 @@ def allocate_ranks(
             "screening_samples": screening_samples,
             "safety_margin": safety_margin,
             "refine_steps": refine_steps,
+            "rows_fn": rows_fn,
         }
         chosen = allocate_by_accuracy(
             working, candidates, eval_dataloader, max_accuracy_drop, options, show_progress, report

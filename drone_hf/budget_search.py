@@ -9,7 +9,7 @@ import heapq
 from tqdm.auto import tqdm
 
 from .candidates import apply_ranks, restore_modules, swap_module
-from .heads import default_metric_fn, soft_change
+from .heads import default_metric_fn, head_rows, soft_change
 from .heldout import LayerwiseEvaluator, paired_standard_error, spread_subset
 
 
@@ -48,8 +48,9 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
     problem_type = getattr(working.config, "problem_type", None)
     problem_type = problem_type or ("regression" if getattr(working.config, "num_labels", 2) == 1 else None)
     screening = spread_subset(batches, options["screening_samples"])
-    evaluator = LayerwiseEvaluator(working, screening)  # per-module curves: cheap, smooth score
-    joint_evaluator = evaluator if len(screening) == len(batches) else LayerwiseEvaluator(working, batches)
+    rows_fn = options.get("rows_fn") or head_rows
+    evaluator = LayerwiseEvaluator(working, screening, rows_fn)  # per-module curves: cheap, smooth score
+    joint_evaluator = evaluator if len(screening) == len(batches) else LayerwiseEvaluator(working, batches, rows_fn)
     metric_fn = options["metric_fn"] or default_metric_fn(problem_type, evaluator.kind)
     shares = cost_shares(candidates)
     curves = _module_curves(working, candidates, evaluator, problem_type, budget, show_progress)

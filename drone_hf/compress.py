@@ -68,7 +68,15 @@ def _resolve_attention(model, ranks, attention_rank, attention_ranks) -> tuple[d
     return (linear_ranks or None) if ranks is not None else None, resolved
 
 
-_ALLOCATION_OPTIONS = ("metric_fn", "screening_samples", "safety_margin", "refine_steps", "seq_len", "show_progress")
+_ALLOCATION_OPTIONS = (
+    "metric_fn",
+    "screening_samples",
+    "safety_margin",
+    "refine_steps",
+    "seq_len",
+    "show_progress",
+    "rows_fn",
+)
 
 
 def _allocation_options(options: Mapping | None) -> dict:

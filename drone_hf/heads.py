@@ -3,7 +3,9 @@
 Sequence classification and multiple choice give one row per example (`logits (n, classes)`); token classification
 one row per labelled token (`logits (n_tokens, classes)`, labels `-100` dropped); question answering one row per
 example with the start and end logits stacked (`logits (n, 2, length)`, labels `(n, 2)`). The allocation's budget
-metric for each is, by default: accuracy (Pearson for regression), token accuracy, and span F1.
+metric for each is, by default: accuracy (Pearson for regression), token accuracy, and span F1. A bare encoder has no
+head; [`embedding_rows`] pools its hidden states instead, and the budget is the mean cosine similarity to the dense
+embeddings.
 """
 
 from __future__ import annotations
@@ -47,6 +49,33 @@ def head_rows(outputs, batch: Mapping[str, torch.Tensor]) -> tuple[np.ndarray, n
     return logits.numpy(), labels.numpy(), "classification"
 
 
+def embedding_rows(pooling: str = "mean") -> Callable:
+    """A `rows_fn` for a bare encoder: one row per text, the pooled last hidden state (`"mean"` over real tokens,
+    `"cls"`, or `"max"`), kind `"embedding"`. The labels are the rows themselves: at the first (dense) evaluation they
+    become the reference every compressed evaluation is compared with (cosine similarity)."""
+    if pooling not in ("mean", "cls", "max"):
+        raise ValueError(f"`pooling` must be one of ['mean', 'cls', 'max'], got {pooling!r}.")
+
+    def rows(outputs, batch):
+        hidden = outputs[0].float()
+        mask = batch["attention_mask"].to(hidden.device).unsqueeze(-1).to(hidden.dtype)
+        if pooling == "cls":
+            pooled = hidden[:, 0]
+        elif pooling == "max":
+            pooled = hidden.masked_fill(mask == 0, float("-inf")).amax(1)
+        else:
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        pooled = pooled.cpu().numpy()
+        return pooled, pooled, "embedding"
+
+    return rows
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return (a * b).sum(-1) / np.maximum(norms, 1e-12)
+
+
 def concat_rows(parts: list[np.ndarray]) -> np.ndarray:
     """Concatenates row blocks, padding span logits of different lengths with a very negative logit."""
     if parts and parts[0].ndim == 3:
@@ -71,6 +100,8 @@ def default_metric_fn(problem_type: str | None, kind: str = "classification") ->
     """Accuracy in points (token accuracy for token rows), Pearson correlation for regression, span F1 for spans."""
     if kind == "span":
         return span_f1
+    if kind == "embedding":  # mean cosine similarity to the dense model's embeddings, in points
+        return lambda rows, reference: 100.0 * float(_cosines(rows, reference).mean())
     if problem_type == "regression":
         return lambda logits, labels: 100.0 * float(np.corrcoef(logits.reshape(-1), labels.reshape(-1))[0, 1])
     return lambda logits, labels: 100.0 * float((logits.argmax(-1) == labels).mean())
@@ -97,6 +128,8 @@ def soft_change(
     raise that score on these rows is still charged for changing the model, so noise cannot make a harsh rank look
     free.
     """
+    if kind == "embedding":
+        return 100.0 * float((1.0 - _cosines(logits, base_logits)).mean())
     if problem_type == "regression" and kind == "classification":
         moved = np.abs(logits.reshape(-1) - base_logits.reshape(-1)).mean()
         return 100.0 * float(moved / max(float(labels.std()), 1e-12))
@@ -104,4 +137,4 @@ def soft_change(
     return 100.0 * float(moved.mean())
 
 
-__all__ = ["concat_rows", "default_metric_fn", "head_rows", "soft_change", "span_f1"]
+__all__ = ["concat_rows", "default_metric_fn", "embedding_rows", "head_rows", "soft_change", "span_f1"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -20,14 +20,21 @@ class _StopForward(Exception):
 
 
 class _Replay(nn.Module):
-    """Stands in for an encoder layer that has not changed: returns the cached output of the last such layer."""
+    """Stands in for an encoder layer that has not changed: returns the cached output of the last such layer. Other
+    attributes are the layer's own (ModernBERT's encoder reads each layer's `attention_type` to pick its mask)."""
 
-    def __init__(self, evaluator: LayerwiseEvaluator):
+    def __init__(self, evaluator: LayerwiseEvaluator, layer: nn.Module):
         super().__init__()
-        self._evaluator = [evaluator]  # a list, so the evaluator is not registered as a submodule
+        self._refs = [evaluator, layer]  # a list, so neither is registered as a submodule
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_refs"][1], name)
 
     def forward(self, *args, **kwargs):
-        return self._evaluator[0]._current
+        return self._refs[0]._current
 
 
 class LayerwiseEvaluator:
@@ -44,23 +51,25 @@ class LayerwiseEvaluator:
         model (`PreTrainedModel`): Evaluated in eval mode; modules may be swapped between calls.
         batches (`Iterable[Mapping[str, Tensor]]`): Held-out tokenizer batches **with** labels (`labels`, or
             `start_positions`/`end_positions` for question answering).
+        rows_fn (`Callable`, *optional*): `(model outputs, batch) -> (rows, labels, kind)`; defaults to the task head's
+            rows ([`~heads.head_rows`]); [`~heads.embedding_rows`] scores a bare encoder by its pooled embeddings.
     """
 
-    def __init__(self, model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]):
+    def __init__(self, model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], rows_fn: Callable = head_rows):
         self.model = model.eval()
         spec = get_architecture(model)
         self.layer_names = layer_names(model) if spec.layerwise else []
         self.device = next(model.parameters()).device
         batches = list(batches)
         self._batches = [model_inputs(model, batch) for batch in batches]
-        label_keys = ("labels", "start_positions", "end_positions")
-        self._labelled = [{k: v for k, v in batch.items() if k in label_keys} for batch in batches]
+        self._labelled = batches
+        self._rows_fn = rows_fn
         if not self._batches:
             raise ValueError("`eval_dataloader` yielded no batch; rank allocation needs held-out data.")
         rows = []
         with torch.no_grad():
             for batch, labelled in zip(self._batches, self._labelled):
-                rows.append(head_rows(self._forward(batch), labelled))
+                rows.append(rows_fn(self._forward(batch), labelled))
         self.labels = concat_rows([labels for _, labels, _ in rows])
         self.kind = rows[0][2]
         self._cache: list | None = None
@@ -75,7 +84,7 @@ class LayerwiseEvaluator:
     def _run(self, start: int, capture: int | None = None) -> list:
         """Runs every batch with layers `< start` replayed from the cache; returns the model outputs, or, with
         `capture`, the outputs of layer `capture` (the forward stops there)."""
-        replaced = {name: _Replay(self) for name in self.layer_names[:start]}
+        replaced = {name: _Replay(self, self.model.get_submodule(name)) for name in self.layer_names[:start]}
         originals = {name: swap_module(self.model, name, module) for name, module in replaced.items()}
         captured: list = []
         handle = None
@@ -109,7 +118,7 @@ class LayerwiseEvaluator:
         begin = time.perf_counter()
         start = self.layer_index if start is None or start >= self.layer_index else 0
         outputs = self._run(start)
-        rows = concat_rows([head_rows(out, batch)[0] for out, batch in zip(outputs, self._labelled)])
+        rows = concat_rows([self._rows_fn(out, batch)[0] for out, batch in zip(outputs, self._labelled)])
         self.evaluations += 1
         self.seconds += time.perf_counter() - begin
         return rows

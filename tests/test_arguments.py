@@ -112,7 +112,7 @@ def test_validate_for_model_accepts_feasible_settings_and_leaves_the_model_alone
 
 
 def test_validate_for_model_rejects_an_unsupported_family():
-    with pytest.raises(ValueError, match=r"does not support model_type 'gpt2'.*supported: \['bert'"):
+    with pytest.raises(ValueError, match=r"does not support model_type 'gpt2'.*supported: \[.*'bert'"):
         DroneCompressionArguments(rank=4).validate_for_model(unsupported_classifier())
 
 

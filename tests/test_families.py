@@ -3,6 +3,7 @@ registered. Tiny random configs; calibrate -> compress -> save -> stock Auto rel
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -191,7 +192,7 @@ def test_roles_are_shared_across_families(model_type):
 
 def test_unsupported_family_is_named_with_the_supported_ones():
     model = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=99))
-    with pytest.raises(ValueError, match=r"does not support model_type 'gpt2'.*supported: \['bert'"):
+    with pytest.raises(ValueError, match=r"does not support model_type 'gpt2'.*supported: \[.*'bert'"):
         drone_hf.compress_model(model, None, method="svd", rank=4)
 
 
@@ -261,3 +262,32 @@ def test_trainer_callback_compresses_and_distils_another_family(model_type, tmp_
     batch = {k: v for k, v in rows[0].items() if k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, callback.compressed_model.eval()(**batch).logits)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "mpnet"])
+def test_cosine_budget_on_a_bare_encoder(model_type):
+    """A bare encoder has no head: `rows_fn=embedding_rows("mean")` scores its pooled embeddings by cosine similarity
+    to the dense ones, and the allocation keeps the joint drop `100 * (1 - mean cosine)` within the budget."""
+    from drone_hf.heads import embedding_rows
+
+    model = _model(model_type, "BertModel" if model_type == "bert" else "MPNetModel")
+    batches = [_inputs(b) for b in tiny_family_batches(model_type, num_rows=16)]
+    stats = drone_hf.collect_activation_stats(model, batches)
+    report: dict = {}
+    compressed = drone_hf.compress_model(
+        model,
+        stats,
+        max_accuracy_drop=5.0,  # mean cosine >= 0.95 on these rows
+        eval_dataloader=batches,
+        allocation_report=report,
+        rank_multiple=2,
+        allocation_options={"rows_fn": embedding_rows("mean"), "safety_margin": 0.0, "refine_steps": 4},
+    ).eval()
+    assert report["heldout_kind"] == "embedding" and compressed.drone_modules()
+    rows = embedding_rows("mean")
+    with torch.no_grad():
+        dense = np.concatenate([rows(model(**b), b)[0] for b in batches])
+        small = np.concatenate([rows(compressed(**b), b)[0] for b in batches])
+    cosine = (dense * small).sum(1) / (np.linalg.norm(dense, axis=1) * np.linalg.norm(small, axis=1))
+    assert 100 * (1 - cosine.mean()) == pytest.approx(report["heldout_drop"], abs=1e-4)
+    assert cosine.mean() >= 0.95
