@@ -20,19 +20,20 @@ if TYPE_CHECKING:
 SHARED_GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "glue"
 
 
+# ----- every supported family: tiny random configs (the test matrix is parametrised over the registries) -----
+_TINY_SIZES = {
+    "vocab_size": 99,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+    "max_position_embeddings": 64,
+}
+
+
 def tiny_bert_config(**overrides) -> BertConfig:
     """The transformers `BertModelTester` sizes."""
-    kwargs = {
-        "vocab_size": 99,
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 37,
-        "max_position_embeddings": 64,
-        "num_labels": 3,
-    }
-    kwargs.update(overrides)
-    return BertConfig(**kwargs)
+    return BertConfig(**{**_TINY_SIZES, "num_labels": 3, **overrides})
 
 
 def unsupported_classifier():
@@ -125,15 +126,6 @@ def minilm_path() -> str:
     return gt.get_model_path()
 
 
-# ----- every supported family: tiny random configs (the test matrix is parametrised over the registries) -----
-_TINY_SIZES = {
-    "vocab_size": 99,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 37,
-    "max_position_embeddings": 64,
-}
 # Fields a family names differently or needs to stay tiny; a family absent here takes the common sizes as they are.
 _TINY_EXTRAS = {
     "distilbert": {"hidden_dim": 37},
