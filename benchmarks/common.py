@@ -47,21 +47,37 @@ def glue_data_dir(task: str) -> str | None:
     return str(SHARED_GLUE) if (SHARED_GLUE / folder / "train.tsv").is_file() else None
 
 
-def finetune(task: str, *, steps: int, batch_size: int = 32, lr: float = 1e-4, max_length: int = 128, seed: int = 0):
-    """Fine-tunes the embedded MiniLM on `task` with `Trainer` (cached under `.cache/finetuned`).
+def finetune(
+    task: str,
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-4,
+    max_length: int = 128,
+    seed: int = 0,
+    model_path: str | None = None,
+    name: str = "minilm",
+):
+    """Fine-tunes a pretrained encoder (default: the embedded MiniLM) on `task` with `Trainer`, cached under
+    `.cache/finetuned/<name>-<task>-<settings>`.
+
+    Args:
+        model_path: The pretrained model's folder or Hub id; `None` for the embedded MiniLM.
+        name: The model's name in the cache folder; give each `model_path` its own.
 
     Returns:
         `(model, tokenizer, path, seconds)`: seconds is 0.0 when the cached model was reused.
     """
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    path = CACHE / "finetuned" / f"minilm-{task}-steps{steps}-bs{batch_size}-lr{lr:g}-len{max_length}-seed{seed}"
+    model_path = model_path or minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    path = CACHE / "finetuned" / f"{name}-{task}-steps{steps}-bs{batch_size}-lr{lr:g}-len{max_length}-seed{seed}"
     if (path / "config.json").is_file():
         return AutoModelForSequenceClassification.from_pretrained(path), tokenizer, path, 0.0
     info = get_glue_task(task)
     train = load_glue(task, tokenizer, split="train", data_dir=glue_data_dir(task), max_length=max_length)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(
-        minilm_path(),
+        model_path,
         num_labels=info.num_labels,
         problem_type="regression" if info.is_regression else "single_label_classification",
         id2label=dict(enumerate(info.label_names)) if info.label_names else None,
