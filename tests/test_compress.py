@@ -152,3 +152,18 @@ def test_an_unsupported_family_or_object():
         compress_model(unsupported_classifier(), None, method="svd", rank=4)
     with pytest.raises(ValueError, match="must be a transformers encoder model"):
         compress_model(torch.nn.Linear(3, 3), None, method="svd", rank=4)
+
+
+def test_settings_dataclass_is_the_same_as_keywords():
+    from drone_hf import DroneCompressionArguments
+
+    model = tiny_teacher()
+    stats = collect_activation_stats(model, tiny_batches())
+    via_settings = compress_model(model, stats, DroneCompressionArguments(target_speedup=1.3))
+    via_keywords = compress_model(model, stats, target_speedup=1.3)
+    assert via_settings.config.drone_ranks == via_keywords.config.drone_ranks
+    assert via_settings.config.drone_attention_ranks == via_keywords.config.drone_attention_ranks
+    override = compress_model(model, stats, DroneCompressionArguments(rank=4), method="svd")
+    assert override.config.drone_method == "svd" and set(override.config.drone_ranks.values()) == {4}
+    with pytest.raises(TypeError, match="`settings` must be a DroneCompressionArguments"):
+        compress_model(model, stats, {"rank": 4})
