@@ -37,6 +37,7 @@ register_drone_auto_classes()
 _LAZY = {
     "DroneCompressionCallback": ".callbacks",
     "DroneDistillationTrainer": ".distillation",
+    "compress_sentence_transformer": ".sentence_embeddings",
     "distill": ".distillation",
     "distillation_loss": ".distillation_losses",
 }
@@ -77,6 +78,7 @@ __all__ = [
     "choose_kj",
     "collect_activation_stats",
     "compress_model",
+    "compress_sentence_transformer",
     "create_or_update_model_card",
     "distill",
     "distillation_loss",

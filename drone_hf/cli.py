@@ -4,6 +4,9 @@ drone-hf compress --model DIR_OR_HUB_ID --task sst2 [--data-dir GLUE_DIR]
     (--max-accuracy-drop PTS | --target-speedup X | --param-ratio P | --rank K) [--method drone|drone-bc|svd]
     [--calibration-samples N] --output DIR
 drone-hf evaluate --model DIR --task sst2 [--data-dir GLUE_DIR]
+drone-hf compress-embeddings --model SENTENCE_TRANSFORMER --sentences FILE
+    (--min-cosine-similarity C | --target-speedup X | --param-ratio P | --rank K) [--method drone|drone-bc|svd]
+    --output DIR
 """
 
 from __future__ import annotations
@@ -107,7 +110,230 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="print the dev metric and CPU latency of a model")
     common(evaluate)
+    _add_embeddings_parser(commands)
     return parser
+
+
+def _add_embeddings_parser(commands) -> None:
+    sub = commands.add_parser(
+        "compress-embeddings",
+        help="compress a sentence-transformers model on raw sentences, save, report fidelity and encode() speed",
+    )
+    sub.add_argument("--model", required=True, help="SentenceTransformer folder or Hub id (e.g. all-MiniLM-L6-v2)")
+    sub.add_argument("--sentences", required=True, help="text file, one calibration sentence per line")
+    sub.add_argument(
+        "--heldout-sentences",
+        help="text file of held-out sentences (default: a seeded random quarter of --sentences, not calibrated on)",
+    )
+    budget = sub.add_mutually_exclusive_group(required=True)
+    budget.add_argument(
+        "--min-cosine-similarity",
+        type=float,
+        help="keep the mean cosine similarity to the dense embeddings of held-out sentences >= this, e.g. 0.98",
+    )
+    budget.add_argument("--target-speedup", type=float, help="multiply-add reduction target (no evaluations)")
+    budget.add_argument("--param-ratio", type=float, help="fraction of encoder-linear parameters to keep")
+    budget.add_argument("--rank", type=int, help="one rank for every encoder linear")
+    sub.add_argument("--method", choices=method_names(), default=DEFAULT_METHOD, help="factorisation method")
+    sub.add_argument("--no-attention", action="store_true", help="do not factor the attention score product")
+    sub.add_argument("--batch-size", type=int, default=32, help="sentences per calibration / held-out batch")
+    sub.add_argument(
+        "--safety-margin",
+        type=float,
+        default=1.0,
+        help="paired standard errors added to the held-out cosine drop before comparing with the budget",
+    )
+    sub.add_argument("--refine-steps", type=int, default=48, help="joint checks spent moving single modules down")
+    sub.add_argument(
+        "--latency-repeats", type=int, default=5, help="timed encode() rounds (batch 32, up to 256 sentences)"
+    )
+    sub.add_argument(
+        "--eval-pairs",
+        help="labelled sentence pairs to score dense vs compressed by the ROC-AUC of their cosine similarity: a TSV "
+        "with columns sentence1, sentence2, label (0/1), or a GLUE MRPC file (#1 String, #2 String, Quality)",
+    )
+    sub.add_argument("--output", required=True)
+    sub.add_argument("--push-to-hub", metavar="REPO", help="also upload the compressed model to this Hub repo")
+
+
+def _read_pairs(path: str) -> tuple[list[str], list[str], list[int]]:
+    """`(first, second, labels)` of a pairs TSV: a header naming sentence1/sentence2/label (or MRPC's #1 String,
+    #2 String, Quality), else three unnamed columns."""
+    import csv
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"`--eval-pairs` {path!r} is not a file (expected a TSV of sentence pairs).")
+    with open(file, encoding="utf-8-sig", newline="") as handle:
+        rows = [row for row in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE) if row]
+    if not rows:
+        raise ValueError(f"`--eval-pairs` {path!r} is empty.")
+    header = [cell.strip().lower() for cell in rows[0]]
+    names = [("sentence1", "sentence2", "label"), ("#1 string", "#2 string", "quality")]
+    columns = next((tuple(header.index(n) for n in group) for group in names if set(group) <= set(header)), None)
+    if columns is None:
+        columns, body = (0, 1, 2), rows
+    else:
+        body = rows[1:]
+    first, second, labels = [], [], []
+    for number, row in enumerate(body, start=2 if body is not rows else 1):
+        try:
+            label = int(float(row[columns[2]]))
+            first.append(row[columns[0]])
+            second.append(row[columns[1]])
+        except (IndexError, ValueError) as error:
+            raise ValueError(
+                f"`--eval-pairs` {path!r} line {number}: expected sentence1, sentence2 and a 0/1 label, got {row!r}."
+            ) from error
+        if label not in (0, 1):
+            raise ValueError(f"`--eval-pairs` {path!r} line {number}: the label must be 0 or 1, got {label}.")
+        labels.append(label)
+    return first, second, labels
+
+
+def _read_sentences(path: str, option: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"`{option}` {path!r} is not a file (expected one sentence per line).")
+    sentences = [line.strip() for line in file.read_text(encoding="utf-8-sig").splitlines()]
+    sentences = [line for line in sentences if line]
+    if not sentences:
+        raise ValueError(f"`{option}` {path!r} has no non-empty line (expected one sentence per line).")
+    return sentences
+
+
+def _compress_embeddings(args) -> int:
+    import torch
+
+    from .profiling import checkpoint_size_mb, count_parameters, cpu_name, flop_speedup_bound
+    from .sentence_embeddings import (
+        _fix_card,
+        _require_sentence_transformers,
+        compress_sentence_transformer,
+        cosine_fidelity,
+        measure_encode_latency,
+        pair_auc,
+        split_heldout,
+    )
+
+    sentences = _read_sentences(args.sentences, "--sentences")
+    if args.heldout_sentences:
+        calibration, heldout = sentences, _read_sentences(args.heldout_sentences, "--heldout-sentences")
+    else:
+        calibration, heldout = split_heldout(sentences)
+        if not heldout:
+            raise ValueError(f"`--sentences` has {len(sentences)} lines: too few to hold a quarter out; pass more.")
+    pairs = _read_pairs(args.eval_pairs) if args.eval_pairs else None
+    try:
+        sentence_transformers = _require_sentence_transformers()
+    except ImportError as error:
+        print(f"drone-hf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    model = sentence_transformers.SentenceTransformer(args.model)
+    report: dict = {}
+    started = time.perf_counter()
+    small = compress_sentence_transformer(
+        model,
+        calibration,
+        method=args.method,
+        rank=args.rank,
+        target_speedup=args.target_speedup,
+        param_ratio=args.param_ratio,
+        min_cosine_similarity=args.min_cosine_similarity,
+        heldout_sentences=heldout,
+        batch_size=args.batch_size,
+        attention=not args.no_attention,
+        allocation_options=(
+            {"safety_margin": args.safety_margin, "refine_steps": args.refine_steps}
+            if args.min_cosine_similarity is not None
+            else None
+        ),
+        allocation_report=report,
+        show_progress=True,
+    )
+    seconds = time.perf_counter() - started
+    models = {"dense": model, args.method: small}
+    timing = (heldout + calibration)[:256]
+    latency = measure_encode_latency(models, timing, batch_size=32, repeats=args.latency_repeats)
+    seq_len = min(128, model.max_seq_length or 128)
+    results = {}
+    for name, m in models.items():
+        encoder = m[0].auto_model
+        results[name] = {
+            "heldout_cosine": cosine_fidelity(model, m, heldout),
+            "parameters": count_parameters(encoder),
+            "checkpoint_mb": checkpoint_size_mb(encoder),
+            "encode_ms": 1000 * latency[name],
+            "speedup": latency["dense"] / latency[name],
+            "flop_bound": flop_speedup_bound(model[0].auto_model.config, encoder.config, seq_len),
+        }
+        if pairs:
+            results[name]["pair_auc"] = 100 * pair_auc(m, *pairs, batch_size=args.batch_size)
+    small.save(args.output)
+    speed = {
+        "speedup": results[args.method]["speedup"],
+        "flop_bound": results[args.method]["flop_bound"],
+        "hardware": f"{cpu_name()} ({torch.get_num_threads()} threads)",
+        "setting": f"encode() of {len(timing)} sentences, batch 32",
+    }
+    _fix_card(Path(args.output), base_model=getattr(small, "_drone_base_model", None), speed=speed)
+    budget = {
+        "min_cosine_similarity": args.min_cosine_similarity,
+        "target_speedup": args.target_speedup,
+        "param_ratio": args.param_ratio,
+        "rank": args.rank,
+    }
+    summary = {
+        "model": args.model,
+        "budget": {k: v for k, v in budget.items() if v is not None},
+        "method": args.method,
+        "calibration_sentences": len(calibration),
+        "heldout_sentences": len(heldout),
+        "compress_seconds": seconds,
+        "allocation": report,
+        "results": results,
+        "timing": {"sentences": len(timing), "batch_size": 32, "threads": torch.get_num_threads()},
+    }
+    tmp = Path(args.output) / "drone_results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=float))
+    os.replace(tmp, Path(args.output) / "drone_results.json")
+    header = ["model", "cosine to dense (held-out)"] + (["pair ROC-AUC"] if pairs else [])
+    header += ["params (M)", "size MB", "encode ms", "speed-up"]
+    print("\n| " + " | ".join([*header, "FLOP bound"]) + " |\n|" + "---|" * (len(header) + 1))
+    for name, r in results.items():
+        cells = [
+            name,
+            f"{r['heldout_cosine']:.4f}",
+            *([f"{r['pair_auc']:.2f}"] if pairs else []),
+            f"{r['parameters'] / 1e6:.2f}",
+            f"{r['checkpoint_mb']:.1f}",
+            f"{r['encode_ms']:.1f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['flop_bound']:.2f}x",
+        ]
+        print("| " + " | ".join(cells) + " |")
+    print(
+        f"\nCosine: mean over {len(heldout)} held-out sentences (not calibrated on). encode(): {len(timing)} "
+        f"sentences, batch 32, CPU, {torch.get_num_threads()} threads, median of {args.latency_repeats} round-robin "
+        f"runs in this process. FLOP bound: multiply-adds of one {seq_len}-token sequence."
+    )
+    if pairs:
+        print(
+            f"Pair ROC-AUC: {len(pairs[2])} pairs from {args.eval_pairs}, cosine similarity, points "
+            f"(compressed - dense: {results[args.method]['pair_auc'] - results['dense']['pair_auc']:+.2f})."
+        )
+    if report.get("evaluations"):
+        print(
+            f"Allocation: {report['evaluations']} held-out evaluations in {report['evaluation_seconds']:.0f} s; "
+            f"held-out mean cosine {1 - report['heldout_drop'] / 100:.4f} "
+            f"(± {report['heldout_standard_error'] / 100:.4f})."
+        )
+    print(f"Saved to {args.output} (reload with `import drone_hf` + SentenceTransformer({args.output!r})).")
+    if args.push_to_hub:
+        from .hub import push_compressed_to_hub
+
+        print(f"Pushed: {push_compressed_to_hub(small, args.push_to_hub)}")
+    return 0
 
 
 def _load(args):
@@ -324,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `drone-hf` command."""
     args = _parser().parse_args(argv)
     try:
+        if args.command == "compress-embeddings":
+            return _compress_embeddings(args)
         return _compress(args) if args.command == "compress" else _evaluate(args)
     except (ValueError, TypeError, FileNotFoundError, OSError) as error:
         print(f"drone-hf {args.command}: error: {error}", file=sys.stderr)

@@ -152,7 +152,8 @@ def push_compressed_to_hub(
     this function.
 
     Args:
-        model ([`DroneBertForSequenceClassification`]): The compressed model.
+        model ([`DroneBertForSequenceClassification`]): The compressed model (any DRONE model, or a compressed
+            `SentenceTransformer`, which is uploaded as its whole sentence-transformers folder).
         repo_id (`str`): `"user/name"` or `"name"` (the token's namespace).
         private (`bool`, *optional*, defaults to `True`): Visibility of a newly created repo (`None`: the account's
             default); an existing repo keeps its visibility.
@@ -161,7 +162,8 @@ def push_compressed_to_hub(
         trust_remote_code_export (`bool`, *optional*, defaults to `False`): Also write `auto_map` and copy
             `modeling_drone.py` with its sibling files, so that `from_pretrained(..., trust_remote_code=True)`
             works without drone_hf.
-        tokenizer (`PreTrainedTokenizerBase`, *optional*): Saved beside the weights.
+        tokenizer (`PreTrainedTokenizerBase`, *optional*): Saved beside the weights (a `SentenceTransformer` always
+            saves its own; `max_shard_size` does not apply to it either).
         card_kwargs (`dict`, *optional*): Passed to [`create_or_update_model_card`] (`base_model`, `dataset`,
             `metrics`, `speed`, `tags`).
         revision, create_pr, commit_description: As in [`~huggingface_hub.HfApi.upload_folder`].
@@ -181,6 +183,24 @@ def push_compressed_to_hub(
     ...     card_kwargs={"base_model": "me/minilm-sst2", "dataset": "sst2"})  # doctest: +SKIP
     ```
     """
+    from .sentence_embeddings import is_sentence_transformer  # does not import sentence-transformers
+
+    if is_sentence_transformer(model):  # a compressed SentenceTransformer: its own folder layout, the same upload
+        from .sentence_embeddings import push_sentence_transformer_to_hub
+
+        return push_sentence_transformer_to_hub(
+            model,
+            repo_id,
+            private=private,
+            commit_message=commit_message,
+            token=token,
+            trust_remote_code_export=trust_remote_code_export,
+            card_kwargs=card_kwargs,
+            revision=revision,
+            create_pr=create_pr,
+            commit_description=commit_description,
+            tags=tags,
+        )
     if not str(getattr(getattr(model, "config", None), "model_type", None)).startswith("drone_"):
         raise TypeError(f"`model` must be a DRONE model (from compress_model), got {type(model).__name__}.")
     api = _api()
@@ -199,21 +219,39 @@ def push_compressed_to_hub(
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         create_or_update_model_card(folder, model_id=repo_id, **card_kwargs)
-        # modeling_drone_bert.py: the remote-code file of drone_hf 0.1 exports, superseded by modeling_drone.py.
-        stale = ["model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "modeling_drone_bert.py"]
-        if not trust_remote_code_export:
-            stale += list(REMOTE_CODE_FILES)
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
+        return _upload(
+            api,
+            folder,
+            repo_id,
             token=token,
             revision=revision,
             create_pr=create_pr,
             commit_message=commit_message or "Upload DRONE-compressed model",
             commit_description=commit_description,
-            delete_patterns=stale,
+            trust_remote_code_export=trust_remote_code_export,
         )
-    logger.info(f"Uploaded the compressed model to {repo_id}: {info.commit_url}")
+
+
+def _upload(
+    api, folder, repo_id, *, token, revision, create_pr, commit_message, commit_description, trust_remote_code_export
+) -> str:
+    """One commit of `folder` to `repo_id` that also deletes stale weight shards (and, without
+    `trust_remote_code_export`, modelling files) left in the repo; returns the commit (or pull request) URL."""
+    # modeling_drone_bert.py: the remote-code file of drone_hf 0.1 exports, superseded by modeling_drone.py.
+    stale = ["model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "modeling_drone_bert.py"]
+    if not trust_remote_code_export:
+        stale += list(REMOTE_CODE_FILES)
+    info = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        token=token,
+        revision=revision,
+        create_pr=create_pr,
+        commit_message=commit_message,
+        commit_description=commit_description,
+        delete_patterns=stale,
+    )
+    logger.info(f"Uploaded {folder.name} to {repo_id}: {info.commit_url}")
     return str(info.pr_url if create_pr and info.pr_url else info.commit_url)
 
 

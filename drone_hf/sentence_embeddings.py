@@ -1,0 +1,699 @@
+"""DRONE compression of a [sentence-transformers](https://sbert.net) model, calibrated on raw unlabeled sentences.
+
+[`compress_sentence_transformer`] copies a `SentenceTransformer`, compresses the Hugging Face encoder inside its
+`Transformer` module with [`compress_model`] and puts the compressed encoder back, so pooling, normalisation, dense
+layers, prompts and the tokenizer carry over. The budget can be task-free: `min_cosine_similarity` keeps the mean
+cosine similarity between the dense and the compressed embeddings of held-out sentences at or above a floor, checked
+jointly (with a paired-bootstrap margin) like `max_accuracy_drop` for classifiers.
+
+`model.save(folder)` writes an ordinary sentence-transformers folder whose root is a DRONE checkpoint
+(`config.json` with `"model_type": "drone_bert"`, ...); after `import drone_hf`, `SentenceTransformer(folder)` reloads
+it and `AutoModel.from_pretrained(folder)` gives the compressed encoder.
+
+sentence-transformers is an optional dependency (`pip install 'drone_hf[sentence-transformers]'`); this module imports
+it only inside its functions, and `import drone_hf` does not import this module.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+INSTALL_HINT = "pip install 'drone_hf[sentence-transformers]'"
+MIN_HELDOUT_SENTENCES = 32
+"""The fewest held-out sentences a `min_cosine_similarity` check runs on: below it the bootstrap standard error of
+the mean cosine is itself too noisy to trust."""
+HELDOUT_FRACTION = 0.25
+"""The share of `sentences` held out for the `min_cosine_similarity` check when `heldout_sentences` is not given."""
+HELDOUT_SEED = 0
+_BUDGETS = ("rank", "ranks", "target_speedup", "param_ratio", "min_cosine_similarity")
+_ST_TAGS = ("sentence-transformers", "sentence-similarity", "feature-extraction")
+
+
+def _require_sentence_transformers():
+    try:
+        import sentence_transformers
+    except ImportError as error:
+        raise ImportError(
+            f"Compressing a SentenceTransformer needs the sentence-transformers package: {INSTALL_HINT}"
+        ) from error
+    return sentence_transformers
+
+
+def is_sentence_transformer(model: Any) -> bool:
+    """Whether `model` is a `SentenceTransformer` (checked without importing sentence-transformers)."""
+    return any(
+        cls.__name__ == "SentenceTransformer" and cls.__module__.startswith("sentence_transformers")
+        for cls in type(model).__mro__
+    )
+
+
+# ------------------------------------------------------------------------------------------------ argument checks
+
+
+def _check_sentences(name: str, sentences: Any) -> list[str]:
+    if isinstance(sentences, (str, bytes)) or not isinstance(sentences, Sequence):
+        raise TypeError(
+            f"`{name}` must be a list of strings (one sentence each), got {type(sentences).__name__}"
+            + (f" {sentences[:40]!r}" if isinstance(sentences, (str, bytes)) else "")
+            + "."
+        )
+    if len(sentences) == 0:
+        raise ValueError(f"`{name}` is empty; pass a non-empty list of sentences (raw, unlabeled text).")
+    for index, sentence in enumerate(sentences):
+        if not isinstance(sentence, str):
+            raise TypeError(f"`{name}[{index}]` must be a str, got {type(sentence).__name__} {sentence!r}.")
+        if not sentence.strip():
+            raise ValueError(f"`{name}[{index}]` is an empty string {sentence!r}; every sentence must have text.")
+    return list(sentences)
+
+
+def _check_number(name: str, value: Any, allowed: str, ok: Callable[[float], bool]) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+
+
+def _check_budget(budgets: Mapping[str, Any]) -> str:
+    given = [name for name, value in budgets.items() if value is not None]
+    if len(given) != 1:
+        raise ValueError(
+            f"Pass exactly one budget of {list(budgets)}, got {given or 'none'}"
+            + (f" ({', '.join(f'{k}={budgets[k]!r}' for k in given)})" if given else "")
+            + "."
+        )
+    name, value = given[0], budgets[given[0]]
+    if name == "rank" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"`rank` must be a positive int (below each layer's min(in, out)), got {value!r}.")
+    if name == "ranks" and not isinstance(value, Mapping):
+        raise TypeError(f"`ranks` must be a dict of module name or 're:<regex>' -> rank, got {type(value).__name__}.")
+    if name == "target_speedup":
+        _check_number(name, value, "a number > 1 (multiply-add reduction, e.g. 1.5)", lambda v: v > 1)
+    if name == "param_ratio":
+        _check_number(name, value, "a number in (0, 1) (fraction of encoder-linear weights kept)", lambda v: 0 < v < 1)
+    if name == "min_cosine_similarity":
+        _check_number(
+            name,
+            value,
+            "a number in (0, 1] (mean cosine similarity of compressed to dense embeddings, e.g. 0.98)",
+            lambda v: 0 < v <= 1,
+        )
+    return name
+
+
+def _transformer_module(model):
+    """`model[0]`, checked to be a sentence-transformers `Transformer` around a supported transformers encoder."""
+    from .targets import check_supported_model
+
+    if not is_sentence_transformer(model):
+        raise TypeError(
+            f"`model` must be a sentence_transformers.SentenceTransformer (e.g. SentenceTransformer('all-MiniLM-L6-v2'"
+            f")), got {type(model).__name__}."
+        )
+    modules = list(model._modules.values())
+    first = modules[0] if modules else None
+    if first is None or not any(
+        cls.__name__ == "Transformer" and cls.__module__.startswith("sentence_transformers")
+        for cls in type(first).__mro__
+    ):
+        raise TypeError(
+            "`model[0]` must be a sentence-transformers `Transformer` module wrapping a Hugging Face encoder "
+            f"(BERT, MiniLM, MPNet, RoBERTa, ...), got {type(first).__name__}; models without one (e.g. "
+            "StaticEmbedding) have no encoder linears to compress."
+        )
+    if getattr(first, "backend", "torch") != "torch":
+        raise ValueError(f"`model` must use the 'torch' backend to be compressed, got backend={first.backend!r}.")
+    check_supported_model(first.auto_model)
+    return first
+
+
+def _set_encoder(transformer, encoder) -> None:
+    """Puts `encoder` where `transformer.auto_model` lives (`.model` in recent sentence-transformers, `.auto_model`
+    in older ones)."""
+    for name, child in transformer.named_children():
+        if child is transformer.auto_model:
+            setattr(transformer, name, encoder)
+            return
+    transformer.auto_model = encoder
+
+
+# -------------------------------------------------------------------------------------------------- data
+
+
+def split_heldout(sentences: Sequence[str], fraction: float = HELDOUT_FRACTION, seed: int = HELDOUT_SEED):
+    """`(calibration, heldout)`: a seeded random `fraction` of `sentences` held out (both keep the input order).
+
+    This is the split [`compress_sentence_transformer`] uses when `min_cosine_similarity` is given without
+    `heldout_sentences`, and the one `drone-hf compress-embeddings` uses for its fidelity report.
+    """
+    count = int(len(sentences) * fraction)
+    held = set(np.random.default_rng(seed).permutation(len(sentences))[:count].tolist())
+    calibration = [s for i, s in enumerate(sentences) if i not in held]
+    return calibration, [s for i, s in enumerate(sentences) if i in held]
+
+
+def _preprocess(model, sentences: list[str]) -> dict:
+    prompt = None
+    if getattr(model, "default_prompt_name", None):
+        prompt = (getattr(model, "prompts", None) or {}).get(model.default_prompt_name)
+    if hasattr(model, "preprocess"):
+        return dict(model.preprocess(sentences, prompt=prompt) if prompt else model.preprocess(sentences))
+    return dict(model.tokenize([prompt + s for s in sentences] if prompt else sentences))
+
+
+def sentence_batches(model, sentences: Sequence[str], batch_size: int = 32) -> list[dict]:
+    """Tokenizer batches of `sentences` exactly as `model.encode` builds them (the model's tokenizer, max length and
+    default prompt), ordered by length so that batches carry little padding."""
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        batches.append(_preprocess(model, [sentences[i] for i in order[start : start + batch_size]]))
+    return batches
+
+
+def _tensor_inputs(batch: Mapping) -> dict:
+    return {key: value for key, value in batch.items() if isinstance(value, torch.Tensor)}
+
+
+def sentence_embedding_rows(model) -> Callable:
+    r"""
+    A `rows_fn` (see `drone_hf.heads`) that scores the bare encoder of `model[0]` by the sentence embeddings the whole
+    `SentenceTransformer` produces: the encoder's last hidden state goes through the modules after `model[0]`
+    (pooling of any mode, `Dense`, `Normalize`, ...) and is truncated to `model.truncate_dim`, as in `encode()`.
+
+    Rows are of kind `"embedding"`, so [`allocate_ranks`] compares them with the dense embeddings by cosine similarity
+    (`max_accuracy_drop = 100 * (1 - min_cosine_similarity)`).
+    """
+    transformer = list(model._modules.values())[0]
+    tail = list(model._modules.values())[1:]
+    output_name = getattr(transformer, "module_output_name", None) or "token_embeddings"
+    truncate_dim = getattr(model, "truncate_dim", None)
+
+    @torch.no_grad()
+    def rows(outputs, batch):
+        hidden = outputs[0]
+        features = {k: (v.to(hidden.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        features[output_name] = hidden
+        for module in tail:
+            features = module(features)
+        embeddings = features["sentence_embedding"].float()
+        if truncate_dim:
+            embeddings = embeddings[..., :truncate_dim]
+        embeddings = embeddings.cpu().numpy()
+        return embeddings, embeddings, "embedding"
+
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ compression
+
+
+def compress_sentence_transformer(
+    model,
+    sentences: Sequence[str],
+    *,
+    method: str = "drone",
+    rank: int | None = None,
+    ranks: Mapping[str, int] | None = None,
+    target_speedup: float | None = None,
+    param_ratio: float | None = None,
+    min_cosine_similarity: float | None = None,
+    heldout_sentences: Sequence[str] | None = None,
+    batch_size: int = 32,
+    attention: bool = True,
+    allocation_options: Mapping | None = None,
+    allocation_report: dict | None = None,
+    show_progress: bool = False,
+):
+    r"""
+    Compresses the encoder of a `SentenceTransformer` with DRONE (or plain SVD) and returns a **new**
+    `SentenceTransformer`; `model` is not modified (weights, train/eval mode and hooks are left as they are).
+
+    Calibration runs on raw unlabeled `sentences`, tokenized by the model's own tokenizer at its `max_seq_length` (with
+    its default prompt, if any), exactly as `model.encode` would. Give exactly one budget:
+
+    - `rank` / `ranks`: explicit ranks, as in [`compress_model`].
+    - `target_speedup` / `param_ratio`: no evaluations; ranks from the closed form's residual energy.
+    - `min_cosine_similarity`: a task-free quality budget. The ranks keep the mean cosine similarity between the dense
+      and the compressed embeddings of held-out sentences at or above this value, checked jointly on all held-out
+      sentences with the same statistical margin as `max_accuracy_drop` (`safety_margin` paired-bootstrap standard
+      errors, default 1). It is `max_accuracy_drop = 100 * (1 - min_cosine_similarity)` on the embeddings the whole
+      model outputs (pooling, dense and normalisation modules included). The held-out sentences are
+      `heldout_sentences`, or a seeded random quarter of `sentences` (the rest calibrates).
+
+    Args:
+        model (`SentenceTransformer`): Its first module must be a `Transformer` around an encoder of a supported
+            family (BERT/MiniLM, MPNet, RoBERTa, XLM-R, DistilBERT, ELECTRA, DeBERTa-v2, ModernBERT, ALBERT).
+        sentences (`Sequence[str]`): Raw calibration text, one sentence (or passage) per item.
+        method (`str`, *optional*, defaults to `"drone"`): `"drone"`, `"drone-bc"` or `"svd"`.
+        rank, ranks, target_speedup, param_ratio: Budgets, as in [`compress_model`].
+        min_cosine_similarity (`float`, *optional*): The cosine budget, in `(0, 1]` (e.g. `0.98`).
+        heldout_sentences (`Sequence[str]`, *optional*): Held-out text for `min_cosine_similarity` (at least
+            `MIN_HELDOUT_SENTENCES` = 32). With any budget, the final mean cosine on them goes into
+            `allocation_report`.
+        batch_size (`int`, *optional*, defaults to 32): Sentences per calibration / held-out batch.
+        attention (`bool`, *optional*, defaults to `True`): Let budgets also factor the attention score product
+            (DRONE attention) where the family allows it.
+        allocation_options (`Mapping`, *optional*): Further options of [`allocate_ranks`] (`safety_margin`,
+            `refine_steps`, `screening_samples`, `seq_len`, ...).
+        allocation_report (`dict`, *optional*): Filled with what was done: the allocation's report, `heldout_cosine`
+            (mean cosine of compressed to dense embeddings on the held-out sentences, when there are any) and the
+            number of calibration and held-out sentences.
+        show_progress (`bool`, *optional*): Progress bars for calibration and allocation.
+
+    Returns:
+        `SentenceTransformer`: the compressed copy (a `DroneSentenceTransformer`, whose `save`/`save_pretrained` add
+        the DRONE section to the model card and whose `push_to_hub` uses [`push_compressed_to_hub`]). Its
+        `model[0].auto_model` is a DRONE encoder (`DroneBertModel`, `DroneMPNetModel`, ...).
+
+    Raises:
+        `ImportError`: without sentence-transformers (`pip install 'drone_hf[sentence-transformers]'`).
+        `TypeError` / `ValueError`: naming the argument, the value and what is allowed: `model` not a
+            `SentenceTransformer` or without a `Transformer` first module, an unsupported family, empty or non-string
+            sentences, zero or several budgets, a budget out of range, too few held-out sentences, a budget that no
+            compression meets.
+
+    Example:
+
+    ```py
+    >>> import drone_hf
+    >>> from sentence_transformers import SentenceTransformer
+    >>> model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")  # doctest: +SKIP
+    >>> small = drone_hf.compress_sentence_transformer(model, sentences, min_cosine_similarity=0.98)  # doctest: +SKIP
+    >>> small.save("all-MiniLM-L6-v2-drone")  # doctest: +SKIP
+    >>> SentenceTransformer("all-MiniLM-L6-v2-drone").encode(["A sentence."])  # doctest: +SKIP
+    ```
+    """
+    from . import collect_activation_stats, compress_model
+    from .allocation import allocate_ranks
+    from .methods import method_names
+
+    _require_sentence_transformers()
+    _transformer_module(model)
+    sentences = _check_sentences("sentences", sentences)
+    budgets = {
+        "rank": rank,
+        "ranks": ranks,
+        "target_speedup": target_speedup,
+        "param_ratio": param_ratio,
+        "min_cosine_similarity": min_cosine_similarity,
+    }
+    budget = _check_budget(budgets)
+    if method not in method_names():
+        raise ValueError(f"`method` must be one of {method_names()}, got {method!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+    if heldout_sentences is not None:
+        heldout = _check_sentences("heldout_sentences", heldout_sentences)
+        calibration = sentences
+    elif budget == "min_cosine_similarity":
+        calibration, heldout = split_heldout(sentences)
+    else:
+        calibration, heldout = sentences, []
+    if min_cosine_similarity == 1:
+        raise ValueError(
+            "The budget cannot be met: min_cosine_similarity=1.0 allows no change to the embeddings, and every "
+            "compression changes them; pass a value below 1 (e.g. 0.99)."
+        )
+    if budget == "min_cosine_similarity" and len(heldout) < MIN_HELDOUT_SENTENCES:
+        source = (
+            "`heldout_sentences` has"
+            if heldout_sentences is not None
+            else f"`sentences` has {len(sentences)}, of which a quarter,"
+        )
+        raise ValueError(
+            f"`min_cosine_similarity` needs at least {MIN_HELDOUT_SENTENCES} held-out sentences for a meaningful "
+            f"check; {source} {len(heldout)}. Pass at least {math.ceil(MIN_HELDOUT_SENTENCES / HELDOUT_FRACTION)} "
+            f"`sentences` or `heldout_sentences` with {MIN_HELDOUT_SENTENCES} or more."
+        )
+
+    new = copy.deepcopy(model)
+    new.__class__ = _drone_sentence_transformer_class(type(model))
+    new_transformer = list(new._modules.values())[0]
+    encoder = new_transformer.auto_model
+    modes = {name: module.training for name, module in new.named_modules()}  # the input's, module by module
+    new.eval()
+    report = allocation_report if allocation_report is not None else {}
+    calibration_batches = [_tensor_inputs(b) for b in sentence_batches(new, calibration, batch_size)]
+    heldout_batches = sentence_batches(new, heldout, batch_size) if heldout else []
+    stats = None
+    if method != "svd":
+        stats = collect_activation_stats(encoder, calibration_batches, show_progress=show_progress)
+    calibration_info = {"data": "unlabeled sentences", "num_samples": len(calibration)}
+    rows_fn = sentence_embedding_rows(new)
+    if budget in ("rank", "ranks"):
+        compressed = compress_model(
+            encoder, stats, method=method, rank=rank, ranks=ranks, calibration_info=calibration_info
+        )
+    else:
+        options = dict(allocation_options or {})
+        options.setdefault("show_progress", show_progress)
+        if budget == "min_cosine_similarity":
+            options["rows_fn"] = rows_fn
+        chosen = allocate_ranks(
+            encoder,
+            stats,
+            method=method,
+            attention=attention,
+            target_speedup=target_speedup,
+            param_ratio=param_ratio,
+            max_accuracy_drop=None if min_cosine_similarity is None else 100.0 * (1.0 - min_cosine_similarity),
+            eval_dataloader=heldout_batches if budget == "min_cosine_similarity" else None,
+            report=report,
+            **options,
+        )
+        if not chosen:
+            hint = " (a lower cosine similarity) or add sentences" if budget == "min_cosine_similarity" else ""
+            raise ValueError(
+                f"The budget cannot be met: no module can be compressed within {budget}={budgets[budget]!r}; "
+                f"loosen it{hint}."
+            )
+        compressed = compress_model(encoder, stats, method=method, ranks=chosen, calibration_info=calibration_info)
+    if heldout_batches:
+        report["heldout_cosine"] = _batches_cosine(encoder, compressed, heldout_batches, rows_fn)
+    report.update(calibration_sentences=len(calibration), heldout_sentences=len(heldout))
+    _set_encoder(new_transformer, compressed)
+    new._model_card_text = None  # the dense model's card describes another model: a new one is generated on save
+    new._drone_base_model = _base_model_name(model)
+    data = getattr(new, "model_card_data", None)
+    if data is not None and hasattr(data, "model_name"):
+        base = getattr(data, "base_model", None)
+        name = data.model_name or (f"SentenceTransformer based on {base}" if base else "SentenceTransformer")
+        data.model_name = f"{name}, compressed with drone_hf ({method})"
+    for name, module in new.named_modules():  # a new module (a factor) takes the mode of its closest known parent
+        parent = name
+        while parent and parent not in modes:
+            parent = parent.rpartition(".")[0]
+        module.training = modes[parent]
+    return new
+
+
+@torch.no_grad()
+def _batches_cosine(dense, compressed, batches, rows_fn) -> float:
+    from .calibration import model_inputs
+
+    dense.eval(), compressed.eval()  # the caller restores the modes it wants
+    cosines = []
+    for batch in batches:
+        a = rows_fn(dense(**model_inputs(dense, batch, next(dense.parameters()).device)), batch)[0]
+        b = rows_fn(compressed(**model_inputs(compressed, batch, next(compressed.parameters()).device)), batch)[0]
+        norms = np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+        cosines.append((a * b).sum(-1) / norms)
+    return float(np.concatenate(cosines).mean())
+
+
+def _base_model_name(model) -> str | None:
+    data = getattr(model, "model_card_data", None)
+    for name in (getattr(data, "base_model", None), getattr(data, "model_id", None)):
+        if name:
+            return str(name)
+    name = getattr(getattr(list(model._modules.values())[0].auto_model, "config", None), "_name_or_path", None)
+    return str(name) if name else None
+
+
+# --------------------------------------------------------------------------------------------- measurement
+
+
+def cosine_fidelity(reference, model, sentences: Sequence[str], *, batch_size: int = 32) -> float:
+    """Mean cosine similarity between `model.encode(sentences)` and `reference.encode(sentences)` (e.g. compressed
+    vs dense), in `[-1, 1]`."""
+    sentences = _check_sentences("sentences", sentences)
+    a = reference.encode(sentences, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False).float()
+    b = model.encode(sentences, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False).float()
+    return float(torch.nn.functional.cosine_similarity(a.cpu(), b.cpu(), dim=-1).mean())
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """Area under the ROC curve of `scores` for binary `labels` (1 = positive), ties counted half: the probability that
+    a random positive scores above a random negative (the Mann-Whitney statistic), in `[0, 1]`."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    if scores.shape != labels.shape or scores.ndim != 1:
+        raise ValueError(f"`scores` and `labels` must be 1-D of one length, got {scores.shape} and {labels.shape}.")
+    if not set(np.unique(labels).tolist()) <= {0, 1}:
+        raise ValueError(f"`labels` must be 0 or 1, got values {sorted(set(labels.tolist()))[:5]}.")
+    positives, negatives = int((labels == 1).sum()), int((labels == 0).sum())
+    if positives == 0 or negatives == 0:
+        raise ValueError(
+            f"`labels` need both classes for a ROC-AUC, got {positives} positives and {negatives} negatives."
+        )
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    start = 0
+    while start < len(scores):  # average ranks over ties
+        end = start
+        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return float((ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def pair_auc(model, first: Sequence[str], second: Sequence[str], labels: Sequence[int], *, batch_size: int = 32):
+    """ROC-AUC (in `[0, 1]`) of the cosine similarity of `model`'s embeddings of `first[i]` and `second[i]` for the
+    binary `labels` (1 = similar, e.g. MRPC paraphrase pairs)."""
+    a = model.encode(list(first), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False).float()
+    b = model.encode(list(second), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False).float()
+    cosine = torch.nn.functional.cosine_similarity(a.cpu(), b.cpu(), dim=-1).numpy()
+    return roc_auc(cosine, labels)
+
+
+def measure_encode_latency(
+    models: Mapping[str, Any], sentences: Sequence[str], *, batch_size: int = 32, repeats: int = 5, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds of `model.encode(sentences, batch_size=batch_size)` per model, timed round-robin in this process
+    (one call of each model per round) so that drift in machine load affects all models alike; quote the ratio
+    against the dense model timed in the same call."""
+    sentences = _check_sentences("sentences", sentences)
+    if repeats <= 0 or warmup < 0:
+        raise ValueError(f"`repeats` must be > 0 and `warmup` >= 0, got {repeats} and {warmup}.")
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for round_index in range(warmup + repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.encode(sentences, batch_size=batch_size, show_progress_bar=False)
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+# ------------------------------------------------------------------------------------------ model card and Hub
+
+
+def _fix_card(folder: Path, *, base_model: str | None = None, model_id: str | None = None, **card_kwargs) -> None:
+    """Adds (or refreshes) the DRONE section of `folder/README.md` and restores the sentence-transformers metadata
+    (`library_name`, `pipeline_tag`, tags) and the `import drone_hf` line in its usage snippet."""
+    from huggingface_hub import ModelCard
+
+    from .model_card import _atomic_write, create_or_update_model_card
+
+    tags = list(dict.fromkeys([*_ST_TAGS, *card_kwargs.pop("tags", ())]))
+    card = create_or_update_model_card(folder, base_model=base_model, model_id=model_id, tags=tags, **card_kwargs)
+    card = ModelCard(str(card))
+    card.data.library_name = "sentence-transformers"
+    card.data.pipeline_tag = "sentence-similarity"
+    if "import drone_hf" not in card.text.split("<!-- drone_hf:begin")[0]:
+        card.text = re.sub(
+            r"^from sentence_transformers import SentenceTransformer$",
+            "import drone_hf  # registers the compressed model type with transformers (pip install drone_hf)\n"
+            "from sentence_transformers import SentenceTransformer",
+            card.text,
+            count=1,
+            flags=re.MULTILINE,
+        )
+    _atomic_write(folder / "README.md", str(card))
+
+
+def _save_with_card(model, folder: Path, *, model_id: str | None, card_kwargs: Mapping | None, st_card: bool):
+    """Saves `model` into `folder` and writes its card: the sentence-transformers card plus the DRONE section, or,
+    with `st_card=False` (an existing README.md in `folder` to keep), only the DRONE section merged into it."""
+    card_kwargs = dict(card_kwargs or {})
+    base_model = card_kwargs.pop("base_model", None) or getattr(model, "_drone_base_model", None)
+    model.save(str(folder), model_name=model_id, create_model_card=st_card)
+    try:
+        _fix_card(folder, base_model=base_model, model_id=model_id, **card_kwargs)
+    except (ImportError, OSError, ValueError, TypeError) as error:
+        logger.warning(f"Saved {folder} without the DRONE section of its model card: {error}")
+
+
+def push_sentence_transformer_to_hub(
+    model,
+    repo_id: str,
+    *,
+    private: bool | None = True,
+    commit_message: str | None = None,
+    token: str | bool | None = None,
+    trust_remote_code_export: bool = False,
+    card_kwargs: Mapping[str, Any] | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_description: str | None = None,
+    tags: Sequence[str] | str | None = None,
+    replace_model_card: bool = False,
+) -> str:
+    r"""
+    Uploads a compressed `SentenceTransformer` in one commit: the whole sentence-transformers folder (`modules.json`,
+    pooling, tokenizer, the DRONE checkpoint in its root) and its model card. [`push_compressed_to_hub`] calls this
+    for a `SentenceTransformer`, and so does the compressed model's `push_to_hub`.
+
+    An existing `README.md` in the repo is kept and the DRONE section merged into it (unless `replace_model_card`);
+    otherwise the card is the sentence-transformers card plus the DRONE section. Stale weight shards (and, without
+    `trust_remote_code_export`, modelling files) in the repo are deleted in the same commit.
+
+    Args:
+        model (`SentenceTransformer`): From [`compress_sentence_transformer`], or reloaded from its folder.
+        repo_id, private, commit_message, token, trust_remote_code_export, card_kwargs, revision, create_pr,
+        commit_description, tags: As in [`push_compressed_to_hub`].
+        replace_model_card (`bool`, *optional*, defaults to `False`): Write a new card even if the repo has one.
+
+    Returns:
+        `str`: the URL of the commit (of the pull request with `create_pr=True`).
+    """
+    from .hub import _api, _download_readme, _remote_code_export, _upload
+
+    transformer = _transformer_module(model)
+    encoder = transformer.auto_model
+    if not str(getattr(encoder.config, "model_type", "")).startswith("drone_"):
+        raise TypeError(
+            "`model` must be a compressed SentenceTransformer (from compress_sentence_transformer), got one whose "
+            f"encoder is {type(encoder).__name__} (model_type {encoder.config.model_type!r})."
+        )
+    api = _api()
+    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    card_kwargs = dict(card_kwargs or {})
+    extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
+    card_kwargs["tags"] = list(dict.fromkeys([*card_kwargs.get("tags", ()), *(encoder.model_tags or ()), *extra_tags]))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / repo_id.split("/")[-1]
+        folder.mkdir()
+        remote_readme = None if replace_model_card else _download_readme(api, repo_id, token, revision)
+        if remote_readme is not None:
+            shutil.copyfile(remote_readme, folder / "README.md")
+        with _remote_code_export(encoder, trust_remote_code_export):
+            _save_with_card(model, folder, model_id=repo_id, card_kwargs=card_kwargs, st_card=remote_readme is None)
+        return _upload(
+            api,
+            folder,
+            repo_id,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message or "Upload DRONE-compressed SentenceTransformer",
+            commit_description=commit_description,
+            trust_remote_code_export=trust_remote_code_export,
+        )
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _drone_sentence_transformer_class(base: type) -> type:
+    """`DroneSentenceTransformer`: `base` (a `SentenceTransformer` class) whose saved model card also has the DRONE
+    section and whose `push_to_hub` goes through [`push_compressed_to_hub`]. Made on first use, so that this module
+    does not import sentence-transformers."""
+    if getattr(base, "_is_drone_sentence_transformer", False):
+        return base
+    if base in _CLASSES:
+        return _CLASSES[base]
+
+    def _create_model_card(self, path, model_name=None, train_datasets="deprecated"):
+        base._create_model_card(self, path, model_name, train_datasets)
+        if (Path(path) / "README.md").is_file():
+            try:
+                _fix_card(Path(path), base_model=getattr(self, "_drone_base_model", None))
+            except (ImportError, OSError, ValueError, TypeError) as error:
+                logger.warning(f"Saved {path} without the DRONE section of its model card: {error}")
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        token: str | None = None,
+        private: bool | None = None,
+        safe_serialization: bool = True,
+        commit_message: str | None = None,
+        local_model_path: str | None = None,
+        exist_ok: bool = False,
+        replace_model_card: bool = False,
+        train_datasets: list[str] | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        **kwargs,
+    ) -> str:
+        """Uploads the compressed model with [`drone_hf.push_compressed_to_hub`] (same card as `save`); returns the
+        commit URL. `local_model_path` uploads that folder as it is (sentence-transformers' own path);
+        `safe_serialization`, `exist_ok` and `train_datasets` are accepted for compatibility (the weights are always
+        safetensors and an existing repo is updated)."""
+        if local_model_path:
+            return base.push_to_hub(
+                self,
+                repo_id,
+                token=token,
+                private=private,
+                commit_message=commit_message,
+                local_model_path=local_model_path,
+                exist_ok=True,
+                revision=revision,
+                create_pr=create_pr,
+            )
+        return push_sentence_transformer_to_hub(
+            self,
+            repo_id,
+            token=token,
+            private=private,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+            replace_model_card=replace_model_card,
+            **kwargs,
+        )
+
+    cls = type(
+        "DroneSentenceTransformer",
+        (base,),
+        {
+            "__module__": __name__,
+            "__doc__": "A `SentenceTransformer` whose encoder was compressed by "
+            "`drone_hf.compress_sentence_transformer` (saved cards carry the DRONE section; `push_to_hub` uses "
+            "`drone_hf.push_compressed_to_hub`).",
+            "_is_drone_sentence_transformer": True,
+            "_create_model_card": _create_model_card,
+            "push_to_hub": push_to_hub,
+        },
+    )
+    _CLASSES[base] = cls
+    return cls
+
+
+def __getattr__(name: str):
+    if name == "DroneSentenceTransformer":  # pickling and `from ... import` of the class made on demand
+        return _drone_sentence_transformer_class(_require_sentence_transformers().SentenceTransformer)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "MIN_HELDOUT_SENTENCES",
+    "compress_sentence_transformer",
+    "cosine_fidelity",
+    "is_sentence_transformer",
+    "measure_encode_latency",
+    "pair_auc",
+    "push_sentence_transformer_to_hub",
+    "roc_auc",
+    "sentence_batches",
+    "sentence_embedding_rows",
+    "split_heldout",
+]

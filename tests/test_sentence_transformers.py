@@ -1,0 +1,486 @@
+"""`compress_sentence_transformer` on tiny random sentence-transformers models (BERT + mean pooling + Normalize,
+MPNet + CLS pooling + Dense + Normalize): reload with `SentenceTransformer(folder)`, `AutoModel` on the folder, the
+input left alone, every budget kind, bad input, the Hub upload (mocked) and the CLI; plus one slow test on
+all-MiniLM-L6-v2 with SST-2 sentences."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoModel, BertModel, MPNetModel
+
+import drone_hf
+from drone_hf.cli import main
+from drone_hf.hub import BEGIN_MARKER, REMOTE_CODE_FILES
+from drone_hf.profiling import flop_speedup_bound
+
+from .test_hub import _FakeHub
+from .testing_utils import (
+    SHARED_GLUE,
+    minilm_path,
+    requires_shared_glue,
+    tiny_config,
+    tiny_tokenizer,
+    torch_threads,
+)
+
+
+sentence_transformers = pytest.importorskip("sentence_transformers")
+from sentence_transformers import SentenceTransformer  # noqa: E402
+from sentence_transformers.base.modules import Dense, Normalize, Transformer  # noqa: E402
+from sentence_transformers.sentence_transformer.modules import Pooling  # noqa: E402
+
+from drone_hf.sentence_embeddings import (  # noqa: E402
+    MIN_HELDOUT_SENTENCES,
+    cosine_fidelity,
+    pair_auc,
+    roc_auc,
+    sentence_batches,
+    sentence_embedding_rows,
+    split_heldout,
+)
+
+
+FAMILIES = {"bert": BertModel, "mpnet": MPNetModel}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny models gain nothing from more, and on a busy machine extra threads make every small op
+    wait (on a loaded 2-core machine the MiniLM test's compression took about 5 min with one thread and had not
+    finished after 13 with two)."""
+    with torch_threads(1):
+        yield
+
+
+def _sentences(count: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(f"w{i}" for i in rng.integers(5, 99, rng.integers(3, 14))) for _ in range(count)]
+
+
+SENTENCES = _sentences(128)
+HELDOUT = _sentences(48, seed=1)
+
+
+def _build(root, model_type: str) -> SentenceTransformer:
+    """A tiny random SentenceTransformer saved to and reloaded from `root / "dense"`: BERT with mean pooling and
+    Normalize, MPNet with CLS pooling, a Dense layer and Normalize."""
+    torch.manual_seed(0)
+    FAMILIES[model_type](tiny_config(model_type, pad_token_id=0)).save_pretrained(root / "encoder")
+    tiny_tokenizer().save_pretrained(root / "encoder")
+    transformer = Transformer(str(root / "encoder"), max_seq_length=32)
+    if model_type == "bert":
+        modules = [transformer, Pooling(32, "mean"), Normalize()]
+    else:
+        modules = [transformer, Pooling(32, "cls"), Dense(32, 16), Normalize()]
+    SentenceTransformer(modules=modules).save(str(root / "dense"))
+    return SentenceTransformer(str(root / "dense"))
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def dense(request, tmp_path_factory):
+    return _build(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.fixture(scope="module")
+def bert_dense(tmp_path_factory):
+    return _build(tmp_path_factory.mktemp("bert"), "bert")
+
+
+@pytest.fixture(scope="module")
+def bert_small(bert_dense):
+    return drone_hf.compress_sentence_transformer(bert_dense, SENTENCES, rank=8)
+
+
+def _encode(model, sentences=SENTENCES) -> np.ndarray:
+    return model.encode(sentences, batch_size=16, show_progress_bar=False)
+
+
+# ----------------------------------------------------------------------------------------------- save and reload
+
+
+def test_save_reloads_identically_with_sentence_transformer(dense, tmp_path):
+    small = drone_hf.compress_sentence_transformer(dense, SENTENCES, rank=8)
+    assert isinstance(small, SentenceTransformer) and small is not dense
+    family = dense[0].auto_model.config.model_type
+    assert small[0].auto_model.config.model_type == f"drone_{family}" and small[0].auto_model.drone_modules()
+    small.save(str(tmp_path / "small"))
+    files = {p.relative_to(tmp_path / "small").as_posix() for p in (tmp_path / "small").rglob("*") if p.is_file()}
+    assert {"modules.json", "config.json", "model.safetensors", "README.md", "1_Pooling/config.json"} <= files
+    assert {"sentence_bert_config.json", "config_sentence_transformers.json", "tokenizer_config.json"} <= files
+    reloaded = SentenceTransformer(str(tmp_path / "small"))
+    assert type(reloaded[0].auto_model) is type(small[0].auto_model)
+    assert [type(m).__name__ for m in reloaded] == [type(m).__name__ for m in dense]
+    assert np.array_equal(_encode(reloaded), _encode(small))
+    assert not np.allclose(_encode(reloaded), _encode(dense), atol=1e-6)  # the compression did something
+    small.save_pretrained(str(tmp_path / "again"))  # sentence-transformers' alias
+    assert np.array_equal(_encode(SentenceTransformer(str(tmp_path / "again"))), _encode(small))
+
+
+def test_auto_model_on_the_folder_is_the_compressed_encoder(bert_small, tmp_path):
+    bert_small.save(str(tmp_path / "small"))
+    encoder = AutoModel.from_pretrained(tmp_path / "small")
+    expected = bert_small[0].auto_model
+    assert type(encoder) is type(expected) and type(encoder).__name__ == "DroneBertModel"
+    assert encoder.config.drone_ranks == expected.config.drone_ranks
+    batch = {k: v for k, v in sentence_batches(bert_small, SENTENCES[:8])[0].items() if isinstance(v, torch.Tensor)}
+    with torch.no_grad():
+        assert torch.equal(encoder(**batch).last_hidden_state, expected.eval()(**batch).last_hidden_state)
+
+
+def test_model_card_is_a_sentence_transformers_card_with_the_drone_section(bert_small, tmp_path):
+    bert_small.save(str(tmp_path / "small"))
+    card = ModelCard.load(tmp_path / "small" / "README.md")
+    assert card.data.library_name == "sentence-transformers" and card.data.pipeline_tag == "sentence-similarity"
+    assert {"sentence-transformers", "drone_hf", "low-rank"} <= set(card.data.tags)
+    assert card.text.count(BEGIN_MARKER) == 1 and "## Ranks per module" in card.text
+    usage = card.text.split(BEGIN_MARKER)[0]
+    assert "import drone_hf" in usage and "from sentence_transformers import SentenceTransformer" in usage
+    assert "compressed with drone_hf (drone)" in card.text  # the title says what the model is
+    bert_small.save(str(tmp_path / "small"))  # saving again keeps one DRONE section
+    assert (tmp_path / "small" / "README.md").read_text().count(BEGIN_MARKER) == 1
+
+
+def test_embedding_rows_match_encode(dense):
+    """The allocation scores exactly what `encode()` returns (pooling of any mode, Dense, Normalize)."""
+    rows = sentence_embedding_rows(dense)
+    encoder = dense[0].auto_model.eval()
+    got, order = [], sorted(range(len(SENTENCES)), key=lambda i: len(SENTENCES[i]))
+    for batch in sentence_batches(dense, SENTENCES, batch_size=16):
+        inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        with torch.no_grad():
+            got.append(rows(encoder(**inputs), batch)[0])
+    np.testing.assert_allclose(np.concatenate(got), _encode(dense, [SENTENCES[i] for i in order]), atol=1e-5)
+
+
+def test_input_is_untouched(bert_dense):
+    was_training = bert_dense.training
+    model = bert_dense.train()
+    model[0].auto_model.encoder.layer[1].eval()  # mixed modes are kept too
+    handle = model[0].auto_model.encoder.layer[0].register_forward_hook(lambda *args: None)
+    try:
+        encoder = model[0].auto_model
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        modes = {name: m.training for name, m in model.named_modules()}
+        hooks = {name: list(m._forward_hooks) for name, m in model.named_modules()}
+        small = drone_hf.compress_sentence_transformer(model, SENTENCES, target_speedup=1.5)
+        assert model[0].auto_model is encoder and type(encoder) is BertModel
+        assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()) and state.keys() == (
+            model.state_dict().keys()
+        )
+        assert {name: m.training for name, m in model.named_modules()} == modes
+        assert {name: list(m._forward_hooks) for name, m in model.named_modules()} == hooks
+        copied = {name: m.training for name, m in small.named_modules() if name in modes}
+        assert copied == {name: modes[name] for name in copied} and len(copied) > 10  # the copy keeps the modes
+        assert small[0].auto_model.training and small[0].auto_model.drone_modules()
+        assert not any(m.training for m in small[0].auto_model.encoder.layer[1].modules())  # factors included
+    finally:
+        handle.remove()
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------------- budgets
+
+
+def test_target_speedup_meets_the_flop_target(bert_dense):
+    small = drone_hf.compress_sentence_transformer(bert_dense, SENTENCES, target_speedup=1.5)
+    assert flop_speedup_bound(bert_dense[0].auto_model.config, small[0].auto_model.config, 128) >= 1.5
+
+
+def test_param_ratio_keeps_that_share_of_encoder_linear_weights(bert_dense):
+    small = drone_hf.compress_sentence_transformer(bert_dense, SENTENCES, param_ratio=0.5, method="svd")
+    dense_params = sum(p.numel() for p in bert_dense[0].auto_model.encoder.parameters())
+    small_params = sum(p.numel() for p in small[0].auto_model.encoder.parameters())
+    assert small_params < 0.75 * dense_params and small[0].auto_model.config.drone_method == "svd"
+
+
+def test_ranks_by_pattern(bert_dense):
+    small = drone_hf.compress_sentence_transformer(
+        bert_dense, SENTENCES, ranks={"re:.*intermediate.dense": 8}, method="drone-bc"
+    )
+    assert small[0].auto_model.config.drone_ranks == {f"encoder.layer.{i}.intermediate.dense": 8 for i in range(2)}
+
+
+@pytest.mark.parametrize("floor", [0.999, 0.99999])
+def test_min_cosine_similarity_holds_on_the_heldout_sentences(dense, floor):
+    report: dict = {}
+    small = drone_hf.compress_sentence_transformer(
+        dense, SENTENCES, min_cosine_similarity=floor, heldout_sentences=HELDOUT, allocation_report=report
+    )
+    assert report["budget"] == "max_accuracy_drop" and report["heldout_kind"] == "embedding"
+    assert report["value"] == pytest.approx(100 * (1 - floor))
+    assert report["heldout_drop"] + report["heldout_standard_error"] <= 100 * (1 - floor) + 1e-9  # the joint check
+    assert report["heldout_cosine"] == pytest.approx(1 - report["heldout_drop"] / 100, abs=1e-6)
+    assert cosine_fidelity(dense, small, HELDOUT) >= floor  # what encode() gives
+    assert small[0].auto_model.drone_modules()
+
+
+def test_min_cosine_similarity_carves_heldout_sentences_from_the_input(bert_dense):
+    report: dict = {}
+    drone_hf.compress_sentence_transformer(
+        bert_dense, SENTENCES, min_cosine_similarity=0.999, allocation_report=report
+    )
+    calibration, heldout = split_heldout(SENTENCES)
+    assert len(heldout) == len(SENTENCES) // 4 >= MIN_HELDOUT_SENTENCES and not set(heldout) & set(calibration)
+    assert report["heldout_sentences"] == len(heldout) and report["calibration_sentences"] == len(calibration)
+    assert report["heldout_examples"] == len(heldout)
+
+
+def test_a_cosine_budget_no_compression_meets_is_refused(bert_dense):
+    with pytest.raises(ValueError, match=r"budget cannot be met.*min_cosine_similarity=1\.0"):
+        drone_hf.compress_sentence_transformer(bert_dense, SENTENCES, min_cosine_similarity=1.0)
+
+
+# -------------------------------------------------------------------------------------------------- bad input
+
+
+def _static_embedding_model():
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    from transformers import BertTokenizerFast
+
+    tokenizer = BertTokenizerFast(vocab=tiny_tokenizer().get_vocab())
+    return SentenceTransformer(modules=[StaticEmbedding(tokenizer.backend_tokenizer, embedding_dim=8)])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"sentences": []}, ValueError, r"`sentences` is empty"),
+        ({"sentences": "w5 w6 w7"}, TypeError, r"`sentences` must be a list of strings.*got str 'w5 w6 w7'"),
+        ({"sentences": ["w5 w6", 3]}, TypeError, r"`sentences\[1\]` must be a str, got int 3"),
+        ({"sentences": ["w5 w6", " "]}, ValueError, r"`sentences\[1\]` is an empty string ' '"),
+        ({"heldout_sentences": ["w5", None], "min_cosine_similarity": 0.9}, TypeError, r"heldout_sentences\[1\]"),
+        ({"target_speedup": 0.9}, ValueError, r"`target_speedup` must be a number > 1.*got 0\.9"),
+        ({"target_speedup": "2"}, ValueError, r"`target_speedup` must be a number > 1.*got '2'"),
+        ({"param_ratio": 1.5}, ValueError, r"`param_ratio` must be a number in \(0, 1\).*got 1\.5"),
+        ({"rank": 0}, ValueError, r"`rank` must be a positive int.*got 0"),
+        (
+            {"rank": 40},
+            ValueError,
+            r"Rank for `encoder.layer.0.attention.self.query` \(32x32\) must be an int in \[1, 31\], got 40",
+        ),
+        ({"ranks": [8]}, TypeError, r"`ranks` must be a dict"),
+        ({"min_cosine_similarity": 0}, ValueError, r"`min_cosine_similarity` must be a number in \(0, 1\].*got 0"),
+        ({"min_cosine_similarity": 1.2}, ValueError, r"`min_cosine_similarity` must be a number in \(0, 1\].*1\.2"),
+        ({"min_cosine_similarity": 98}, ValueError, r"`min_cosine_similarity` must be a number in \(0, 1\].*got 98"),
+        ({"min_cosine_similarity": True}, ValueError, r"`min_cosine_similarity` must be a number.*got True"),
+        ({"min_cosine_similarity": float("nan")}, ValueError, r"`min_cosine_similarity` must be a number.*nan"),
+        ({}, ValueError, r"Pass exactly one budget of \['rank', .*'min_cosine_similarity'\], got none"),
+        (
+            {"rank": 8, "min_cosine_similarity": 0.98},
+            ValueError,
+            r"exactly one budget.*got \['rank', 'min_cosine_similarity'\] \(rank=8, min_cosine_similarity=0\.98\)",
+        ),
+        ({"target_speedup": 1.5, "param_ratio": 0.5}, ValueError, r"got \['target_speedup', 'param_ratio'\]"),
+        (
+            {"sentences": SENTENCES[:100], "min_cosine_similarity": 0.98},
+            ValueError,
+            r"needs at least 32 held-out sentences.*`sentences` has 100, of which a quarter, 25\. Pass at least 128",
+        ),
+        (
+            {"heldout_sentences": HELDOUT[:10], "min_cosine_similarity": 0.98},
+            ValueError,
+            r"needs at least 32 held-out sentences.*`heldout_sentences` has 10",
+        ),
+        ({"rank": 8, "method": "pca"}, ValueError, r"`method` must be one of \[.*'drone'.*\], got 'pca'"),
+        ({"rank": 8, "batch_size": 0}, ValueError, r"`batch_size` must be a positive int, got 0"),
+    ],
+)
+def test_bad_arguments_are_refused_clearly(bert_dense, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        drone_hf.compress_sentence_transformer(bert_dense, **{"sentences": SENTENCES, **kwargs})
+
+
+def test_a_model_without_a_transformer_first_module_is_refused():
+    match = r"`model\[0\]` must be a sentence-transformers `Transformer`.*got StaticEmbedding"
+    with pytest.raises(TypeError, match=match):
+        drone_hf.compress_sentence_transformer(_static_embedding_model(), SENTENCES, rank=8)
+
+
+def test_a_model_that_is_not_a_sentence_transformer_is_refused(bert_dense):
+    with pytest.raises(TypeError, match=r"`model` must be a sentence_transformers\.SentenceTransformer.*BertModel"):
+        drone_hf.compress_sentence_transformer(bert_dense[0].auto_model, SENTENCES, rank=8)
+
+
+def test_missing_sentence_transformers_names_the_extra(bert_dense, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)
+    with pytest.raises(ImportError, match=r"pip install 'drone_hf\[sentence-transformers\]'"):
+        drone_hf.compress_sentence_transformer(bert_dense, SENTENCES, rank=8)
+
+
+def test_importing_drone_hf_does_not_import_sentence_transformers():
+    code = (
+        "import sys, drone_hf\ndrone_hf.compress_sentence_transformer\nprint('sentence_transformers' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------------------------ Hub (mocked)
+
+
+@pytest.mark.parametrize("export", [False, True])
+def test_push_uploads_the_sentence_transformers_folder(bert_small, export):
+    with _FakeHub() as hub:
+        url = drone_hf.push_compressed_to_hub(bert_small, "me/tiny-st-drone", trust_remote_code_export=export)
+    assert url == "https://huggingface.co/me/tiny-st-drone/commit/abc123"
+    assert hub.created == [("me/tiny-st-drone", {"private": True, "token": None, "exist_ok": True})]
+    (upload,) = hub.uploads
+    files = set(upload["files"])
+    assert {"modules.json", "1_Pooling/config.json", "2_Normalize/config.json"} <= files
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer_config.json"} <= files
+    assert (set(REMOTE_CODE_FILES) <= files) is export
+    assert ('"auto_map"' in upload["files"]["config.json"].decode()) is export
+    assert "model*.safetensors" in upload["delete_patterns"]
+    card = ModelCard(upload["files"]["README.md"].decode())
+    assert card.data.library_name == "sentence-transformers" and "drone_hf" in card.data.tags
+    assert 'SentenceTransformer("me/tiny-st-drone")' in card.text and "import drone_hf" in card.text
+    assert 'from_pretrained("me/tiny-st-drone")' in card.text
+    assert "auto_map" not in bert_small[0].auto_model.config.to_dict()  # the export was for one save only
+
+
+def test_model_push_to_hub_uses_the_same_path(bert_small):
+    with _FakeHub() as hub:
+        url = bert_small.push_to_hub("tiny-st-drone", commit_message="first upload")
+    assert url.endswith("/commit/abc123")
+    assert hub.created == [("tiny-st-drone", {"private": None, "token": None, "exist_ok": True})]
+    (upload,) = hub.uploads
+    assert upload["repo_id"] == "me/tiny-st-drone" and upload["commit_message"] == "first upload"
+    assert "modules.json" in upload["files"]
+    assert "drone_hf" in ModelCard(upload["files"]["README.md"].decode()).data.tags
+
+
+def test_push_of_a_reloaded_model_merges_the_remote_readme(bert_small, tmp_path):
+    bert_small.save(str(tmp_path / "small"))
+    reloaded = SentenceTransformer(str(tmp_path / "small"))  # a plain SentenceTransformer now
+    remote = tmp_path / "remote_README.md"
+    remote.write_text("---\nlicense: mit\n---\n\n# My embedder\n\nWritten on the Hub.\n")
+    with _FakeHub(remote_readme=str(remote)) as hub:
+        drone_hf.push_compressed_to_hub(reloaded, "me/tiny-st-drone")
+    card = ModelCard(hub.uploads[0]["files"]["README.md"].decode())
+    assert card.data.license == "mit" and card.data.library_name == "sentence-transformers"
+    assert "Written on the Hub." in card.text and card.text.count(BEGIN_MARKER) == 1
+
+
+def test_push_refuses_a_dense_sentence_transformer(bert_dense):
+    with pytest.raises(TypeError, match=r"must be a compressed SentenceTransformer.*BertModel"):
+        drone_hf.push_compressed_to_hub(bert_dense, "me/x")
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def sentences_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "sentences.txt"
+    path.write_text("\n".join(SENTENCES[:64] + ["", "   "] + SENTENCES[64:]) + "\n")  # blank lines are skipped
+    return path
+
+
+@pytest.mark.parametrize("budget", [["--rank", "8"], ["--min-cosine-similarity", "0.999", "--refine-steps", "4"]])
+def test_cli_compress_embeddings(bert_dense, sentences_file, tmp_path, capsys, budget):
+    bert_dense.save(str(tmp_path / "dense"))
+    argv = ["compress-embeddings", "--model", str(tmp_path / "dense"), "--sentences", str(sentences_file)]
+    assert main([*argv, *budget, "--latency-repeats", "1", "--output", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "| model | cosine to dense (held-out) |" in printed and "| dense | 1.0000 |" in printed
+    assert "| drone | " in printed and "Cosine: mean over 32 held-out sentences" in printed
+    results = json.loads((tmp_path / "out" / "drone_results.json").read_text())
+    assert results["calibration_sentences"] == 96 and results["heldout_sentences"] == 32
+    if budget[0] == "--min-cosine-similarity":
+        assert results["results"]["drone"]["heldout_cosine"] >= 0.999 and "Allocation:" in printed
+    reloaded = SentenceTransformer(str(tmp_path / "out"))
+    assert type(reloaded[0].auto_model).__name__ == "DroneBertModel"
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data["drone_hf"]["speed"]["setting"].startswith("encode() of 128 sentences, batch 32")
+
+
+def test_cli_compress_embeddings_scores_labelled_pairs(bert_dense, sentences_file, tmp_path, capsys):
+    """`--eval-pairs` with a GLUE MRPC-layout file: ROC-AUC of the cosine similarity, dense and compressed, equal to
+    what `pair_auc` gives on the saved model."""
+    pairs = tmp_path / "dev.tsv"
+    lines = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+    lines += [f"{i % 2}\t{i}\t{i + 100}\t{SENTENCES[i]}\t{SENTENCES[i + 1 if i % 2 else i + 40]}" for i in range(40)]
+    pairs.write_text("\n".join(lines) + "\n")
+    bert_dense.save(str(tmp_path / "dense"))
+    argv = ["compress-embeddings", "--model", str(tmp_path / "dense"), "--sentences", str(sentences_file)]
+    argv += ["--rank", "4", "--eval-pairs", str(pairs), "--latency-repeats", "1", "--output", str(tmp_path / "out")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "out" / "drone_results.json").read_text())["results"]
+    first = [SENTENCES[i] for i in range(40)]
+    second = [SENTENCES[i + 1 if i % 2 else i + 40] for i in range(40)]
+    labels = [i % 2 for i in range(40)]
+    expected = 100 * pair_auc(SentenceTransformer(str(tmp_path / "out")), first, second, labels)
+    assert results["drone"]["pair_auc"] == pytest.approx(expected, abs=1e-9)
+    assert results["dense"]["pair_auc"] == pytest.approx(100 * pair_auc(bert_dense, first, second, labels))
+    assert "| model | cosine to dense (held-out) | pair ROC-AUC |" in printed and "Pair ROC-AUC: 40 pairs" in printed
+
+
+def test_roc_auc_matches_the_pairwise_definition():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scores, labels = rng.integers(0, 4, 30).astype(float), rng.integers(0, 2, 30)
+        labels[:2] = [0, 1]
+        pos, neg = scores[labels == 1], scores[labels == 0]
+        expected = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (
+            len(pos) * len(neg)
+        )
+        assert roc_auc(scores, labels) == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="need both classes"):
+        roc_auc([0.1, 0.2], [1, 1])
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        roc_auc([0.1, 0.2], [0, 2])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--min-cosine-similarity", "1.5"], r"`min_cosine_similarity` must be a number in \(0, 1\].*got 1\.5"),
+        (["--rank", "8", "--sentences", "/nonexistent.txt"], r"`--sentences` '/nonexistent.txt' is not a file"),
+        (["--rank", "8", "--eval-pairs", "/nonexistent.tsv"], r"`--eval-pairs` '/nonexistent.tsv' is not a file"),
+        (["--rank", "8", "--eval-pairs", "BAD_PAIRS"], r"`--eval-pairs` .* line 2: the label must be 0 or 1, got 3"),
+    ],
+)
+def test_cli_compress_embeddings_errors(bert_dense, sentences_file, tmp_path, capsys, args, message):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sentence1\tsentence2\tlabel\na\tb\t3\n")
+    args = [str(bad) if a == "BAD_PAIRS" else a for a in args]
+    bert_dense.save(str(tmp_path / "dense"))
+    argv = ["compress-embeddings", "--model", str(tmp_path / "dense"), "--sentences", str(sentences_file)]
+    assert main([*argv, *args, "--output", str(tmp_path / "out")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------- real all-MiniLM-L6-v2
+
+
+@pytest.mark.slow
+@requires_shared_glue("SST-2")
+def test_minilm_cosine_budget_holds_and_reloads(tmp_path):
+    with open(SHARED_GLUE / "SST-2" / "train.tsv", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+    picked = np.random.default_rng(0).permutation(len(rows))[:256]
+    sentences = [rows[i][0].strip() for i in picked]
+    model = SentenceTransformer(minilm_path())
+    report: dict = {}
+    small = drone_hf.compress_sentence_transformer(
+        model, sentences, min_cosine_similarity=0.98, allocation_report=report
+    )
+    _, heldout = split_heldout(sentences)
+    assert len(heldout) == 64 and report["heldout_sentences"] == 64
+    assert cosine_fidelity(model, small, heldout) >= 0.98
+    assert flop_speedup_bound(model[0].auto_model.config, small[0].auto_model.config, 128) > 1.0
+    small.save(str(tmp_path / "minilm-drone"))
+    reloaded = SentenceTransformer(str(tmp_path / "minilm-drone"))
+    assert [type(m).__name__ for m in reloaded] == ["Transformer", "Pooling", "Normalize"]
+    assert np.array_equal(_encode(reloaded, sentences), _encode(small, sentences))
