@@ -178,7 +178,7 @@ def _read_pairs(path: str) -> tuple[list[str], list[str], list[int]]:
     first, second, labels = [], [], []
     for number, row in enumerate(body, start=2 if body is not rows else 1):
         try:
-            label = int(float(row[columns[2]]))
+            label = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}.get(row[columns[2]].strip(), row[columns[2]].strip())
             first.append(row[columns[0]])
             second.append(row[columns[1]])
         except (IndexError, ValueError) as error:
@@ -186,7 +186,7 @@ def _read_pairs(path: str) -> tuple[list[str], list[str], list[int]]:
                 f"`--eval-pairs` {path!r} line {number}: expected sentence1, sentence2 and a 0/1 label, got {row!r}."
             ) from error
         if label not in (0, 1):
-            raise ValueError(f"`--eval-pairs` {path!r} line {number}: the label must be 0 or 1, got {label}.")
+            raise ValueError(f"`--eval-pairs` {path!r} line {number}: the label must be 0 or 1, got {label!r}.")
         labels.append(label)
     return first, second, labels
 
@@ -207,6 +207,7 @@ def _compress_embeddings(args) -> int:
 
     from .profiling import checkpoint_size_mb, count_parameters, cpu_name, flop_speedup_bound
     from .sentence_embeddings import (
+        MIN_HELDOUT_SENTENCES,
         _fix_card,
         _require_sentence_transformers,
         compress_sentence_transformer,
@@ -216,13 +217,22 @@ def _compress_embeddings(args) -> int:
         split_heldout,
     )
 
+    if args.latency_repeats < 1:
+        raise ValueError(f"`--latency-repeats` must be at least 1, got {args.latency_repeats}.")
     sentences = _read_sentences(args.sentences, "--sentences")
     if args.heldout_sentences:
         calibration, heldout = sentences, _read_sentences(args.heldout_sentences, "--heldout-sentences")
+        source = f"`--heldout-sentences` has {len(heldout)} lines"
     else:
         calibration, heldout = split_heldout(sentences)
-        if not heldout:
-            raise ValueError(f"`--sentences` has {len(sentences)} lines: too few to hold a quarter out; pass more.")
+        source = f"`--sentences` has {len(sentences)} lines, of which a quarter ({len(heldout)}) are held out"
+    needed = MIN_HELDOUT_SENTENCES if args.min_cosine_similarity is not None else 1
+    if len(heldout) < needed:
+        raise ValueError(
+            f"Too few held-out sentences: {source}; at least {needed} are needed"
+            + (" for `--min-cosine-similarity`" if needed > 1 else "")
+            + f". Pass `--sentences` with {4 * needed} or more lines, or `--heldout-sentences` with {needed} or more."
+        )
     pairs = _read_pairs(args.eval_pairs) if args.eval_pairs else None
     try:
         sentence_transformers = _require_sentence_transformers()
@@ -230,6 +240,10 @@ def _compress_embeddings(args) -> int:
         print(f"drone-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
     model = sentence_transformers.SentenceTransformer(args.model)
+    if model.device.type == "cuda":
+        hardware = f"GPU {torch.cuda.get_device_name(model.device)}"
+    else:
+        hardware = f"{model.device.type.upper()} {cpu_name()} ({torch.get_num_threads()} threads)"
     report: dict = {}
     started = time.perf_counter()
     small = compress_sentence_transformer(
@@ -273,7 +287,7 @@ def _compress_embeddings(args) -> int:
     speed = {
         "speedup": results[args.method]["speedup"],
         "flop_bound": results[args.method]["flop_bound"],
-        "hardware": f"{cpu_name()} ({torch.get_num_threads()} threads)",
+        "hardware": hardware,
         "setting": f"encode() of {len(timing)} sentences, batch 32",
     }
     _fix_card(Path(args.output), base_model=getattr(small, "_drone_base_model", None), speed=speed)
@@ -313,8 +327,14 @@ def _compress_embeddings(args) -> int:
         ]
         print("| " + " | ".join(cells) + " |")
     print(
-        f"\nCosine: mean over {len(heldout)} held-out sentences (not calibrated on). encode(): {len(timing)} "
-        f"sentences, batch 32, CPU, {torch.get_num_threads()} threads, median of {args.latency_repeats} round-robin "
+        f"\nCosine: mean over {len(heldout)} held-out sentences (not calibrated on"
+        + (
+            "; the budget was checked on them, so pass --heldout-sentences twice-removed text for an unbiased number"
+            if args.min_cosine_similarity is not None
+            else ""
+        )
+        + f"). encode(): {len(timing)} "
+        f"sentences, batch 32, {hardware}, median of {args.latency_repeats} round-robin "
         f"runs in this process. FLOP bound: multiply-adds of one {seq_len}-token sequence."
     )
     if pairs:

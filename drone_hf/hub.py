@@ -233,12 +233,25 @@ def push_compressed_to_hub(
 
 
 def _upload(
-    api, folder, repo_id, *, token, revision, create_pr, commit_message, commit_description, trust_remote_code_export
+    api,
+    folder,
+    repo_id,
+    *,
+    token,
+    revision,
+    create_pr,
+    commit_message,
+    commit_description,
+    trust_remote_code_export,
+    stale=(),
 ) -> str:
     """One commit of `folder` to `repo_id` that also deletes stale weight shards (and, without
-    `trust_remote_code_export`, modelling files) left in the repo; returns the commit (or pull request) URL."""
+    `trust_remote_code_export`, modelling files; and the `stale` patterns) left in the repo; returns the commit (or
+    pull request) URL."""
     # modeling_drone_bert.py: the remote-code file of drone_hf 0.1 exports, superseded by modeling_drone.py.
-    stale = ["model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "modeling_drone_bert.py"]
+    stale = ["model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "modeling_drone_bert.py"] + [
+        *stale
+    ]
     if not trust_remote_code_export:
         stale += list(REMOTE_CODE_FILES)
     info = api.upload_folder(

@@ -137,6 +137,13 @@ def _transformer_module(model):
         )
     if getattr(first, "backend", "torch") != "torch":
         raise ValueError(f"`model` must use the 'torch' backend to be compressed, got backend={first.backend!r}.")
+    text = (getattr(first, "modality_config", None) or {}).get("text") or {}
+    if text and (text.get("method"), text.get("method_output_name")) != ("forward", "last_hidden_state"):
+        # The held-out scoring feeds the encoder's last hidden state to the modules after it, as `encode()` does here.
+        raise ValueError(
+            "`model[0]` must embed text with the encoder's `forward` and its `last_hidden_state` (the usual "
+            f"sentence-transformers layout), got modality_config['text']={text!r}."
+        )
     check_supported_model(first.auto_model)
     return first
 
@@ -247,7 +254,8 @@ def compress_sentence_transformer(
     its default prompt, if any), exactly as `model.encode` would. Give exactly one budget:
 
     - `rank` / `ranks`: explicit ranks, as in [`compress_model`].
-    - `target_speedup` / `param_ratio`: no evaluations; ranks from the closed form's residual energy.
+    - `target_speedup` / `param_ratio`: no evaluations; ranks from the closed form's residual energy (multiply-adds
+      counted at `min(128, model.max_seq_length)` tokens, the length the model embeds).
     - `min_cosine_similarity`: a task-free quality budget. The ranks keep the mean cosine similarity between the dense
       and the compressed embeddings of held-out sentences at or above this value, checked jointly on all held-out
       sentences with the same statistical margin as `max_accuracy_drop` (`safety_margin` paired-bootstrap standard
@@ -362,6 +370,8 @@ def compress_sentence_transformer(
     else:
         options = dict(allocation_options or {})
         options.setdefault("show_progress", show_progress)
+        # FLOP shares at the length the model embeds (its max_seq_length when shorter than 128 tokens).
+        options.setdefault("seq_len", min(128, int(getattr(new, "max_seq_length", None) or 128)))
         if budget == "min_cosine_similarity":
             options["rows_fn"] = rows_fn
         chosen = allocate_ranks(
@@ -595,7 +605,33 @@ def push_sentence_transformer_to_hub(
             commit_message=commit_message or "Upload DRONE-compressed SentenceTransformer",
             commit_description=commit_description,
             trust_remote_code_export=trust_remote_code_export,
+            stale=("onnx/*", "openvino/*"),  # exports of the dense model would load instead of the compressed one
         )
+
+
+_ST_FILES = (
+    "modules.json",
+    "config_sentence_transformers.json",
+    "sentence_bert_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _owned_sentence_transformer_files(folder: Path) -> list[str]:
+    """The files and module folders of the sentence-transformers model saved in `folder` (from its `modules.json`):
+    a new save removes those it does not write again (e.g. the `2_Dense` folder of an earlier model)."""
+    import json
+
+    owned = list(_ST_FILES)
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        owned += [entry["path"].split("/")[0] for entry in modules if entry.get("path")]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    return [name for name in owned if name and name not in (".", "..")]
 
 
 _CLASSES: dict[type, type] = {}
@@ -617,6 +653,33 @@ def _drone_sentence_transformer_class(base: type) -> type:
                 _fix_card(Path(path), base_model=getattr(self, "_drone_base_model", None))
             except (ImportError, OSError, ValueError, TypeError) as error:
                 logger.warning(f"Saved {path} without the DRONE section of its model card: {error}")
+
+    def save(
+        self,
+        path: str,
+        model_name: str | None = None,
+        create_model_card: bool = True,
+        train_datasets: list[str] | None = None,
+        safe_serialization: bool = True,
+    ) -> None:
+        """`SentenceTransformer.save`, made crash-safe: the whole folder (encoder, tokenizer, `modules.json`, pooling
+        and other module folders, card) is written aside and moved into `path` at once, `config.json` last, so a save
+        killed half way over an existing model leaves the old model or the new one, never a mix
+        (`drone_hf.saving.atomic_save`)."""
+        from .saving import atomic_save
+
+        with atomic_save(path, owned_files=_owned_sentence_transformer_files, name=Path(path).name) as staging:
+            base.save(
+                self,
+                str(staging),
+                model_name=model_name,
+                create_model_card=create_model_card,
+                train_datasets=train_datasets,
+                safe_serialization=safe_serialization,
+            )
+
+    def save_pretrained(self, path: str, *args, **kwargs) -> None:
+        self.save(path, *args, **kwargs)
 
     def push_to_hub(
         self,
@@ -672,6 +735,8 @@ def _drone_sentence_transformer_class(base: type) -> type:
             "_is_drone_sentence_transformer": True,
             "_create_model_card": _create_model_card,
             "push_to_hub": push_to_hub,
+            "save": save,
+            "save_pretrained": save_pretrained,
         },
     )
     _CLASSES[base] = cls

@@ -5,6 +5,7 @@ all-MiniLM-L6-v2 with SST-2 sentences."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import re
@@ -125,6 +126,42 @@ def test_save_reloads_identically_with_sentence_transformer(dense, tmp_path):
     assert np.array_equal(_encode(SentenceTransformer(str(tmp_path / "again"))), _encode(small))
 
 
+@pytest.mark.parametrize("step", ["written", "config-aside", "aside:modules.json", "in:2_Dense"])
+def test_a_save_that_fails_half_way_leaves_the_old_model_whole(bert_small, tmp_path_factory, tmp_path, step):
+    """Saving a compressed MPNet model (CLS pooling, Dense, Normalize) over a compressed BERT model (mean pooling,
+    Normalize): an error at any step leaves the BERT model loadable with its embeddings; a full save replaces it,
+    module folders included (no stale `2_Normalize` of the old model is left behind)."""
+    from drone_hf import saving
+
+    mpnet_small = drone_hf.compress_sentence_transformer(
+        _build(tmp_path_factory.mktemp("mpnet-over"), "mpnet"), SENTENCES, rank=8
+    )
+    target = tmp_path / "model"
+    bert_small.save(str(target))
+    before = _encode(SentenceTransformer(str(target)))
+
+    def fail(name):
+        if name == step:
+            raise OSError(f"injected at {name}")
+
+    saving._STEP_HOOK = fail
+    try:
+        with pytest.raises(OSError, match=f"injected at {step}"):
+            mpnet_small.save(str(target))
+    finally:
+        saving._STEP_HOOK = None
+    reloaded = SentenceTransformer(str(target))
+    assert type(reloaded[0].auto_model).__name__ == "DroneBertModel"
+    assert np.array_equal(_encode(reloaded), before)
+    assert not [p for p in target.iterdir() if p.name.startswith(saving.STAGING_PREFIX)]
+
+    mpnet_small.save(str(target))
+    reloaded = SentenceTransformer(str(target))
+    assert [type(m).__name__ for m in reloaded] == ["Transformer", "Pooling", "Dense", "Normalize"]
+    assert np.array_equal(_encode(reloaded), _encode(mpnet_small))
+    assert {p.name for p in target.iterdir() if p.is_dir()} == {"1_Pooling", "2_Dense", "3_Normalize"}
+
+
 def test_auto_model_on_the_folder_is_the_compressed_encoder(bert_small, tmp_path):
     bert_small.save(str(tmp_path / "small"))
     encoder = AutoModel.from_pretrained(tmp_path / "small")
@@ -192,7 +229,8 @@ def test_input_is_untouched(bert_dense):
 
 def test_target_speedup_meets_the_flop_target(bert_dense):
     small = drone_hf.compress_sentence_transformer(bert_dense, SENTENCES, target_speedup=1.5)
-    assert flop_speedup_bound(bert_dense[0].auto_model.config, small[0].auto_model.config, 128) >= 1.5
+    # Counted at the length the model embeds: its max_seq_length (32) when below 128 tokens.
+    assert flop_speedup_bound(bert_dense[0].auto_model.config, small[0].auto_model.config, 32) >= 1.5
 
 
 def test_param_ratio_keeps_that_share_of_encoder_linear_weights(bert_dense):
@@ -225,13 +263,16 @@ def test_min_cosine_similarity_holds_on_the_heldout_sentences(dense, floor):
 
 def test_min_cosine_similarity_carves_heldout_sentences_from_the_input(bert_dense):
     report: dict = {}
-    drone_hf.compress_sentence_transformer(
+    small = drone_hf.compress_sentence_transformer(
         bert_dense, SENTENCES, min_cosine_similarity=0.999, allocation_report=report
     )
     calibration, heldout = split_heldout(SENTENCES)
     assert len(heldout) == len(SENTENCES) // 4 >= MIN_HELDOUT_SENTENCES and not set(heldout) & set(calibration)
     assert report["heldout_sentences"] == len(heldout) and report["calibration_sentences"] == len(calibration)
     assert report["heldout_examples"] == len(heldout)
+    # The statistics saw the tokens of the calibration sentences only, not those of the held-out ones.
+    tokens = sum(int(b["attention_mask"].sum()) for b in sentence_batches(bert_dense, calibration))
+    assert small[0].auto_model.config.drone_calibration["num_tokens"] == tokens
 
 
 def test_a_cosine_budget_no_compression_meets_is_refused(bert_dense):
@@ -299,6 +340,13 @@ def test_bad_arguments_are_refused_clearly(bert_dense, kwargs, error, match):
         drone_hf.compress_sentence_transformer(bert_dense, **{"sentences": SENTENCES, **kwargs})
 
 
+def test_a_transformer_that_outputs_another_tensor_is_refused(bert_dense):
+    odd = copy.deepcopy(bert_dense)
+    odd[0].modality_config = {"text": {"method": "forward", "method_output_name": "pooler_output"}}
+    with pytest.raises(ValueError, match=r"must embed text with the encoder's `forward` and its `last_hidden_state`"):
+        drone_hf.compress_sentence_transformer(odd, SENTENCES, rank=8)
+
+
 def test_a_model_without_a_transformer_first_module_is_refused():
     match = r"`model\[0\]` must be a sentence-transformers `Transformer`.*got StaticEmbedding"
     with pytest.raises(TypeError, match=match):
@@ -339,7 +387,7 @@ def test_push_uploads_the_sentence_transformers_folder(bert_small, export):
     assert {"config.json", "model.safetensors", "README.md", "tokenizer_config.json"} <= files
     assert (set(REMOTE_CODE_FILES) <= files) is export
     assert ('"auto_map"' in upload["files"]["config.json"].decode()) is export
-    assert "model*.safetensors" in upload["delete_patterns"]
+    assert {"model*.safetensors", "onnx/*", "openvino/*"} <= set(upload["delete_patterns"])
     card = ModelCard(upload["files"]["README.md"].decode())
     assert card.data.library_name == "sentence-transformers" and "drone_hf" in card.data.tags
     assert 'SentenceTransformer("me/tiny-st-drone")' in card.text and "import drone_hf" in card.text
@@ -425,6 +473,17 @@ def test_cli_compress_embeddings_scores_labelled_pairs(bert_dense, sentences_fil
     assert "| model | cosine to dense (held-out) | pair ROC-AUC |" in printed and "Pair ROC-AUC: 40 pairs" in printed
 
 
+def test_cli_target_speedup_prints_a_flop_bound_at_the_target(bert_dense, sentences_file, tmp_path, capsys):
+    """The allocation and the printed FLOP bound count multiply-adds at the same length (the model's 32 tokens)."""
+    bert_dense.save(str(tmp_path / "dense"))
+    argv = ["compress-embeddings", "--model", str(tmp_path / "dense"), "--sentences", str(sentences_file)]
+    argv += ["--target-speedup", "1.5", "--latency-repeats", "1", "--output", str(tmp_path / "out")]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "out" / "drone_results.json").read_text())["results"]
+    assert results["drone"]["flop_bound"] >= 1.5
+    assert "FLOP bound: multiply-adds of one 32-token sequence" in capsys.readouterr().out
+
+
 def test_roc_auc_matches_the_pairwise_definition():
     rng = np.random.default_rng(0)
     for _ in range(50):
@@ -447,13 +506,20 @@ def test_roc_auc_matches_the_pairwise_definition():
         (["--min-cosine-similarity", "1.5"], r"`min_cosine_similarity` must be a number in \(0, 1\].*got 1\.5"),
         (["--rank", "8", "--sentences", "/nonexistent.txt"], r"`--sentences` '/nonexistent.txt' is not a file"),
         (["--rank", "8", "--eval-pairs", "/nonexistent.tsv"], r"`--eval-pairs` '/nonexistent.tsv' is not a file"),
-        (["--rank", "8", "--eval-pairs", "BAD_PAIRS"], r"`--eval-pairs` .* line 2: the label must be 0 or 1, got 3"),
+        (
+            ["--min-cosine-similarity", "0.99", "--heldout-sentences", "SHORT"],
+            r"`--heldout-sentences` has 10 lines; at least 32 are needed for `--min-cosine-similarity`",
+        ),
+        (["--rank", "8", "--latency-repeats", "0"], r"`--latency-repeats` must be at least 1, got 0"),
+        (["--rank", "8", "--eval-pairs", "BAD_PAIRS"], r"`--eval-pairs` .* line 2: the label must be 0 or 1, got '3'"),
     ],
 )
 def test_cli_compress_embeddings_errors(bert_dense, sentences_file, tmp_path, capsys, args, message):
     bad = tmp_path / "bad.tsv"
     bad.write_text("sentence1\tsentence2\tlabel\na\tb\t3\n")
-    args = [str(bad) if a == "BAD_PAIRS" else a for a in args]
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(SENTENCES[:10]) + "\n")
+    args = [{"BAD_PAIRS": str(bad), "SHORT": str(short)}.get(a, a) for a in args]
     bert_dense.save(str(tmp_path / "dense"))
     argv = ["compress-embeddings", "--model", str(tmp_path / "dense"), "--sentences", str(sentences_file)]
     assert main([*argv, *args, "--output", str(tmp_path / "out")]) == 2
