@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from drone_hf.profiling import measure_latency  # noqa: E402
+
+
 MODELS_DIR = REPO / "benchmarks" / "gpu_models"
 RESULTS = REPO / "benchmarks" / "results"
 BUDGETS = (1.5, 2.0, 3.0)
@@ -142,22 +145,6 @@ def random_inputs(config, batch: int, length: int, device) -> dict[str, torch.Te
 
 
 @torch.inference_mode()
-def time_models(models: dict, inputs: dict, *, repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per forward pass, all models round-robin, synchronised around each call."""
-    times: dict[str, list[float]] = {name: [] for name in models}
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for round_index in range(warmup + repeats):
-        for name, model in models.items():
-            sync()
-            start = time.perf_counter()
-            model(**inputs)
-            sync()
-            if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-@torch.inference_mode()
 def gemm_share(model, inputs: dict) -> dict[str, float]:
     """One profiled forward pass: total GPU kernel time (ms) and the share spent in matrix-product kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -212,7 +199,7 @@ def run(args) -> None:
             for length in args.lengths:
                 for batch in args.batches:
                     inputs = random_inputs(config, batch, length, device)
-                    latency = time_models(models, inputs, repeats=args.repeats, warmup=args.warmup)
+                    latency = measure_latency(models, inputs, repeats=args.repeats, warmup=args.warmup)
                     for variant in variants:
                         entry["timings"].append(
                             {
@@ -260,7 +247,7 @@ def compiled_speedups(cpu_models: dict, config, device, args) -> list[dict]:
         compiled = {f"{v} (compiled)": torch.compile(m) for v, m in eager.items()}
         for batch in args.batches:
             inputs = random_inputs(config, batch, 128, device)
-            latency = time_models({**eager, **compiled}, inputs, repeats=args.repeats, warmup=args.warmup)
+            latency = measure_latency({**eager, **compiled}, inputs, repeats=args.repeats, warmup=args.warmup)
             for name, seconds in latency.items():
                 rows.append(
                     {

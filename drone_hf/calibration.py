@@ -21,8 +21,8 @@ MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_i
 
 def model_inputs(model: nn.Module, batch: Mapping, device=None) -> dict:
     """The entries of a tokenizer `batch` that `model.forward` takes (DistilBERT and ModernBERT take no
-    `token_type_ids`), moved to `device`."""
-    accepted = _forward_keys(type(model))
+    `token_type_ids`), moved to `device`. A `torch.compile`d model is read through to the model it wraps."""
+    accepted = _forward_keys(type(getattr(model, "_orig_mod", model)))
     return {k: (v if device is None else v.to(device)) for k, v in batch.items() if k in accepted and v is not None}
 
 

@@ -7,7 +7,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -149,25 +149,47 @@ def measure_latency(
     """
     from .calibration import model_inputs
 
-    if repeats <= 0 or warmup < 0:
-        raise ValueError(f"`repeats` must be > 0 and `warmup` >= 0, got {repeats} and {warmup}.")
-    for model in models.values():
+    _check_rounds(repeats, warmup)  # before any model is put in eval mode
+    calls = {}
+    for name, model in models.items():
         model.eval()
-    device_inputs = {}
-    times: dict[str, list[float]] = {name: [] for name in models}
+        device = next(model.parameters()).device
+        # Each model gets the inputs its forward takes (e.g. no token_type_ids for DistilBERT), on its device.
+        calls[name] = _synchronised_forward(model, model_inputs(model, inputs, device), device)
+    return time_round_robin(calls, repeats=repeats, warmup=warmup)
+
+
+def _synchronised_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor], device: torch.device):
+    """A call of `model(**inputs)` that returns once the device has finished it."""
+
+    def call():
+        model(**inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return call
+
+
+def time_round_robin(calls: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each zero-argument call (which must return once its work is finished), timed round-robin:
+    `warmup` untimed rounds, then `repeats` timed ones, one call of each per round, so that drift in machine load
+    affects them all alike. The one timing loop behind [`measure_latency`] and `measure_encode_latency`."""
+    _check_rounds(repeats, warmup)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # nothing queued before the first timed call
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for round_index in range(warmup + repeats):
-        for name, model in models.items():
-            device = next(model.parameters()).device
-            device_inputs = model_inputs(model, inputs, device)  # e.g. no token_type_ids for DistilBERT
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+        for name, call in calls.items():
             start = time.perf_counter()
-            model(**device_inputs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            call()
             if round_index >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _check_rounds(repeats: int, warmup: int) -> None:
+    if repeats <= 0 or warmup < 0:
+        raise ValueError(f"`repeats` must be > 0 and `warmup` >= 0, got {repeats} and {warmup}.")
 
 
 def cpu_name() -> str:

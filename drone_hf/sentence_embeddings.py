@@ -20,9 +20,7 @@ import copy
 import math
 import re
 import shutil
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -488,17 +486,14 @@ def measure_encode_latency(
     """Median seconds of `model.encode(sentences, batch_size=batch_size)` per model, timed round-robin in this process
     (one call of each model per round) so that drift in machine load affects all models alike; quote the ratio
     against the dense model timed in the same call."""
+    from .profiling import time_round_robin
+
     sentences = _check_sentences("sentences", sentences)
-    if repeats <= 0 or warmup < 0:
-        raise ValueError(f"`repeats` must be > 0 and `warmup` >= 0, got {repeats} and {warmup}.")
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for round_index in range(warmup + repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model.encode(sentences, batch_size=batch_size, show_progress_bar=False)
-            if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+
+    def encode(model):  # encode() returns host arrays: it has finished when it returns
+        return lambda: model.encode(sentences, batch_size=batch_size, show_progress_bar=False)
+
+    return time_round_robin({name: encode(model) for name, model in models.items()}, repeats=repeats, warmup=warmup)
 
 
 # ------------------------------------------------------------------------------------------ model card and Hub

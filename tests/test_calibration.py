@@ -114,3 +114,18 @@ def test_save_and_load_round_trip(tmp_path):
 def test_bad_input(loader, kwargs, match):
     with pytest.raises(ValueError, match=match):
         collect_activation_stats(tiny_teacher(), tiny_batches() if loader is None else loader, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's import of torch.jit
+def test_model_inputs_reads_through_torch_compile():
+    """A `torch.compile`d model's forward is `(*args, **kwargs)`: the keys come from the model it wraps."""
+    from transformers import DistilBertModel
+
+    from drone_hf.calibration import model_inputs
+
+    from .testing_utils import tiny_config
+
+    model = DistilBertModel(tiny_config("distilbert"))
+    batch = {"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    batch["token_type_ids"] = torch.zeros(1, 3, dtype=torch.long)
+    assert set(model_inputs(torch.compile(model), batch)) == {"input_ids", "attention_mask"}
