@@ -44,7 +44,7 @@ from common import (
 import drone_hf
 from drone_hf.glue import load_glue_split
 from drone_hf.profiling import checkpoint_size_mb, count_parameters, flop_speedup_bound
-from drone_hf.sentence_embeddings import measure_encode_latency
+from drone_hf.sentence_embeddings import measure_encode_latency, roc_auc
 
 
 BUDGETS = [
@@ -131,8 +131,6 @@ def _data(args):
 
 
 def _scores(model, data, dense_heldout, batch_size: int) -> dict[str, float]:
-    from sklearn.metrics import roc_auc_score
-
     heldout = _encode(model, data["heldout"], batch_size)
     first, second, labels = data["mrpc"]
     similarity = (_encode(model, first, batch_size) * _encode(model, second, batch_size)).sum(-1)
@@ -146,7 +144,7 @@ def _scores(model, data, dense_heldout, batch_size: int) -> dict[str, float]:
     ranks = np.array(ranks)
     return {
         "cosine": float((heldout * dense_heldout).sum(-1).mean()),
-        "mrpc_auc": 100 * float(roc_auc_score(labels, similarity)),
+        "mrpc_auc": 100 * roc_auc(similarity, labels),
         "qnli_mrr": 100 * float((1.0 / ranks).mean()),
         "qnli_acc1": 100 * float((ranks == 1).mean()),
     }

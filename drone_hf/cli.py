@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -308,14 +307,11 @@ def _compress_embeddings(args) -> int:
         "results": results,
         "timing": {"sentences": len(timing), "batch_size": 32, "threads": torch.get_num_threads()},
     }
-    tmp = Path(args.output) / "drone_results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=float))
-    os.replace(tmp, Path(args.output) / "drone_results.json")
+    _write_results(args.output, summary)
     header = ["model", "cosine to dense (held-out)"] + (["pair ROC-AUC"] if pairs else [])
-    header += ["params (M)", "size MB", "encode ms", "speed-up"]
-    print("\n| " + " | ".join([*header, "FLOP bound"]) + " |\n|" + "---|" * (len(header) + 1))
-    for name, r in results.items():
-        cells = [
+    header += ["params (M)", "size MB", "encode ms", "speed-up", "FLOP bound"]
+    rows = [
+        [
             name,
             f"{r['heldout_cosine']:.4f}",
             *([f"{r['pair_auc']:.2f}"] if pairs else []),
@@ -325,11 +321,14 @@ def _compress_embeddings(args) -> int:
             f"{r['speedup']:.2f}x",
             f"{r['flop_bound']:.2f}x",
         ]
-        print("| " + " | ".join(cells) + " |")
+        for name, r in results.items()
+    ]
+    print()
+    _print_markdown(header, rows)
     print(
         f"\nCosine: mean over {len(heldout)} held-out sentences (not calibrated on"
         + (
-            "; the budget was checked on them, so pass --heldout-sentences twice-removed text for an unbiased number"
+            "; the budget was checked on these same sentences, so this mean is not an independent estimate"
             if args.min_cosine_similarity is not None
             else ""
         )
@@ -417,12 +416,24 @@ def _measure(args, models: dict, dev, tokenizer, info) -> dict[str, dict]:
     return results
 
 
+def _print_markdown(header: list[str], rows: list[list[str]]) -> None:
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
+
+
+def _write_results(output: str, summary: dict) -> None:
+    """`output/drone_results.json`, written whole or not at all."""
+    from .model_card import _atomic_write
+
+    _atomic_write(Path(output) / "drone_results.json", json.dumps(summary, indent=2, default=float))
+
+
 def _print_table(results: dict, info, dev_size: int) -> None:
     metric_names = list(next(iter(results.values()))["metrics"])
     header = ["model", *metric_names, "params (M)", "encoder (M)", "size MB", "latency ms", "speed-up", "FLOP bound"]
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for name, r in results.items():
-        cells = [
+    rows = [
+        [
             name,
             *(f"{100 * r['metrics'][m]:.2f}" for m in metric_names),
             f"{r['parameters'] / 1e6:.2f}",
@@ -432,7 +443,9 @@ def _print_table(results: dict, info, dev_size: int) -> None:
             f"{r['speedup']:.2f}x",
             f"{r['flop_bound']:.2f}x",
         ]
-        print("| " + " | ".join(cells) + " |")
+        for name, r in results.items()
+    ]
+    _print_markdown(header, rows)
     import torch
 
     print(
@@ -540,9 +553,7 @@ def _compress(args) -> int:
         "allocation": report,
         "results": results,
     }
-    tmp = Path(args.output) / "drone_results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=float))
-    os.replace(tmp, Path(args.output) / "drone_results.json")
+    _write_results(args.output, summary)
     print()
     _print_table(results, info, len(dev))
     if report.get("evaluations"):

@@ -673,9 +673,6 @@ def _drone_sentence_transformer_class(base: type) -> type:
                 safe_serialization=safe_serialization,
             )
 
-    def save_pretrained(self, path: str, *args, **kwargs) -> None:
-        self.save(path, *args, **kwargs)
-
     def push_to_hub(
         self,
         repo_id: str,
@@ -730,8 +727,7 @@ def _drone_sentence_transformer_class(base: type) -> type:
             "_is_drone_sentence_transformer": True,
             "_create_model_card": _create_model_card,
             "push_to_hub": push_to_hub,
-            "save": save,
-            "save_pretrained": save_pretrained,
+            "save": save,  # `save_pretrained` calls it
         },
     )
     _CLASSES[base] = cls
