@@ -23,7 +23,7 @@ from .methods import FactorizationMethod, register_method
 from .modeling_drone import DroneBertForSequenceClassification, DroneModelMixin, drone_model_class
 from .projective import ProjectiveClusteringResult, choose_kj, projective_clustering
 from .registration import register_drone_auto_classes
-from .stats import load_activation_stats, save_activation_stats, split_stats
+from .stats import ActivationStats, load_activation_stats, save_activation_stats, split_stats
 from .structure import replace_attention_with_drone, replace_linear_with_drone
 from .targets import BERT_ROLES, resolve_ranks, resolve_target_modules
 
@@ -57,6 +57,7 @@ def __getattr__(name: str):
 # in their own modules.
 __all__ = [
     "__version__",
+    "ActivationStats",
     "ArchitectureSpec",
     "AttentionSpec",
     "BERT_ROLES",

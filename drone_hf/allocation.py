@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import heapq
+import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from numbers import Integral, Real
 
 import torch
 from torch import nn
@@ -21,7 +23,9 @@ from .budget_search import allocate_by_accuracy
 from .candidates import Candidates, breakeven_rank, relative_tail
 from .heads import MetricFn
 from .methods import DEFAULT_METHOD, get_method, resolve_method
+from .model_state import check_materialized
 from .stats import check_stats
+from .targets import as_int, check_supported_model
 
 
 logger = logging.get_logger(__name__)
@@ -96,19 +100,71 @@ def allocate_by_energy(
 
 
 def _check_screening(screening_samples, safety_margin, refine_steps) -> None:
-    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
+    if isinstance(refine_steps, bool) or not isinstance(refine_steps, Integral) or refine_steps < 0:
         raise ValueError(f"`refine_steps` must be an int >= 0, got {refine_steps!r}.")
     if screening_samples is not None and (
-        isinstance(screening_samples, bool) or not isinstance(screening_samples, int) or screening_samples <= 0
+        isinstance(screening_samples, bool) or not isinstance(screening_samples, Integral) or screening_samples <= 0
     ):
         raise ValueError(f"`screening_samples` must be a positive int or None (all rows), got {screening_samples!r}.")
-    if isinstance(safety_margin, bool) or not isinstance(safety_margin, (int, float)) or not safety_margin >= 0:
-        raise ValueError(f"`safety_margin` must be a number >= 0 (standard errors), got {safety_margin!r}.")
+    if not _is_finite(safety_margin) or not safety_margin >= 0:
+        raise ValueError(f"`safety_margin` must be a number >= 0 (standard errors), got {safety_margin!r} (finite).")
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_fraction(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+    if not _is_finite(value) or not 0 < value < 1:
         raise ValueError(f"`{name}` must be a float in (0, 1), got {value!r}.")
+
+
+def _check_budget(max_accuracy_drop, target_speedup, param_ratio) -> None:
+    """Refuses NaN, infinite and out-of-range budgets before any work (NaN compares False with everything, so it
+    would otherwise run the whole search and fit nothing)."""
+    if param_ratio is not None:
+        _check_fraction("param_ratio", param_ratio)
+    if target_speedup is not None and (not _is_finite(target_speedup) or target_speedup <= 1):
+        raise ValueError(f"`target_speedup` must be a number > 1, got {target_speedup!r} (finite, e.g. 1.5).")
+    if max_accuracy_drop is not None and (not _is_finite(max_accuracy_drop) or max_accuracy_drop <= 0):
+        raise ValueError(
+            f"`max_accuracy_drop` must be a positive number of metric points (finite, e.g. 1.0), got "
+            f"{max_accuracy_drop!r}."
+        )
+
+
+def check_rank_grid(rank_grid) -> list[int] | None:
+    """`rank_grid` as a sorted list of Python ints (numpy integers and arrays accepted), or None.
+
+    Raises:
+        `TypeError`: for a grid that is not a sequence of integers (floats, bools, strings).
+        `ValueError`: for an empty grid or a rank <= 0.
+    """
+    if rank_grid is None:
+        return None
+    if hasattr(rank_grid, "tolist") and not isinstance(rank_grid, (str, bytes)):  # numpy arrays, tensors
+        rank_grid = rank_grid.tolist()
+    if isinstance(rank_grid, (str, bytes, Mapping)) or not isinstance(rank_grid, Iterable):
+        raise TypeError(f"`rank_grid` must be a list of positive ints (e.g. [32, 64, 96]), got {rank_grid!r}.")
+    grid = list(rank_grid)
+    if not grid:
+        raise ValueError("`rank_grid` is empty; pass positive ints (e.g. [32, 64, 96]) or None for the default grid.")
+    bad = [k for k in grid if isinstance(k, bool) or not isinstance(k, Integral)]
+    if bad:
+        raise TypeError(
+            f"`rank_grid` must hold ints (ranks), got {bad[0]!r} ({type(bad[0]).__name__}) in {grid!r}; e.g. "
+            "[32, 64, 96]."
+        )
+    if min(grid) <= 0:
+        raise ValueError(f"`rank_grid` ranks must be positive, got {min(grid)} in {grid!r}.")
+    return sorted({int(k) for k in grid})
+
+
+def _check_positive_int(name: str, value) -> int:
+    value = as_int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    return value
 
 
 def allocate_ranks(
@@ -165,7 +221,9 @@ def allocate_ranks(
         eval_dataloader (`Iterable[dict]`, *optional*): Held-out tokenizer batches with labels (`labels`; for
             question answering `start_positions`/`end_positions`), required for `max_accuracy_drop`.
         rank_grid (`Sequence[int]`, *optional*): Candidate ranks for linears (default: 1/8 ... 7/8 of break-even,
-            rounded to `rank_multiple`). Attention blocks use 1/8 ... 7/8 of the head size.
+            rounded to `rank_multiple`); positive ints (numpy integers accepted). Ranks above a linear's break-even
+            rank are dropped for it, with a warning (an error when no linear keeps a rank). Attention blocks use
+            1/8 ... 7/8 of the head size.
         method (`str`, *optional*, defaults to `"drone"`): A registered method: `"drone"`, `"drone-bc"`, `"svd"`.
         attention (`bool`, *optional*, defaults to `True`): Include DRONE attention candidates.
         target_modules: As in [`compress_model`].
@@ -193,15 +251,44 @@ def allocate_ranks(
         the modules to factor (dense ones are absent). Pass it to [`compress_model`] as `ranks=`.
 
     Raises:
-        `ValueError`: for zero or several budgets, a budget out of range or impossible, or missing held-out data.
+        `ValueError`: for zero or several budgets, a budget out of range (NaN and infinity included) or impossible,
+            missing held-out data, held-out labels outside the head's classes, a `metric_fn` that returns NaN, or an
+            accuracy budget finer than the held-out rows resolve: it must be worth at least
+            `drone_hf.budget_search.MIN_BUDGET_ROWS` (3) rows, i.e. `300 / max_accuracy_drop` rows (one row moves
+            accuracy by `100 / n` points; per-row metrics only, not correlations or cosine similarities).
+        `TypeError`: for a `rank_grid` that is not a list of ints, a `metric_fn` that is not callable or does not
+            return a number, or a `report` that is not a dict.
     """
     budgets = {"max_accuracy_drop": max_accuracy_drop, "target_speedup": target_speedup, "param_ratio": param_ratio}
     given = [key for key, value in budgets.items() if value is not None]
     if len(given) != 1:
         raise ValueError(f"Pass exactly one of {list(budgets)}, got {given or 'none'}.")
+    _check_budget(max_accuracy_drop, target_speedup, param_ratio)
+    rank_grid = check_rank_grid(rank_grid)
+    seq_len = _check_positive_int("seq_len", seq_len)
+    rank_multiple = _check_positive_int("rank_multiple", rank_multiple)
+    if metric_fn is not None and not callable(metric_fn):
+        raise TypeError(
+            f"`metric_fn` must be a callable `(logits, labels) -> points`, got {type(metric_fn).__name__} "
+            f"{metric_fn!r}."
+        )
+    if report is not None and not isinstance(report, MutableMapping):
+        raise TypeError(f"`report` must be a dict to fill (or None), got {type(report).__name__}.")
+    if max_accuracy_drop is not None:
+        _check_screening(screening_samples, safety_margin, refine_steps)
+    else:
+        evaluation_only = {"eval_dataloader": eval_dataloader, "metric_fn": metric_fn, "rows_fn": rows_fn}
+        unused = [key for key, value in evaluation_only.items() if value is not None]
+        if unused:
+            logger.warning(
+                f"{unused} {'is' if len(unused) == 1 else 'are'} only used by `max_accuracy_drop`; ignored with "
+                f"`{given[0]}` (a closed-form allocation without evaluations)."
+            )
     method = resolve_method(method, bias_correction)
     if get_method(method).data_aware and not isinstance(stats, Mapping):
         raise TypeError(f"`stats` (from collect_activation_stats) is required for method={method!r}.")
+    check_supported_model(model)
+    check_materialized(model, "allocate ranks for")
     working = copy.deepcopy(model).eval()
     candidates = Candidates(
         working,
@@ -216,14 +303,13 @@ def allocate_ranks(
     if candidates.method.data_aware:
         needed = candidates.linears + [candidates.qk[block][0] for block in candidates.blocks]
         shapes = {n: tuple(working.get_submodule(n).weight.shape) for n in needed}
-        check_stats(stats, needed, shapes)
+        check_stats(stats, needed, shapes, model=working)
     started = time.perf_counter()
     report = report if report is not None else {}
     report.update(budget=given[0], value=budgets[given[0]], method=method, candidates=len(candidates.names))
     if max_accuracy_drop is None:
         chosen = _allocate_closed_form(working, candidates, target_speedup, param_ratio)
     else:
-        _check_screening(screening_samples, safety_margin, refine_steps)
         options = {
             "metric_fn": metric_fn,
             "screening_samples": screening_samples,
@@ -249,8 +335,6 @@ def _allocate_closed_form(working, candidates, target_speedup, param_ratio) -> d
         budget = param_ratio * sum(candidates.params(name, None) for name in candidates.names)
         label = f"`param_ratio={param_ratio}`"
     else:
-        if isinstance(target_speedup, bool) or not isinstance(target_speedup, (int, float)) or target_speedup <= 1:
-            raise ValueError(f"`target_speedup` must be a number > 1, got {target_speedup!r}.")
         costs = {name: (lambda k, n=name: candidates.macs(n, k)) for name in candidates.names}
         total = model_macs(working, candidates.seq_len)
         fixed = total - sum(candidates.macs(name, None) for name in candidates.names)
@@ -264,4 +348,4 @@ def _allocate_closed_form(working, candidates, target_speedup, param_ratio) -> d
     return {name: rank for name, rank in chosen.items() if rank is not None}
 
 
-__all__ = ["DENSE", "allocate_by_energy", "allocate_ranks", "breakeven_rank"]
+__all__ = ["DENSE", "allocate_by_energy", "allocate_ranks", "breakeven_rank", "check_rank_grid"]

@@ -6,6 +6,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from typing import Any
 
 from torch import nn
@@ -15,11 +16,16 @@ _BUDGETS = ("rank", "ranks", "param_ratio", "attention_rank", "max_accuracy_drop
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _as_int(value: Any) -> Any:
+    """numpy integers (e.g. from a hyper-parameter grid) as Python ints; anything else unchanged."""
+    return int(value) if _is_int(value) else value
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_int(name: str, value: Any, *, minimum: int, allow_none: bool = False) -> None:
@@ -57,11 +63,12 @@ class DroneCompressionArguments:
         method (`str`, *optional*, defaults to `"drone"`): A registered method: `"drone"` (the paper's closed form),
             `"drone-bc"` (bias-corrected) or `"svd"` (data-free).
         rank (`int`, *optional*): One rank for every target linear.
-        ranks (`dict[str, int]` or `str`, *optional*): Module name or `"re:<regex>"` -> rank (a JSON object string
-            on the command line), with the precedence of [`compress_model`].
+        ranks (`dict[str, int]` or `str`, *optional*): Module name, role or `"re:<regex>"` -> rank (a JSON object
+            string on the command line), with the precedence of [`compress_model`].
         param_ratio (`float`, *optional*): Fraction in `(0, 1)` of the targets' weight parameters to keep.
         attention_rank (`int`, *optional*): Per-head query/key width of DRONE attention (METHODS.md §1a).
-        max_accuracy_drop (`float`, *optional*): Budget in metric points on `heldout_samples` training rows.
+        max_accuracy_drop (`float`, *optional*): Budget in metric points on `heldout_samples` training rows (at
+            least `300 / max_accuracy_drop` of them: a budget must be worth 3 held-out rows).
         target_speedup (`float`, *optional*): Multiply-add reduction target (> 1).
         target_modules (`list[str]`, *optional*): Roles, full names or `re:` regexes; defaults to every encoder
             linear.
@@ -130,10 +137,19 @@ class DroneCompressionArguments:
         from .methods import get_method
 
         get_method(self.method)
+        for name in ("rank", "attention_rank", "num_calibration_samples", "heldout_samples", "screening_samples"):
+            setattr(self, name, _as_int(getattr(self, name)))
+        for name in ("refine_steps", "calibration_batch_size", "seed"):
+            setattr(self, name, _as_int(getattr(self, name)))
         self.ranks = _parse_json_mapping("ranks", self.ranks)
         for key, value in (self.ranks or {}).items():
             if not isinstance(key, str) or not _is_int(value) or value <= 0:
-                raise ValueError(f"`ranks` maps module names to positive ints, got {key!r}: {value!r}.")
+                raise ValueError(
+                    f"`ranks` maps module names to positive ints (keys: full names, roles or 're:' patterns), got "
+                    f"{key!r}: {value!r}."
+                )
+        if self.ranks is not None:
+            self.ranks = {key: int(value) for key, value in self.ranks.items()}
         _check_int("rank", self.rank, minimum=1, allow_none=True)
         _check_int("attention_rank", self.attention_rank, minimum=1, allow_none=True)
         if self.param_ratio is not None and (not _is_number(self.param_ratio) or not 0 < self.param_ratio < 1):
@@ -150,11 +166,28 @@ class DroneCompressionArguments:
             self.target_modules = [self.target_modules]
         if self.target_modules is not None and not all(isinstance(t, str) for t in self.target_modules):
             raise ValueError(f"`target_modules` must be a list of strings, got {self.target_modules!r}.")
+        if self.target_modules is not None and len(self.target_modules) == 0:
+            raise ValueError(
+                "`target_modules` is empty: it would select no module. Pass None for every encoder linear, or name "
+                "roles, full module names or 're:' patterns."
+            )
         self._check_budget()
         _check_int("num_calibration_samples", self.num_calibration_samples, minimum=1)
         _check_int("heldout_samples", self.heldout_samples, minimum=0)
         if self.max_accuracy_drop is not None and self.heldout_samples == 0:
             raise ValueError("`heldout_samples` must be >= 1 with `max_accuracy_drop`, got 0.")
+        if self.max_accuracy_drop is not None:
+            from .budget_search import MIN_BUDGET_ROWS, min_heldout_rows
+
+            needed = min_heldout_rows(self.max_accuracy_drop)
+            if self.heldout_samples < needed:
+                raise ValueError(
+                    f"`max_accuracy_drop={self.max_accuracy_drop}` is finer than `heldout_samples="
+                    f"{self.heldout_samples}` rows can resolve: one row moves accuracy by "
+                    f"{100 / self.heldout_samples:.3g} points. A budget of {self.max_accuracy_drop} points needs at "
+                    f"least {needed} held-out rows ({MIN_BUDGET_ROWS} rows' worth); raise `heldout_samples` or the "
+                    "budget."
+                )
         _check_int("screening_samples", self.screening_samples, minimum=1)
         if not _is_number(self.safety_margin) or self.safety_margin < 0:
             raise ValueError(f"`safety_margin` must be a number >= 0 (standard errors), got {self.safety_margin!r}.")
@@ -223,11 +256,15 @@ class DroneCompressionArguments:
         if self.rank is not None or self.ranks is not None or self.attention_rank is not None:
             linear_ranks, attention_ranks = _resolve_attention(model, self.ranks, self.attention_rank, None)
             replaced = {name for block in attention_ranks for name in qk_linear_names(model, block)}
-            chosen = resolve_ranks([t for t in targets if t not in replaced], rank=self.rank, ranks=linear_ranks)
+            chosen = resolve_ranks(
+                [t for t in targets if t not in replaced], rank=self.rank, ranks=linear_ranks, model=model
+            )
             validate_drone_ranks(model, chosen)
             if not attention_ranks and all(k > breakeven_rank(*shapes[name]) for name, k in chosen.items()):
+                largest = max(breakeven_rank(*shapes[name]) for name in chosen) if chosen else 0
                 raise ValueError(
-                    f"Every target would stay dense at `rank={self.rank}`/`ranks={self.ranks}`: a rank must satisfy "
+                    f"Every target would stay dense at `rank={self.rank}`/`ranks={self.ranks}`: each rank is above "
+                    f"its module's break-even rank (largest here: {largest}); a rank must satisfy "
                     "k * (in + out) < in * out to reduce a layer's cost."
                 )
         elif self.param_ratio is not None or self.target_speedup is not None:

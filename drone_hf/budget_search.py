@@ -5,15 +5,103 @@ the same way. Nothing here reads a clock, so the same model, data and seed give 
 from __future__ import annotations
 
 import heapq
+import math
+from numbers import Real
 
+import numpy as np
 from tqdm.auto import tqdm
 
+from .calibration import check_batch, check_dataloader, vocab_size
 from .candidates import apply_ranks, restore_modules, swap_module
 from .heads import default_metric_fn, head_rows, soft_change
 from .heldout import LayerwiseEvaluator, paired_standard_error, spread_subset
 
 
 COST_MODEL = "multiply-adds"
+MIN_BUDGET_ROWS = 3
+"""An accuracy budget must be worth at least this many held-out rows: on `n` rows one row moves accuracy by `100 / n`
+points, so a budget below a few rows' worth is decided by which rows happen to be held out, not by the model."""
+
+
+def min_heldout_rows(budget: float) -> int:
+    """The fewest held-out rows on which a `budget` of metric points is [`MIN_BUDGET_ROWS`] rows' worth (one row moves
+    a per-row metric such as accuracy by `100 / n` points). E.g. 300 rows for 1 point, 30 for 10."""
+    return math.ceil(MIN_BUDGET_ROWS * 100.0 / budget - 1e-9)
+
+
+def _row_quantised(metric_fn, problem_type, kind) -> bool:
+    """Whether the budget's metric moves in steps of about `100 / n` points per held-out row: the default metrics of
+    classification (accuracy), token classification (token accuracy) and question answering (span F1), and metric
+    functions marked `row_quantised = True` (e.g. `glue_metric_points` for the classification tasks)."""
+    if metric_fn is not None:
+        return bool(getattr(metric_fn, "row_quantised", False))
+    return kind in ("classification", "token", "span") and problem_type != "regression"
+
+
+def _check_resolution(budget, rows: int, kind: str) -> None:
+    needed = min_heldout_rows(budget)
+    if rows >= needed:
+        return
+    unit = "labelled token" if kind == "token" else "row"
+    raise ValueError(
+        f"`max_accuracy_drop={budget}` is finer than {rows} held-out {unit}s can resolve: one {unit} moves the metric "
+        f"by {100 / rows:.3g} points, so the budget is only {budget * rows / 100:.2g} {unit}s' worth and the ranks "
+        f"would be decided by which {unit}s happen to be held out. A budget of {budget} points needs at least "
+        f"{needed} held-out {unit}s ({MIN_BUDGET_ROWS} {unit}s' worth); pass more held-out data or a budget of at "
+        f"least {MIN_BUDGET_ROWS * 100 / rows:.3g} points."
+    )
+
+
+def _check_labels(evaluator, problem_type, num_labels) -> None:
+    """Held-out labels must be classes the head scores (positions inside the sequence, for spans)."""
+    if evaluator.kind == "embedding" or (problem_type == "regression" and evaluator.kind == "classification"):
+        return
+    labels = np.asarray(evaluator.labels)
+    if labels.size == 0:
+        raise ValueError("The held-out batches have no labelled row (every label is -100); pass labelled rows.")
+    limit = evaluator.num_outputs
+    bad = labels[(labels < 0) | (labels >= limit) | (labels != np.round(labels))]
+    if bad.size == 0:
+        return
+    seen = bad.flat[0].item()
+    if evaluator.kind == "span":
+        raise ValueError(
+            f"Held-out answer position {seen} is outside the sequences (positions 0..{limit - 1}); the "
+            "`start_positions`/`end_positions` must index tokens of the batch."
+        )
+    hint = (
+        " Negative labels such as -1 mark unlabelled rows (e.g. GLUE test splits): hold out labelled rows of the "
+        "train split."
+        if seen < 0
+        else " Were the labels encoded for another label set? Check `model.config.label2id`."
+    )
+    raise ValueError(
+        f"Held-out label {seen!r} is outside the classes of the model's head: num_labels={num_labels} (its "
+        f"{limit} outputs score labels 0..{limit - 1}).{hint}"
+    )
+
+
+def _checked_metric(metric_fn):
+    """`metric_fn` that refuses a result that is not a finite number, naming the metric, at its first call."""
+    name = getattr(metric_fn, "__qualname__", None) or repr(metric_fn)
+
+    def checked(logits, labels) -> float:
+        value = metric_fn(logits, labels)
+        if isinstance(value, np.ndarray) and value.size == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(
+                f"`metric_fn` ({name}) must return a number of points, got {type(value).__name__} {value!r}."
+            )
+        if not math.isfinite(value):
+            raise ValueError(
+                f"`metric_fn` ({name}) returned {value} on {len(labels)} held-out rows: no budget can be judged on a "
+                "NaN/Inf metric (e.g. a correlation of constant predictions or labels). Pass held-out rows on which "
+                "it is defined, or another `metric_fn`."
+            )
+        return float(value)
+
+    return checked
 
 
 def cost_shares(candidates) -> dict[str, float]:
@@ -44,18 +132,28 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
         raise ValueError(f"`max_accuracy_drop` must be a positive number of metric points, got {budget!r}.")
     if batches is None:
         raise ValueError("`max_accuracy_drop` needs `eval_dataloader` (held-out batches with labels, from train).")
+    check_dataloader(batches, "eval_dataloader")
     batches = list(batches)
+    vocab = vocab_size(working)
+    for batch in batches:
+        check_batch(batch, vocab, "eval_dataloader")
     problem_type = getattr(working.config, "problem_type", None)
-    problem_type = problem_type or ("regression" if getattr(working.config, "num_labels", 2) == 1 else None)
+    num_labels = getattr(working.config, "num_labels", 2)
+    problem_type = problem_type or ("regression" if num_labels == 1 else None)
     screening = spread_subset(batches, options["screening_samples"])
     rows_fn = options.get("rows_fn") or head_rows
-    evaluator = LayerwiseEvaluator(working, screening, rows_fn)  # per-module curves: cheap, smooth score
-    joint_evaluator = evaluator if len(screening) == len(batches) else LayerwiseEvaluator(working, batches, rows_fn)
-    metric_fn = options["metric_fn"] or default_metric_fn(problem_type, evaluator.kind)
+    joint_evaluator = LayerwiseEvaluator(working, batches, rows_fn)  # the joint checks: all rows, the real metric
+    _check_labels(joint_evaluator, problem_type, num_labels)
+    if _row_quantised(options["metric_fn"], problem_type, joint_evaluator.kind):
+        _check_resolution(budget, len(joint_evaluator.labels), joint_evaluator.kind)
+    # Per-module curves: cheap, smooth score on the screening rows.
+    evaluator = joint_evaluator if len(screening) == len(batches) else LayerwiseEvaluator(working, screening, rows_fn)
+    raw_metric = options["metric_fn"] or default_metric_fn(problem_type, evaluator.kind)
+    metric_fn = _checked_metric(raw_metric)
     shares = cost_shares(candidates)
     curves = _module_curves(working, candidates, evaluator, problem_type, budget, show_progress)
 
-    joint = _JointCheck(working, candidates, joint_evaluator, metric_fn, budget, options["safety_margin"])
+    joint = _JointCheck(working, candidates, joint_evaluator, metric_fn, budget, options["safety_margin"], raw_metric)
     # Scale the per-module shares so that the joint drop is within the budget: grow while it fits, then bisect.
     low, high, scale = 0.0, None, 1.0
     for _ in range(8):
@@ -117,6 +215,11 @@ def _module_curves(working, candidates, evaluator, problem_type, budget, show_pr
                         drop = soft_change(reference, evaluator.logits(), labels, problem_type, evaluator.kind)
                     finally:
                         swap_module(working, name, original)
+                    if not math.isfinite(drop):
+                        raise ValueError(
+                            f"The held-out outputs of the model with `{name}` at rank {rank} are not finite (NaN/Inf "
+                            "drop); check the model's dtype (float16 can overflow) and the held-out inputs."
+                        )
                     curves[name][rank] = drop
                     progress.update(1)
                     if drop > budget:  # smaller ranks only lose more: early exit
@@ -129,9 +232,10 @@ class _JointCheck:
     """Scores whole rank assignments on all held-out rows with the real metric (cached by assignment). An assignment
     fits when its drop plus `margin` paired standard errors is within the budget."""
 
-    def __init__(self, working, candidates, evaluator, metric_fn, budget, margin):
+    def __init__(self, working, candidates, evaluator, metric_fn, budget, margin, raw_metric=None):
         self.working, self.candidates, self.evaluator = working, candidates, evaluator
         self.metric_fn, self.budget, self.margin = metric_fn, budget, margin
+        self.raw_metric = raw_metric or metric_fn  # for bootstrap resamples, where a NaN is only dropped
         self.labels = evaluator.labels
         self.base_logits = evaluator.logits(0)
         self.base_metric = metric_fn(self.base_logits, self.labels)
@@ -147,7 +251,7 @@ class _JointCheck:
                 restore_modules(self.working, originals)
             drop = self.base_metric - self.metric_fn(logits, self.labels)
             error = (
-                paired_standard_error(self.metric_fn, self.base_logits, logits, self.labels) if self.margin else 0.0
+                paired_standard_error(self.raw_metric, self.base_logits, logits, self.labels) if self.margin else 0.0
             )
             self.entries[key] = {"drop": drop, "standard_error": error, "ranks": dict(ranks), **extra}
         return self.entries[key]
@@ -193,4 +297,4 @@ def _refine(joint: _JointCheck, candidates, curves, start: dict, steps: int) -> 
     return {**current, "ranks": ranks, "steps": tried}
 
 
-__all__ = ["allocate_by_accuracy"]
+__all__ = ["MIN_BUDGET_ROWS", "allocate_by_accuracy", "min_heldout_rows"]

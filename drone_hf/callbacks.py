@@ -368,11 +368,7 @@ class DroneCompressionCallback(TrainerCallback):
             for i in range(min(len(source), _LATENCY_BATCH))
         ]
         inputs = dict(tokenizer.pad(rows, padding="max_length", max_length=seq_len, return_tensors="pt"))
-        training = model.training
-        try:
-            latency = measure_latency({"dense": model, "compressed": compressed}, inputs, repeats=10, warmup=2)
-        finally:
-            model.train(training)
+        latency = measure_latency({"dense": model, "compressed": compressed}, inputs, repeats=10, warmup=2)
         device = next(model.parameters()).device
         hardware = (
             torch.cuda.get_device_name(device)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from .layers import DroneLinear
 from .methods import get_method
@@ -14,6 +15,7 @@ from .structure import attention_geometry, narrowed_attention_block, qk_linear_n
 from .targets import attention_block_names, encoder_linear_layers, resolve_target_modules
 
 
+logger = logging.get_logger(__name__)
 _FRACTIONS = (1 / 8, 2 / 8, 3 / 8, 4 / 8, 5 / 8, 6 / 8, 7 / 8)
 
 
@@ -65,7 +67,27 @@ class Candidates:
         for block in blocks:
             head = attention_geometry(model, block)[3]
             self.grid[block] = sorted({max(1, round(head * f)) for f in _FRACTIONS} - {head})
+        if rank_grid is not None:
+            self._report_grid(rank_grid)
         self.names = [name for name in self.names if self.grid[name]]
+
+    def _report_grid(self, rank_grid) -> None:
+        """Says which linears a user's `rank_grid` leaves without a rank (every rank above their break-even rank,
+        where a factored pair stops being cheaper): an error when that is every candidate, else a warning."""
+        above = [name for name in self.linears if not self.grid[name]]
+        if not above:
+            return
+        limits = {name: breakeven_rank(*self.shape[name]) for name in above}
+        name = max(limits, key=limits.get)
+        detail = (
+            f"`rank_grid={list(rank_grid)}` has no rank at or below the break-even rank (where a factored pair stops "
+            f"being cheaper than the dense layer, k*(in+out) >= in*out) of {len(above)} of {len(self.linears)} "
+            f"linears; the largest such break-even rank is {limits[name]} (`{name}`, "
+            f"{self.shape[name][0]}x{self.shape[name][1]})"
+        )
+        if len(above) == len(self.linears):
+            raise ValueError(f"{detail}: nothing is left to compress. Pass ranks at or below {limits[name]}.")
+        logger.warning(f"{detail}; they stay dense. Add smaller ranks to `rank_grid` to compress them.")
 
     def block_stats(self, block):
         """The statistics of an attention block's (shared) query/key input, or None for a data-free method."""
@@ -77,7 +99,10 @@ class Candidates:
             layer = self.model.get_submodule(name)
             bias = None if layer.bias is None else layer.bias.detach()
             stats = self.stats[name] if self.method.data_aware else None
-            self._decompositions[name] = self.method.decompose(layer.weight.detach(), bias, stats)
+            try:
+                self._decompositions[name] = self.method.decompose(layer.weight.detach(), bias, stats)
+            except ValueError as error:
+                raise ValueError(f"`stats[{name!r}]`: {error}") from error
         return self._decompositions[name]
 
     def _qk_tensors(self, block):

@@ -10,25 +10,30 @@ from numbers import Real
 import torch
 from torch import nn
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.utils import logging
 
 from .allocation import breakeven_rank
 from .architecture import base_model_type
 from .configuration_drone import drone_config_class
 from .embedding import DroneEmbedding
 from .methods import DEFAULT_METHOD, get_method, resolve_method
+from .model_state import check_materialized, copy_training_modes
 from .modeling_drone import drone_model_class
 from .projective import choose_kj, embedding_parameter_count, projective_clustering, projective_clustering_cost
 from .stats import check_stats, split_stats
 from .structure import attention_geometry, qk_linear_names, validate_attention_ranks, validate_drone_ranks
 from .targets import (
+    as_int,
     attention_block_names,
     check_supported_model,
+    factored_modules,
     resolve_ranks,
     resolve_target_modules,
     word_embedding_name,
 )
 
 
+logger = logging.get_logger(__name__)
 _CONFIG_KEYS_NOT_COPIED = ("model_type", "architectures", "transformers_version", "auto_map", "drone_method")
 
 
@@ -38,15 +43,25 @@ def _explicit_ranks(model, targets, shapes, *, rank, ranks) -> dict[str, int]:
             "Pass one of `rank` (all targets), `ranks` (per module), or a budget: `param_ratio`, `target_speedup` or "
             "`max_accuracy_drop`."
         )
+    rank = as_int(rank)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
         raise TypeError(f"`rank` must be an int, got {rank!r} ({type(rank).__name__}).")
-    chosen = resolve_ranks(targets, rank=rank, ranks=ranks)
+    chosen = resolve_ranks(targets, rank=rank, ranks=ranks, model=model)
     validate_drone_ranks(model, chosen)
     slower = [name for name, k in chosen.items() if k > breakeven_rank(*shapes[name])]
+    if slower and len(slower) == len(chosen):
+        name = max(chosen, key=lambda n: breakeven_rank(*shapes[n]))
+        out_f, in_f = shapes[name]
+        raise ValueError(
+            f"Every selected module would stay dense: each rank is above its module's break-even rank, where a "
+            f"factored pair stops being cheaper (k*(in+out) >= in*out). The largest break-even rank here is "
+            f"{breakeven_rank(out_f, in_f)} (`{name}`, {out_f}x{in_f}); pass ranks at or below each module's "
+            "break-even rank."
+        )
     if slower:
         warnings.warn(
             f"Leaving {len(slower)} modules dense because their rank would not reduce their cost "
-            f"(k*(in+out) >= in*out): {slower}.",
+            f"(k*(in+out) >= in*out, above the break-even rank): {slower}.",
             UserWarning,
             stacklevel=3,
         )
@@ -60,6 +75,7 @@ def _resolve_attention(model, ranks, attention_rank, attention_ranks) -> tuple[d
         validate_attention_ranks(model, {"attention_rank": attention_rank})  # raises the family's reason
     linear_ranks = None if ranks is None else {k: v for k, v in ranks.items() if k not in blocks}
     from_ranks = {k: v for k, v in (ranks or {}).items() if k in blocks}
+    attention_rank = as_int(attention_rank)
     if attention_rank is not None and (isinstance(attention_rank, bool) or not isinstance(attention_rank, int)):
         raise TypeError(f"`attention_rank` must be an int, got {attention_rank!r} ({type(attention_rank).__name__}).")
     resolved = resolve_ranks(blocks, rank=attention_rank, ranks=attention_ranks, argument="attention_ranks")
@@ -68,6 +84,24 @@ def _resolve_attention(model, ranks, attention_rank, attention_ranks) -> tuple[d
     return (linear_ranks or None) if ranks is not None else None, resolved
 
 
+_COMPRESS_ARGUMENTS = (
+    "method",
+    "rank",
+    "ranks",
+    "param_ratio",
+    "attention_rank",
+    "attention_ranks",
+    "target_modules",
+    "max_accuracy_drop",
+    "target_speedup",
+    "eval_dataloader",
+    "rank_grid",
+    "attention",
+    "allocation_report",
+    "report",
+    "bias_correction",
+    "rank_multiple",
+)
 _ALLOCATION_OPTIONS = (
     "metric_fn",
     "screening_samples",
@@ -80,11 +114,30 @@ _ALLOCATION_OPTIONS = (
 
 
 def _allocation_options(options: Mapping | None) -> dict:
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(
+            f"`allocation_options` must be a mapping of option name -> value (allowed: {list(_ALLOCATION_OPTIONS)}), "
+            f"got {type(options).__name__} {options!r}."
+        )
     options = dict(options or {})
     unknown = sorted(set(options) - set(_ALLOCATION_OPTIONS))
     if unknown:
-        raise ValueError(f"Unknown `allocation_options` {unknown}; allowed: {list(_ALLOCATION_OPTIONS)}.")
+        own = [key for key in unknown if key in _COMPRESS_ARGUMENTS]
+        hint = f" {own}: arguments of compress_model itself, pass them there." if own else ""
+        raise ValueError(f"Unknown `allocation_options` {unknown}; allowed: {list(_ALLOCATION_OPTIONS)}.{hint}")
     return options
+
+
+def _check_ranks_mapping(name: str, value) -> None:
+    if value is None:
+        return
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"`{name}` must be a mapping of module name, role or 're:<regex>' -> rank, got {type(value).__name__} "
+            f"{value!r}."
+        )
+    if not value:
+        raise ValueError(f"`{name}` is empty: name at least one module (or pass None and another budget).")
 
 
 def compress_model(
@@ -127,9 +180,10 @@ def compress_model(
         method (`str`, *optional*, defaults to `"drone"`): A registered method (`drone_hf.methods`): `"drone"` (the
             paper's closed form), `"drone-bc"` (on centred statistics, with the optimal bias shift) or `"svd"`.
         rank (`int`, *optional*): One rank for every target linear.
-        ranks (`Mapping[str, int]`, *optional*): Full module name or `"re:<regex>"` -> rank. Exact names win over
-            patterns, the first matching pattern wins over `rank`; targets without a rank stay dense. Exact names of
-            attention blocks (`"...attention.self"` in BERT) set per-head query/key ranks, as in `attention_ranks`.
+        ranks (`Mapping[str, int]`, *optional*): Full module name (e.g. `"bert.encoder.layer.0.attention.self.query"`),
+            role (e.g. `"intermediate"`) or `"re:<regex>"` -> rank. Exact names win over patterns (roles and regexes),
+            the first matching pattern wins over `rank`; targets without a rank stay dense. Exact names of attention
+            blocks (`"...attention.self"` in BERT) set per-head query/key ranks, as in `attention_ranks`.
         param_ratio (`float`, *optional*): Fraction of the candidates' weight parameters to keep; ranks are allocated
             by [`allocate_ranks`] from the closed form's residual energy (no evaluations).
         attention_rank (`int`, *optional*): DRONE attention (METHODS §1a): factor every head's `W_Q W_K^T` to this
@@ -170,8 +224,10 @@ def compress_model(
         warning.
 
     Raises:
-        `ValueError`: for an unsupported family, an unknown `method` or module, a rank outside `[1, min(in, out))`
-            (attention: `[1, d_h)`), statistics missing or of the wrong shape, or no budget.
+        `ValueError`: for an unsupported family, a model on the meta device, an unknown `method` or module, a module
+            that is not a compression target (the pooler/classifier head) or is already factored, a rank outside
+            `[1, min(in, out))` (attention: `[1, d_h)`), statistics missing, of the wrong shape, not symmetric
+            positive semi-definite, or collected on another model (see [`ActivationStats`]), or no budget.
 
     Example:
 
@@ -182,6 +238,7 @@ def compress_model(
     ```
     """
     check_supported_model(model)
+    check_materialized(model, "compress")
     if settings is not None:
         from .arguments import DroneCompressionArguments
 
@@ -217,6 +274,13 @@ def compress_model(
         )
     method = resolve_method(DEFAULT_METHOD if method is None else method, bias_correction)
     factorizer = get_method(method)
+    _check_ranks_mapping("ranks", ranks)
+    _check_ranks_mapping("attention_ranks", attention_ranks)
+    if calibration_info is not None and not isinstance(calibration_info, Mapping):
+        raise TypeError(
+            "`calibration_info` must be a mapping of provenance fields (e.g. {'dataset': 'glue/sst2', 'split': "
+            f"'train', 'num_samples': 512}}), got {type(calibration_info).__name__} {calibration_info!r}."
+        )
     embedding_args = _check_embedding_args(model, embedding, embedding_options)  # before any expensive work
     if max_accuracy_drop is not None or target_speedup is not None or param_ratio is not None:
         explicit = {"rank": rank, "ranks": ranks, "attention_rank": attention_rank, "attention_ranks": attention_ranks}
@@ -255,6 +319,21 @@ def compress_model(
             raise ValueError(
                 f"The budget cannot be met: no module can be compressed within {budgets[0]}={value}; loosen it."
             )
+    else:
+        given = [
+            key
+            for key, value in (
+                ("eval_dataloader", eval_dataloader),
+                ("rank_grid", rank_grid),
+                ("allocation_options", allocation_options),
+            )
+            if value is not None
+        ]
+        if given:
+            logger.warning(
+                f"{given} only apply to budgets that allocate ranks (`max_accuracy_drop`, `target_speedup`, "
+                "`param_ratio`); ignored with explicit ranks."
+            )
     ranks, chosen_attention = _resolve_attention(model, ranks, attention_rank, attention_ranks)
     # The query/key of a DRONE-factored attention block are replaced as a pair; they are no longer linear targets.
     replaced_qk = {name for block in chosen_attention for name in qk_linear_names(model, block)}
@@ -272,10 +351,17 @@ def compress_model(
         else _explicit_ranks(model, targets, shapes, rank=rank, ranks=ranks)
     )
     if not chosen and not chosen_attention and not embedding_args:
+        done = factored_modules(model)
+        if not targets and done:
+            raise ValueError(
+                f"Every encoder linear of this model is already factored ({len(done)} modules, e.g. `{done[0]}`); a "
+                "factored layer cannot be factored again. Compress the original dense model at the ranks you want."
+            )
         raise ValueError("Every selected module would stay dense at these ranks; nothing to compress.")
     # Only the modules actually factored need statistics (the embedding clustering needs none).
     needs_stats = factorizer.data_aware and (chosen or queries)
-    checked = check_stats(stats, list(chosen) + list(queries.values()), all_shapes) if needs_stats else {}
+    needed = list(chosen) + list(queries.values())
+    checked = check_stats(stats, needed, all_shapes, model=model) if needs_stats else {}
     factors = {name: _factor_linear(model, factorizer, name, checked.get(name), k) for name, k in chosen.items()}
     attention_factors = {
         block: _factor_attention(model, factorizer, block, checked.get(queries[block]), k)
@@ -304,7 +390,11 @@ def _factor_linear(model, factorizer, name: str, stats: torch.Tensor | None, ran
     """`(down, up, bias)` of one linear by the registered method."""
     layer = model.get_submodule(name)
     bias = None if layer.bias is None else layer.bias.detach()
-    return factorizer.decompose(layer.weight.detach(), bias, stats).factors(rank)
+    try:
+        decomposition = factorizer.decompose(layer.weight.detach(), bias, stats)
+    except ValueError as error:
+        raise ValueError(f"`stats[{name!r}]`: {error}") from error
+    return decomposition.factors(rank)
 
 
 _EMBEDDING_OPTIONS = {
@@ -454,7 +544,7 @@ def _build_compressed(model, chosen, factors, attention_ranks, attention_factors
     compressed = model_class(config)
     compressed.load_state_dict(state, strict=True)
     compressed.to(device=reference.device, dtype=reference.dtype)
-    compressed.train(model.training)
+    copy_training_modes(model, compressed)  # module by module, as the input's
     return compressed
 
 

@@ -24,6 +24,7 @@ from transformers.utils import logging
 
 from .arguments import DroneDistillationArguments
 from .distillation_losses import distillation_loss, hidden_state_mse
+from .model_state import restore_training_modes, training_modes
 
 
 if TYPE_CHECKING:
@@ -290,7 +291,7 @@ def distill(
     settings, training = _training_arguments(args, training_args)
     created = not os.path.exists(training.output_dir)
     requires_grad = [p.requires_grad for p in teacher.parameters()]
-    was_training = teacher.training
+    modes = training_modes(teacher)  # every module's own mode, restored on return
     try:
         trainer = DroneDistillationTrainer(
             model=student,
@@ -308,7 +309,7 @@ def distill(
     finally:
         for parameter, flag in zip(teacher.parameters(), requires_grad):
             parameter.requires_grad_(flag)
-        teacher.train(was_training)
+        restore_training_modes(modes)
         if created:  # Trainer creates its output_dir even when it writes nothing there
             with contextlib.suppress(OSError):
                 os.rmdir(training.output_dir)

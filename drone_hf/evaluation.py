@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .calibration import MODEL_INPUT_KEYS, model_inputs
+from .model_state import eval_mode
 
 
 if TYPE_CHECKING:
@@ -59,17 +60,15 @@ def predict(model: nn.Module, dataset, tokenizer, *, batch_size: int = 64) -> tu
     """Returns `(logits, labels)` over `dataset` in its original row order (`labels` is `None` without labels)."""
     if len(dataset) == 0:
         raise ValueError("`dataset` is empty; nothing to evaluate.")
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     order = _order(dataset, True, None)
     logits, labels = [], []
-    for batch in iter_batches(dataset, tokenizer, batch_size=batch_size, sort_by_length=True):
-        if "labels" in batch:
-            labels.append(batch.pop("labels"))
-        inputs = model_inputs(model, batch, device)
-        logits.append(model(**inputs).logits.float().cpu())
-    model.train(was_training)
+    with eval_mode(model):  # every module's own mode is restored afterwards, also if a batch raised
+        for batch in iter_batches(dataset, tokenizer, batch_size=batch_size, sort_by_length=True):
+            if "labels" in batch:
+                labels.append(batch.pop("labels"))
+            inputs = model_inputs(model, batch, device)
+            logits.append(model(**inputs).logits.float().cpu())
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
     all_logits = torch.cat(logits).numpy()[inverse]

@@ -10,6 +10,7 @@ import torch
 
 
 DEFAULT_RTOL = 1e-10
+_PSD_RTOL = 1e-6  # the same tolerance as the attention solver's check
 
 
 def _check_rank(rank: int, weight: torch.Tensor) -> None:
@@ -29,15 +30,30 @@ def _check_second_moment(second_moment: torch.Tensor, weight: torch.Tensor) -> N
         raise ValueError("`second_moment` contains NaN or Inf.")
 
 
-def whiten(second_moment: torch.Tensor, *, rtol: float = DEFAULT_RTOL) -> tuple[torch.Tensor, torch.Tensor]:
+def whiten(
+    second_moment: torch.Tensor, *, rtol: float = DEFAULT_RTOL, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-decomposes `C = U S^2 U^T` and keeps the pairs above `rtol * max eigenvalue` (a pseudo-inverse).
 
     Returns:
         `(U, s)`: `U` (`in x r`) with orthonormal columns and `s` (`r`) the square roots of the kept eigenvalues.
         Rank-deficient `C` (fewer tokens than dimensions) simply gives `r < in`; an all-zero `C` gives `r = 0`.
+
+    Raises:
+        `ValueError`: if `C` has an eigenvalue below `-1e-6` times its largest magnitude, or times `scale` when that
+            is larger (a centred scatter is judged on the scale of the uncentred moment it came from): `C` is then not
+            positive semi-definite.
     """
     eigvals, eigvecs = torch.linalg.eigh(second_moment.double())
     top = eigvals.max().clamp_min(0.0)
+    # Rounding makes a PSD sum slightly indefinite (~1e-16 relative); anything far below zero is not X X^T at all, and
+    # thresholding would silently drop those directions (a negated moment would leave the layer only its bias).
+    if float(eigvals.min()) < -_PSD_RTOL * max(float(eigvals.abs().max()), scale or 0.0):
+        raise ValueError(
+            f"The second moment is not positive semi-definite (eigenvalues from {float(eigvals.min()):.3g} to "
+            f"{float(eigvals.max()):.3g}): it is not a sum of x x^T over calibration tokens; collect the statistics "
+            "again with collect_activation_stats."
+        )
     keep = eigvals > rtol * top if top > 0 else torch.zeros_like(eigvals, dtype=torch.bool)
     return eigvecs[:, keep], eigvals[keep].sqrt()
 
@@ -57,9 +73,16 @@ class DroneDecomposition:
     """The rank-independent part of DRONE for one layer (`C = U S^2 U^T` and the SVD of `Z = W U S`), so that the
     factors at many ranks cost one eigendecomposition and one SVD. See [`drone_factorize`]."""
 
-    def __init__(self, weight: torch.Tensor, second_moment: torch.Tensor, *, rtol: float = DEFAULT_RTOL):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        second_moment: torch.Tensor,
+        *,
+        rtol: float = DEFAULT_RTOL,
+        psd_scale: float | None = None,
+    ):
         _check_second_moment(second_moment, weight)
-        basis, scale = whiten(second_moment, rtol=rtol)
+        basis, scale = whiten(second_moment, rtol=rtol, scale=psd_scale)
         self.weight_shape, self.dtype = tuple(weight.shape), weight.dtype
         self.left, self.sigma, right_t = torch.linalg.svd(weight.double() @ (basis * scale), full_matrices=False)
         self._right_t, self._basis = right_t / scale, basis
@@ -150,7 +173,8 @@ def drone_factorize_affine(
             f"got {tuple(stats.shape)}."
         )
     centred, mean = centred_scatter(stats)
-    down, up = DroneDecomposition(weight, centred, rtol=rtol).factors(rank)
+    scale = float(stats.double()[:-1, :-1].diagonal().abs().max()) * centred.shape[0]
+    down, up = DroneDecomposition(weight, centred, rtol=rtol, psd_scale=scale).factors(rank)
     shift = (weight.double() - up.double() @ down.double()) @ mean
     return down, up, shift.to(weight.dtype)
 

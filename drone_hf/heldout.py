@@ -12,6 +12,7 @@ from torch import nn
 from .architecture import get_architecture, layer_names
 from .calibration import model_inputs
 from .heads import MetricFn, concat_rows, default_metric_fn, head_rows, soft_change
+from .model_state import restore_training_modes, training_modes
 from .structure import swap_module
 
 
@@ -72,6 +73,7 @@ class LayerwiseEvaluator:
                 rows.append(rows_fn(self._forward(batch), labelled))
         self.labels = concat_rows([labels for _, labels, _ in rows])
         self.kind = rows[0][2]
+        self.num_outputs = max(int(logits.shape[-1]) for logits, _, _ in rows)  # classes, or span positions
         self._cache: list | None = None
         self._current = None
         self.layer_index = 0
@@ -161,6 +163,7 @@ def module_time_shares(
                 lambda m, a, o, n=name: elapsed.__setitem__(n, elapsed[n] + time.perf_counter() - starts[n])
             )
         )
+    modes = training_modes(model)
     try:
         model.eval()
         device = next(model.parameters()).device
@@ -173,6 +176,7 @@ def module_time_shares(
     finally:
         for handle in handles:
             handle.remove()
+        restore_training_modes(modes)
     times = {
         candidate: max(sum(elapsed[e[1:]] * (1 if e[0] == "+" else -1) for e in entries), 0.0)
         for candidate, entries in names.items()

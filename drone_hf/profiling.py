@@ -139,7 +139,8 @@ def measure_latency(
     alike; quote speed as a ratio against the dense model timed in the same call.
 
     Args:
-        models (`Mapping[str, nn.Module]`): Name -> model (put in eval mode here).
+        models (`Mapping[str, nn.Module]`): Name -> model (timed in eval mode; every module's own train/eval mode is
+            restored afterwards).
         inputs (`Mapping[str, Tensor]`): Keyword inputs, e.g. a tokenizer batch of 8 sequences.
         repeats (`int`, *optional*, defaults to 30): Timed rounds.
         warmup (`int`, *optional*, defaults to 3): Untimed rounds first.
@@ -148,15 +149,16 @@ def measure_latency(
         `dict[str, float]`: Name -> median seconds.
     """
     from .calibration import model_inputs
+    from .model_state import eval_mode
 
     _check_rounds(repeats, warmup)  # before any model is put in eval mode
     calls = {}
-    for name, model in models.items():
-        model.eval()
-        device = next(model.parameters()).device
-        # Each model gets the inputs its forward takes (e.g. no token_type_ids for DistilBERT), on its device.
-        calls[name] = _synchronised_forward(model, model_inputs(model, inputs, device), device)
-    return time_round_robin(calls, repeats=repeats, warmup=warmup)
+    with eval_mode(*models.values()):  # each module's own mode is restored afterwards
+        for name, model in models.items():
+            device = next(model.parameters()).device
+            # Each model gets the inputs its forward takes (e.g. no token_type_ids for DistilBERT), on its device.
+            calls[name] = _synchronised_forward(model, model_inputs(model, inputs, device), device)
+        return time_round_robin(calls, repeats=repeats, warmup=warmup)
 
 
 def _synchronised_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor], device: torch.device):

@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def _check_sentences(name: str, sentences: Any) -> list[str]:
 
 
 def _check_number(name: str, value: Any, allowed: str, ok: Callable[[float], bool]) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not ok(value):
         raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
 
 
@@ -95,7 +96,7 @@ def _check_budget(budgets: Mapping[str, Any]) -> str:
             + "."
         )
     name, value = given[0], budgets[given[0]]
-    if name == "rank" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    if name == "rank" and (isinstance(value, bool) or not isinstance(value, Integral) or value < 1):
         raise ValueError(f"`rank` must be a positive int (below each layer's min(in, out)), got {value!r}.")
     if name == "ranks" and not isinstance(value, Mapping):
         raise TypeError(f"`ranks` must be a dict of module name or 're:<regex>' -> rank, got {type(value).__name__}.")
@@ -226,6 +227,39 @@ def sentence_embedding_rows(model) -> Callable:
 
 # ------------------------------------------------------------------------------------------------ compression
 
+_ST_ALLOCATION_OPTIONS = (
+    "screening_samples",
+    "safety_margin",
+    "refine_steps",
+    "seq_len",
+    "show_progress",
+    "rank_grid",
+    "rank_multiple",
+    "target_modules",
+)
+_ST_OWN_ARGUMENTS = ("method", "rank", "ranks", "attention", "report", *_BUDGETS)
+
+
+def _st_allocation_options(options: Mapping | None) -> dict:
+    """`allocation_options` checked against what [`allocate_ranks`] may be given besides what
+    `compress_sentence_transformer` sets itself (the budget, method, attention, held-out data and report)."""
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(
+            f"`allocation_options` must be a mapping of option name -> value (allowed: {list(_ST_ALLOCATION_OPTIONS)}"
+            f"), got {type(options).__name__} {options!r}."
+        )
+    options = dict(options or {})
+    own = sorted(key for key in options if key in _ST_OWN_ARGUMENTS)
+    if own:
+        raise ValueError(
+            f"`allocation_options` may not set {own}: compress_sentence_transformer sets them from its own arguments "
+            f"(pass them there). Allowed options: {list(_ST_ALLOCATION_OPTIONS)}."
+        )
+    unknown = sorted(set(options) - set(_ST_ALLOCATION_OPTIONS))
+    if unknown:
+        raise ValueError(f"Unknown `allocation_options` {unknown}; allowed: {list(_ST_ALLOCATION_OPTIONS)}.")
+    return options
+
 
 def compress_sentence_transformer(
     model,
@@ -319,6 +353,7 @@ def compress_sentence_transformer(
         "min_cosine_similarity": min_cosine_similarity,
     }
     budget = _check_budget(budgets)
+    allocation_options = _st_allocation_options(allocation_options)  # before any expensive work
     if method not in method_names():
         raise ValueError(f"`method` must be one of {method_names()}, got {method!r}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -366,7 +401,7 @@ def compress_sentence_transformer(
             encoder, stats, method=method, rank=rank, ranks=ranks, calibration_info=calibration_info
         )
     else:
-        options = dict(allocation_options or {})
+        options = dict(allocation_options)
         options.setdefault("show_progress", show_progress)
         # FLOP shares at the length the model embeds (its max_seq_length when shorter than 128 tokens).
         options.setdefault("seq_len", min(128, int(getattr(new, "max_seq_length", None) or 128)))

@@ -39,7 +39,7 @@ def test_roles_names_and_regexes_select_modules():
     "targets, error, match",
     [
         ("ffn", ValueError, r"Unknown target module `ffn`.*roles of this bert model: \['query'"),
-        (["bert.pooler.dense"], ValueError, "Unknown target module `bert.pooler.dense`"),
+        (["bert.pooler.dense"], ValueError, r"`bert.pooler.dense` in `target_modules` is not a compression target"),
         (["re:nothing.*"], ValueError, "matches no encoder linear"),
         (["re:("], ValueError, "Invalid regex"),
         ([3], TypeError, "must be strings"),

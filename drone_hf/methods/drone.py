@@ -20,8 +20,8 @@ def _require(stats, name: str) -> torch.Tensor:
 
 
 class _DroneLinear(LinearDecomposition):
-    def __init__(self, weight, bias, moment, mean=None):
-        self._decomposition = DroneDecomposition(weight, moment)
+    def __init__(self, weight, bias, moment, mean=None, psd_scale=None):
+        self._decomposition = DroneDecomposition(weight, moment, psd_scale=psd_scale)
         self._weight, self._bias, self._mean = weight, bias, mean
         self.energy = self._decomposition.sigma**2
 
@@ -64,7 +64,9 @@ class DroneBiasCorrectedMethod(DroneMethod):
         if bias is None:  # no bias to carry the shift: the paper's form is the optimum
             return super().decompose(weight, bias, stats)
         moment, mean = centred_scatter(stats)
-        return _DroneLinear(weight, bias, moment, mean)
+        # Judge the centred scatter's rounding on the scale of the uncentred moment it was computed from.
+        scale = float(stats.double()[:-1, :-1].diagonal().abs().max()) * moment.shape[0]
+        return _DroneLinear(weight, bias, moment, mean, psd_scale=scale)
 
 
 __all__ = ["DroneBiasCorrectedMethod", "DroneMethod"]
