@@ -1,8 +1,8 @@
 """Deployment table (issue 15): dense MiniLM and DRONE MiniLM on SST-2, each in float32, bfloat16 and dynamic int8.
 
     python benchmarks/deployment.py [--task sst2] [--teacher-steps 300] [--teacher PATH] [--rank 96]
-        [--target-speedup 1.5] [--calibration-samples 512] [--repeats 30] [--threads N] [--max-eval-samples N]
-        [--sweep-multiple 8 | --no-sweep]
+        [--target-speedup 1.5] [--rank-multiple 8] [--calibration-samples 512] [--repeats 30] [--threads N]
+        [--max-eval-samples N] [--sweep-multiple 8 | --no-sweep]
 
 Rows: dense, DRONE at one uniform rank (every encoder linear), and DRONE under a `target_speedup` budget whose ranks
 are allocated with the kernels measured in that form (`compress_model(..., dtype=/quantize=)`), in each form. Columns:
@@ -72,6 +72,7 @@ def parse_args():
     parser.add_argument("--teacher", help="a fine-tuned classifier folder to use instead of the cached teacher")
     parser.add_argument("--rank", type=int, default=96, help="the uniform-rank rows")
     parser.add_argument("--target-speedup", type=float, default=1.5, help="the budget rows (multiply-add target)")
+    parser.add_argument("--rank-multiple", type=int, default=8, help="rank step of the budget rows' grids")
     parser.add_argument("--calibration-samples", type=int, default=512)
     parser.add_argument("--max-eval-samples", type=int, help="a seeded subset of the dev split (smoke runs)")
     parser.add_argument("--repeats", type=int, default=30, help="timed round-robin rounds (batch 8 x 128)")
@@ -129,6 +130,7 @@ def _build(teacher, stats, args, costs, provenance):
                 teacher,
                 stats,
                 target_speedup=args.target_speedup,
+                rank_multiple=args.rank_multiple,
                 calibration_info=provenance,
                 allocation_report=report,
                 allocation_options={"kernel_costs": costs[form], "seq_len": args.seq_len},

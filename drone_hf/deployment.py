@@ -98,6 +98,11 @@ def check_deployment(model: nn.Module, dtype, quantize) -> tuple[torch.dtype | N
                 "parts (embeddings, LayerNorm, attention products) in float32, the int8 kernel's activation dtype. "
                 "Pass `dtype=None` or `torch.float32`."
             )
+        if dtype is None and parameter is not None and parameter.dtype != torch.float32:
+            raise ValueError(
+                f"`quantize={quantize!r}` needs a float32 model (the int8 kernel's activation dtype), got one in "
+                f"{parameter.dtype}; pass `dtype=torch.float32` to cast the result, or load the model in float32."
+            )
     return dtype, quantize
 
 

@@ -56,7 +56,7 @@ class _Int8Kernel:
         inputs = hidden_states.float()
         if packed is not None:
             output = torch.ops.quantized.linear_dynamic(inputs, packed, True)
-        else:  # no quantized engine in this torch build: the same arithmetic in float (slow, for portability)
+        else:  # no quantized engine in this torch build: the dequantised int8 weights in float (activations exact)
             output = nn.functional.linear(inputs, self.weight.float() * self.weight_scale[:, None].float(), None)
             if self.bias is not None:
                 output = output + self.bias.float()

@@ -200,6 +200,17 @@ def test_bad_deployment_values_raise_naming_the_argument(kwargs, match):
         drone_hf.compress_model(model, stats, rank=4, **kwargs)
 
 
+def test_quantize_a_half_model_needs_an_explicit_float32_result():
+    model, stats, inputs = _setup("bert")
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"`quantize='int8'` needs a float32 model.*torch.bfloat16"):
+        drone_hf.compress_model(half, stats, rank=4, quantize="int8")
+    with pytest.raises(ValueError, match=r"needs a float32 model"):
+        quantize_model(half)
+    quantized = drone_hf.compress_model(half, stats, rank=4, quantize="int8", dtype=torch.float32)
+    assert is_quantized(quantized) and quantized.dtype == torch.float32
+
+
 def test_quantize_refuses_a_model_off_the_cpu():
     model, stats, _ = _setup("bert")
     model.to("meta")  # stands for a GPU: any device but the CPU
@@ -224,3 +235,15 @@ def test_int8_refuses_cuda_clearly():
     layer = DroneInt8Linear.from_linear(torch.nn.Linear(16, 8)).cuda()
     with pytest.raises(RuntimeError, match="runs on CPU only"):
         layer(torch.randn(2, 16, device="cuda"))
+
+
+def test_int8_without_the_quantized_engine_falls_back_to_the_dequantised_weights(monkeypatch):
+    torch.manual_seed(0)
+    layer = DroneInt8Linear.from_linear(torch.nn.Linear(32, 8))
+    inputs = torch.randn(4, 32)
+    with torch.no_grad():
+        fast = layer(inputs)
+        monkeypatch.setattr("drone_hf.int8._kernel_available", lambda: False)
+        slow = layer(inputs)
+    expected = torch.nn.functional.linear(inputs, layer.weight.float() * layer.weight_scale[:, None], layer.bias)
+    assert torch.allclose(slow, expected, atol=1e-6) and torch.allclose(fast, slow, atol=0.05)

@@ -86,9 +86,13 @@ def test_budget_measured_in_bfloat16_on_this_machine():
     """Real timings (tiny shapes, 8 x 16 tokens): whatever this machine measures, no chosen rank is slower."""
     model = _model()
     report = {}
-    ranks = allocate_ranks(
-        model, _stats(model), target_speedup=1.05, attention=False, dtype=torch.bfloat16, seq_len=16, report=report
-    )
+    try:
+        ranks = allocate_ranks(
+            model, _stats(model), target_speedup=1.05, attention=False, dtype=torch.bfloat16, seq_len=16, report=report
+        )
+    except ValueError as error:  # a machine on which no factored pair of these tiny shapes is faster: also correct
+        assert "no candidate rank of any module is faster than the dense module" in str(error)
+        pytest.skip(f"no rank pays at these tiny shapes on this machine: {error}")
     timings = report["kernel_costs"]["seconds"]
     assert report["kernel_costs"]["tokens"] == 128
     for name, (out_features, in_features) in _linear_shapes(model, ranks).items():
