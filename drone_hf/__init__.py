@@ -15,9 +15,12 @@ from .attention import DroneBertSelfAttention
 from .calibration import ActivationStatsCollector, collect_activation_stats
 from .compress import compress_model
 from .configuration_drone import DRONE_FORMAT_VERSION, DroneConfig, drone_config_class
+from .deployment import quantize_model
 from .embedding import DroneEmbedding, replace_embedding_with_drone, token_frequencies
 from .factorize import data_weighted_error, drone_factorize, drone_spectrum, svd_factorize
 from .hub import create_or_update_model_card, push_compressed_to_hub
+from .int8 import DroneInt8Linear, DroneInt8QKLinear
+from .kernel_costs import KernelCosts
 from .layers import DroneLinear, DroneQKLinear
 from .methods import FactorizationMethod, register_method
 from .modeling_drone import DroneBertForSequenceClassification, DroneModelMixin, drone_model_class
@@ -70,10 +73,13 @@ __all__ = [
     "DroneDistillationArguments",
     "DroneDistillationTrainer",
     "DroneEmbedding",
+    "DroneInt8Linear",
+    "DroneInt8QKLinear",
     "DroneLinear",
     "DroneModelMixin",
     "DroneQKLinear",
     "FactorizationMethod",
+    "KernelCosts",
     "ProjectiveClusteringResult",
     "allocate_ranks",
     "choose_kj",
@@ -90,6 +96,7 @@ __all__ = [
     "load_activation_stats",
     "projective_clustering",
     "push_compressed_to_hub",
+    "quantize_model",
     "register_architecture",
     "register_method",
     "resolve_target_modules",

@@ -189,6 +189,9 @@ def allocate_ranks(
     show_progress: bool = False,
     report: dict | None = None,
     rows_fn: Callable | None = None,
+    dtype: torch.dtype | str | None = None,
+    quantize: str | None = None,
+    kernel_costs=None,
 ) -> dict[str, int]:
     r"""
     Allocates per-module ranks for a budget. Pass exactly one of `max_accuracy_drop`, `target_speedup`, `param_ratio`.
@@ -213,6 +216,13 @@ def allocate_ranks(
     Candidates are the target encoder linears and, with `attention=True`, each layer's attention-score product
     (DRONE attention, replacing its query/key linears). Grid ranks are multiples of `rank_multiple` below each
     linear's break-even rank (`k (in + out) < in * out`), so only ranks that reduce a layer's cost are chosen.
+
+    With a deployment form (`dtype` and/or `quantize`, or `kernel_costs`), the kernels decide instead of the count:
+    the dense and factored products of each shape are timed in that form on this machine
+    ([`~drone_hf.kernel_costs.KernelCosts`], batch `8 x seq_len` tokens), each grid rank is kept only if its
+    factored pair (narrowed query/key projection) is measured faster than the dense one, so no rank above the
+    measured break-even is ever chosen, and `max_accuracy_drop` splits its budget by the measured shares of the time
+    (the DRONE appendix's shares). `target_speedup` still counts multiply-adds, over those grids.
 
     Args:
         model (`PreTrainedModel`): The fine-tuned model, any supported family and head (not modified; a copy is
@@ -245,6 +255,11 @@ def allocate_ranks(
         rows_fn (`Callable`, *optional*): How model outputs become scored rows (`drone_hf.heads`): the task head's
             by default; `embedding_rows("mean")` scores a bare encoder by the cosine similarity of its pooled
             embeddings to the dense ones (`max_accuracy_drop = 100 * (1 - min_cosine_similarity)`).
+        dtype (`torch.dtype` or `str`, *optional*): The deployment dtype (`float32`, `bfloat16`, `float16`) to
+            measure break-even ranks and time shares in (see above); `None` counts multiply-adds.
+        quantize (`str`, *optional*): `"int8"`: measure them for dynamic int8 modules.
+        kernel_costs ([`~drone_hf.kernel_costs.KernelCosts`], *optional*): A cost model to use (and fill) instead of
+            one built from `dtype`/`quantize`, e.g. one shared between allocations, or with a given `seconds_fn`.
 
     Returns:
         `dict[str, int]`: linear name -> rank and attention block name (`...attention.self`) -> per-head rank, for
@@ -289,6 +304,7 @@ def allocate_ranks(
         raise TypeError(f"`stats` (from collect_activation_stats) is required for method={method!r}.")
     check_supported_model(model)
     check_materialized(model, "allocate ranks for")
+    kernel_costs = _kernel_costs(model, dtype, quantize, kernel_costs, seq_len)
     working = copy.deepcopy(model).eval()
     candidates = Candidates(
         working,
@@ -299,7 +315,13 @@ def allocate_ranks(
         rank_grid=rank_grid,
         rank_multiple=rank_multiple,
         seq_len=seq_len,
+        kernel_costs=kernel_costs,
     )
+    if kernel_costs is not None and not candidates.names:
+        raise ValueError(
+            f"The budget cannot be met: no candidate rank of any module is faster than the dense module in this "
+            f"deployment form ({kernel_costs.describe()}); keep the model dense in this form, or deploy in another."
+        )
     if candidates.method.data_aware:
         needed = candidates.linears + [candidates.qk[block][0] for block in candidates.blocks]
         shapes = {n: tuple(working.get_submodule(n).weight.shape) for n in needed}
@@ -320,9 +342,36 @@ def allocate_ranks(
         chosen = allocate_by_accuracy(
             working, candidates, eval_dataloader, max_accuracy_drop, options, show_progress, report
         )
+    if kernel_costs is not None:
+        report["kernel_costs"] = kernel_costs.summary()
+        report["grids"] = {name: list(candidates.grid[name]) for name in candidates.names}
     report["seconds"] = time.perf_counter() - started
     logger.info(f"Allocated ranks for {len(chosen)} of {len(candidates.names)} modules in {report['seconds']:.1f}s.")
     return chosen
+
+
+def _kernel_costs(model, dtype, quantize, kernel_costs, seq_len):
+    """The cost model of a deployment form: `kernel_costs` as given, one measured for `dtype`/`quantize` on the
+    model's device, or None (multiply-adds)."""
+    from .deployment import resolve_dtype, resolve_quantize
+    from .kernel_costs import KernelCosts
+
+    if kernel_costs is not None:
+        if not isinstance(kernel_costs, KernelCosts):
+            raise TypeError(f"`kernel_costs` must be a KernelCosts, got {type(kernel_costs).__name__}.")
+        given = (resolve_dtype(dtype) or torch.float32, resolve_quantize(quantize))
+        if (dtype is not None or quantize is not None) and given != (kernel_costs.dtype, kernel_costs.quantize):
+            raise ValueError(
+                f"`kernel_costs` measures {kernel_costs.describe()!r}, not the deployment form `dtype={dtype}`, "
+                f"`quantize={quantize!r}`; pass one cost model for the form the model is deployed in."
+            )
+        return kernel_costs
+    if dtype is None and quantize is None:
+        return None
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+        raise ValueError(f"`seq_len` must be a positive int, got {seq_len!r}.")
+    device = next(model.parameters()).device
+    return KernelCosts(dtype or torch.float32, quantize=quantize, tokens=8 * seq_len, device=device)
 
 
 def _allocate_closed_form(working, candidates, target_speedup, param_ratio) -> dict[str, int]:

@@ -107,8 +107,10 @@ def _checked_metric(metric_fn):
 def cost_shares(candidates) -> dict[str, float]:
     """Each candidate's share of the candidates' dense multiply-adds at `candidates.seq_len` tokens (an attention
     block: its query/key projections and score product). Deterministic: the DRONE appendix splits the budget by
-    share of inference time, and multiply-adds are that share without the noise of a clock on a shared machine."""
-    costs = {name: candidates.macs(name, None) for name in candidates.names}
+    share of inference time, and multiply-adds are that share without the noise of a clock on a shared machine.
+    With `candidates.kernel_costs` (a deployment dtype or int8 given), the shares are of the time measured in that
+    form instead, as in the appendix (an attention block: its query/key projections, the part its rank changes)."""
+    costs = {name: candidates.dense_cost(name) for name in candidates.names}
     total = sum(costs.values()) or 1
     return {name: cost / total for name, cost in costs.items()}
 
@@ -184,7 +186,7 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
         heldout_standard_error=refined["standard_error"],
         safety_margin=joint.margin,
         scale=best.get("scale", 0.0),
-        cost_model=f"{COST_MODEL} at {candidates.seq_len} tokens",
+        cost_model=candidates.cost_model,
         heldout_kind=evaluator.kind,
         refined_steps=refined.get("steps", 0),
         time_share_ranks=best["ranks"],

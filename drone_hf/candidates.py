@@ -39,8 +39,11 @@ class Candidates:
     """The modules an allocation chooses ranks for: encoder linears and (optionally) whole attention-score blocks,
     whose query/key linears they replace. Holds cached decompositions so any rank's module is cheap to build."""
 
-    def __init__(self, model, stats, *, method, attention, target_modules, rank_grid, rank_multiple, seq_len):
+    def __init__(
+        self, model, stats, *, method, attention, target_modules, rank_grid, rank_multiple, seq_len, kernel_costs=None
+    ):
         self.model, self.seq_len = model, seq_len
+        self.kernel_costs = kernel_costs  # a KernelCosts: grids keep measured-paying ranks, shares are measured time
         self.method = get_method(method)
         targets = resolve_target_modules(model, target_modules)
         blocks = [
@@ -64,11 +67,16 @@ class Candidates:
             limit = breakeven_rank(out_f, in_f)
             grid = _default_grid(limit, rank_multiple) if rank_grid is None else list(rank_grid)
             self.grid[name] = sorted({k for k in grid if isinstance(k, int) and 0 < k <= limit})
-        for block in blocks:
-            head = attention_geometry(model, block)[3]
-            self.grid[block] = sorted({max(1, round(head * f)) for f in _FRACTIONS} - {head})
         if rank_grid is not None:
             self._report_grid(rank_grid)
+        if kernel_costs is not None:  # measured in the deployment form: only ranks whose kernels beat the dense one
+            for name in self.linears:
+                self.grid[name] = kernel_costs.paying_ranks(*self.shape[name], self.grid[name])
+        for block in blocks:
+            query, _, num_heads, head = attention_geometry(model, block)
+            self.grid[block] = sorted({max(1, round(head * f)) for f in _FRACTIONS} - {head})
+            if kernel_costs is not None:
+                self.grid[block] = kernel_costs.paying_qk_ranks(query.in_features, num_heads, head, self.grid[block])
         self.names = [name for name in self.names if self.grid[name]]
 
     def _report_grid(self, rank_grid) -> None:
@@ -143,6 +151,23 @@ class Candidates:
             width = num_heads * (head if rank is None else rank)
             return self.seq_len * self.params(name, rank) + self.seq_len**2 * width
         return self.seq_len * self.params(name, rank)
+
+    def dense_cost(self, name) -> float:
+        """The dense module's cost for splitting a budget: measured seconds in the deployment form with
+        `kernel_costs`, else multiply-adds at `seq_len` tokens (see [`cost_model`])."""
+        if self.kernel_costs is None:
+            return self.macs(name, None)
+        if name in self.blocks:
+            query, _, num_heads, head = attention_geometry(self.model, name)
+            return self.kernel_costs.dense_attention_seconds(query.in_features, num_heads, head)
+        return self.kernel_costs.dense_linear_seconds(*self.shape[name])
+
+    @property
+    def cost_model(self) -> str:
+        """What [`dense_cost`] counts, for reports."""
+        if self.kernel_costs is None:
+            return f"multiply-adds at {self.seq_len} tokens"
+        return self.kernel_costs.describe()
 
 
 def apply_ranks(model, candidates: Candidates, ranks: Mapping[str, int]) -> dict[str, nn.Module]:

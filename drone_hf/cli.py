@@ -104,6 +104,17 @@ def _parser() -> argparse.ArgumentParser:
         default=48,
         help="joint checks spent moving single modules one rank down after the time-share split",
     )
+    compress.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="deployment dtype: the result is cast, saved and reloads in it; budgets keep only ranks measured faster "
+        "than the dense layer in this dtype on this machine",
+    )
+    compress.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="dynamic int8 of the encoder linears (CPU; saved as int8 weights + float32 scales in safetensors)",
+    )
     compress.add_argument("--output", required=True)
     compress.add_argument("--push-to-hub", metavar="REPO", help="also upload the compressed model to this Hub repo")
 
@@ -509,6 +520,8 @@ def _compress(args) -> int:
             rank=args.rank,
             calibration_info=calibration_info,
             bias_correction=args.bias_correction,
+            dtype=args.dtype,
+            quantize=args.quantize,
         )
     else:
         heldout = rows.select(range(args.calibration_samples, total)) if needs_heldout else None
@@ -528,6 +541,8 @@ def _compress(args) -> int:
             eval_dataloader=list(iter_batches(heldout, tokenizer, batch_size=64, sort_by_length=True))
             if heldout is not None
             else None,
+            dtype=args.dtype,
+            quantize=args.quantize,
             **budget,
         )
         if not ranks:
@@ -539,16 +554,21 @@ def _compress(args) -> int:
             ranks=ranks,
             calibration_info=calibration_info,
             bias_correction=args.bias_correction,
+            dtype=args.dtype,
+            quantize=args.quantize,
         )
     seconds = time.perf_counter() - started
     dev = _dev(args, tokenizer, info)
-    results = _measure(args, {"dense": model, f"{args.method}": compressed}, dev, tokenizer, info)
+    models = {"dense": model, **_dense_in_form(model, args.dtype, args.quantize), f"{args.method}": compressed}
+    results = _measure(args, models, dev, tokenizer, info)
     compressed.save_pretrained(args.output)
     tokenizer.save_pretrained(args.output)
     summary = {
         "task": info.name,
         "budget": {k: v for k, v in {**budget, "rank": args.rank}.items() if v is not None},
         "method": args.method,
+        "dtype": args.dtype or "float32",
+        "quantize": args.quantize,
         "compress_seconds": seconds,
         "allocation": report,
         "results": results,
@@ -568,6 +588,20 @@ def _compress(args) -> int:
 
         print(f"Pushed: {push_compressed_to_hub(compressed, args.push_to_hub, tokenizer=tokenizer)}")
     return 0
+
+
+def _dense_in_form(model, dtype: str | None, quantize: str | None) -> dict:
+    """The dense model in the deployment form too (`{"dense-bfloat16": ...}`), so that the table shows the speed-up
+    against dense in the same dtype as well as against dense float32; empty for float32."""
+    import copy
+
+    from .deployment import quantize_model, resolve_dtype
+
+    if quantize:
+        return {f"dense-{quantize}": quantize_model(model)}
+    if dtype and dtype != "float32":
+        return {f"dense-{dtype}": copy.deepcopy(model).to(resolve_dtype(dtype))}
+    return {}
 
 
 def _evaluate(args) -> int:

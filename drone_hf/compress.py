@@ -15,6 +15,7 @@ from transformers.utils import logging
 from .allocation import breakeven_rank
 from .architecture import base_model_type
 from .configuration_drone import drone_config_class
+from .deployment import check_deployment, prepare_for_deployment
 from .embedding import DroneEmbedding
 from .methods import DEFAULT_METHOD, get_method, resolve_method
 from .model_state import check_materialized, copy_training_modes
@@ -110,6 +111,7 @@ _ALLOCATION_OPTIONS = (
     "seq_len",
     "show_progress",
     "rows_fn",
+    "kernel_costs",
 )
 
 
@@ -164,6 +166,8 @@ def compress_model(
     calibration_info: Mapping | None = None,
     embedding: tuple[int, int] | float | None = None,
     embedding_options: Mapping | None = None,
+    dtype: torch.dtype | str | None = None,
+    quantize: str | None = None,
 ):
     r"""
     Factors the encoder of a fine-tuned model and returns a **new** DRONE model of the same family and head (e.g.
@@ -217,17 +221,28 @@ def compress_model(
             `"bert.embeddings.word_embeddings"`), `k_grid` (default `(1, 2, 4, 8)`, ratio only), `n_init` (2),
             `max_iter` (15), `seed` (0) and `weights` (`(vocab_size,)` row weights, e.g.
             `1 + torch.log1p(token_frequencies(loader, vocab_size))`).
+        dtype (`torch.dtype` or `str`, *optional*): Deployment dtype, `float32`, `bfloat16` or `float16`. Statistics
+            and factors are computed as always (float64/float32); the result is cast once. `save_pretrained` writes
+            it in that dtype with `"dtype"` in `config.json`, and `from_pretrained` (whose default is `dtype="auto"`
+            in transformers 5) reloads it in that dtype. A budget (`target_speedup`, `max_accuracy_drop`,
+            `param_ratio`) then keeps only ranks measured faster than the dense layer in this dtype on this machine
+            and splits `max_accuracy_drop` by measured time shares (see [`allocate_ranks`]).
+        quantize (`str`, *optional*): `"int8"`: dynamic int8 of every encoder linear (dense and factored halves) and
+            narrowed query/key projection ([`quantize_model`]), for CPU inference; listed in
+            `config.drone_quantization`, saved as int8 weights + float32 per-channel scales. Budgets are measured for
+            int8 kernels, as for `dtype`. Needs a CPU model and float32.
 
     Returns:
-        The compressed model (a `DroneModelMixin` subclass of `model`'s class), on the device and in the dtype of
-        `model`. Linears whose rank would not reduce their cost (`k (in + out) >= in * out`) are left dense with a
-        warning.
+        The compressed model (a `DroneModelMixin` subclass of `model`'s class), on the device of `model`, in `dtype`
+        (default: the dtype of `model`), with int8 modules if `quantize`. Linears whose rank would not reduce their
+        cost (`k (in + out) >= in * out`) are left dense with a warning.
 
     Raises:
         `ValueError`: for an unsupported family, a model on the meta device, an unknown `method` or module, a module
             that is not a compression target (the pooler/classifier head) or is already factored, a rank outside
             `[1, min(in, out))` (attention: `[1, d_h)`), statistics missing, of the wrong shape, not symmetric
-            positive semi-definite, or collected on another model (see [`ActivationStats`]), or no budget.
+            positive semi-definite, or collected on another model (see [`ActivationStats`]), no budget, or a
+            `dtype`/`quantize` outside the allowed values (or `quantize` with a GPU model).
 
     Example:
 
@@ -239,6 +254,7 @@ def compress_model(
     """
     check_supported_model(model)
     check_materialized(model, "compress")
+    dtype, quantize = check_deployment(model, dtype, quantize)  # before any expensive work
     if settings is not None:
         from .arguments import DroneCompressionArguments
 
@@ -270,6 +286,8 @@ def compress_model(
             embedding=embedding,
             embedding_options=embedding_options,
             attention_ranks=attention_ranks,
+            dtype=dtype,
+            quantize=quantize,
             **merged,
         )
     method = resolve_method(DEFAULT_METHOD if method is None else method, bias_correction)
@@ -311,6 +329,8 @@ def compress_model(
             target_modules=target_modules,
             rank_multiple=rank_multiple,
             report=allocation_report,
+            dtype=dtype,
+            quantize=quantize,
             **_allocation_options(allocation_options),
         )
         if not ranks:
@@ -374,7 +394,7 @@ def compress_model(
     if embedding_args:
         spec, tensors, provenance["embedding"] = _factor_embedding(*embedding_args)
         embedding_factors = (spec, tensors)
-    return _build_compressed(
+    compressed = _build_compressed(
         model,
         chosen,
         factors,
@@ -384,6 +404,7 @@ def compress_model(
         provenance or None,
         embedding=embedding_factors,
     )
+    return prepare_for_deployment(compressed, dtype, quantize)
 
 
 def _factor_linear(model, factorizer, name: str, stats: torch.Tensor | None, rank: int):

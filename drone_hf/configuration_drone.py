@@ -16,8 +16,14 @@ from transformers import BertConfig, PretrainedConfig
 from .architecture import DRONE_MODEL_TYPE_PREFIX
 
 
-DRONE_FORMAT_VERSION = 1
-"""On-disk format version this library writes. It changes only when the tensor layout or key meaning changes."""
+DRONE_FORMAT_VERSION = 2
+"""Newest on-disk format version this library reads and writes. It changes only when the tensor layout or key meaning
+changes. Version 1: float factored layers. Version 2 adds int8 modules (`drone_quantization`); a checkpoint is written
+with the lowest version that describes it, so float checkpoints stay version 1 and older drone_hf still reads them,
+while an older drone_hf refuses an int8 one instead of loading its int8 tensors into float layers."""
+
+DRONE_QUANTIZATION_METHODS = ("int8-dynamic",)
+"""The values `drone_quantization["method"]` may take."""
 
 DRONE_METHODS = ("drone", "drone-bc", "svd")
 """The built-in factorisation methods (`drone_method` is provenance: any registered method's name is accepted)."""
@@ -51,16 +57,22 @@ class DroneConfigMixin:
         drone_embedding (`dict`, *optional*):
             `{"module": full module name, "k": int, "j": int}`: that `nn.Embedding` is a [`DroneEmbedding`], a
             `(k, j)`-projective clustering of its rows (`k <= vocab_size` subspaces of dimension `j < hidden_size`).
+        drone_quantization (`dict`, *optional*):
+            `{"method": "int8-dynamic", "modules": [full module names]}`: those `nn.Linear` (including the `down`/`up`
+            halves of factored layers, e.g. `"bert.encoder.layer.0.intermediate.dense.down"`) and narrowed query/key
+            projections are dynamic int8 modules (`weight` int8, `weight_scale` float32, `bias` float32). Needs
+            `drone_format_version >= 2`. Absent means every module is in float.
         drone_calibration (`dict`, *optional*):
             Provenance of the calibration data (dataset, split, number of samples/tokens, seed). Nothing reads it
             at load time; it feeds the model card.
     """
 
-    drone_format_version: int = DRONE_FORMAT_VERSION
+    drone_format_version: int = 1
     drone_method: str = "drone"
     drone_ranks: dict[str, int] | None = None
     drone_attention_ranks: dict[str, int] | None = None
     drone_embedding: dict | None = None
+    drone_quantization: dict | None = None
     drone_calibration: dict | None = None
 
     def validate_drone_format_version(self):
@@ -72,6 +84,35 @@ class DroneConfigMixin:
             raise ValueError(
                 f"This checkpoint has `drone_format_version={version}` but this drone_hf only reads versions "
                 f"<= {DRONE_FORMAT_VERSION}. Upgrade with `pip install -U drone_hf`."
+            )
+
+    def validate_drone_quantization(self):
+        """Checks `drone_quantization`: exactly the keys method/modules, a known method, a non-empty list of plain
+        module paths without repeats, and `drone_format_version >= 2`."""
+        spec = self.drone_quantization
+        if spec is None:
+            return
+        keys = ("method", "modules")
+        if not isinstance(spec, dict) or set(spec) != set(keys):
+            got = sorted(spec) if isinstance(spec, dict) else type(spec).__name__
+            raise ValueError(f"`drone_quantization` must be a dict with exactly the keys {list(keys)}, got {got}.")
+        if spec["method"] not in DRONE_QUANTIZATION_METHODS:
+            raise ValueError(
+                f"`drone_quantization['method']` must be one of {list(DRONE_QUANTIZATION_METHODS)}, got "
+                f"{spec['method']!r}."
+            )
+        modules = spec["modules"]
+        if not isinstance(modules, list) or not modules or len(set(map(str, modules))) != len(modules):
+            raise ValueError(
+                f"`drone_quantization['modules']` must be a non-empty list of distinct module names, got {modules!r}."
+            )
+        bad = [name for name in modules if not isinstance(name, str) or not _FQN_RE.match(name)]
+        if bad:
+            raise ValueError(f"`drone_quantization['modules']` must be full module names (no regex), got {bad}.")
+        version = self.drone_format_version
+        if isinstance(version, bool) or not isinstance(version, int) or version < 2:
+            raise ValueError(
+                f"`drone_quantization` needs `drone_format_version >= 2` (int8 tensors), got {version!r}."
             )
 
     def validate_drone_method(self):
@@ -169,4 +210,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["DRONE_FORMAT_VERSION", "DRONE_METHODS", "DroneConfig", "DroneConfigMixin", "drone_config_class"]
+__all__ = [
+    "DRONE_FORMAT_VERSION",
+    "DRONE_METHODS",
+    "DRONE_QUANTIZATION_METHODS",
+    "DroneConfig",
+    "DroneConfigMixin",
+    "drone_config_class",
+]

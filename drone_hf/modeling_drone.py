@@ -24,7 +24,15 @@ from .structure import apply_drone_structure, resolve_module_name
 
 
 logger = logging.get_logger(__name__)
-_FACTOR_SUFFIXES = (".down.weight", ".up.weight", ".up.bias", ".coefficients", ".bases", ".assignments")
+_FACTOR_SUFFIXES = (
+    ".down.weight",
+    ".up.weight",
+    ".up.bias",
+    ".coefficients",
+    ".bases",
+    ".assignments",
+    ".weight_scale",
+)
 
 
 class DroneModelMixin:
@@ -74,7 +82,8 @@ class DroneModelMixin:
     def _check_drone_loading_info(self, info: dict) -> None:
         config = self.config
         embedding = [config.drone_embedding["module"]] if config.drone_embedding else []
-        names = [*(config.drone_ranks or {}), *(config.drone_attention_ranks or {}), *embedding]
+        quantized = (getattr(config, "drone_quantization", None) or {}).get("modules", [])
+        names = [*(config.drone_ranks or {}), *(config.drone_attention_ranks or {}), *embedding, *quantized]
         modules = dict(self.named_modules())
         factored = tuple(f"{resolve_module_name(self, name, modules)}." for name in names)
         keys = set(info.get("missing_keys", ())) | set(info.get("unexpected_keys", ()))

@@ -15,7 +15,7 @@ from transformers import PretrainedConfig
 
 
 def _linear_macs(module: nn.Module) -> int:
-    """Multiply-adds per token of one linear kind (dense, factored, narrowed query/key)."""
+    """Multiply-adds per token of one linear kind (dense, factored, narrowed query/key; float or int8)."""
     from .layers import DroneLinear, DroneQKLinear
 
     if isinstance(module, DroneLinear):
@@ -63,12 +63,13 @@ def model_macs(model: nn.Module, seq_len: int = 128) -> int:
 def _linear_kinds(root: nn.Module, skip: set[int] = frozenset()):
     """The linear-kind modules under `root` (a DroneLinear counts as one; its inner `down`/`up` are not visited),
     leaving out the subtrees whose ids are in `skip`."""
+    from .int8 import DroneInt8Linear
     from .layers import DroneLinear, DroneQKLinear
 
     for child in root.children():
         if id(child) in skip:
             continue
-        if isinstance(child, (nn.Linear, DroneLinear, DroneQKLinear)):
+        if isinstance(child, (nn.Linear, DroneLinear, DroneQKLinear, DroneInt8Linear)):
             yield child
         else:
             yield from _linear_kinds(child, skip)

@@ -17,6 +17,7 @@ from transformers.utils import logging
 
 from .architecture import get_architecture, layer_names
 from .embedding import replace_embedding_with_drone
+from .int8 import replace_linear_with_int8
 from .layers import DroneLinear, DroneQKLinear
 
 
@@ -290,13 +291,17 @@ def replace_attention_with_drone(
 def apply_drone_structure(model: nn.Module, config) -> None:
     """Gives `model` the structure its DRONE config describes (shapes only; the weights come from the checkpoint or
     from `compress_model`): attention blocks first (a factored value linear then lands in the right block), then the
-    factored linears, then the clustered word embedding. Names are resolved with [`resolve_module_name`]."""
+    factored linears, then the clustered word embedding, then the int8 modules (which may be the halves of factored
+    linears). Names are resolved with [`resolve_module_name`]."""
     replace_attention_with_drone(model, resolve_module_names(model, config.drone_attention_ranks))
     replace_linear_with_drone(model, resolve_module_names(model, config.drone_ranks))
     embedding = config.drone_embedding
     if embedding:
         embedding = {**embedding, "module": resolve_module_name(model, embedding["module"])}
     replace_embedding_with_drone(model, embedding)
+    quantization = getattr(config, "drone_quantization", None)
+    if quantization:
+        replace_linear_with_int8(model, list(resolve_module_names(model, dict.fromkeys(quantization["modules"]))))
 
 
 __all__ = [

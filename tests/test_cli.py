@@ -185,3 +185,40 @@ def test_the_default_method_is_defined_once_and_bias_correction_selects_drone_bc
     assert _parser().parse_args([*base, "--method", "drone-bc"]).method == "drone-bc"
     flag = _parser().parse_args([*base, "--bias-correction"])
     assert resolve_method(flag.method, flag.bias_correction) == "drone-bc"
+
+
+@pytest.mark.parametrize(
+    "budget, form, dense_row",
+    [
+        (["--target-speedup", "1.2"], ["--dtype", "bfloat16"], "dense-bfloat16"),
+        (["--rank", "8"], ["--quantize", "int8"], "dense-int8"),
+    ],
+)
+def test_compress_in_a_deployment_form_saves_it_and_times_dense_in_it_too(
+    workspace, tmp_path, capsys, budget, form, dense_row
+):
+    code = _compress(workspace, tmp_path / "out", *budget, extra=form)
+    if code == 2:  # the budget is measured in bfloat16: on some machines no factored pair of these tiny shapes pays
+        assert "faster than the dense module in this deployment form (seconds measured in bfloat16" in (
+            capsys.readouterr().err
+        )
+        return
+    assert code == 0
+    from transformers import AutoModelForSequenceClassification
+
+    import drone_hf  # noqa: F401
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    summary = json.loads((tmp_path / "out" / "drone_results.json").read_text())
+    assert set(summary["results"]) == {"dense", dense_row, "drone"}
+    if form[0] == "--dtype":
+        assert reloaded.dtype == torch.bfloat16 and summary["dtype"] == "bfloat16"
+        assert summary["allocation"]["kernel_costs"]["description"].startswith("seconds measured in bfloat16")
+    else:
+        assert reloaded.config.drone_quantization["method"] == "int8-dynamic" and summary["quantize"] == "int8"
+
+
+def test_compress_refuses_an_unknown_dtype(workspace, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _compress(workspace, tmp_path / "out", "--rank", "8", extra=["--dtype", "int4"])
+    assert "argument --dtype: invalid choice: 'int4'" in capsys.readouterr().err

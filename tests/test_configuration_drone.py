@@ -22,7 +22,7 @@ def test_round_trip(tmp_path):
     assert loaded.drone_ranks == RANKS
     assert loaded.drone_method == "svd"
     assert loaded.drone_calibration == {"dataset": "glue/sst2", "seed": 0}
-    assert loaded.drone_format_version == DRONE_FORMAT_VERSION
+    assert loaded.drone_format_version == 1  # float checkpoints keep the oldest version that describes them
     assert loaded.to_dict()["drone_ranks"] == RANKS
     assert copy.deepcopy(config).drone_ranks == RANKS
     assert pickle.loads(pickle.dumps(config)).drone_ranks == RANKS
@@ -44,6 +44,11 @@ def test_unknown_extra_key_is_tolerated(tmp_path):
         ({"drone_format_version": DRONE_FORMAT_VERSION + 1}, r"only reads versions .*Upgrade"),
         ({"drone_format_version": 0}, r"positive int"),
         ({"drone_method": ""}, r"`drone_method` must be a method name such as"),
+        ({"drone_quantization": {"method": "int8-dynamic"}}, r"exactly the keys \['method', 'modules'\]"),
+        ({"drone_quantization": {"method": "int4", "modules": ["a.b"]}}, r"must be one of \['int8-dynamic'\]"),
+        ({"drone_quantization": {"method": "int8-dynamic", "modules": []}}, r"non-empty list"),
+        ({"drone_quantization": {"method": "int8-dynamic", "modules": ["re:.*"]}, "drone_format_version": 2}, "regex"),
+        ({"drone_quantization": {"method": "int8-dynamic", "modules": ["a.b"]}}, r"drone_format_version >= 2"),
     ],
 )
 def test_invalid_values_raise(kwargs, match):
@@ -56,9 +61,7 @@ def test_future_version_in_file_raises(tmp_path):
     text = (
         (tmp_path / "config.json")
         .read_text()
-        .replace(
-            f'"drone_format_version": {DRONE_FORMAT_VERSION}', f'"drone_format_version": {DRONE_FORMAT_VERSION + 1}'
-        )
+        .replace('"drone_format_version": 1', f'"drone_format_version": {DRONE_FORMAT_VERSION + 1}')
     )
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(StrictDataclassError, match="Upgrade"):
