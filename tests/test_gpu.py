@@ -5,6 +5,7 @@ GPU and checked against the CPU result. Skipped without a CUDA device (`conftest
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from .testing_utils import tiny_batches, tiny_config, tiny_family_batches, tiny_
 
 
 pytestmark = pytest.mark.gpu
-CUDA = torch.device("cuda")
+CUDA = torch.device(os.environ.get("DRONE_TEST_DEVICE", "cuda"))
 # Families whose Q·Kᵀ product DRONE can factor, and two whose attention it refuses (linears only).
 ATTENTION_FAMILIES = ["bert", "roberta", "mpnet", "distilbert", "electra"]
 LINEAR_FAMILIES = ["deberta-v2", "modernbert"]
@@ -202,3 +203,34 @@ def test_sentence_transformer_compresses_and_reloads_on_the_gpu(tmp_path):
     a = small.encode(HELDOUT, convert_to_tensor=True)
     b = reloaded.encode(HELDOUT, convert_to_tensor=True)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compress_model_dtype_on_the_gpu_saves_reloads_and_keeps_only_paying_ranks(tmp_path, dtype):
+    from transformers import AutoModel
+
+    from drone_hf import KernelCosts
+    from drone_hf.candidates import breakeven_rank
+
+    # Base-size shapes (768 wide, FFN 3072) at batch 32 x 512: large enough that GEMMs, not launches, set the time.
+    teacher = tiny_teacher(hidden_size=768, intermediate_size=3072, num_attention_heads=12).to(CUDA)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    calibration = tiny_batches(num_rows=128, seq_len=48, batch_size=32)  # > 3072 tokens
+    stats = collect_activation_stats(teacher, calibration)
+    costs = KernelCosts(dtype, device=CUDA, tokens=32 * 512)
+    compressed = compress_model(
+        teacher, stats, target_speedup=1.2, dtype=dtype, allocation_options={"kernel_costs": costs}
+    )
+    assert compressed.dtype == dtype and {p.device.type for p in compressed.parameters()} == {"cuda"}
+    for name, rank in compressed.config.drone_ranks.items():  # every chosen rank was measured faster on this GPU
+        out_f, in_f = teacher.get_submodule(name).weight.shape
+        assert rank <= breakeven_rank(out_f, in_f)
+        times = costs.seconds("linear", (out_f, in_f), [None, rank])
+        assert times[rank] < times[None], (name, rank, times)
+    compressed.save_pretrained(tmp_path / "model")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").to(CUDA).eval()
+    assert reloaded.dtype == dtype
+    batches = [_inputs(b) for b in calibration]
+    assert torch.equal(_logits(compressed, batches, CUDA), _logits(reloaded, batches, CUDA))
+    assert type(AutoModel.from_pretrained(tmp_path / "model")).__name__.startswith("Drone")
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
