@@ -91,7 +91,7 @@ def test_bf16_compressed_model_saves_and_reloads_identically_on_the_gpu(tmp_path
 
 def test_accuracy_budget_allocation_runs_its_evaluations_on_the_gpu():
     teacher = tiny_teacher()
-    batches = tiny_batches(num_rows=24)
+    batches = tiny_batches(num_rows=36)  # a 10-point budget needs >= 30 held-out rows
     report_cpu, report_gpu = {}, {}
     stats = collect_activation_stats(teacher, batches)
     budget = {"max_accuracy_drop": 10.0, "eval_dataloader": batches, "rank_grid": [4, 8, 16]}
