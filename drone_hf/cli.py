@@ -2,21 +2,36 @@
 
 drone-hf compress --model DIR_OR_HUB_ID --task sst2 [--data-dir GLUE_DIR]
     (--max-accuracy-drop PTS | --target-speedup X | --param-ratio P | --rank K) [--method drone|drone-bc|svd]
-    [--calibration-samples N] --output DIR
+    [--calibration-samples N] --output DIR [--overwrite]
 drone-hf evaluate --model DIR --task sst2 [--data-dir GLUE_DIR]
 drone-hf compress-embeddings --model SENTENCE_TRANSFORMER --sentences FILE
     (--min-cosine-similarity C | --target-speedup X | --param-ratio P | --rank K) [--method drone|drone-bc|svd]
-    --output DIR
+    --output DIR [--overwrite]
+
+--output is written whole or not at all, never into (or around) --model; a folder drone-hf did not write needs
+--overwrite.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
+from .cli_checks import (
+    check_model_path,
+    check_output,
+    check_push,
+    check_rank,
+    check_tokenizer,
+    count,
+    model_load_error,
+    output_folder,
+    resolve_max_length,
+    write_results,
+)
+from .cli_checks import number as _number
 from .methods import DEFAULT_METHOD, method_names
 
 
@@ -52,19 +67,21 @@ def _parser() -> argparse.ArgumentParser:
             "--task", required=True, type=_task, help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli"
         )
         sub.add_argument("--data-dir", type=_data_dir, help="local GLUE TSV folder (default: the Hub, nyu-mll/glue)")
-        sub.add_argument("--max-length", type=int, default=128)
-        sub.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
-        sub.add_argument("--max-eval-samples", type=int, help="evaluate on a seeded subset of the dev split")
-        sub.add_argument("--latency-repeats", type=int, default=20, help="timed rounds (batch 8, sequence 128)")
-        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument(
+            "--max-length", type=count(1), help="tokens per example (default: 128, or the model's limit if lower)"
+        )
+        sub.add_argument("--batch-size", type=count(1), default=64, help="evaluation batch size")
+        sub.add_argument("--max-eval-samples", type=count(1), help="evaluate on a seeded subset of the dev split")
+        sub.add_argument("--latency-repeats", type=count(1), default=20, help="timed rounds (batch 8, sequence 128)")
+        sub.add_argument("--seed", type=count(0), default=0)
 
     compress = commands.add_parser("compress", help="calibrate, allocate, compress, save, report")
     common(compress)
     budget = compress.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--max-accuracy-drop", type=float, help="budget in metric points on held-out TRAIN rows")
-    budget.add_argument("--target-speedup", type=float, help="multiply-add reduction target (no evaluations)")
-    budget.add_argument("--param-ratio", type=float, help="fraction of encoder-linear parameters to keep")
-    budget.add_argument("--rank", type=int, help="one rank for every encoder linear")
+    budget.add_argument("--max-accuracy-drop", type=_POINTS, help="budget in metric points on held-out TRAIN rows")
+    budget.add_argument("--target-speedup", type=_SPEEDUP, help="multiply-add reduction target (no evaluations)")
+    budget.add_argument("--param-ratio", type=_RATIO, help="fraction of encoder-linear parameters to keep")
+    budget.add_argument("--rank", type=count(1), help="one rank for every encoder linear")
     compress.add_argument(
         "--method",
         choices=method_names(),
@@ -79,28 +96,28 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="drone_hf 0.1 switch: --bias-correction is --method drone-bc",
     )
-    compress.add_argument("--calibration-samples", type=int, default=512)
+    compress.add_argument("--calibration-samples", type=count(1), default=512)
     compress.add_argument(
         "--heldout-samples",
-        type=int,
+        type=count(1),
         default=2048,
         help="train rows (disjoint from calibration) for --max-accuracy-drop's joint checks",
     )
     compress.add_argument(
         "--screening-samples",
-        type=int,
+        type=count(1),
         default=512,
         help="of those, rows scoring each module alone (cheap per-module curves)",
     )
     compress.add_argument(
         "--safety-margin",
-        type=float,
+        type=_number(0),
         default=1.0,
         help="paired standard errors added to the held-out drop before comparing with the budget",
     )
     compress.add_argument(
         "--refine-steps",
-        type=int,
+        type=count(0),
         default=48,
         help="joint checks spent moving single modules one rank down after the time-share split",
     )
@@ -115,13 +132,28 @@ def _parser() -> argparse.ArgumentParser:
         choices=["int8"],
         help="dynamic int8 of the encoder linears (CPU; saved as int8 weights + float32 scales in safetensors)",
     )
-    compress.add_argument("--output", required=True)
-    compress.add_argument("--push-to-hub", metavar="REPO", help="also upload the compressed model to this Hub repo")
+    _add_output_arguments(compress)
 
     evaluate = commands.add_parser("evaluate", help="print the dev metric and CPU latency of a model")
     common(evaluate)
     _add_embeddings_parser(commands)
     return parser
+
+
+_POINTS = _number(0, low_open=True, hint=" (metric points)")
+_SPEEDUP = _number(1, low_open=True, hint=" (e.g. 1.5)")
+_RATIO = _number(0, 1, low_open=True, high_open=True)
+
+
+def _add_output_arguments(sub) -> None:
+    sub.add_argument("--output", required=True, help="new folder (or an earlier drone-hf output) to save into")
+    sub.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow an --output folder that drone-hf did not write: its model, tokenizer, card and results files are "
+        "replaced, other files kept",
+    )
+    sub.add_argument("--push-to-hub", metavar="REPO", help="also upload the compressed model to this Hub repo")
 
 
 def _add_embeddings_parser(commands) -> None:
@@ -138,32 +170,31 @@ def _add_embeddings_parser(commands) -> None:
     budget = sub.add_mutually_exclusive_group(required=True)
     budget.add_argument(
         "--min-cosine-similarity",
-        type=float,
+        type=_number(0, 1, low_open=True),
         help="keep the mean cosine similarity to the dense embeddings of held-out sentences >= this, e.g. 0.98",
     )
-    budget.add_argument("--target-speedup", type=float, help="multiply-add reduction target (no evaluations)")
-    budget.add_argument("--param-ratio", type=float, help="fraction of encoder-linear parameters to keep")
-    budget.add_argument("--rank", type=int, help="one rank for every encoder linear")
+    budget.add_argument("--target-speedup", type=_SPEEDUP, help="multiply-add reduction target (no evaluations)")
+    budget.add_argument("--param-ratio", type=_RATIO, help="fraction of encoder-linear parameters to keep")
+    budget.add_argument("--rank", type=count(1), help="one rank for every encoder linear")
     sub.add_argument("--method", choices=method_names(), default=DEFAULT_METHOD, help="factorisation method")
     sub.add_argument("--no-attention", action="store_true", help="do not factor the attention score product")
-    sub.add_argument("--batch-size", type=int, default=32, help="sentences per calibration / held-out batch")
+    sub.add_argument("--batch-size", type=count(1), default=32, help="sentences per calibration / held-out batch")
     sub.add_argument(
         "--safety-margin",
-        type=float,
+        type=_number(0),
         default=1.0,
         help="paired standard errors added to the held-out cosine drop before comparing with the budget",
     )
-    sub.add_argument("--refine-steps", type=int, default=48, help="joint checks spent moving single modules down")
+    sub.add_argument("--refine-steps", type=count(0), default=48, help="joint checks spent moving single modules down")
     sub.add_argument(
-        "--latency-repeats", type=int, default=5, help="timed encode() rounds (batch 32, up to 256 sentences)"
+        "--latency-repeats", type=count(1), default=5, help="timed encode() rounds (batch 32, up to 256 sentences)"
     )
     sub.add_argument(
         "--eval-pairs",
         help="labelled sentence pairs to score dense vs compressed by the ROC-AUC of their cosine similarity: a TSV "
         "with columns sentence1, sentence2, label (0/1), or a GLUE MRPC file (#1 String, #2 String, Quality)",
     )
-    sub.add_argument("--output", required=True)
-    sub.add_argument("--push-to-hub", metavar="REPO", help="also upload the compressed model to this Hub repo")
+    _add_output_arguments(sub)
 
 
 def _read_pairs(path: str) -> tuple[list[str], list[str], list[int]]:
@@ -227,8 +258,9 @@ def _compress_embeddings(args) -> int:
         split_heldout,
     )
 
-    if args.latency_repeats < 1:
-        raise ValueError(f"`--latency-repeats` must be at least 1, got {args.latency_repeats}.")
+    check_model_path(args.model, markers=("modules.json", "config.json"))
+    check_output(args.output, args.model, overwrite=args.overwrite)
+    check_push(args.push_to_hub)
     sentences = _read_sentences(args.sentences, "--sentences")
     if args.heldout_sentences:
         calibration, heldout = sentences, _read_sentences(args.heldout_sentences, "--heldout-sentences")
@@ -249,7 +281,10 @@ def _compress_embeddings(args) -> int:
     except ImportError as error:
         print(f"drone-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
-    model = sentence_transformers.SentenceTransformer(args.model)
+    try:
+        model = sentence_transformers.SentenceTransformer(args.model)
+    except (OSError, ValueError) as error:
+        raise model_load_error(args.model, error) from error
     if model.device.type == "cuda":
         hardware = f"GPU {torch.cuda.get_device_name(model.device)}"
     else:
@@ -293,14 +328,12 @@ def _compress_embeddings(args) -> int:
         }
         if pairs:
             results[name]["pair_auc"] = 100 * pair_auc(m, *pairs, batch_size=args.batch_size)
-    small.save(args.output)
     speed = {
         "speedup": results[args.method]["speedup"],
         "flop_bound": results[args.method]["flop_bound"],
         "hardware": hardware,
         "setting": f"encode() of {len(timing)} sentences, batch 32",
     }
-    _fix_card(Path(args.output), base_model=getattr(small, "_drone_base_model", None), speed=speed)
     budget = {
         "min_cosine_similarity": args.min_cosine_similarity,
         "target_speedup": args.target_speedup,
@@ -318,7 +351,11 @@ def _compress_embeddings(args) -> int:
         "results": results,
         "timing": {"sentences": len(timing), "batch_size": 32, "threads": torch.get_num_threads()},
     }
-    _write_results(args.output, summary)
+    with output_folder(args.output) as staging:  # model, card and results appear together or not at all
+        small.save(str(staging))
+        _fix_card(staging, base_model=getattr(small, "_drone_base_model", None), speed=speed)
+        _write_results(staging, summary)
+    args.saved = True
     header = ["model", "cosine to dense (held-out)"] + (["pair ROC-AUC"] if pairs else [])
     header += ["params (M)", "size MB", "encode ms", "speed-up", "FLOP bound"]
     rows = [
@@ -367,12 +404,18 @@ def _compress_embeddings(args) -> int:
 
 
 def _load(args):
+    """The `--model` classifier and its tokenizer, checked against `--task`, `--max-length` (resolved here) and
+    `--rank`; the path is checked first, so that a typo is not answered with a Hub error."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from .glue import get_glue_task
     from .targets import check_supported_model
 
-    model = AutoModelForSequenceClassification.from_pretrained(args.model)
+    check_model_path(args.model)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(args.model)
+    except (OSError, ValueError) as error:
+        raise model_load_error(args.model, error) from error
     check_supported_model(model)
     info = get_glue_task(args.task)
     if model.config.num_labels != info.num_labels:
@@ -380,7 +423,10 @@ def _load(args):
             f"`--model` has num_labels={model.config.num_labels} but task {info.name} has {info.num_labels}: "
             "was it fine-tuned on this task?"
         )
-    return model.eval(), AutoTokenizer.from_pretrained(args.model), info
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    check_tokenizer(args.model, tokenizer, model)
+    args.max_length = resolve_max_length(model, args.max_length)
+    return model.eval(), tokenizer, info
 
 
 def _dev(args, tokenizer, info):
@@ -402,7 +448,7 @@ def _measure(args, models: dict, dev, tokenizer, info) -> dict[str, dict]:
     from .profiling import checkpoint_size_mb, count_parameters, flop_speedup_bound, layer_parameters, measure_latency
 
     first = next(iter(models.values()))
-    seq_len = min(128, first.config.max_position_embeddings)
+    seq_len = resolve_max_length(first, None)  # 128, or the model's limit if lower
     rows = [dev[i] for i in range(min(8, len(dev)))]
     keys = ("input_ids", "token_type_ids", "attention_mask")
     batch = tokenizer.pad(
@@ -433,11 +479,9 @@ def _print_markdown(header: list[str], rows: list[list[str]]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
-def _write_results(output: str, summary: dict) -> None:
-    """`output/drone_results.json`, written whole or not at all."""
-    from .model_card import _atomic_write
-
-    _atomic_write(Path(output) / "drone_results.json", json.dumps(summary, indent=2, default=float))
+def _write_results(folder: Path, summary: dict) -> None:
+    """`folder/drone_results.json` (the staging folder of the output), with the list of the output's files."""
+    write_results(folder, summary)
 
 
 def _print_table(results: dict, info, dev_size: int) -> None:
@@ -470,7 +514,15 @@ def _compress(args) -> int:
     from .evaluation import iter_batches
     from .glue import glue_metric_points, load_glue
 
+    check_output(args.output, args.model, overwrite=args.overwrite)
+    check_push(args.push_to_hub)
     model, tokenizer, info = _load(args)
+    if str(model.config.model_type).startswith("drone_"):
+        raise ValueError(
+            f"`--model` {args.model!r} is already compressed by drone_hf (model_type {model.config.model_type!r}): "
+            "pass the dense fine-tuned model it was made from."
+        )
+    check_rank(model, args.rank)
     needs_heldout = args.max_accuracy_drop is not None
     total = args.calibration_samples + (args.heldout_samples if needs_heldout else 0)
     rows = load_glue(
@@ -484,7 +536,14 @@ def _compress(args) -> int:
     ).shuffle(seed=args.seed)
     if len(rows) < total:
         spare = len(rows) - args.calibration_samples
-        if not needs_heldout or spare < 64:
+        if not rows:
+            raise ValueError(f"The train split of {info.name} has no rows: check `--data-dir` {args.data_dir!r}.")
+        if not needs_heldout:
+            raise ValueError(
+                f"The train split has {len(rows)} rows, fewer than `--calibration-samples {args.calibration_samples}`"
+                f"; pass `--calibration-samples {len(rows)}` or less."
+            )
+        if spare < 64:
             raise ValueError(
                 f"The train split has {len(rows)} rows; --calibration-samples + --heldout-samples = {total} (the "
                 "accuracy budget needs at least 64 held-out rows after the calibration rows)."
@@ -561,8 +620,6 @@ def _compress(args) -> int:
     dev = _dev(args, tokenizer, info)
     models = {"dense": model, **_dense_in_form(model, args.dtype, args.quantize), f"{args.method}": compressed}
     results = _measure(args, models, dev, tokenizer, info)
-    compressed.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
     summary = {
         "task": info.name,
         "budget": {k: v for k, v in {**budget, "rank": args.rank}.items() if v is not None},
@@ -573,7 +630,11 @@ def _compress(args) -> int:
         "allocation": report,
         "results": results,
     }
-    _write_results(args.output, summary)
+    with output_folder(args.output, keep_card=True) as staging:  # weights, card, tokenizer, results: all or none
+        compressed.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        _write_results(staging, summary)
+    args.saved = True
     print()
     _print_table(results, info, len(dev))
     if report.get("evaluations"):
@@ -614,13 +675,24 @@ def _evaluate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `drone-hf` command."""
     args = _parser().parse_args(argv)
+    args.saved = False
     try:
         if args.command == "compress-embeddings":
             return _compress_embeddings(args)
         return _compress(args) if args.command == "compress" else _evaluate(args)
     except (ValueError, TypeError, FileNotFoundError, OSError) as error:
         print(f"drone-hf {args.command}: error: {error}", file=sys.stderr)
+        if args.saved and getattr(args, "push_to_hub", None):
+            print(f"drone-hf {args.command}: {args.output} was saved; only the upload failed.", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        output = getattr(args, "output", None)
+        if output is None or args.saved:
+            done = f"; {output} was saved before" if output else ""
+        else:
+            done = f"; {output} was left as it was"
+        print(f"drone-hf {args.command}: interrupted{done}.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

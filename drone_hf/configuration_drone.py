@@ -31,6 +31,15 @@ DRONE_METHODS = ("drone", "drone-bc", "svd")
 # A factored-module key is a plain dotted module path as printed by `model.named_modules()`.
 _FQN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 
+DRONE_GUARD_KEY = "drone_hf_guard"
+"""A `config.json` entry that makes a stock transformers class refuse a DRONE checkpoint, with drone_hf or without.
+
+`BertForSequenceClassification.from_pretrained(folder)` reads `config.json` with `BertConfig`, which, when the
+`model_type` is not its own (`"drone_bert"`), takes the first nested dict whose `model_type` is `"bert"` (transformers'
+lookup for composite configs). The guard is that dict, with a text where `vocab_size` should be: the load stops at
+once, its error showing the text, instead of loading every factored layer with random weights. DRONE configs drop the
+entry when they read it and write it anew."""
+
 
 @dataclass(kw_only=True, repr=False)
 class DroneConfigMixin:
@@ -74,6 +83,17 @@ class DroneConfigMixin:
     drone_embedding: dict | None = None
     drone_quantization: dict | None = None
     drone_calibration: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        kwargs.pop(DRONE_GUARD_KEY, None)
+        super().__post_init__(**kwargs)
+        self.__dict__.pop(DRONE_GUARD_KEY, None)
+
+    def to_dict(self) -> dict:
+        return _with_guard(super().to_dict(), self.model_type)
+
+    def to_diff_dict(self) -> dict:
+        return _with_guard(super().to_diff_dict(), self.model_type)
 
     def validate_drone_format_version(self):
         """Refuses checkpoints written by a newer drone_hf, whose layout this version cannot rebuild."""
@@ -161,6 +181,24 @@ class DroneConfigMixin:
                 )
 
 
+def _with_guard(output: dict, model_type: str) -> dict:
+    """`output` (a config dict) with [`DRONE_GUARD_KEY`] written last."""
+    output.pop(DRONE_GUARD_KEY, None)
+    family = model_type[len(DRONE_MODEL_TYPE_PREFIX) :] if model_type.startswith(DRONE_MODEL_TYPE_PREFIX) else None
+    if family:
+        classes = output.get("architectures") or []
+        named = f" (its DRONE class is {classes[0]})" if classes else ""
+        output[DRONE_GUARD_KEY] = {
+            "model_type": family,
+            "vocab_size": (
+                f"This is a drone_hf checkpoint (model_type {model_type!r}) whose factored layers a stock "
+                "transformers class would load with random weights. `pip install drone_hf`, then `import drone_hf` "
+                f"and load it with an Auto class such as AutoModelForSequenceClassification{named}."
+            ),
+        }
+    return output
+
+
 @strict(accept_kwargs=True)
 class DroneConfig(DroneConfigMixin, BertConfig):
     r"""
@@ -212,6 +250,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "DRONE_FORMAT_VERSION",
+    "DRONE_GUARD_KEY",
     "DRONE_METHODS",
     "DRONE_QUANTIZATION_METHODS",
     "DroneConfig",

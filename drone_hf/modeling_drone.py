@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from transformers import BertForSequenceClassification, PreTrainedModel
+from transformers import BertForSequenceClassification, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging
 
 from .configuration_drone import DroneConfig, drone_config_class
@@ -56,14 +56,16 @@ class DroneModelMixin:
         match its `drone_ranks` instead of silently re-initialising factored layers.
 
         Raises:
-            `ValueError`: if a factored tensor is missing, unexpected or of another shape than the config says.
+            `ValueError`: if a factored tensor is missing, unexpected or of another shape than the config says, or
+                if `num_labels` (or `id2label`, or `config`) asks for another head size than the checkpoint's without
+                `ignore_mismatched_sizes=True`.
         """
+        location = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         try:  # lazy and guarded: this file must stay importable without drone_hf
             from drone_hf.saving import recover_interrupted_save
         except ImportError:
             pass
         else:  # a save killed mid-swap is finished (or rolled back) before anything reads the folder
-            location = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             if isinstance(location, (str, os.PathLike)):
                 recover_interrupted_save(os.path.join(location, kwargs.get("subfolder") or ""))
         want_info = kwargs.pop("output_loading_info", False)
@@ -72,10 +74,7 @@ class DroneModelMixin:
         except RuntimeError as error:
             if "ignore_mismatched_sizes" not in str(error):
                 raise
-            raise ValueError(
-                "The checkpoint's tensors do not match the shapes its `drone_ranks`/`drone_embedding` (config.json) "
-                "describe; the checkpoint is corrupt or its config was edited. See the load report above."
-            ) from error
+            raise _mismatch_error(location, kwargs) from error
         model._check_drone_loading_info(info)
         return (model, info) if want_info else model
 
@@ -146,6 +145,38 @@ class DroneModelMixin:
         """Returns the factored layers, narrowed query/key projections and embedding, keyed by full module name."""
         kinds = (DroneLinear, DroneQKLinear, DroneEmbedding)
         return {name: module for name, module in self.named_modules() if isinstance(module, kinds)}
+
+
+def _mismatch_error(location, kwargs: dict) -> ValueError:
+    """The error for transformers' "mismatched sizes" refusal: a head of another size when the caller asked for one,
+    else a checkpoint whose tensors do not fit its own config."""
+    config = kwargs.get("config")
+    if kwargs.get("num_labels") is not None:
+        asked = kwargs["num_labels"]
+    elif kwargs.get("id2label"):
+        asked = len(kwargs["id2label"])
+    else:
+        asked = getattr(config, "num_labels", None) if isinstance(config, PretrainedConfig) else None
+    saved = None
+    if asked is not None and isinstance(location, (str, os.PathLike)):
+        try:
+            options = {key: kwargs[key] for key in ("subfolder", "revision", "cache_dir", "token") if key in kwargs}
+            saved_config, _ = PretrainedConfig.get_config_dict(location, **options)
+            saved = (
+                len(saved_config["id2label"]) if saved_config.get("id2label") else saved_config.get("num_labels", 2)
+            )
+        except (OSError, ValueError, TypeError):
+            saved = None
+    if asked is not None and saved is not None and asked != saved:
+        return ValueError(
+            f"The checkpoint's classification head has num_labels={saved}, but num_labels={asked} was asked for, so "
+            "its head weights do not fit. Pass `ignore_mismatched_sizes=True` to start a new head of that size (as "
+            "transformers does), or leave `num_labels`/`id2label` out to keep the trained head."
+        )
+    return ValueError(
+        "The checkpoint's tensors do not match the shapes its `drone_ranks`/`drone_embedding` (config.json) "
+        "describe; the checkpoint is corrupt or its config was edited. See the load report above."
+    )
 
 
 _MODEL_CLASSES: dict[type, type] = {}

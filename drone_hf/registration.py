@@ -40,6 +40,10 @@ def register_drone_auto_classes(model_types=None) -> dict[str, dict[str, type]]:
     """
     import transformers
 
+    from .interrupted_save import INTERRUPTED_MODEL_TYPE, DroneInterruptedSaveConfig
+
+    # The placeholder config.json of a save in progress: reading it finishes the save (drone_hf.interrupted_save).
+    transformers.AutoConfig.register(INTERRUPTED_MODEL_TYPE, DroneInterruptedSaveConfig, exist_ok=True)
     registered = {}
     autos = {auto.__name__: auto for auto in auto_model_classes()}
     for model_type in model_types or supported_model_types():

@@ -18,22 +18,24 @@ The protocol, for a target `folder` and its staging folder `S = folder/.drone_hf
    the files to remove: those of the old checkpoint that the save owns (`owned_files`: weights, shard index, modelling
    code) and does not write again, such as the shards of an earlier sharded save. Then `S/incoming/<name>` is renamed
    to `S/new`: from this rename on, the new checkpoint is complete and will be committed.
-4. **Swap.** The old `config.json` is moved to `S/old/` *first*: from then on `folder` has no `config.json`, the mark
-   of a save in progress. The old files named in the manifest are moved to `S/old/`, then the new files other than
-   `config.json` are moved in from `S/new/`.
+4. **Swap.** The old `config.json` is moved to `S/old/` *first*, and a placeholder `config.json` (written in step 3)
+   takes its place: from then on `folder` has no real `config.json`, the mark of a save in progress, and a load
+   learns what happened (`drone_hf.interrupted_save`). The old files named in the manifest are moved to `S/old/`,
+   then the new files other than `config.json` are moved in from `S/new/`.
 5. **Commit.** The new `config.json` is moved in *last*; then `S` is deleted.
 
-A loader looking at `folder` at any moment therefore sees the old checkpoint whole (before 4), a folder without
-`config.json` that transformers refuses to load (during 4), or the new checkpoint whole (after 5): never old weights
-with a new config or the reverse. Files that the save does not own (tokenizer, training state, logs) are never
-touched; a file that the new set also holds (a merged `README.md`) is replaced by the new one.
+A loader looking at `folder` at any moment therefore sees the old checkpoint whole (before 4), a folder that
+transformers refuses to load (during 4: no `config.json`, or the placeholder, whose error says what to do; with
+drone_hf imported the Auto classes finish the save and load the new checkpoint), or the new checkpoint whole (after
+5): never old weights with a new config or the reverse. Files that the save does not own (tokenizer, training state,
+logs) are never touched; a file that the new set also holds (a merged `README.md`) is replaced by the new one.
 
 **Recovery** ([`recover_interrupted_save`], run at the start of every save and meant to be run by loaders): a
-staging folder `S` beside a `folder/config.json` is from a save that had not begun its swap, or had committed it, so
-it is deleted. A staging folder with a complete `S/new` while `folder/config.json` is absent is a swap in progress:
-it is finished from the manifest (each step of 4 and 5 is idempotent). An error during the swap (not a kill) is
-rolled back at once by the saving process: the new files go back to `S/new/`, the old ones back into place, the old
-`config.json` last.
+staging folder `S` beside a real `folder/config.json` is from a save that had not begun its swap, or had committed it,
+so it is deleted. A staging folder with a complete `S/new` while `folder/config.json` is absent (or the placeholder) is
+a swap in progress: it is finished from the manifest (each step of 4 and 5 is idempotent). An error during the swap
+(not a kill) is rolled back at once by the saving process: the new files go back to `S/new/`, the old ones back into
+place, the old `config.json` last (or, for a first save, the placeholder removed).
 
 Saves into one folder are serialised by an advisory `flock` on the folder (where the platform and file system allow
 one); recovery skips a folder that a live save holds, so a loader never "recovers" a save that is still running.
@@ -57,12 +59,15 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from .interrupted_save import is_placeholder, placeholder_text
+
 
 logger = logging.get_logger(__name__)
 
 CONFIG_NAME = "config.json"
 STAGING_PREFIX = ".drone_hf-save-"
 _MANIFEST = "manifest.json"
+_PLACEHOLDER = "placeholder.json"
 _LEGACY_RE = r"^\.{name}\.(tmp|old)-[a-z0-9_]{{8}}$"
 
 # A test hook: called with the name of each step of a save, so that tests can kill or fail the process there.
@@ -214,6 +219,7 @@ def _ready(folder: Path, staging: Path, incoming: Path, owned_files) -> dict:
         _fsync_tree(incoming / entry)
     manifest = {"version": 1, "add": add, "remove": remove}
     _write_durably(staging / _MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    _write_durably(staging / _PLACEHOLDER, placeholder_text(folder, incoming / CONFIG_NAME))
     _step("manifest")
     os.replace(incoming, staging / "new")
     _fsync_dir(staging)
@@ -223,12 +229,16 @@ def _ready(folder: Path, staging: Path, incoming: Path, owned_files) -> dict:
 
 def _swap(folder: Path, staging: Path, manifest: dict) -> None:
     """Steps 4 and 5; idempotent, so recovery re-runs it to finish an interrupted swap."""
-    new, old = staging / "new", staging / "old"
+    new, old, config = staging / "new", staging / "old", folder / CONFIG_NAME
     old.mkdir(exist_ok=True)
-    if os.path.lexists(folder / CONFIG_NAME):
-        _move_aside(folder / CONFIG_NAME, old / CONFIG_NAME)
+    if os.path.lexists(config) and not is_placeholder(config):
+        _move_aside(config, old / CONFIG_NAME)
         _fsync_dir(folder)
         _step("config-aside")
+    if os.path.lexists(staging / _PLACEHOLDER):
+        os.replace(staging / _PLACEHOLDER, config)  # until the commit, a load learns what is going on
+        _fsync_dir(folder)
+        _step("placeholder")
     files = [name for name in manifest["add"] if name != CONFIG_NAME]
     for name in manifest["remove"] + files:
         # An added file still in S/new means that the one in the folder is the old one.
@@ -249,8 +259,8 @@ def _swap(folder: Path, staging: Path, manifest: dict) -> None:
 
 def _roll_back(folder: Path, staging: Path, manifest: dict) -> None:
     """Undoes a swap that failed with an error: new files back to S/new, old ones back, the old config last."""
-    new, old = staging / "new", staging / "old"
-    if os.path.lexists(folder / CONFIG_NAME) and not os.path.lexists(new / CONFIG_NAME):
+    new, old, config = staging / "new", staging / "old", folder / CONFIG_NAME
+    if os.path.lexists(config) and not is_placeholder(config) and not os.path.lexists(new / CONFIG_NAME):
         shutil.rmtree(staging, ignore_errors=True)  # the swap was committed: nothing to undo
         return
     for name in manifest["add"]:
@@ -259,8 +269,10 @@ def _roll_back(folder: Path, staging: Path, manifest: dict) -> None:
     for name in sorted(os.listdir(old)):
         if name != CONFIG_NAME and not os.path.lexists(folder / name):
             os.replace(old / name, folder / name)
-    if os.path.lexists(old / CONFIG_NAME) and not os.path.lexists(folder / CONFIG_NAME):
-        os.replace(old / CONFIG_NAME, folder / CONFIG_NAME)
+    if os.path.lexists(old / CONFIG_NAME) and (not os.path.lexists(config) or is_placeholder(config)):
+        os.replace(old / CONFIG_NAME, config)
+    elif is_placeholder(config):  # a first save into the folder: there was no config before
+        os.unlink(config)
     _fsync_dir(folder)
     shutil.rmtree(staging, ignore_errors=True)
 
@@ -287,7 +299,7 @@ def _recover(folder: Path) -> str | None:
     for staging in sorted(folder.iterdir()):
         if not _is_staging(staging.name) or not staging.is_dir() or staging.is_symlink():
             continue
-        in_progress = not os.path.lexists(folder / CONFIG_NAME)
+        in_progress = not os.path.lexists(folder / CONFIG_NAME) or is_placeholder(folder / CONFIG_NAME)
         if in_progress and (staging / "new" / CONFIG_NAME).is_file() and (staging / _MANIFEST).is_file():
             manifest = json.loads((staging / _MANIFEST).read_text(encoding="utf-8"))
             _swap(folder, staging, manifest)

@@ -651,11 +651,14 @@ _ST_FILES = (
 
 
 def _owned_sentence_transformer_files(folder: Path) -> list[str]:
-    """The files and module folders of the sentence-transformers model saved in `folder` (from its `modules.json`):
-    a new save removes those it does not write again (e.g. the `2_Dense` folder of an earlier model)."""
+    """The files and module folders of the sentence-transformers model saved in `folder` (from its `modules.json`), and
+    its tokenizer's: a new save removes those it does not write again (e.g. the `2_Dense` folder or the `vocab.txt` of
+    an earlier model)."""
     import json
 
-    owned = list(_ST_FILES)
+    from .cli_checks import TOKENIZER_FILES
+
+    owned = [*_ST_FILES, *TOKENIZER_FILES]  # the Transformer module saves its tokenizer in the root folder
     try:
         modules = json.loads((folder / "modules.json").read_text())
         owned += [entry["path"].split("/")[0] for entry in modules if entry.get("path")]

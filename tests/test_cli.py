@@ -25,8 +25,8 @@ WORDS = ["good", "bad", "movie", "plot", "great", "awful", "fine", "dull", "fun"
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    # transformers 5 ignores `vocab_file=` here (every word would be [UNK]): the vocabulary goes in as a dict
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(vocab),
