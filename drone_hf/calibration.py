@@ -7,8 +7,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.utils import logging
+from transformers.utils.logging import tqdm
 
 from .architecture import get_architecture
 from .stats import load_activation_stats, save_activation_stats, split_stats

@@ -1,44 +1,45 @@
-"""`drone-hf`: compress a fine-tuned BERT classifier on a GLUE task from the command line, or evaluate one.
+"""`drone-hf`: compress a fine-tuned classifier on a GLUE task or your own data from the command line, or evaluate one.
 
-drone-hf compress --model DIR_OR_HUB_ID --task sst2 [--data-dir GLUE_DIR]
+drone-hf compress --model DIR_OR_HUB_ID (--task sst2 [--data-dir GLUE_DIR] | --train-file train.csv --validation-file
+    dev.csv [--text-columns a [b]] [--label-column label] [--metric f1] | --dataset-name HUB_ID)
     (--max-accuracy-drop PTS | --target-speedup X | --param-ratio P | --rank K) [--method drone|drone-bc|svd]
-    [--calibration-samples N] --output DIR
-drone-hf evaluate --model DIR --task sst2 [--data-dir GLUE_DIR]
+    [--calibration-samples N] [--threads T] --output DIR
+drone-hf evaluate --model DIR (--task sst2 | --validation-file dev.csv | --dataset-name HUB_ID) [--baseline DENSE_DIR]
 drone-hf compress-embeddings --model SENTENCE_TRANSFORMER --sentences FILE
     (--min-cosine-similarity C | --target-speedup X | --param-ratio P | --rank K) [--method drone|drone-bc|svd]
     --output DIR
+
+Every underscore option of transformers' example scripts is accepted too (--train_file, --dataset_name, ...).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
 
-from .methods import DEFAULT_METHOD, method_names
+from .data_arguments import add_data_arguments
+from .defaults import BUILTIN_METHODS, DEFAULT_METHOD
 
 
-def _task(value: str) -> str:
-    from .glue import get_glue_task
-
-    try:
-        return get_glue_task(value).name
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _data_dir(value: str) -> str:
-    if not Path(value).is_dir():
-        raise argparse.ArgumentTypeError(f"`--data-dir` {value!r} is not a folder (expected a GLUE TSV layout).")
-    return value
+# The stdlib logger that transformers' `logging.get_logger` returns, without importing transformers (kept out of
+# `drone-hf --help`).
+logger = logging.getLogger("drone_hf.cli")
+_METHOD_HELP = f"factorisation method: {', '.join(BUILTIN_METHODS)} (or one added with drone_hf.register_method)"
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="drone-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"drone-hf {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub):
@@ -48,14 +49,12 @@ def _parser() -> argparse.ArgumentParser:
             help="fine-tuned sequence classifier of a supported family (BERT, RoBERTa, "
             "DistilBERT, ELECTRA, MPNet, DeBERTa-v2, ModernBERT, ...): folder or Hub id",
         )
-        sub.add_argument(
-            "--task", required=True, type=_task, help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli"
-        )
-        sub.add_argument("--data-dir", type=_data_dir, help="local GLUE TSV folder (default: the Hub, nyu-mll/glue)")
+        add_data_arguments(sub)
         sub.add_argument("--max-length", type=int, default=128)
         sub.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
         sub.add_argument("--max-eval-samples", type=int, help="evaluate on a seeded subset of the dev split")
         sub.add_argument("--latency-repeats", type=int, default=20, help="timed rounds (batch 8, sequence 128)")
+        _add_threads(sub)
         sub.add_argument("--seed", type=int, default=0)
 
     compress = commands.add_parser("compress", help="calibrate, allocate, compress, save, report")
@@ -67,10 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--rank", type=int, help="one rank for every encoder linear")
     compress.add_argument(
         "--method",
-        choices=method_names(),
         default=DEFAULT_METHOD,
         help="factorisation method (drone: the paper's closed form; drone-bc: on centred statistics with the optimal "
-        "bias shift; svd: data-free baseline)",
+        "bias shift; svd: data-free baseline; or one added with drone_hf.register_method)",
     )
     compress.add_argument("--no-attention", action="store_true", help="do not factor the attention score product")
     compress.add_argument(
@@ -106,9 +104,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     compress.add_argument("--output", required=True)
     compress.add_argument("--push-to-hub", metavar="REPO", help="also upload the compressed model to this Hub repo")
+    compress.add_argument(
+        "--base-model",
+        metavar="HUB_ID",
+        help="Hub id of the model being compressed, for the card's `base_model` when --model is a local folder",
+    )
 
     evaluate = commands.add_parser("evaluate", help="print the dev metric and CPU latency of a model")
     common(evaluate)
+    evaluate.add_argument(
+        "--baseline",
+        metavar="PATH",
+        help="a model to compare with (e.g. the dense one): evaluated too and timed round-robin against --model, "
+        "which adds the speed-up, CPU-time ratio and FLOP bound columns",
+    )
     _add_embeddings_parser(commands)
     return parser
 
@@ -133,7 +142,7 @@ def _add_embeddings_parser(commands) -> None:
     budget.add_argument("--target-speedup", type=float, help="multiply-add reduction target (no evaluations)")
     budget.add_argument("--param-ratio", type=float, help="fraction of encoder-linear parameters to keep")
     budget.add_argument("--rank", type=int, help="one rank for every encoder linear")
-    sub.add_argument("--method", choices=method_names(), default=DEFAULT_METHOD, help="factorisation method")
+    sub.add_argument("--method", default=DEFAULT_METHOD, help=_METHOD_HELP)
     sub.add_argument("--no-attention", action="store_true", help="do not factor the attention score product")
     sub.add_argument("--batch-size", type=int, default=32, help="sentences per calibration / held-out batch")
     sub.add_argument(
@@ -151,8 +160,17 @@ def _add_embeddings_parser(commands) -> None:
         help="labelled sentence pairs to score dense vs compressed by the ROC-AUC of their cosine similarity: a TSV "
         "with columns sentence1, sentence2, label (0/1), or a GLUE MRPC file (#1 String, #2 String, Quality)",
     )
+    _add_threads(sub)
     sub.add_argument("--output", required=True)
     sub.add_argument("--push-to-hub", metavar="REPO", help="also upload the compressed model to this Hub repo")
+
+
+def _add_threads(sub) -> None:
+    sub.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: one per core). On a shared machine fewer threads time more reliably",
+    )
 
 
 def _read_pairs(path: str) -> tuple[list[str], list[str], list[int]]:
@@ -355,65 +373,27 @@ def _compress_embeddings(args) -> int:
     return 0
 
 
-def _load(args):
+def _load(args, splits: tuple[str, ...]):
+    """The model, its tokenizer and the task data (the source is checked before the model is loaded)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .glue import get_glue_task
+    from .data import check_model_labels, load_task_data
+    from .data_arguments import data_source_from_args
     from .targets import check_supported_model
 
+    source = data_source_from_args(args)
+    logger.info(f"Loading {args.model}")
     model = AutoModelForSequenceClassification.from_pretrained(args.model)
     check_supported_model(model)
-    info = get_glue_task(args.task)
-    if model.config.num_labels != info.num_labels:
-        raise ValueError(
-            f"`--model` has num_labels={model.config.num_labels} but task {info.name} has {info.num_labels}: "
-            "was it fine-tuned on this task?"
-        )
-    return model.eval(), AutoTokenizer.from_pretrained(args.model), info
+    task = load_task_data(source, splits=splits, model_config=model.config)
+    check_model_labels(task, model.config)
+    return model.eval(), AutoTokenizer.from_pretrained(args.model), task
 
 
-def _dev(args, tokenizer, info):
-    from .glue import load_glue
-
-    return load_glue(
-        info.name,
-        tokenizer,
-        split=info.dev_splits[0],
-        data_dir=args.data_dir,
-        max_length=args.max_length,
-        max_samples=args.max_eval_samples,
-        seed=args.seed,
+def _dev(args, tokenizer, task):
+    return task.load(
+        "validation", tokenizer, max_length=args.max_length, max_samples=args.max_eval_samples, seed=args.seed
     )
-
-
-def _measure(args, models: dict, dev, tokenizer, info) -> dict[str, dict]:
-    from .evaluation import evaluate_glue
-    from .profiling import checkpoint_size_mb, count_parameters, flop_speedup_bound, layer_parameters, measure_latency
-
-    first = next(iter(models.values()))
-    seq_len = min(128, first.config.max_position_embeddings)
-    rows = [dev[i] for i in range(min(8, len(dev)))]
-    keys = ("input_ids", "token_type_ids", "attention_mask")
-    batch = tokenizer.pad(
-        [{k: r[k] for k in keys if k in r} for r in rows],
-        padding="max_length",
-        max_length=seq_len,
-        return_tensors="pt",
-    )
-    latency = measure_latency(models, dict(batch), repeats=args.latency_repeats)
-    results = {}
-    for name, model in models.items():
-        results[name] = {
-            "metrics": evaluate_glue(model, dev, tokenizer, info.name, batch_size=args.batch_size),
-            "parameters": count_parameters(model),
-            "encoder_parameters": layer_parameters(model),
-            "checkpoint_mb": checkpoint_size_mb(model),
-            "latency_ms": 1000 * latency[name],
-            "speedup": latency[next(iter(models))] / latency[name],
-            "flop_bound": flop_speedup_bound(first.config, model.config, seq_len),
-            "seq_len": seq_len,
-        }
-    return results
 
 
 def _print_markdown(header: list[str], rows: list[list[str]]) -> None:
@@ -429,48 +409,19 @@ def _write_results(output: str, summary: dict) -> None:
     _atomic_write(Path(output) / "drone_results.json", json.dumps(summary, indent=2, default=float))
 
 
-def _print_table(results: dict, info, dev_size: int) -> None:
-    metric_names = list(next(iter(results.values()))["metrics"])
-    header = ["model", *metric_names, "params (M)", "encoder (M)", "size MB", "latency ms", "speed-up", "FLOP bound"]
-    rows = [
-        [
-            name,
-            *(f"{100 * r['metrics'][m]:.2f}" for m in metric_names),
-            f"{r['parameters'] / 1e6:.2f}",
-            f"{r['encoder_parameters'] / 1e6:.2f}",
-            f"{r['checkpoint_mb']:.1f}",
-            f"{r['latency_ms']:.1f}",
-            f"{r['speedup']:.2f}x",
-            f"{r['flop_bound']:.2f}x",
-        ]
-        for name, r in results.items()
-    ]
-    _print_markdown(header, rows)
-    import torch
-
-    print(
-        f"\n{info.name} {info.dev_splits[0]} ({dev_size} examples); latency: batch 8 x 128 tokens, CPU, "
-        f"{torch.get_num_threads()} threads, median of round-robin runs in this process."
-    )
-
-
 def _compress(args) -> int:
     from . import allocate_ranks, collect_activation_stats, compress_model
+    from .cli_report import card_inputs, measure_models, print_table
+    from .data import label_config
     from .evaluation import iter_batches
-    from .glue import glue_metric_points, load_glue
+    from .hub import create_or_update_model_card
 
-    model, tokenizer, info = _load(args)
+    model, tokenizer, task = _load(args, ("train", "validation"))
     needs_heldout = args.max_accuracy_drop is not None
     total = args.calibration_samples + (args.heldout_samples if needs_heldout else 0)
-    rows = load_glue(
-        info.name,
-        tokenizer,
-        split="train",
-        data_dir=args.data_dir,
-        max_length=args.max_length,
-        max_samples=total,
-        seed=args.seed,
-    ).shuffle(seed=args.seed)
+    rows = task.load("train", tokenizer, max_length=args.max_length, max_samples=total, seed=args.seed).shuffle(
+        seed=args.seed
+    )
     if len(rows) < total:
         spare = len(rows) - args.calibration_samples
         if not needs_heldout or spare < 64:
@@ -486,11 +437,12 @@ def _compress(args) -> int:
         total = len(rows)
     calibration = rows.select(range(args.calibration_samples))
     started = time.perf_counter()
-    stats = collect_activation_stats(
-        model, iter_batches(calibration, tokenizer, batch_size=32, sort_by_length=True), show_progress=True
-    )
+    logger.info(f"Calibrating on {len(calibration)} training rows of {task.name}")
+    # A list, not a generator: the progress bar then has a total.
+    batches = list(iter_batches(calibration, tokenizer, batch_size=32, sort_by_length=True))
+    stats = collect_activation_stats(model, batches, show_progress=True)
     calibration_info = {
-        "dataset": f"glue/{info.name}",
+        "dataset": task.calibration_dataset,
         "split": "train",
         "num_samples": args.calibration_samples,
         "seed": args.seed,
@@ -501,16 +453,10 @@ def _compress(args) -> int:
         "target_speedup": args.target_speedup,
         "param_ratio": args.param_ratio,
     }
-    if args.rank is not None:
-        compressed = compress_model(
-            model,
-            stats,
-            method=args.method,
-            rank=args.rank,
-            calibration_info=calibration_info,
-            bias_correction=args.bias_correction,
-        )
-    else:
+    ranks = None
+    if args.rank is None:
+        chosen = next(f"{key}={value}" for key, value in budget.items() if value is not None)
+        logger.info(f"Allocating ranks for {chosen}")
         heldout = rows.select(range(args.calibration_samples, total)) if needs_heldout else None
         ranks = allocate_ranks(
             model,
@@ -521,7 +467,7 @@ def _compress(args) -> int:
             report=report,
             seq_len=min(128, model.config.max_position_embeddings),
             bias_correction=args.bias_correction,
-            metric_fn=glue_metric_points(info.name),
+            metric_fn=task.metric_points(),
             screening_samples=args.screening_samples,
             safety_margin=args.safety_margin,
             refine_steps=args.refine_steps,
@@ -532,60 +478,170 @@ def _compress(args) -> int:
         )
         if not ranks:
             raise ValueError(f"The budget cannot be met: no module can be compressed within {budget}.")
-        compressed = compress_model(
-            model,
-            stats,
-            method=args.method,
-            ranks=ranks,
-            calibration_info=calibration_info,
-            bias_correction=args.bias_correction,
-        )
+    compressed = compress_model(
+        model,
+        stats,
+        method=args.method,
+        rank=args.rank,
+        ranks=ranks,
+        calibration_info=calibration_info,
+        bias_correction=args.bias_correction,
+        show_progress=True,
+    )
     seconds = time.perf_counter() - started
-    dev = _dev(args, tokenizer, info)
-    results = _measure(args, {"dense": model, f"{args.method}": compressed}, dev, tokenizer, info)
+    labels = label_config(task, model.config)
+    if labels:  # pipelines then print the task's label names, not LABEL_0 / LABEL_1
+        compressed.config.id2label, compressed.config.label2id = labels["id2label"], labels["label2id"]
+    dev = _dev(args, tokenizer, task)
+    logger.info(f"Evaluating dense and compressed on {len(dev)} validation rows, then timing them")
+    results, comparison = measure_models(
+        {"dense": model, args.method: compressed},
+        dev,
+        tokenizer,
+        task,
+        reference="dense",
+        repeats=args.latency_repeats,
+        batch_size=args.batch_size,
+    )
+    logger.info(f"Saving to {args.output}")
     compressed.save_pretrained(args.output)
     tokenizer.save_pretrained(args.output)
+    card = card_inputs(
+        task, results, comparison, reference="dense", compressed=args.method, base_model=args.base_model or args.model
+    )
+    create_or_update_model_card(args.output, **card)
     summary = {
-        "task": info.name,
+        "task": task.name,
         "budget": {k: v for k, v in {**budget, "rank": args.rank}.items() if v is not None},
         "method": args.method,
         "compress_seconds": seconds,
         "allocation": report,
         "results": results,
+        "timing": {key: getattr(comparison, key) for key in ("load_average", "threads", "repeats", "cpu_count")},
     }
     _write_results(args.output, summary)
     print()
-    _print_table(results, info, len(dev))
+    print_table(results, task, len(dev), comparison)
     if report.get("evaluations"):
         print(
             f"Allocation: {report['evaluations']} held-out evaluations ({report['screening_examples']} screening / "
             f"{report['heldout_examples']} joint-check train rows) in {report['evaluation_seconds']:.0f} s; held-out "
-            f"{info.main_metric} drop {report['heldout_drop']:.2f} ± {report['heldout_standard_error']:.2f} points."
+            f"{task.main_metric} drop {report['heldout_drop']:.2f} ± {report['heldout_standard_error']:.2f} points."
         )
-    print(f"Saved to {args.output} (reload with `import drone_hf` + AutoModelForSequenceClassification).")
+    print(
+        f"Saved to {args.output} with its model card (reload with `import drone_hf` + "
+        "AutoModelForSequenceClassification)."
+    )
     if args.push_to_hub:
         from .hub import push_compressed_to_hub
 
-        print(f"Pushed: {push_compressed_to_hub(compressed, args.push_to_hub, tokenizer=tokenizer)}")
+        try:
+            url = push_compressed_to_hub(compressed, args.push_to_hub, tokenizer=tokenizer, card_kwargs=card)
+        except ConnectionError as error:
+            error.add_note(f"The compressed model and its card are saved in {args.output}: push that folder later.")
+            raise
+        print(f"Pushed: {url}")
     return 0
 
 
 def _evaluate(args) -> int:
-    model, tokenizer, info = _load(args)
-    dev = _dev(args, tokenizer, info)
-    _print_table(_measure(args, {Path(args.model).name or args.model: model}, dev, tokenizer, info), info, len(dev))
+    from transformers import AutoModelForSequenceClassification
+
+    from .cli_report import measure_models, print_table
+    from .data import check_model_labels
+    from .targets import check_supported_model
+
+    model, tokenizer, task = _load(args, ("validation",))
+    dev = _dev(args, tokenizer, task)
+    name = Path(args.model).name or args.model
+    models, reference = {name: model}, None
+    if args.baseline:
+        baseline = AutoModelForSequenceClassification.from_pretrained(args.baseline).eval()
+        check_supported_model(baseline)
+        check_model_labels(task, baseline.config)
+        reference = Path(args.baseline).name or args.baseline
+        reference = "baseline" if reference == name else reference
+        models = {reference: baseline, name: model}
+    results, comparison = measure_models(
+        models, dev, tokenizer, task, reference=reference, repeats=args.latency_repeats, batch_size=args.batch_size
+    )
+    print_table(results, task, len(dev), comparison)
     return 0
+
+
+# Optional dependencies -> the extra of pyproject.toml that brings them.
+_EXTRAS = {
+    "datasets": "glue",
+    "pandas": "glue",
+    "sklearn": "glue",
+    "scipy": "glue",
+    "sentence_transformers": "sentence-transformers",
+}
+
+
+def _error_text(error: BaseException) -> str:
+    """The one line (plus any notes, such as the offline hints of `drone_hf.glue`) printed for a failed command."""
+    if isinstance(error, ImportError):
+        missing = (error.name or "").split(".")[0]
+        if missing in _EXTRAS:
+            extra = _EXTRAS[missing]
+            return (
+                f"`{missing}` is not installed; it comes with the `{extra}` extra: pip install -e '.[{extra}]' in "
+                "your drone_hf clone."
+            )
+    return "\n".join([str(error), *getattr(error, "__notes__", ())])
+
+
+def _start(args) -> None:
+    """Imports the library (registration included: deferred in the command, see drone_hf/__init__.py), applies
+    `--threads`, and shows drone_hf's progress lines on stderr (`TRANSFORMERS_VERBOSITY=warning` hides them)."""
+    import drone_hf
+
+    drone_hf._load_library()
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"`--threads` must be at least 1, got {args.threads}.")
+        torch.set_num_threads(args.threads)
+
+
+@contextlib.contextmanager
+def _progress_lines():
+    """drone_hf's log lines on stderr while a command runs (level INFO, or `TRANSFORMERS_VERBOSITY`), then the
+    logger as it was (the command also runs inside other programs, e.g. tests)."""
+    root = logging.getLogger("drone_hf")
+    saved = root.level, root.propagate
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("drone-hf: %(message)s"))
+    verbosity = os.environ.get("TRANSFORMERS_VERBOSITY", "info").lower()
+    root.setLevel(verbosity.upper() if verbosity in ("debug", "info", "warning", "error", "critical") else "INFO")
+    root.addHandler(handler)
+    root.propagate = False
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        root.propagate = saved[1]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `drone-hf` command."""
+    if "torch" not in sys.modules:
+        # libgomp (torch's OpenMP on Linux) spin-waits between parallel regions by default: on a shared or
+        # oversubscribed machine that made 2-thread runs 3x slower and their timings meaningless. The runtime reads
+        # the policy once, when torch starts it, so it is set before torch is imported (an explicit value wins).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = _parser().parse_args(argv)
     try:
-        if args.command == "compress-embeddings":
-            return _compress_embeddings(args)
-        return _compress(args) if args.command == "compress" else _evaluate(args)
-    except (ValueError, TypeError, FileNotFoundError, OSError) as error:
-        print(f"drone-hf {args.command}: error: {error}", file=sys.stderr)
+        with _progress_lines():
+            _start(args)
+            if args.command == "compress-embeddings":
+                return _compress_embeddings(args)
+            return _compress(args) if args.command == "compress" else _evaluate(args)
+    except (ValueError, TypeError, OSError, ImportError) as error:
+        print(f"drone-hf {args.command}: error: {_error_text(error)}", file=sys.stderr)
         return 2
 
 

@@ -10,6 +10,7 @@ from numbers import Real
 import torch
 from torch import nn
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.utils.logging import tqdm
 
 from .allocation import breakeven_rank
 from .architecture import base_model_type
@@ -111,6 +112,7 @@ def compress_model(
     calibration_info: Mapping | None = None,
     embedding: tuple[int, int] | float | None = None,
     embedding_options: Mapping | None = None,
+    show_progress: bool = False,
 ):
     r"""
     Factors the encoder of a fine-tuned model and returns a **new** DRONE model of the same family and head (e.g.
@@ -163,6 +165,8 @@ def compress_model(
             `"bert.embeddings.word_embeddings"`), `k_grid` (default `(1, 2, 4, 8)`, ratio only), `n_init` (2),
             `max_iter` (15), `seed` (0) and `weights` (`(vocab_size,)` row weights, e.g.
             `1 + torch.log1p(token_frequencies(loader, vocab_size))`).
+        show_progress (`bool`, *optional*, defaults to `False`): Progress bars for the allocation and the
+            factorisation (`transformers.utils.logging.tqdm`: `disable_progress_bar()` hides them).
 
     Returns:
         The compressed model (a `DroneModelMixin` subclass of `model`'s class), on the device and in the dtype of
@@ -213,6 +217,7 @@ def compress_model(
             embedding=embedding,
             embedding_options=embedding_options,
             attention_ranks=attention_ranks,
+            show_progress=show_progress,
             **merged,
         )
     method = resolve_method(DEFAULT_METHOD if method is None else method, bias_correction)
@@ -247,7 +252,7 @@ def compress_model(
             target_modules=target_modules,
             rank_multiple=rank_multiple,
             report=allocation_report,
-            **_allocation_options(allocation_options),
+            **{"show_progress": show_progress, **_allocation_options(allocation_options)},
         )
         if not ranks:
             value = {"max_accuracy_drop": max_accuracy_drop, "target_speedup": target_speedup}.get(budgets[0])
@@ -276,11 +281,14 @@ def compress_model(
     # Only the modules actually factored need statistics (the embedding clustering needs none).
     needs_stats = factorizer.data_aware and (chosen or queries)
     checked = check_stats(stats, list(chosen) + list(queries.values()), all_shapes) if needs_stats else {}
-    factors = {name: _factor_linear(model, factorizer, name, checked.get(name), k) for name, k in chosen.items()}
-    attention_factors = {
-        block: _factor_attention(model, factorizer, block, checked.get(queries[block]), k)
-        for block, k in chosen_attention.items()
-    }
+    with tqdm(total=len(chosen) + len(chosen_attention), desc="Factorising", disable=not show_progress) as bar:
+        factors, attention_factors = {}, {}
+        for name, k in chosen.items():
+            factors[name] = _factor_linear(model, factorizer, name, checked.get(name), k)
+            bar.update(1)
+        for block, k in chosen_attention.items():
+            attention_factors[block] = _factor_attention(model, factorizer, block, checked.get(queries[block]), k)
+            bar.update(1)
     provenance = dict(calibration_info or {})
     if checked:
         provenance.setdefault("num_tokens", int(split_stats(next(iter(checked.values())))[2]))

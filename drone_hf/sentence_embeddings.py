@@ -10,8 +10,9 @@ jointly (with a paired-bootstrap margin) like `max_accuracy_drop` for classifier
 (`config.json` with `"model_type": "drone_bert"`, ...); after `import drone_hf`, `SentenceTransformer(folder)` reloads
 it and `AutoModel.from_pretrained(folder)` gives the compressed encoder.
 
-sentence-transformers is an optional dependency (`pip install 'drone_hf[sentence-transformers]'`); this module imports
-it only inside its functions, and `import drone_hf` does not import this module.
+sentence-transformers is an optional dependency (the `sentence-transformers` extra:
+`pip install -e '.[sentence-transformers]'`); this module imports it only inside its functions, and `import drone_hf`
+does not import this module.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-INSTALL_HINT = "pip install 'drone_hf[sentence-transformers]'"
+INSTALL_HINT = "pip install -e '.[sentence-transformers]' in your drone_hf clone"
 MIN_HELDOUT_SENTENCES = 32
 """The fewest held-out sentences a `min_cosine_similarity` check runs on: below it the bootstrap standard error of
 the mean cosine is itself too noisy to trust."""
@@ -287,7 +288,7 @@ def compress_sentence_transformer(
         `model[0].auto_model` is a DRONE encoder (`DroneBertModel`, `DroneMPNetModel`, ...).
 
     Raises:
-        `ImportError`: without sentence-transformers (`pip install 'drone_hf[sentence-transformers]'`).
+        `ImportError`: without sentence-transformers (`pip install -e '.[sentence-transformers]'` in the clone).
         `TypeError` / `ValueError`: naming the argument, the value and what is allowed: `model` not a
             `SentenceTransformer` or without a `Transformer` first module, an unsupported family, empty or non-string
             sentences, zero or several budgets, a budget out of range, too few held-out sentences, a budget that no
@@ -514,7 +515,7 @@ def _fix_card(folder: Path, *, base_model: str | None = None, model_id: str | No
     if "import drone_hf" not in card.text.split("<!-- drone_hf:begin")[0]:
         card.text = re.sub(
             r"^from sentence_transformers import SentenceTransformer$",
-            "import drone_hf  # registers the compressed model type with transformers (pip install drone_hf)\n"
+            "import drone_hf  # registers the compressed model type (drone_hf: pip install -e . in a clone)\n"
             "from sentence_transformers import SentenceTransformer",
             card.text,
             count=1,
@@ -568,7 +569,7 @@ def push_sentence_transformer_to_hub(
     Returns:
         `str`: the URL of the commit (of the pull request with `create_pr=True`).
     """
-    from .hub import _api, _download_readme, _remote_code_export, _upload
+    from .hub import _api, _download_readme, _remote_code_export, _upload, reaching_the_hub
 
     transformer = _transformer_module(model)
     encoder = transformer.auto_model
@@ -578,11 +579,12 @@ def push_sentence_transformer_to_hub(
             f"encoder is {type(encoder).__name__} (model_type {encoder.config.model_type!r})."
         )
     api = _api()
-    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    with reaching_the_hub(repo_id):
+        repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     card_kwargs = dict(card_kwargs or {})
     extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
     card_kwargs["tags"] = list(dict.fromkeys([*card_kwargs.get("tags", ()), *(encoder.model_tags or ()), *extra_tags]))
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, reaching_the_hub(repo_id):
         folder = Path(tmp) / repo_id.split("/")[-1]
         folder.mkdir()
         remote_readme = None if replace_model_card else _download_readme(api, repo_id, token, revision)
