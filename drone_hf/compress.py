@@ -134,8 +134,8 @@ def compress_model(
             attention blocks (`"...attention.self"` in BERT) set per-head query/key ranks, as in `attention_ranks`.
         param_ratio (`float`, *optional*): Fraction of the candidates' weight parameters to keep; ranks are allocated
             by [`allocate_ranks`] from the closed form's residual energy (no evaluations).
-        attention_rank (`int`, *optional*): DRONE attention (METHODS §1a): factor every head's `W_Q W_K^T` to this
-            per-head query/key width (`< d_h`). Refused, with the reason, for families where it does not apply
+        attention_rank (`int`, *optional*): DRONE attention (docs/methods.md §1a): factor every head's `W_Q W_K^T`
+            to this per-head query/key width (`< d_h`). Refused, with the reason, for families where it does not apply
             (rotary position embeddings in ModernBERT, relative-position projections in DeBERTa-v2).
         attention_ranks (`Mapping[str, int]`, *optional*): Attention block name or `"re:<regex>"` -> per-head rank,
             with the same precedence as `ranks`.
@@ -156,11 +156,11 @@ def compress_model(
         rank_multiple (`int`, *optional*, defaults to 8): Granularity of the ranks budgets choose.
         calibration_info (`Mapping`, *optional*): Provenance (dataset, split, samples, seed) saved in the config.
         embedding (`tuple[int, int]` or `float`, *optional*): Projective clustering of the word embedding
-            (METHODS §3) into a [`DroneEmbedding`]: `(k, j)` (`k` subspaces of dimension `j`; `k = 1` is truncated
-            SVD), or a parameter ratio in `(0, 1)` of the embedding to keep (`0.6` is -40%), for which the `(k, j)`
-            of lowest cost over `embedding_options["k_grid"]` is chosen ([`choose_kj`]). Data-free, so it works with
-            any method, alone or with any linear/attention budget. The chosen `(k, j)`, its cost and the SVD cost at
-            the same size are recorded in `config.drone_calibration["embedding"]`.
+            (docs/methods.md §3) into a [`DroneEmbedding`]: `(k, j)` (`k` subspaces of dimension `j`; `k = 1` is
+            truncated SVD), or a parameter ratio in `(0, 1)` of the embedding to keep (`0.6` is -40%), for which the
+            `(k, j)` of lowest cost over `embedding_options["k_grid"]` is chosen ([`choose_kj`]). Data-free, so it
+            works with any method, alone or with any linear/attention budget. The chosen `(k, j)`, its cost and the
+            SVD cost at the same size are recorded in `config.drone_calibration["embedding"]`.
         embedding_options (`Mapping`, *optional*): `module` (default: the family's word embedding, e.g.
             `"bert.embeddings.word_embeddings"`), `k_grid` (default `(1, 2, 4, 8)`, ratio only), `n_init` (2),
             `max_iter` (15), `seed` (0) and `weights` (`(vocab_size,)` row weights, e.g.
