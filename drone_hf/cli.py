@@ -233,6 +233,7 @@ def _compress_embeddings(args) -> int:
         pair_auc,
         split_heldout,
     )
+    from .speed import compare_recorded
 
     if args.latency_repeats < 1:
         raise ValueError(f"`--latency-repeats` must be at least 1, got {args.latency_repeats}.")
@@ -285,8 +286,13 @@ def _compress_embeddings(args) -> int:
     seconds = time.perf_counter() - started
     models = {"dense": model, args.method: small}
     timing = (heldout + calibration)[:256]
-    latency = measure_encode_latency(models, timing, batch_size=32, repeats=args.latency_repeats)
+    record: dict = {}
+    latency = measure_encode_latency(models, timing, batch_size=32, repeats=args.latency_repeats, record=record)
     seq_len = min(128, model.max_seq_length or 128)
+    bound = flop_speedup_bound(model[0].auto_model.config, small[0].auto_model.config, seq_len)
+    comparison = compare_recorded(
+        record, reference="dense", flop_bounds={args.method: bound}, device=model.device.type
+    )
     results = {}
     for name, m in models.items():
         encoder = m[0].auto_model
@@ -297,16 +303,12 @@ def _compress_embeddings(args) -> int:
             "encode_ms": 1000 * latency[name],
             "speedup": latency["dense"] / latency[name],
             "flop_bound": flop_speedup_bound(model[0].auto_model.config, encoder.config, seq_len),
+            **{k: v for k, v in comparison.models[name].items() if k in ("cpu_speedup", "flags", "published")},
         }
         if pairs:
             results[name]["pair_auc"] = 100 * pair_auc(m, *pairs, batch_size=args.batch_size)
     small.save(args.output)
-    speed = {
-        "speedup": results[args.method]["speedup"],
-        "flop_bound": results[args.method]["flop_bound"],
-        "hardware": hardware,
-        "setting": f"encode() of {len(timing)} sentences, batch 32",
-    }
+    speed = comparison.card_speed(args.method, hardware, f"encode() of {len(timing)} sentences, batch 32")
     _fix_card(Path(args.output), base_model=getattr(small, "_drone_base_model", None), speed=speed)
     budget = {
         "min_cosine_similarity": args.min_cosine_similarity,
@@ -323,11 +325,16 @@ def _compress_embeddings(args) -> int:
         "compress_seconds": seconds,
         "allocation": report,
         "results": results,
-        "timing": {"sentences": len(timing), "batch_size": 32, "threads": torch.get_num_threads()},
+        "timing": {
+            "sentences": len(timing),
+            "batch_size": 32,
+            "threads": torch.get_num_threads(),
+            "load_average": comparison.load_average,
+        },
     }
     _write_results(args.output, summary)
     header = ["model", "cosine to dense (held-out)"] + (["pair ROC-AUC"] if pairs else [])
-    header += ["params (M)", "size MB", "encode ms", "speed-up", "FLOP bound"]
+    header += ["params (M)", "size MB", "encode ms", "speed-up", "CPU-time ratio", "FLOP bound"]
     rows = [
         [
             name,
@@ -336,7 +343,12 @@ def _compress_embeddings(args) -> int:
             f"{r['parameters'] / 1e6:.2f}",
             f"{r['checkpoint_mb']:.1f}",
             f"{r['encode_ms']:.1f}",
-            f"{r['speedup']:.2f}x",
+            "flagged" if r.get("flags") else f"{r['speedup']:.2f}x",
+            "flagged"
+            if r.get("flags")
+            else f"{r.get('cpu_speedup') or 1.0:.2f}x"
+            if model.device.type == "cpu"
+            else "—",
             f"{r['flop_bound']:.2f}x",
         ]
         for name, r in results.items()
@@ -354,6 +366,7 @@ def _compress_embeddings(args) -> int:
         f"sentences, batch 32, {hardware}, median of {args.latency_repeats} round-robin "
         f"runs in this process. FLOP bound: multiply-adds of one {seq_len}-token sequence."
     )
+    print(comparison.note())
     if pairs:
         print(
             f"Pair ROC-AUC: {len(pairs[2])} pairs from {args.eval_pairs}, cosine similarity, points "
@@ -382,6 +395,7 @@ def _load(args, splits: tuple[str, ...]):
     from .targets import check_supported_model
 
     source = data_source_from_args(args)
+    _require_extra("glue")  # before the model loads: a core install learns what is missing at once
     logger.info(f"Loading {args.model}")
     model = AutoModelForSequenceClassification.from_pretrained(args.model)
     check_supported_model(model)
@@ -538,7 +552,10 @@ def _compress(args) -> int:
         try:
             url = push_compressed_to_hub(compressed, args.push_to_hub, tokenizer=tokenizer, card_kwargs=card)
         except ConnectionError as error:
-            error.add_note(f"The compressed model and its card are saved in {args.output}: push that folder later.")
+            error.add_note(
+                f"The compressed model and its card are saved in {args.output}; once the Hub is reachable, upload "
+                f"that folder: hf upload {args.push_to_hub} {args.output}"
+            )
             raise
         print(f"Pushed: {url}")
     return 0
@@ -577,6 +594,21 @@ _EXTRAS = {
     "scipy": "glue",
     "sentence_transformers": "sentence-transformers",
 }
+
+
+def _require_extra(extra: str) -> None:
+    """Raises `ModuleNotFoundError` (printed as one line naming `extra`) if a module of `extra` is not installed."""
+    import importlib.util
+
+    for module, needed_by in _EXTRAS.items():
+        if needed_by != extra:
+            continue
+        try:
+            missing = importlib.util.find_spec(module) is None
+        except (ImportError, ValueError):  # a broken or blocked (None in sys.modules) module
+            missing = True
+        if missing:
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
 
 
 def _error_text(error: BaseException) -> str:

@@ -482,11 +482,18 @@ def pair_auc(model, first: Sequence[str], second: Sequence[str], labels: Sequenc
 
 
 def measure_encode_latency(
-    models: Mapping[str, Any], sentences: Sequence[str], *, batch_size: int = 32, repeats: int = 5, warmup: int = 1
+    models: Mapping[str, Any],
+    sentences: Sequence[str],
+    *,
+    batch_size: int = 32,
+    repeats: int = 5,
+    warmup: int = 1,
+    record: dict | None = None,
 ) -> dict[str, float]:
     """Median seconds of `model.encode(sentences, batch_size=batch_size)` per model, timed round-robin in this process
-    (one call of each model per round) so that drift in machine load affects all models alike; quote the ratio
-    against the dense model timed in the same call."""
+    (one call of each model per round, in a shuffled order) so that drift in machine load affects all models alike;
+    quote the ratio against the dense model timed in the same call. `record` receives every round's wall and CPU
+    time (`drone_hf.profiling.time_round_robin`), for `drone_hf.speed.compare_recorded`."""
     from .profiling import time_round_robin
 
     sentences = _check_sentences("sentences", sentences)
@@ -494,7 +501,8 @@ def measure_encode_latency(
     def encode(model):  # encode() returns host arrays: it has finished when it returns
         return lambda: model.encode(sentences, batch_size=batch_size, show_progress_bar=False)
 
-    return time_round_robin({name: encode(model) for name, model in models.items()}, repeats=repeats, warmup=warmup)
+    calls = {name: encode(model) for name, model in models.items()}
+    return time_round_robin(calls, repeats=repeats, warmup=warmup, record=record, show_progress=True)
 
 
 # ------------------------------------------------------------------------------------------ model card and Hub

@@ -154,14 +154,27 @@ def compare_speed(
     """
     from .profiling import measure_latency
 
-    reference = reference or next(iter(models))
     record: dict = {}
     measure_latency(models, inputs, repeats=repeats, warmup=warmup, record=record, show_progress=show_progress)
     device = next(next(iter(models.values())).parameters()).device
-    on_cpu = device.type == "cpu"
+    return compare_recorded(record, reference=reference, flop_bounds=flop_bounds, device=device.type)
+
+
+def compare_recorded(
+    record: Mapping[str, Any],
+    *,
+    reference: str | None = None,
+    flop_bounds: Mapping[str, float] | None = None,
+    device: str = "cpu",
+) -> SpeedComparison:
+    """The [`SpeedComparison`] of a `record` filled by `drone_hf.profiling.time_round_robin` (any timed calls, e.g.
+    `encode()` of sentence-transformers models); see [`compare_speed`]."""
+    names = list(record["wall"])
+    reference = reference or names[0]
+    on_cpu = device == "cpu"
     base_wall, base_cpu = record["wall"][reference], record["cpu"][reference]
     entries = {}
-    for name in models:
+    for name in names:
         wall, cpu = record["wall"][name], record["cpu"][name]
         entry: dict[str, Any] = {
             "latency_ms": 1000 * statistics.median(wall),
@@ -190,10 +203,10 @@ def compare_speed(
         models=entries,
         load_average=record["load_average"],
         threads=record["threads"],
-        repeats=repeats,
+        repeats=len(base_wall),
         cpu_count=os.cpu_count(),
-        device=device.type,
+        device=device,
     )
 
 
-__all__ = ["BOUND_TOLERANCE", "SPREAD_LIMIT", "SpeedComparison", "compare_speed", "speed_flags"]
+__all__ = ["BOUND_TOLERANCE", "SPREAD_LIMIT", "SpeedComparison", "compare_recorded", "compare_speed", "speed_flags"]

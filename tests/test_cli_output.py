@@ -96,7 +96,8 @@ def test_a_push_without_network_says_what_to_do(workspace, tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "Could not reach the Hugging Face Hub to push 'me/tiny-sst2-drone'" in err and "HF_HUB_OFFLINE" in err
-    assert f"saved in {tmp_path / 'out'}" in err and (tmp_path / "out" / "README.md").is_file()
+    assert f"saved in {tmp_path / 'out'}; once the Hub is reachable" in err
+    assert f"hf upload me/tiny-sst2-drone {tmp_path / 'out'}" in err and (tmp_path / "out" / "README.md").is_file()
 
 
 def test_push_network_errors_are_wrapped(tmp_path):
@@ -162,7 +163,7 @@ def test_a_core_install_names_the_missing_extra(workspace, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if "error:" in line]
     assert line == (
-        "drone-hf compress: error: `pandas` is not installed; it comes with the `glue` extra: "
+        "drone-hf compress: error: `datasets` is not installed; it comes with the `glue` extra: "
         "pip install -e '.[glue]' in your drone_hf clone."
     )
 
