@@ -636,6 +636,10 @@ def _start(args) -> None:
         if args.threads < 1:
             raise ValueError(f"`--threads` must be at least 1, got {args.threads}.")
         torch.set_num_threads(args.threads)
+    if hasattr(args, "method"):  # before any model loads (the registry may hold methods added by a plugin)
+        from .methods import resolve_method
+
+        resolve_method(args.method, getattr(args, "bias_correction", None))
 
 
 @contextlib.contextmanager

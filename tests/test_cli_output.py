@@ -115,6 +115,14 @@ def test_push_network_errors_are_wrapped(tmp_path):
             push_compressed_to_hub(small, "me/x")
 
 
+def test_an_unknown_method_or_thread_count_fails_before_any_model_loads(workspace, capsys):
+    code = main(["compress", *_glue_args(workspace), "--rank", "8", "--method", "drone-x", "--output", "unused"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Unknown `method` 'drone-x'" in err and "Loading" not in err
+    assert main(["evaluate", *_glue_args(workspace), "--threads", "0"]) == 2
+    assert "`--threads` must be at least 1" in capsys.readouterr().err
+
+
 def test_evaluate_alone_prints_no_speed_columns(workspace, capsys):
     assert main(["evaluate", *_glue_args(workspace), "--latency-repeats", "2"]) == 0
     out = capsys.readouterr().out
