@@ -15,14 +15,13 @@ Every underscore option of transformers' example scripts is accepted too (--trai
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
+from .cli_setup import error_text, progress_lines, require_extra, set_openmp_wait_policy, start_command
 from .data_arguments import add_data_arguments
 from .defaults import BUILTIN_METHODS, DEFAULT_METHOD
 
@@ -395,7 +394,7 @@ def _load(args, splits: tuple[str, ...]):
     from .targets import check_supported_model
 
     source = data_source_from_args(args)
-    _require_extra("glue")  # before the model loads: a core install learns what is missing at once
+    require_extra("glue")  # before the model loads: a core install learns what is missing at once
     logger.info(f"Loading {args.model}")
     model = AutoModelForSequenceClassification.from_pretrained(args.model)
     check_supported_model(model)
@@ -586,98 +585,18 @@ def _evaluate(args) -> int:
     return 0
 
 
-# Optional dependencies -> the extra of pyproject.toml that brings them.
-_EXTRAS = {
-    "datasets": "glue",
-    "pandas": "glue",
-    "sklearn": "glue",
-    "scipy": "glue",
-    "sentence_transformers": "sentence-transformers",
-}
-
-
-def _require_extra(extra: str) -> None:
-    """Raises `ModuleNotFoundError` (printed as one line naming `extra`) if a module of `extra` is not installed."""
-    import importlib.util
-
-    for module, needed_by in _EXTRAS.items():
-        if needed_by != extra:
-            continue
-        try:
-            missing = importlib.util.find_spec(module) is None
-        except (ImportError, ValueError):  # a broken or blocked (None in sys.modules) module
-            missing = True
-        if missing:
-            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
-
-
-def _error_text(error: BaseException) -> str:
-    """The one line (plus any notes, such as the offline hints of `drone_hf.glue`) printed for a failed command."""
-    if isinstance(error, ImportError):
-        missing = (error.name or "").split(".")[0]
-        if missing in _EXTRAS:
-            extra = _EXTRAS[missing]
-            return (
-                f"`{missing}` is not installed; it comes with the `{extra}` extra: pip install -e '.[{extra}]' in "
-                "your drone_hf clone."
-            )
-    return "\n".join([str(error), *getattr(error, "__notes__", ())])
-
-
-def _start(args) -> None:
-    """Imports the library (registration included: deferred in the command, see drone_hf/__init__.py), applies
-    `--threads`, and shows drone_hf's progress lines on stderr (`TRANSFORMERS_VERBOSITY=warning` hides them)."""
-    import drone_hf
-
-    drone_hf._load_library()
-    import torch
-
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"`--threads` must be at least 1, got {args.threads}.")
-        torch.set_num_threads(args.threads)
-    if hasattr(args, "method"):  # before any model loads (the registry may hold methods added by a plugin)
-        from .methods import resolve_method
-
-        resolve_method(args.method, getattr(args, "bias_correction", None))
-
-
-@contextlib.contextmanager
-def _progress_lines():
-    """drone_hf's log lines on stderr while a command runs (level INFO, or `TRANSFORMERS_VERBOSITY`), then the
-    logger as it was (the command also runs inside other programs, e.g. tests)."""
-    root = logging.getLogger("drone_hf")
-    saved = root.level, root.propagate
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("drone-hf: %(message)s"))
-    verbosity = os.environ.get("TRANSFORMERS_VERBOSITY", "info").lower()
-    root.setLevel(verbosity.upper() if verbosity in ("debug", "info", "warning", "error", "critical") else "INFO")
-    root.addHandler(handler)
-    root.propagate = False
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(saved[0])
-        root.propagate = saved[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `drone-hf` command."""
-    if "torch" not in sys.modules:
-        # libgomp (torch's OpenMP on Linux) spin-waits between parallel regions by default: on a shared or
-        # oversubscribed machine that made 2-thread runs 3x slower and their timings meaningless. The runtime reads
-        # the policy once, when torch starts it, so it is set before torch is imported (an explicit value wins).
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    set_openmp_wait_policy()  # before torch is imported
     args = _parser().parse_args(argv)
     try:
-        with _progress_lines():
-            _start(args)
+        with progress_lines():
+            start_command(args)
             if args.command == "compress-embeddings":
                 return _compress_embeddings(args)
             return _compress(args) if args.command == "compress" else _evaluate(args)
     except (ValueError, TypeError, OSError, ImportError) as error:
-        print(f"drone-hf {args.command}: error: {_error_text(error)}", file=sys.stderr)
+        print(f"drone-hf {args.command}: error: {error_text(error)}", file=sys.stderr)
         return 2
 
 

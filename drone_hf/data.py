@@ -3,7 +3,8 @@ dataset, or local CSV/TSV/JSON/JSONL files, with the text and label columns and 
 
 [`DataSource`] says where the rows are (checked without reading anything); [`load_task_data`] reads them, finds the
 text and label columns and the label names, and returns a [`TaskData`] that tokenises any split and scores
-predictions. The command-line options that build a [`DataSource`] are in `drone_hf/data_arguments.py`.
+predictions. The command-line options that build a [`DataSource`] are in `drone_hf/data_arguments.py`, the file and
+Hub reading in `drone_hf/data_reading.py`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from transformers.utils import logging
 
+from .data_reading import is_default_id2label, label_scheme, read_file, read_hub, text_columns
 from .glue_tasks import get_glue_task
 from .task_metrics import REGRESSION_METRICS, metric_name, task_metrics
 
@@ -24,18 +25,7 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-logger = logging.get_logger(__name__)
-
 FILE_TYPES = (".csv", ".tsv", ".json", ".jsonl")
-# Column pairs transformers' run_glue.py and the GLUE/SuperGLUE-style datasets use, tried before guessing.
-_KNOWN_TEXT_COLUMNS = (
-    ("sentence1", "sentence2"),
-    ("premise", "hypothesis"),
-    ("question1", "question2"),
-    ("question", "sentence"),
-    ("sentence",),
-    ("text",),
-)
 
 
 @dataclass(frozen=True)
@@ -278,117 +268,6 @@ class TaskData:
         return lambda logits, labels: 100.0 * self.compute_metrics(logits, labels)[main]
 
 
-# ---------------------------------------------------------------------------------------------------- reading
-
-
-def _require_datasets():
-    try:
-        import datasets
-    except ImportError as error:
-        raise ImportError(
-            "Reading task data needs `datasets` (the `glue` extra): in your drone_hf clone, pip install -e '.[glue]'"
-        ) from error
-    return datasets
-
-
-def _read_file(path: str) -> datasets.Dataset:
-    import pandas as pd
-
-    datasets = _require_datasets()
-    suffix = Path(path).suffix.lower()
-    try:
-        if suffix in (".csv", ".tsv"):
-            frame = pd.read_csv(
-                path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False, encoding="utf-8-sig"
-            )
-        else:  # a JSON array (or {"data": [...]}) or JSON Lines, as datasets' json loader reads them
-            try:
-                frame = pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
-            except ValueError:
-                frame = pd.read_json(path, lines=suffix != ".jsonl", dtype=False)
-            if list(frame.columns) == ["data"]:
-                frame = pd.DataFrame(list(frame["data"]))
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise ValueError(f"Could not read {path!r} as {suffix[1:].upper()}: {error}") from error
-    if frame.empty:
-        raise ValueError(f"{path!r} has no rows.")
-    return datasets.Dataset.from_pandas(frame.astype(object).where(frame.notna(), None), preserve_index=False)
-
-
-def _read_hub(source: DataSource, split: str) -> datasets.Dataset:
-    datasets = _require_datasets()
-    try:
-        return datasets.load_dataset(source.dataset_name, source.dataset_config_name, split=split)
-    except Exception as error:
-        error.add_note(
-            f"drone_hf: loading split `{split}` of the Hub dataset {source.dataset_name!r} failed. Offline, save it "
-            "as CSV/JSON and pass `--train-file` / `--validation-file`."
-        )
-        raise
-
-
-def _text_columns(source: DataSource, columns: Sequence[str], label: str) -> tuple[str, ...]:
-    if source.text_columns:
-        missing = [column for column in source.text_columns if column not in columns]
-        if missing:
-            raise ValueError(f"`--text-columns` {missing} are not columns of the data; its columns: {list(columns)}.")
-        return tuple(source.text_columns)
-    for group in _KNOWN_TEXT_COLUMNS:
-        if set(group) <= set(columns):
-            return group
-    others = [column for column in columns if column not in (label, "idx", "id")]
-    if 1 <= len(others) <= 2:
-        return tuple(others)
-    raise ValueError(f"Cannot tell the text columns among {list(columns)}: pass `--text-columns` (one or two names).")
-
-
-def _is_default_id2label(config) -> bool:
-    names = getattr(config, "id2label", None) or {}
-    return all(str(name) == f"LABEL_{int(i)}" for i, name in names.items())
-
-
-def _label_scheme(values: list, feature, metrics, model_config) -> tuple[tuple[str, ...] | None, int, Callable]:
-    """Label names (or None), number of labels and the value -> label id (or float) encoder of a task."""
-    if feature is not None and type(feature).__name__ == "ClassLabel":
-        return tuple(feature.names), len(feature.names), int
-    texts = [str(value).strip() for value in values]
-    if "" in texts or any(value is None for value in values):
-        raise ValueError("Some rows have an empty label: remove them or fill the label column.")
-    wants_regression = bool(metrics) and all(name in REGRESSION_METRICS for name in metrics)
-    numbers = _as_numbers(texts)
-    integers = numbers is not None and all(float(n).is_integer() for n in numbers)
-    model_labels = getattr(model_config, "num_labels", None)
-    if wants_regression or model_labels == 1 or (numbers is not None and not integers):
-        if numbers is None:
-            raise ValueError(f"A regression needs numeric labels, got values such as {sorted(set(texts))[:5]}.")
-        return None, 1, float
-    if integers:
-        count = max(int(max(numbers)) + 1, model_labels or 0)
-        names = None
-        if model_config is not None and not _is_default_id2label(model_config):
-            names = tuple(model_config.id2label[i] for i in range(model_config.num_labels))
-        return names, count, lambda value: int(float(str(value).strip()))
-    distinct = sorted(set(texts))
-    known = {} if model_config is None or _is_default_id2label(model_config) else dict(model_config.label2id)
-    if known and set(distinct) <= set(known):
-        names = tuple(name for name, _ in sorted(known.items(), key=lambda item: item[1]))
-    else:
-        if known:
-            logger.warning(
-                f"The model's labels {sorted(known)} do not cover the data's {distinct}: using sorted order."
-            )
-        names = tuple(distinct)
-    lookup = {name: index for index, name in enumerate(names)}
-    return names, len(names), lambda value: lookup[str(value).strip()]
-
-
-def _as_numbers(texts: list[str]) -> list[float] | None:
-    try:
-        return [float(text) for text in texts]
-    except ValueError:
-        return None
-
-
 def load_task_data(
     source: DataSource,
     *,
@@ -420,13 +299,13 @@ def load_task_data(
     raw: dict[str, datasets.Dataset] = {}
     for split in splits:
         if source.dataset_name:
-            raw[split] = _read_hub(source, source.train_split if split == "train" else source.validation_split)
+            raw[split] = read_hub(source, source.train_split if split == "train" else source.validation_split)
         else:
             path = source.train_file if split == "train" else source.validation_file
             if path is None:
                 option = "--train-file" if split == "train" else "--validation-file"
                 raise ValueError(f"This command needs {split} rows: pass `{option}`.")
-            raw[split] = _read_file(path)
+            raw[split] = read_file(path)
     first = next(iter(raw.values()))
     label = source.label_column or next((c for c in ("label", "labels") if c in first.column_names), None)
     for split, rows in raw.items():
@@ -435,10 +314,10 @@ def load_task_data(
                 f"The {split} rows have no label column {label or 'label'!r}: pass `--label-column`; columns: "
                 f"{rows.column_names}."
             )
-    text = _text_columns(source, first.column_names, label)
+    text = text_columns(source, first.column_names, label)
     metrics = tuple(metric_name(name) for name in source.metrics or ())
     values = [value for rows in raw.values() for value in rows[label]]
-    names, num_labels, encode = _label_scheme(values, first.features.get(label), metrics, model_config)
+    names, num_labels, encode = label_scheme(values, first.features.get(label), metrics, model_config)
     if not metrics:
         metrics = REGRESSION_METRICS if num_labels == 1 else ("accuracy",)
     elif num_labels > 1 and "accuracy" not in metrics:
@@ -470,7 +349,7 @@ def check_model_labels(task: TaskData, model_config: PretrainedConfig) -> None:
 def label_config(task: TaskData, model_config: PretrainedConfig) -> Mapping[str, dict] | None:
     """`{"id2label": ..., "label2id": ...}` to write into a model's config when it only has the placeholder names
     `LABEL_0`, `LABEL_1`, ... and the task knows its label names; `None` otherwise."""
-    if task.id2label is None or not _is_default_id2label(model_config) or model_config.num_labels != task.num_labels:
+    if task.id2label is None or not is_default_id2label(model_config) or model_config.num_labels != task.num_labels:
         return None
     return {"id2label": task.id2label, "label2id": {name: index for index, name in task.id2label.items()}}
 
