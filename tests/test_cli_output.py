@@ -239,3 +239,18 @@ def test_only_the_command_defers_the_library(monkeypatch, argv, expected):
     monkeypatch.setattr(sys, "orig_argv", argv)
     monkeypatch.setattr(sys, "argv", argv[1:])
     assert drone_hf._started_as_command() is expected
+
+
+def test_the_openmp_wait_policy_is_set_only_before_torch():
+    # As in `python -m drone_hf`, where the package is imported without torch (see drone_hf._started_as_command).
+    code = "import os, sys{}\nsys.orig_argv = ['python', '-m', 'drone_hf']\n"
+    code += "from drone_hf.cli_setup import set_openmp_wait_policy\nset_openmp_wait_policy()\n"
+    code += "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    run = lambda source: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", source], capture_output=True, text=True, env={**env, "PYTHONPATH": str(REPO)}
+    )
+    assert run(code.format("")).stdout.strip() == "PASSIVE False"
+    assert run(code.format(", torch")).stdout.strip() == "None True"  # too late: libgomp has read it already
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert run(code.format("")).stdout.strip() == "ACTIVE False"  # an explicit choice wins
