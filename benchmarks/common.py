@@ -12,8 +12,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from transformers import (
+
+# libgomp spin-waits by default, which makes oversubscribed 2-thread runs several times slower and their timings
+# meaningless; it reads the policy when torch loads it, so this must run before torch is imported (see the README).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -27,7 +32,8 @@ sys.path.insert(0, str(REPO))
 
 from drone_hf.evaluation import evaluate_glue  # noqa: E402
 from drone_hf.glue import get_glue_task, load_glue  # noqa: E402
-from drone_hf.profiling import cpu_name, measure_latency  # noqa: E402
+from drone_hf.profiling import cpu_name  # noqa: E402
+from drone_hf.speed import compare_speed  # noqa: E402
 
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -174,14 +180,29 @@ def latency_inputs(tokenizer, dataset, *, batch_size: int = 8, seq_len: int = 12
     return dict(tokenizer.pad(rows, padding="max_length", max_length=seq_len, return_tensors="pt"))
 
 
-def measure_speedups(models: dict, tokenizer, dataset, *, seq_len: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Times `models` round-robin on the batch of [`latency_inputs`] (batch 8 x `seq_len` tokens).
+def measure_speedups(
+    models: dict, tokenizer, dataset, *, seq_len: int, repeats: int, flop_bounds: dict | None = None
+) -> dict[str, dict]:
+    """Times `models` round-robin, in a shuffled order every round, on the batch of [`latency_inputs`] (batch 8 x
+    `seq_len` tokens), with `drone_hf.speed.compare_speed` against the model named `"dense"`, and prints how it
+    timed (threads, load average) and any speed-up it withholds.
 
     Returns:
-        `dict[str, dict[str, float]]`: per model name, `latency_ms` and `speedup` (over the model named `"dense"`).
+        `dict[str, dict]`: per model name, `latency_ms`, `cpu_ms`, `speedup` (wall clock; `None` when flagged),
+        `speedup_measured`, `cpu_speedup` (CPU time) and `flags` (why a speed-up is withheld: above its FLOP bound,
+        a wide spread, wall clock and CPU time disagreeing).
     """
-    latency = measure_latency(models, latency_inputs(tokenizer, dataset, seq_len=seq_len), repeats=repeats)
-    return {name: {"latency_ms": 1000 * latency[name], "speedup": latency["dense"] / latency[name]} for name in models}
+    inputs = latency_inputs(tokenizer, dataset, seq_len=seq_len)
+    comparison = compare_speed(models, inputs, reference="dense", flop_bounds=flop_bounds, repeats=repeats)
+    print(comparison.note(), flush=True)
+    speeds = {}
+    for name, entry in comparison.models.items():
+        if name == "dense":
+            speeds[name] = {**entry, "speedup": 1.0, "speedup_measured": 1.0, "cpu_speedup": 1.0, "flags": []}
+        else:
+            measured = entry["speedup"]
+            speeds[name] = {**entry, "speedup": None if entry["flags"] else measured, "speedup_measured": measured}
+    return speeds
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

@@ -1,6 +1,6 @@
-"""Factorisation + feature distillation (METHODS.md §2) on a fine-tuned MiniLM: dense vs DRONE vs DRONE+distillation,
-with plain SVD (+distillation) at the same ranks beside them. One table, speed measured in one run (round-robin,
-batch 8 x 128 tokens). Writes benchmarks/results/distillation_<task>.json.
+"""Factorisation + feature distillation (docs/methods.md §2) on a fine-tuned MiniLM: dense vs DRONE vs
+DRONE+distillation, with plain SVD (+distillation) at the same ranks beside them. One table, speed measured in one run
+(round-robin, batch 8 x 128 tokens). Writes benchmarks/results/distillation_<task>.json.
 
     python benchmarks/distillation.py --task sst2 --teacher-steps 300 --max-length 64 --rank 64 --distill-steps 300
     python benchmarks/distillation.py --task mrpc --teacher-steps 350 --max-length 128 --target-speedup 2

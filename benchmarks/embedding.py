@@ -1,4 +1,4 @@
-"""Projective clustering of the word embedding (METHODS.md §3) on a fine-tuned MiniLM: at one embedding budget
+"""Projective clustering of the word embedding (docs/methods.md §3) on a fine-tuned MiniLM: at one embedding budget
 (default 60% of its parameters), SVD (k = 1) vs the (k, j) of lowest cost, with and without token-frequency row
 weights, each evaluated as is and after a short distillation from the dense teacher; then the same embeddings on top
 of DRONE on the encoder, with whole-model size and CPU speed (round-robin, batch 8 x 128 tokens) in one run.

@@ -1,40 +1,48 @@
 """drone_hf: data-aware low-rank compression (DRONE) of fine-tuned encoders, as Hugging Face citizens.
 
-Importing this package registers, for every supported family (`drone_hf.architecture`), a DRONE config
+`import drone_hf` imports the public API (`drone_hf/_api.py`) and registers, for every supported family, a DRONE config
 (`"drone_bert"`, `"drone_roberta"`, ...) with `AutoConfig` and a DRONE model class for every head transformers' Auto
-mappings have for that family (`AutoModel`, `AutoModelForSequenceClassification`, `...TokenClassification`,
-`...QuestionAnswering`, `...MultipleChoice`, ...). This is the one place where registration happens.
+mappings have for that family. The one exception is the `drone-hf` command (`drone-hf ...`, `python -m drone_hf ...`):
+it parses its arguments before torch and transformers are imported, so `drone-hf --help` answers at once, and imports
+the library (registration included) before any command runs ([`_load_library`]).
 """
 
 from __future__ import annotations
 
-from .allocation import allocate_by_energy, allocate_ranks, breakeven_rank
-from .architecture import ArchitectureSpec, AttentionSpec, get_architecture, register_architecture
-from .arguments import DroneCompressionArguments, DroneDistillationArguments
-from .attention import DroneBertSelfAttention
-from .calibration import ActivationStatsCollector, collect_activation_stats
-from .compress import compress_model
-from .configuration_drone import DRONE_FORMAT_VERSION, DroneConfig, drone_config_class
-from .deployment import quantize_model
-from .embedding import DroneEmbedding, replace_embedding_with_drone, token_frequencies
-from .factorize import data_weighted_error, drone_factorize, drone_spectrum, svd_factorize
-from .hub import create_or_update_model_card, push_compressed_to_hub
-from .int8 import DroneInt8Linear, DroneInt8QKLinear
-from .kernel_costs import KernelCosts
-from .layers import DroneLinear, DroneQKLinear
-from .methods import FactorizationMethod, register_method
-from .modeling_drone import DroneBertForSequenceClassification, DroneModelMixin, drone_model_class
-from .projective import ProjectiveClusteringResult, choose_kj, projective_clustering
-from .registration import register_drone_auto_classes
-from .stats import ActivationStats, load_activation_stats, save_activation_stats, split_stats
-from .structure import replace_attention_with_drone, replace_linear_with_drone
-from .targets import BERT_ROLES, resolve_ranks, resolve_target_modules
+import os
+import sys
 
 
 __version__ = "0.1.0"
 
 
-register_drone_auto_classes()
+def _started_as_command() -> bool:
+    """Whether this interpreter runs the `drone-hf` command: the console script, or `python -m drone_hf[.cli]`."""
+    if os.path.basename(sys.argv[0]).removesuffix(".exe") == "drone-hf":
+        return True
+    arguments = iter(list(getattr(sys, "orig_argv", sys.argv))[1:])
+    for argument in arguments:
+        if argument in ("-X", "-W", "--check-hash-based-pycs"):
+            next(arguments, None)  # an interpreter option and its value
+        elif argument.startswith("-m"):
+            return (argument[2:] or next(arguments, "")) in ("drone_hf", "drone_hf.cli")
+        elif argument == "-c" or not argument.startswith("-"):
+            return False  # the interpreter runs code or a script, not a module
+    return False
+
+
+if not _started_as_command():
+    from ._api import *  # noqa: F403  (the public API; registers the DRONE model types)
+
+
+def _load_library() -> None:
+    """Imports the public API into this module and registers the DRONE model types with the Auto classes (what
+    `import drone_hf` does, deferred in the `drone-hf` command). Idempotent."""
+    import importlib
+
+    api = importlib.import_module("._api", __name__)
+    globals().update({name: getattr(api, name) for name in api.__all__})
+
 
 # Trainer-side names (callback, distillation) import transformers' Trainer and datasets: loaded on first use.
 _LAZY = {
@@ -43,16 +51,21 @@ _LAZY = {
     "compress_sentence_transformer": ".sentence_embeddings",
     "distill": ".distillation",
     "distillation_loss": ".distillation_losses",
+    "lora_target_modules": ".peft_lora",
 }
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value
+    if not name.startswith("_") and "_api" not in globals():  # the `drone-hf` command before it loaded the library
+        _load_library()
+        if name in globals():
+            return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -94,10 +107,12 @@ __all__ = [
     "drone_model_class",
     "get_architecture",
     "load_activation_stats",
+    "lora_target_modules",
     "projective_clustering",
     "push_compressed_to_hub",
     "quantize_model",
     "register_architecture",
+    "register_drone_auto_classes",
     "register_method",
     "resolve_target_modules",
     "save_activation_stats",

@@ -249,7 +249,9 @@ def allocate_ranks(
         refine_steps (`int`, *optional*, defaults to 48): Joint checks spent after the time-share allocation on moving
             single modules one grid rank down (cheapest measured drop per multiply-add first), each kept only if the
             whole assignment still fits; `0` keeps the paper's time-share allocation as is.
-        show_progress (`bool`, *optional*): Progress bar over candidate evaluations.
+        show_progress (`bool`, *optional*): Progress bars (`transformers.utils.logging.tqdm`): the spectra of a
+            `target_speedup`/`param_ratio` budget; the per-module evaluations and the joint checks of
+            `max_accuracy_drop`.
         report (`dict`, *optional*): Filled with what was done: evaluations, seconds, shares, curves, joint checks,
             the cost model (`cost_model`) and the kind of held-out rows (`heldout_kind`).
         rows_fn (`Callable`, *optional*): How model outputs become scored rows (`drone_hf.heads`): the task head's
@@ -330,7 +332,7 @@ def allocate_ranks(
     report = report if report is not None else {}
     report.update(budget=given[0], value=budgets[given[0]], method=method, candidates=len(candidates.names))
     if max_accuracy_drop is None:
-        chosen = _allocate_closed_form(working, candidates, target_speedup, param_ratio)
+        chosen = _allocate_closed_form(working, candidates, target_speedup, param_ratio, show_progress)
     else:
         options = {
             "metric_fn": metric_fn,
@@ -374,10 +376,16 @@ def _kernel_costs(model, dtype, quantize, kernel_costs, seq_len):
     return KernelCosts(dtype or torch.float32, quantize=quantize, tokens=8 * seq_len, device=device)
 
 
-def _allocate_closed_form(working, candidates, target_speedup, param_ratio) -> dict[str, int]:
+def _allocate_closed_form(working, candidates, target_speedup, param_ratio, show_progress=False) -> dict[str, int]:
+    from transformers.utils.logging import tqdm
+
     from .profiling import model_macs
 
-    losses = {name: candidates.energy_loss(name) for name in candidates.names}
+    # One decomposition (the spectrum) per candidate: most of the time of an evaluation-free budget.
+    losses = {
+        name: candidates.energy_loss(name)
+        for name in tqdm(candidates.names, desc="Spectra", unit="module", disable=not show_progress)
+    }
     if param_ratio is not None:
         _check_fraction("param_ratio", param_ratio)
         costs = {name: (lambda k, n=name: candidates.params(n, k)) for name in candidates.names}

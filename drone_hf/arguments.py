@@ -66,7 +66,7 @@ class DroneCompressionArguments:
         ranks (`dict[str, int]` or `str`, *optional*): Module name, role or `"re:<regex>"` -> rank (a JSON object
             string on the command line), with the precedence of [`compress_model`].
         param_ratio (`float`, *optional*): Fraction in `(0, 1)` of the targets' weight parameters to keep.
-        attention_rank (`int`, *optional*): Per-head query/key width of DRONE attention (METHODS.md §1a).
+        attention_rank (`int`, *optional*): Per-head query/key width of DRONE attention (docs/methods.md §1a).
         max_accuracy_drop (`float`, *optional*): Budget in metric points on `heldout_samples` training rows (at
             least `300 / max_accuracy_drop` of them: a budget must be worth 3 held-out rows).
         target_speedup (`float`, *optional*): Multiply-add reduction target (> 1).

@@ -1,4 +1,4 @@
-"""BERT self-attention whose per-head query/key width is narrowed by DRONE (METHODS.md §1a).
+"""BERT self-attention whose per-head query/key width is narrowed by DRONE (docs/methods.md §1a).
 
 Copied next to the weights for the Hub remote-code path, so it imports nothing from drone_hf.
 """

@@ -9,7 +9,7 @@ import math
 from numbers import Real
 
 import numpy as np
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm
 
 from .calibration import check_batch, check_dataloader, vocab_size
 from .candidates import apply_ranks, restore_modules, swap_module
@@ -155,7 +155,11 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
     shares = cost_shares(candidates)
     curves = _module_curves(working, candidates, evaluator, problem_type, budget, show_progress)
 
-    joint = _JointCheck(working, candidates, joint_evaluator, metric_fn, budget, options["safety_margin"], raw_metric)
+    # At most 8 + 5 scale checks and `refine_steps` refinement checks, each a pass over all held-out rows.
+    bar = tqdm(total=13 + options["refine_steps"], desc="Joint checks", disable=not show_progress)
+    joint = _JointCheck(
+        working, candidates, joint_evaluator, metric_fn, budget, options["safety_margin"], raw_metric, bar
+    )
     # Scale the per-module shares so that the joint drop is within the budget: grow while it fits, then bisect.
     low, high, scale = 0.0, None, 1.0
     for _ in range(8):
@@ -175,6 +179,8 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
     feasible = [entry for entry in joint.entries.values() if joint.accepts(entry)]
     best = max(feasible, key=lambda e: e["scale"], default={"ranks": {}, "drop": 0.0, "standard_error": 0.0})
     refined = _refine(joint, candidates, curves, best, options["refine_steps"])
+    bar.total = bar.n  # stopped early (cached or exhausted checks): end the bar at what ran
+    bar.close()
     evaluators = [evaluator] + ([joint_evaluator] if joint_evaluator is not evaluator else [])
     report.update(
         evaluations=sum(e.evaluations for e in evaluators),
@@ -234,8 +240,9 @@ class _JointCheck:
     """Scores whole rank assignments on all held-out rows with the real metric (cached by assignment). An assignment
     fits when its drop plus `margin` paired standard errors is within the budget."""
 
-    def __init__(self, working, candidates, evaluator, metric_fn, budget, margin, raw_metric=None):
+    def __init__(self, working, candidates, evaluator, metric_fn, budget, margin, raw_metric=None, progress=None):
         self.working, self.candidates, self.evaluator = working, candidates, evaluator
+        self.progress = progress
         self.metric_fn, self.budget, self.margin = metric_fn, budget, margin
         self.raw_metric = raw_metric or metric_fn  # for bootstrap resamples, where a NaN is only dropped
         self.labels = evaluator.labels
@@ -256,6 +263,8 @@ class _JointCheck:
                 paired_standard_error(self.raw_metric, self.base_logits, logits, self.labels) if self.margin else 0.0
             )
             self.entries[key] = {"drop": drop, "standard_error": error, "ranks": dict(ranks), **extra}
+            if self.progress is not None:
+                self.progress.update(1)
         return self.entries[key]
 
     def accepts(self, entry) -> bool:

@@ -11,8 +11,8 @@ from numbers import Integral
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.utils import logging
+from transformers.utils.logging import tqdm
 
 from .architecture import get_architecture
 from .model_state import check_materialized, eval_mode

@@ -100,14 +100,19 @@ class DroneCompressionCallback(TrainerCallback):
         eval_dataset (*optional*): Labelled rows to compare dense / compressed / distilled on.
         processing_class / tokenizer (`PreTrainedTokenizerBase`, *optional*): Pads rows and is saved with the model;
             defaults to the trainer's `processing_class`.
-        task (`str`, *optional*): GLUE task name: GLUE metrics on `eval_dataset`, the task's main metric for a
-            `max_accuracy_drop` budget (F1 for MRPC/QQP, Matthews correlation for CoLA) and the dataset in the model
+        task (`str` or `drone_hf.data.TaskData`, *optional*): GLUE task name, or your own task data (from
+            `drone_hf.data.load_task_data`): its metrics on `eval_dataset`, its main metric for a `max_accuracy_drop`
+            budget (F1 for MRPC/QQP, Matthews correlation for CoLA, your `--metric`) and the dataset in the model
             card. Without it: accuracy (classification) or Pearson correlation (regression).
         data_collator (*optional*): Collates rows of `train_dataset` (default: padding with the tokenizer).
         base_model (`str`, *optional*): Hub id of the fine-tuned model, for the card (default: the model's
             `name_or_path`).
-        measure_speed (`bool`, *optional*, defaults to `True`): Time dense vs compressed (batch 8, 128 tokens) for
-            the card.
+        measure_speed (`bool`, *optional*, defaults to `True`): Time dense vs compressed (batch 8, 128 tokens, shuffled
+            round-robin, wall clock and CPU time; `drone_hf.speed`) for the card, which quotes the speed-up only when
+            the measurement passes the checks of `drone_hf.speed.speed_flags` (else `speed["withheld"]` says why).
+
+    Progress: each phase logs a line (`logger.info`) and, unless `TrainingArguments.disable_tqdm`, shows a bar
+    (calibration, allocation, factorisation, evaluation, timing).
 
     Raises:
         `ValueError`: for an unknown `task` or conflicting arguments (here), and for invalid settings
@@ -151,10 +156,12 @@ class DroneCompressionCallback(TrainerCallback):
             )
         if processing_class is not None and tokenizer is not None and processing_class is not tokenizer:
             raise ValueError("Pass the tokenizer once, as `processing_class` or as `tokenizer`.")
+        self.task_data = None
         if task is not None:
-            from .glue import get_glue_task
+            from .data import TaskData
 
-            task = get_glue_task(task).name  # raises for an unknown task
+            self.task_data = task if isinstance(task, TaskData) else TaskData.from_glue(task)  # unknown: raises
+            task = self.task_data.name
         self.compression_args = compression_args
         self.distillation_args = distillation_args
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
@@ -241,31 +248,42 @@ class DroneCompressionCallback(TrainerCallback):
         distil_everywhere = self.distillation_args is not None and world > 1
         calibration, heldout, num_rows = self._training_batches(train_dataloader, tokenizer, rank, world)
         settings = self.compression_args
-        stats = collect_activation_stats(model, calibration, target_modules=settings.target_modules)  # summed
+        show = state.is_world_process_zero and not args.disable_tqdm
+        if state.is_world_process_zero:
+            logger.info(f"DRONE: calibrating on {num_rows} training rows")
+        stats = collect_activation_stats(
+            model, calibration, target_modules=settings.target_modules, show_progress=show
+        )  # summed over processes
         if not (state.is_world_process_zero or distil_everywhere):
             return
         info = {
-            "dataset": f"glue/{self.task}" if self.task else "train_dataset",
+            "dataset": self.task_data.calibration_dataset if self.task_data else "train_dataset",
             "split": "train",
             "num_samples": num_rows,
             "seed": settings.seed,
         }
         compressed = None
         if state.is_world_process_zero:
+            logger.info("DRONE: compressing" + (" (allocating ranks first)" if settings.rank is None else ""))
+            kwargs = settings.compress_kwargs()
+            if "allocation_options" in kwargs and self.task_data is not None:
+                kwargs["allocation_options"]["metric_fn"] = self.task_data.metric_points()
             compressed = compress_model(
                 model,
                 stats,
-                **settings.compress_kwargs(self.task),
+                **kwargs,
                 eval_dataloader=heldout,
                 allocation_report=self.allocation_report,
                 calibration_info=info,
+                show_progress=show,
             )
         if distil_everywhere:
             compressed = self._same_structure_everywhere(model, stats, compressed, info)
         metrics = {}
         if state.is_world_process_zero and self.eval_dataset is not None:
-            metrics["dense"] = self._evaluate(model, tokenizer)
-            metrics["compressed"] = self._evaluate(compressed, tokenizer)
+            logger.info(f"DRONE: evaluating dense and compressed on {len(self.eval_dataset)} rows")
+            metrics["dense"] = self._evaluate(model, tokenizer, show and "Evaluating dense")
+            metrics["compressed"] = self._evaluate(compressed, tokenizer, show and "Evaluating compressed")
         if self.distillation_args is not None:
             from .distillation import distill
 
@@ -279,7 +297,8 @@ class DroneCompressionCallback(TrainerCallback):
                 processing_class=tokenizer,
             )
             if state.is_world_process_zero and self.eval_dataset is not None:
-                metrics["compressed+distilled"] = self._evaluate(compressed, tokenizer)
+                progress = show and "Evaluating distilled"
+                metrics["compressed+distilled"] = self._evaluate(compressed, tokenizer, progress)
         self.compressed_model, self.metrics = compressed.eval(), metrics
         if state.is_world_process_zero:
             self._save(args, state, model, compressed, tokenizer)
@@ -346,18 +365,19 @@ class DroneCompressionCallback(TrainerCallback):
             for start in range(0, len(indices), size)
         ]
 
-    def _evaluate(self, model: nn.Module, tokenizer) -> dict[str, float]:
-        from .evaluation import evaluate_glue, predict
+    def _evaluate(self, model: nn.Module, tokenizer, progress: str | bool = False) -> dict[str, float]:
+        from .evaluation import predict
 
-        if self.task is not None:
-            return evaluate_glue(model, self.eval_dataset, tokenizer, self.task)
-        logits, labels = predict(model, self.eval_dataset, tokenizer)
+        logits, labels = predict(model, self.eval_dataset, tokenizer, show_progress=progress)
+        if self.task_data is not None:
+            return self.task_data.compute_metrics(logits, labels)
         if logits.shape[-1] == 1:
             return {"pearson": float(np.corrcoef(logits[:, 0], labels.reshape(-1))[0, 1])}
         return {"accuracy": float((logits.argmax(-1) == labels).mean())}
 
-    def _speed(self, model: nn.Module, compressed: nn.Module, tokenizer) -> dict[str, Any] | None:
-        from .profiling import cpu_name, flop_speedup_bound, measure_latency
+    def _speed(self, model: nn.Module, compressed: nn.Module, tokenizer, show: bool) -> dict[str, Any] | None:
+        from .profiling import cpu_name, flop_speedup_bound
+        from .speed import compare_speed
 
         seq_len = min(_LATENCY_SEQ_LEN, model.config.max_position_embeddings)
         source = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
@@ -368,7 +388,16 @@ class DroneCompressionCallback(TrainerCallback):
             for i in range(min(len(source), _LATENCY_BATCH))
         ]
         inputs = dict(tokenizer.pad(rows, padding="max_length", max_length=seq_len, return_tensors="pt"))
-        latency = measure_latency({"dense": model, "compressed": compressed}, inputs, repeats=10, warmup=2)
+        bound = flop_speedup_bound(model.config, compressed.config, seq_len)
+        logger.info("DRONE: timing dense and compressed")
+        comparison = compare_speed(  # each module's own train/eval mode is restored afterwards
+            {"dense": model, "compressed": compressed},
+            inputs,
+            flop_bounds={"compressed": bound},
+            repeats=10,
+            warmup=2,
+            show_progress=show,
+        )
         device = next(model.parameters()).device
         hardware = (
             torch.cuda.get_device_name(device)
@@ -376,12 +405,10 @@ class DroneCompressionCallback(TrainerCallback):
             else f"CPU {cpu_name()}, {torch.get_num_threads()} threads"
         )
         dtype = next(model.parameters()).dtype
-        return {
-            "speedup": latency["dense"] / latency["compressed"],
-            "flop_bound": flop_speedup_bound(model.config, compressed.config, seq_len),
-            "hardware": hardware,
-            "setting": f"batch {len(rows)} x {seq_len} tokens, {dtype}",
-        }
+        speed = comparison.card_speed("compressed", hardware, f"batch {len(rows)} x {seq_len} tokens, {dtype}")
+        if speed.get("withheld"):
+            logger.warning(f"DRONE: the measured speed-up is not quoted in the card: {speed['withheld']}.")
+        return speed
 
     def _save(self, args, state, model, compressed, tokenizer) -> None:
         from .hub import create_or_update_model_card
@@ -390,10 +417,11 @@ class DroneCompressionCallback(TrainerCallback):
         compressed.save_pretrained(path)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
-        self.speed = self._speed(model, compressed, tokenizer)
+        self.speed = self._speed(model, compressed, tokenizer, not args.disable_tqdm)
         base_model = self.base_model or getattr(model.config, "name_or_path", None) or None
+        dataset = self.task_data.card_dataset if self.task_data is not None else None
         create_or_update_model_card(
-            path, base_model=base_model, dataset=self.task, metrics=self.metrics or None, speed=self.speed
+            path, base_model=base_model, dataset=dataset, metrics=self.metrics or None, speed=self.speed
         )
         self.compressed_model_path = path
         flat = {
@@ -401,7 +429,7 @@ class DroneCompressionCallback(TrainerCallback):
             for variant, values in self.metrics.items()
             for name, value in values.items()
         }
-        if self.speed is not None:
+        if self.speed is not None and not self.speed.get("withheld"):  # a flagged measurement is not published
             flat["drone/speedup"] = self.speed["speedup"]
         state.log_history.append({**flat, "step": state.global_step})
         summary = ", ".join(f"{key.removeprefix('drone/')}={value:.4f}" for key, value in flat.items())

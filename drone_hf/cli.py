@@ -1,20 +1,22 @@
-"""`drone-hf`: compress a fine-tuned BERT classifier on a GLUE task from the command line, or evaluate one.
+"""`drone-hf`: compress a fine-tuned classifier on a GLUE task or your own data from the command line, or evaluate one.
 
-drone-hf compress --model DIR_OR_HUB_ID --task sst2 [--data-dir GLUE_DIR]
+drone-hf compress --model DIR_OR_HUB_ID (--task sst2 [--data-dir GLUE_DIR] | --train-file train.csv --validation-file
+    dev.csv [--text-columns a [b]] [--label-column label] [--metric f1] | --dataset-name HUB_ID)
     (--max-accuracy-drop PTS | --target-speedup X | --param-ratio P | --rank K) [--method drone|drone-bc|svd]
-    [--calibration-samples N] --output DIR [--overwrite]
-drone-hf evaluate --model DIR --task sst2 [--data-dir GLUE_DIR]
+    [--calibration-samples N] [--dtype D] [--quantize int8] [--threads T] --output DIR [--overwrite]
+drone-hf evaluate --model DIR (--task sst2 | --validation-file dev.csv | --dataset-name HUB_ID) [--baseline DENSE_DIR]
 drone-hf compress-embeddings --model SENTENCE_TRANSFORMER --sentences FILE
     (--min-cosine-similarity C | --target-speedup X | --param-ratio P | --rank K) [--method drone|drone-bc|svd]
     --output DIR [--overwrite]
 
 --output is written whole or not at all, never into (or around) --model; a folder drone-hf did not write needs
---overwrite.
+--overwrite. Every underscore option of transformers' example scripts is accepted too (--train_file, ...).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -32,28 +34,24 @@ from .cli_checks import (
     write_results,
 )
 from .cli_checks import number as _number
-from .methods import DEFAULT_METHOD, method_names
+from .cli_setup import error_text, progress_lines, require_extra, set_openmp_wait_policy, start_command
+from .data_arguments import add_data_arguments
+from .defaults import BUILTIN_METHODS, DEFAULT_METHOD
 
 
-def _task(value: str) -> str:
-    from .glue import get_glue_task
-
-    try:
-        return get_glue_task(value).name
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _data_dir(value: str) -> str:
-    if not Path(value).is_dir():
-        raise argparse.ArgumentTypeError(f"`--data-dir` {value!r} is not a folder (expected a GLUE TSV layout).")
-    return value
+# The stdlib logger that transformers' `logging.get_logger` returns, without importing transformers (kept out of
+# `drone-hf --help`).
+logger = logging.getLogger("drone_hf.cli")
+_METHOD_HELP = f"factorisation method: {', '.join(BUILTIN_METHODS)} (or one added with drone_hf.register_method)"
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="drone-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"drone-hf {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub):
@@ -63,16 +61,14 @@ def _parser() -> argparse.ArgumentParser:
             help="fine-tuned sequence classifier of a supported family (BERT, RoBERTa, "
             "DistilBERT, ELECTRA, MPNet, DeBERTa-v2, ModernBERT, ...): folder or Hub id",
         )
-        sub.add_argument(
-            "--task", required=True, type=_task, help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli"
-        )
-        sub.add_argument("--data-dir", type=_data_dir, help="local GLUE TSV folder (default: the Hub, nyu-mll/glue)")
+        add_data_arguments(sub)
         sub.add_argument(
             "--max-length", type=count(1), help="tokens per example (default: 128, or the model's limit if lower)"
         )
         sub.add_argument("--batch-size", type=count(1), default=64, help="evaluation batch size")
         sub.add_argument("--max-eval-samples", type=count(1), help="evaluate on a seeded subset of the dev split")
         sub.add_argument("--latency-repeats", type=count(1), default=20, help="timed rounds (batch 8, sequence 128)")
+        _add_threads(sub)
         sub.add_argument("--seed", type=count(0), default=0)
 
     compress = commands.add_parser("compress", help="calibrate, allocate, compress, save, report")
@@ -84,10 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--rank", type=count(1), help="one rank for every encoder linear")
     compress.add_argument(
         "--method",
-        choices=method_names(),
         default=DEFAULT_METHOD,
         help="factorisation method (drone: the paper's closed form; drone-bc: on centred statistics with the optimal "
-        "bias shift; svd: data-free baseline)",
+        "bias shift; svd: data-free baseline; or one added with drone_hf.register_method)",
     )
     compress.add_argument("--no-attention", action="store_true", help="do not factor the attention score product")
     compress.add_argument(
@@ -133,9 +128,20 @@ def _parser() -> argparse.ArgumentParser:
         help="dynamic int8 of the encoder linears (CPU; saved as int8 weights + float32 scales in safetensors)",
     )
     _add_output_arguments(compress)
+    compress.add_argument(
+        "--base-model",
+        metavar="HUB_ID",
+        help="Hub id of the model being compressed, for the card's `base_model` when --model is a local folder",
+    )
 
     evaluate = commands.add_parser("evaluate", help="print the dev metric and CPU latency of a model")
     common(evaluate)
+    evaluate.add_argument(
+        "--baseline",
+        metavar="PATH",
+        help="a model to compare with (e.g. the dense one): evaluated too and timed round-robin against --model, "
+        "which adds the speed-up, CPU-time ratio and FLOP bound columns",
+    )
     _add_embeddings_parser(commands)
     return parser
 
@@ -176,7 +182,7 @@ def _add_embeddings_parser(commands) -> None:
     budget.add_argument("--target-speedup", type=_SPEEDUP, help="multiply-add reduction target (no evaluations)")
     budget.add_argument("--param-ratio", type=_RATIO, help="fraction of encoder-linear parameters to keep")
     budget.add_argument("--rank", type=count(1), help="one rank for every encoder linear")
-    sub.add_argument("--method", choices=method_names(), default=DEFAULT_METHOD, help="factorisation method")
+    sub.add_argument("--method", default=DEFAULT_METHOD, help=_METHOD_HELP)
     sub.add_argument("--no-attention", action="store_true", help="do not factor the attention score product")
     sub.add_argument("--batch-size", type=count(1), default=32, help="sentences per calibration / held-out batch")
     sub.add_argument(
@@ -194,7 +200,16 @@ def _add_embeddings_parser(commands) -> None:
         help="labelled sentence pairs to score dense vs compressed by the ROC-AUC of their cosine similarity: a TSV "
         "with columns sentence1, sentence2, label (0/1), or a GLUE MRPC file (#1 String, #2 String, Quality)",
     )
+    _add_threads(sub)
     _add_output_arguments(sub)
+
+
+def _add_threads(sub) -> None:
+    sub.add_argument(
+        "--threads",
+        type=count(1),
+        help="torch CPU threads (default: one per core). On a shared machine fewer threads time more reliably",
+    )
 
 
 def _read_pairs(path: str) -> tuple[list[str], list[str], list[int]]:
@@ -257,6 +272,7 @@ def _compress_embeddings(args) -> int:
         pair_auc,
         split_heldout,
     )
+    from .speed import compare_recorded
 
     check_model_path(args.model, markers=("modules.json", "config.json"))
     check_output(args.output, args.model, overwrite=args.overwrite)
@@ -313,8 +329,13 @@ def _compress_embeddings(args) -> int:
     seconds = time.perf_counter() - started
     models = {"dense": model, args.method: small}
     timing = (heldout + calibration)[:256]
-    latency = measure_encode_latency(models, timing, batch_size=32, repeats=args.latency_repeats)
+    record: dict = {}
+    latency = measure_encode_latency(models, timing, batch_size=32, repeats=args.latency_repeats, record=record)
     seq_len = min(128, model.max_seq_length or 128)
+    bound = flop_speedup_bound(model[0].auto_model.config, small[0].auto_model.config, seq_len)
+    comparison = compare_recorded(
+        record, reference="dense", flop_bounds={args.method: bound}, device=model.device.type
+    )
     results = {}
     for name, m in models.items():
         encoder = m[0].auto_model
@@ -325,15 +346,11 @@ def _compress_embeddings(args) -> int:
             "encode_ms": 1000 * latency[name],
             "speedup": latency["dense"] / latency[name],
             "flop_bound": flop_speedup_bound(model[0].auto_model.config, encoder.config, seq_len),
+            **{k: v for k, v in comparison.models[name].items() if k in ("cpu_speedup", "flags", "published")},
         }
         if pairs:
             results[name]["pair_auc"] = 100 * pair_auc(m, *pairs, batch_size=args.batch_size)
-    speed = {
-        "speedup": results[args.method]["speedup"],
-        "flop_bound": results[args.method]["flop_bound"],
-        "hardware": hardware,
-        "setting": f"encode() of {len(timing)} sentences, batch 32",
-    }
+    speed = comparison.card_speed(args.method, hardware, f"encode() of {len(timing)} sentences, batch 32")
     budget = {
         "min_cosine_similarity": args.min_cosine_similarity,
         "target_speedup": args.target_speedup,
@@ -349,7 +366,12 @@ def _compress_embeddings(args) -> int:
         "compress_seconds": seconds,
         "allocation": report,
         "results": results,
-        "timing": {"sentences": len(timing), "batch_size": 32, "threads": torch.get_num_threads()},
+        "timing": {
+            "sentences": len(timing),
+            "batch_size": 32,
+            "threads": torch.get_num_threads(),
+            "load_average": comparison.load_average,
+        },
     }
     with output_folder(args.output) as staging:  # model, card and results appear together or not at all
         small.save(str(staging))
@@ -357,7 +379,7 @@ def _compress_embeddings(args) -> int:
         _write_results(staging, summary)
     args.saved = True
     header = ["model", "cosine to dense (held-out)"] + (["pair ROC-AUC"] if pairs else [])
-    header += ["params (M)", "size MB", "encode ms", "speed-up", "FLOP bound"]
+    header += ["params (M)", "size MB", "encode ms", "speed-up", "CPU-time ratio", "FLOP bound"]
     rows = [
         [
             name,
@@ -366,7 +388,12 @@ def _compress_embeddings(args) -> int:
             f"{r['parameters'] / 1e6:.2f}",
             f"{r['checkpoint_mb']:.1f}",
             f"{r['encode_ms']:.1f}",
-            f"{r['speedup']:.2f}x",
+            "flagged" if r.get("flags") else f"{r['speedup']:.2f}x",
+            "flagged"
+            if r.get("flags")
+            else f"{r.get('cpu_speedup') or 1.0:.2f}x"
+            if model.device.type == "cpu"
+            else "—",
             f"{r['flop_bound']:.2f}x",
         ]
         for name, r in results.items()
@@ -384,6 +411,7 @@ def _compress_embeddings(args) -> int:
         f"sentences, batch 32, {hardware}, median of {args.latency_repeats} round-robin "
         f"runs in this process. FLOP bound: multiply-adds of one {seq_len}-token sequence."
     )
+    print(comparison.note())
     if pairs:
         print(
             f"Pair ROC-AUC: {len(pairs[2])} pairs from {args.eval_pairs}, cosine similarity, points "
@@ -403,74 +431,37 @@ def _compress_embeddings(args) -> int:
     return 0
 
 
-def _load(args):
-    """The `--model` classifier and its tokenizer, checked against `--task`, `--max-length` (resolved here) and
-    `--rank`; the path is checked first, so that a typo is not answered with a Hub error."""
+def _load(args, splits: tuple[str, ...]):
+    """The `--model` classifier, its tokenizer and the task data, checked against each other, `--max-length`
+    (resolved here) and `--rank`; the data source and the path are checked first, so that a typo is not answered with
+    a Hub error and a core install learns what is missing before the model loads."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .glue import get_glue_task
+    from .data import check_model_labels, load_task_data
+    from .data_arguments import data_source_from_args
     from .targets import check_supported_model
 
+    source = data_source_from_args(args)
+    require_extra("glue")  # before the model loads: a core install learns what is missing at once
     check_model_path(args.model)
+    logger.info(f"Loading {args.model}")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(args.model)
     except (OSError, ValueError) as error:
         raise model_load_error(args.model, error) from error
     check_supported_model(model)
-    info = get_glue_task(args.task)
-    if model.config.num_labels != info.num_labels:
-        raise ValueError(
-            f"`--model` has num_labels={model.config.num_labels} but task {info.name} has {info.num_labels}: "
-            "was it fine-tuned on this task?"
-        )
+    task = load_task_data(source, splits=splits, model_config=model.config)
+    check_model_labels(task, model.config)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     check_tokenizer(args.model, tokenizer, model)
     args.max_length = resolve_max_length(model, args.max_length)
-    return model.eval(), tokenizer, info
+    return model.eval(), tokenizer, task
 
 
-def _dev(args, tokenizer, info):
-    from .glue import load_glue
-
-    return load_glue(
-        info.name,
-        tokenizer,
-        split=info.dev_splits[0],
-        data_dir=args.data_dir,
-        max_length=args.max_length,
-        max_samples=args.max_eval_samples,
-        seed=args.seed,
+def _dev(args, tokenizer, task):
+    return task.load(
+        "validation", tokenizer, max_length=args.max_length, max_samples=args.max_eval_samples, seed=args.seed
     )
-
-
-def _measure(args, models: dict, dev, tokenizer, info) -> dict[str, dict]:
-    from .evaluation import evaluate_glue
-    from .profiling import checkpoint_size_mb, count_parameters, flop_speedup_bound, layer_parameters, measure_latency
-
-    first = next(iter(models.values()))
-    seq_len = resolve_max_length(first, None)  # 128, or the model's limit if lower
-    rows = [dev[i] for i in range(min(8, len(dev)))]
-    keys = ("input_ids", "token_type_ids", "attention_mask")
-    batch = tokenizer.pad(
-        [{k: r[k] for k in keys if k in r} for r in rows],
-        padding="max_length",
-        max_length=seq_len,
-        return_tensors="pt",
-    )
-    latency = measure_latency(models, dict(batch), repeats=args.latency_repeats)
-    results = {}
-    for name, model in models.items():
-        results[name] = {
-            "metrics": evaluate_glue(model, dev, tokenizer, info.name, batch_size=args.batch_size),
-            "parameters": count_parameters(model),
-            "encoder_parameters": layer_parameters(model),
-            "checkpoint_mb": checkpoint_size_mb(model),
-            "latency_ms": 1000 * latency[name],
-            "speedup": latency[next(iter(models))] / latency[name],
-            "flop_bound": flop_speedup_bound(first.config, model.config, seq_len),
-            "seq_len": seq_len,
-        }
-    return results
 
 
 def _print_markdown(header: list[str], rows: list[list[str]]) -> None:
@@ -484,39 +475,16 @@ def _write_results(folder: Path, summary: dict) -> None:
     write_results(folder, summary)
 
 
-def _print_table(results: dict, info, dev_size: int) -> None:
-    metric_names = list(next(iter(results.values()))["metrics"])
-    header = ["model", *metric_names, "params (M)", "encoder (M)", "size MB", "latency ms", "speed-up", "FLOP bound"]
-    rows = [
-        [
-            name,
-            *(f"{100 * r['metrics'][m]:.2f}" for m in metric_names),
-            f"{r['parameters'] / 1e6:.2f}",
-            f"{r['encoder_parameters'] / 1e6:.2f}",
-            f"{r['checkpoint_mb']:.1f}",
-            f"{r['latency_ms']:.1f}",
-            f"{r['speedup']:.2f}x",
-            f"{r['flop_bound']:.2f}x",
-        ]
-        for name, r in results.items()
-    ]
-    _print_markdown(header, rows)
-    import torch
-
-    print(
-        f"\n{info.name} {info.dev_splits[0]} ({dev_size} examples); latency: batch 8 x 128 tokens, CPU, "
-        f"{torch.get_num_threads()} threads, median of round-robin runs in this process."
-    )
-
-
 def _compress(args) -> int:
     from . import allocate_ranks, collect_activation_stats, compress_model
+    from .cli_report import card_inputs, measure_models, print_table
+    from .data import label_config
     from .evaluation import iter_batches
-    from .glue import glue_metric_points, load_glue
+    from .hub import create_or_update_model_card
 
     check_output(args.output, args.model, overwrite=args.overwrite)
     check_push(args.push_to_hub)
-    model, tokenizer, info = _load(args)
+    model, tokenizer, task = _load(args, ("train", "validation"))
     if str(model.config.model_type).startswith("drone_"):
         raise ValueError(
             f"`--model` {args.model!r} is already compressed by drone_hf (model_type {model.config.model_type!r}): "
@@ -525,19 +493,13 @@ def _compress(args) -> int:
     check_rank(model, args.rank)
     needs_heldout = args.max_accuracy_drop is not None
     total = args.calibration_samples + (args.heldout_samples if needs_heldout else 0)
-    rows = load_glue(
-        info.name,
-        tokenizer,
-        split="train",
-        data_dir=args.data_dir,
-        max_length=args.max_length,
-        max_samples=total,
-        seed=args.seed,
-    ).shuffle(seed=args.seed)
+    rows = task.load("train", tokenizer, max_length=args.max_length, max_samples=total, seed=args.seed).shuffle(
+        seed=args.seed
+    )
     if len(rows) < total:
         spare = len(rows) - args.calibration_samples
         if not rows:
-            raise ValueError(f"The train split of {info.name} has no rows: check `--data-dir` {args.data_dir!r}.")
+            raise ValueError(f"The train split of {task.name} has no rows: check `--data-dir` / `--train-file`.")
         if not needs_heldout:
             raise ValueError(
                 f"The train split has {len(rows)} rows, fewer than `--calibration-samples {args.calibration_samples}`"
@@ -556,11 +518,12 @@ def _compress(args) -> int:
         total = len(rows)
     calibration = rows.select(range(args.calibration_samples))
     started = time.perf_counter()
-    stats = collect_activation_stats(
-        model, iter_batches(calibration, tokenizer, batch_size=32, sort_by_length=True), show_progress=True
-    )
+    logger.info(f"Calibrating on {len(calibration)} training rows of {task.name}")
+    # A list, not a generator: the progress bar then has a total.
+    batches = list(iter_batches(calibration, tokenizer, batch_size=32, sort_by_length=True))
+    stats = collect_activation_stats(model, batches, show_progress=True)
     calibration_info = {
-        "dataset": f"glue/{info.name}",
+        "dataset": task.calibration_dataset,
         "split": "train",
         "num_samples": args.calibration_samples,
         "seed": args.seed,
@@ -571,18 +534,10 @@ def _compress(args) -> int:
         "target_speedup": args.target_speedup,
         "param_ratio": args.param_ratio,
     }
-    if args.rank is not None:
-        compressed = compress_model(
-            model,
-            stats,
-            method=args.method,
-            rank=args.rank,
-            calibration_info=calibration_info,
-            bias_correction=args.bias_correction,
-            dtype=args.dtype,
-            quantize=args.quantize,
-        )
-    else:
+    ranks = None
+    if args.rank is None:
+        chosen = next(f"{key}={value}" for key, value in budget.items() if value is not None)
+        logger.info(f"Allocating ranks for {chosen}")
         heldout = rows.select(range(args.calibration_samples, total)) if needs_heldout else None
         ranks = allocate_ranks(
             model,
@@ -593,7 +548,7 @@ def _compress(args) -> int:
             report=report,
             seq_len=min(128, model.config.max_position_embeddings),
             bias_correction=args.bias_correction,
-            metric_fn=glue_metric_points(info.name),
+            metric_fn=task.metric_points() if needs_heldout else None,
             screening_samples=args.screening_samples,
             safety_margin=args.safety_margin,
             refine_steps=args.refine_steps,
@@ -606,22 +561,39 @@ def _compress(args) -> int:
         )
         if not ranks:
             raise ValueError(f"The budget cannot be met: no module can be compressed within {budget}.")
-        compressed = compress_model(
-            model,
-            stats,
-            method=args.method,
-            ranks=ranks,
-            calibration_info=calibration_info,
-            bias_correction=args.bias_correction,
-            dtype=args.dtype,
-            quantize=args.quantize,
-        )
+    compressed = compress_model(
+        model,
+        stats,
+        method=args.method,
+        rank=args.rank,
+        ranks=ranks,
+        calibration_info=calibration_info,
+        bias_correction=args.bias_correction,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        show_progress=True,
+    )
     seconds = time.perf_counter() - started
-    dev = _dev(args, tokenizer, info)
-    models = {"dense": model, **_dense_in_form(model, args.dtype, args.quantize), f"{args.method}": compressed}
-    results = _measure(args, models, dev, tokenizer, info)
+    labels = label_config(task, model.config)
+    if labels:  # pipelines then print the task's label names, not LABEL_0 / LABEL_1
+        compressed.config.id2label, compressed.config.label2id = labels["id2label"], labels["label2id"]
+    dev = _dev(args, tokenizer, task)
+    logger.info(f"Evaluating dense and compressed on {len(dev)} validation rows, then timing them")
+    results, comparison = measure_models(
+        {"dense": model, **_dense_in_form(model, args.dtype, args.quantize), args.method: compressed},
+        dev,
+        tokenizer,
+        task,
+        reference="dense",
+        repeats=args.latency_repeats,
+        batch_size=args.batch_size,
+    )
+    card = card_inputs(
+        task, results, comparison, reference="dense", compressed=args.method, base_model=args.base_model or args.model
+    )
+    logger.info(f"Saving to {args.output}")
     summary = {
-        "task": info.name,
+        "task": task.name,
         "budget": {k: v for k, v in {**budget, "rank": args.rank}.items() if v is not None},
         "method": args.method,
         "dtype": args.dtype or "float32",
@@ -629,25 +601,38 @@ def _compress(args) -> int:
         "compress_seconds": seconds,
         "allocation": report,
         "results": results,
+        "timing": {key: getattr(comparison, key) for key in ("load_average", "threads", "repeats", "cpu_count")},
     }
     with output_folder(args.output, keep_card=True) as staging:  # weights, card, tokenizer, results: all or none
         compressed.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        create_or_update_model_card(staging, **card)  # what the CLI measured: base model, metrics, speed
         _write_results(staging, summary)
     args.saved = True
     print()
-    _print_table(results, info, len(dev))
+    print_table(results, task, len(dev), comparison)
     if report.get("evaluations"):
         print(
             f"Allocation: {report['evaluations']} held-out evaluations ({report['screening_examples']} screening / "
             f"{report['heldout_examples']} joint-check train rows) in {report['evaluation_seconds']:.0f} s; held-out "
-            f"{info.main_metric} drop {report['heldout_drop']:.2f} ± {report['heldout_standard_error']:.2f} points."
+            f"{task.main_metric} drop {report['heldout_drop']:.2f} ± {report['heldout_standard_error']:.2f} points."
         )
-    print(f"Saved to {args.output} (reload with `import drone_hf` + AutoModelForSequenceClassification).")
+    print(
+        f"Saved to {args.output} with its model card (reload with `import drone_hf` + "
+        "AutoModelForSequenceClassification)."
+    )
     if args.push_to_hub:
         from .hub import push_compressed_to_hub
 
-        print(f"Pushed: {push_compressed_to_hub(compressed, args.push_to_hub, tokenizer=tokenizer)}")
+        try:
+            url = push_compressed_to_hub(compressed, args.push_to_hub, tokenizer=tokenizer, card_kwargs=card)
+        except ConnectionError as error:
+            error.add_note(
+                f"The compressed model and its card are saved in {args.output}; once the Hub is reachable, upload "
+                f"that folder: hf upload {args.push_to_hub} {args.output}"
+            )
+            raise
+        print(f"Pushed: {url}")
     return 0
 
 
@@ -666,22 +651,43 @@ def _dense_in_form(model, dtype: str | None, quantize: str | None) -> dict:
 
 
 def _evaluate(args) -> int:
-    model, tokenizer, info = _load(args)
-    dev = _dev(args, tokenizer, info)
-    _print_table(_measure(args, {Path(args.model).name or args.model: model}, dev, tokenizer, info), info, len(dev))
+    from transformers import AutoModelForSequenceClassification
+
+    from .cli_report import measure_models, print_table
+    from .data import check_model_labels
+    from .targets import check_supported_model
+
+    model, tokenizer, task = _load(args, ("validation",))
+    dev = _dev(args, tokenizer, task)
+    name = Path(args.model).name or args.model
+    models, reference = {name: model}, None
+    if args.baseline:
+        baseline = AutoModelForSequenceClassification.from_pretrained(args.baseline).eval()
+        check_supported_model(baseline)
+        check_model_labels(task, baseline.config)
+        reference = Path(args.baseline).name or args.baseline
+        reference = "baseline" if reference == name else reference
+        models = {reference: baseline, name: model}
+    results, comparison = measure_models(
+        models, dev, tokenizer, task, reference=reference, repeats=args.latency_repeats, batch_size=args.batch_size
+    )
+    print_table(results, task, len(dev), comparison)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `drone-hf` command."""
+    set_openmp_wait_policy()  # before torch is imported
     args = _parser().parse_args(argv)
     args.saved = False
     try:
-        if args.command == "compress-embeddings":
-            return _compress_embeddings(args)
-        return _compress(args) if args.command == "compress" else _evaluate(args)
-    except (ValueError, TypeError, FileNotFoundError, OSError) as error:
-        print(f"drone-hf {args.command}: error: {error}", file=sys.stderr)
+        with progress_lines():
+            start_command(args)
+            if args.command == "compress-embeddings":
+                return _compress_embeddings(args)
+            return _compress(args) if args.command == "compress" else _evaluate(args)
+    except (ValueError, TypeError, OSError, ImportError) as error:
+        print(f"drone-hf {args.command}: error: {error_text(error)}", file=sys.stderr)
         if args.saved and getattr(args, "push_to_hub", None):
             print(f"drone-hf {args.command}: {args.output} was saved; only the upload failed.", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging
+from transformers.utils.logging import tqdm
 
 from .allocation import breakeven_rank
 from .architecture import base_model_type
@@ -168,6 +169,7 @@ def compress_model(
     embedding_options: Mapping | None = None,
     dtype: torch.dtype | str | None = None,
     quantize: str | None = None,
+    show_progress: bool = False,
 ):
     r"""
     Factors the encoder of a fine-tuned model and returns a **new** DRONE model of the same family and head (e.g.
@@ -190,8 +192,8 @@ def compress_model(
             blocks (`"...attention.self"` in BERT) set per-head query/key ranks, as in `attention_ranks`.
         param_ratio (`float`, *optional*): Fraction of the candidates' weight parameters to keep; ranks are allocated
             by [`allocate_ranks`] from the closed form's residual energy (no evaluations).
-        attention_rank (`int`, *optional*): DRONE attention (METHODS §1a): factor every head's `W_Q W_K^T` to this
-            per-head query/key width (`< d_h`). Refused, with the reason, for families where it does not apply
+        attention_rank (`int`, *optional*): DRONE attention (docs/methods.md §1a): factor every head's `W_Q W_K^T`
+            to this per-head query/key width (`< d_h`). Refused, with the reason, for families where it does not apply
             (rotary position embeddings in ModernBERT, relative-position projections in DeBERTa-v2).
         attention_ranks (`Mapping[str, int]`, *optional*): Attention block name or `"re:<regex>"` -> per-head rank,
             with the same precedence as `ranks`.
@@ -212,11 +214,11 @@ def compress_model(
         rank_multiple (`int`, *optional*, defaults to 8): Granularity of the ranks budgets choose.
         calibration_info (`Mapping`, *optional*): Provenance (dataset, split, samples, seed) saved in the config.
         embedding (`tuple[int, int]` or `float`, *optional*): Projective clustering of the word embedding
-            (METHODS §3) into a [`DroneEmbedding`]: `(k, j)` (`k` subspaces of dimension `j`; `k = 1` is truncated
-            SVD), or a parameter ratio in `(0, 1)` of the embedding to keep (`0.6` is -40%), for which the `(k, j)`
-            of lowest cost over `embedding_options["k_grid"]` is chosen ([`choose_kj`]). Data-free, so it works with
-            any method, alone or with any linear/attention budget. The chosen `(k, j)`, its cost and the SVD cost at
-            the same size are recorded in `config.drone_calibration["embedding"]`.
+            (docs/methods.md §3) into a [`DroneEmbedding`]: `(k, j)` (`k` subspaces of dimension `j`; `k = 1` is
+            truncated SVD), or a parameter ratio in `(0, 1)` of the embedding to keep (`0.6` is -40%), for which the
+            `(k, j)` of lowest cost over `embedding_options["k_grid"]` is chosen ([`choose_kj`]). Data-free, so it
+            works with any method, alone or with any linear/attention budget. The chosen `(k, j)`, its cost and the
+            SVD cost at the same size are recorded in `config.drone_calibration["embedding"]`.
         embedding_options (`Mapping`, *optional*): `module` (default: the family's word embedding, e.g.
             `"bert.embeddings.word_embeddings"`), `k_grid` (default `(1, 2, 4, 8)`, ratio only), `n_init` (2),
             `max_iter` (15), `seed` (0) and `weights` (`(vocab_size,)` row weights, e.g.
@@ -231,6 +233,8 @@ def compress_model(
             narrowed query/key projection ([`quantize_model`]), for CPU inference; listed in
             `config.drone_quantization`, saved as int8 weights + float32 per-channel scales. Budgets are measured for
             int8 kernels, as for `dtype`. Needs a CPU model and float32.
+        show_progress (`bool`, *optional*, defaults to `False`): Progress bars for the allocation and the
+            factorisation (`transformers.utils.logging.tqdm`: `disable_progress_bar()` hides them).
 
     Returns:
         The compressed model (a `DroneModelMixin` subclass of `model`'s class), on the device of `model`, in `dtype`
@@ -288,6 +292,7 @@ def compress_model(
             attention_ranks=attention_ranks,
             dtype=dtype,
             quantize=quantize,
+            show_progress=show_progress,
             **merged,
         )
     method = resolve_method(DEFAULT_METHOD if method is None else method, bias_correction)
@@ -331,7 +336,7 @@ def compress_model(
             report=allocation_report,
             dtype=dtype,
             quantize=quantize,
-            **_allocation_options(allocation_options),
+            **{"show_progress": show_progress, **_allocation_options(allocation_options)},
         )
         if not ranks:
             value = {"max_accuracy_drop": max_accuracy_drop, "target_speedup": target_speedup}.get(budgets[0])
@@ -382,11 +387,14 @@ def compress_model(
     needs_stats = factorizer.data_aware and (chosen or queries)
     needed = list(chosen) + list(queries.values())
     checked = check_stats(stats, needed, all_shapes, model=model) if needs_stats else {}
-    factors = {name: _factor_linear(model, factorizer, name, checked.get(name), k) for name, k in chosen.items()}
-    attention_factors = {
-        block: _factor_attention(model, factorizer, block, checked.get(queries[block]), k)
-        for block, k in chosen_attention.items()
-    }
+    with tqdm(total=len(chosen) + len(chosen_attention), desc="Factorising", disable=not show_progress) as bar:
+        factors, attention_factors = {}, {}
+        for name, k in chosen.items():
+            factors[name] = _factor_linear(model, factorizer, name, checked.get(name), k)
+            bar.update(1)
+        for block, k in chosen_attention.items():
+            attention_factors[block] = _factor_attention(model, factorizer, block, checked.get(queries[block]), k)
+            bar.update(1)
     provenance = dict(calibration_info or {})
     if checked:
         provenance.setdefault("num_tokens", int(split_stats(next(iter(checked.values())))[2]))

@@ -103,7 +103,7 @@ class DroneConfigMixin:
         if version > DRONE_FORMAT_VERSION:
             raise ValueError(
                 f"This checkpoint has `drone_format_version={version}` but this drone_hf only reads versions "
-                f"<= {DRONE_FORMAT_VERSION}. Upgrade with `pip install -U drone_hf`."
+                f"<= {DRONE_FORMAT_VERSION}. Upgrade drone_hf (`git pull` in your clone, then `pip install -e .`)."
             )
 
     def validate_drone_quantization(self):

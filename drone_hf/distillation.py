@@ -246,7 +246,7 @@ def distill(
 ) -> PreTrainedModel:
     r"""
     Recovers a compressed `student` by feature distillation from the dense `teacher` on `train_dataset`
-    (METHODS.md §2), with [`DroneDistillationTrainer`]; returns the same `student`, trained, in eval mode.
+    (docs/methods.md §2), with [`DroneDistillationTrainer`]; returns the same `student`, trained, in eval mode.
 
     The training arguments are a **copy** with its own `output_dir` subfolder (`<output_dir>/distillation`):
     - `args` a [`DroneDistillationArguments`]: the loss and schedule come from it; the rest (device, precision,

@@ -1,4 +1,4 @@
-"""Projectively clustered word embedding (METHODS.md §3): `k` subspaces of dimension `j` instead of one SVD.
+"""Projectively clustered word embedding (docs/methods.md §3): `k` subspaces of dimension `j` instead of one SVD.
 
 This file is copied next to the weights for the Hub remote-code path, so it imports nothing from drone_hf; the
 clustering itself lives in `drone_hf.projective` and `compress_model`.

@@ -56,15 +56,25 @@ def _order(dataset, sort_by_length: bool, shuffle_seed: int | None) -> np.ndarra
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, dataset, tokenizer, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
-    """Returns `(logits, labels)` over `dataset` in its original row order (`labels` is `None` without labels)."""
+def predict(
+    model: nn.Module, dataset, tokenizer, *, batch_size: int = 64, show_progress: bool | str = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Returns `(logits, labels)` over `dataset` in its original row order (`labels` is `None` without labels).
+
+    `show_progress` shows a progress bar (`transformers.utils.logging.tqdm`, so `disable_progress_bar()` hides it);
+    a string is its description."""
+    from transformers.utils.logging import tqdm
+
     if len(dataset) == 0:
         raise ValueError("`dataset` is empty; nothing to evaluate.")
     device = next(model.parameters()).device
     order = _order(dataset, True, None)
     logits, labels = [], []
+    batches = iter_batches(dataset, tokenizer, batch_size=batch_size, sort_by_length=True)
+    description = show_progress if isinstance(show_progress, str) else "Evaluating"
+    total = -(-len(dataset) // batch_size)
     with eval_mode(model):  # every module's own mode is restored afterwards, also if a batch raised
-        for batch in iter_batches(dataset, tokenizer, batch_size=batch_size, sort_by_length=True):
+        for batch in tqdm(batches, total=total, desc=description, unit="batch", disable=not show_progress):
             if "labels" in batch:
                 labels.append(batch.pop("labels"))
             inputs = model_inputs(model, batch, device)
@@ -76,11 +86,13 @@ def predict(model: nn.Module, dataset, tokenizer, *, batch_size: int = 64) -> tu
     return all_logits, all_labels
 
 
-def evaluate_glue(model: nn.Module, dataset, tokenizer, task: str, *, batch_size: int = 64) -> dict[str, float]:
+def evaluate_glue(
+    model: nn.Module, dataset, tokenizer, task: str, *, batch_size: int = 64, show_progress: bool | str = False
+) -> dict[str, float]:
     """GLUE metrics of `model` on a tokenised, labelled split (see [`load_glue`] and [`glue_metrics`])."""
     from .glue import glue_metrics
 
-    logits, labels = predict(model, dataset, tokenizer, batch_size=batch_size)
+    logits, labels = predict(model, dataset, tokenizer, batch_size=batch_size, show_progress=show_progress)
     if labels is None:
         raise ValueError("`dataset` has no `labels` column: an eval set without labels cannot be scored.")
     return glue_metrics(task, logits, labels)

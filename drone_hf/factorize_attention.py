@@ -1,5 +1,5 @@
 # Copyright 2025 The drone_hf Authors. Licensed under the Apache License, Version 2.0.
-"""DRONE for the attention score product (METHODS.md §1a): pure tensor math, no `nn.Module` walking.
+"""DRONE for the attention score product (docs/methods.md §1a): pure tensor math, no `nn.Module` walking.
 
 Per head `h` the logit between tokens `x_q`, `x_k` is `x̃_qᵀ G̃ x̃_k` with homogeneous coordinates `x̃ = [x; 1]`,
 `W̃ = [W, b]` (`d_h × (d+1)`) and `G̃ = W̃_Qᵀ W̃_K`. Working on `x̃` handles the biases exactly: the `b_Qᵀ W_K x_k`

@@ -34,7 +34,9 @@ def _require_datasets():
     try:
         import datasets
     except ImportError as err:
-        raise ImportError("drone_hf.glue requires `datasets`: pip install drone_hf[glue]") from err
+        raise ImportError(
+            "drone_hf.glue requires `datasets` (the `glue` extra): pip install -e '.[glue]' in your drone_hf clone"
+        ) from err
     return datasets
 
 
@@ -192,7 +194,8 @@ def load_glue_split(
         except Exception as err:
             err.add_note(
                 f"drone_hf: loading GLUE `{info.name}` split `{split_name}` from the Hub ({GLUE_HUB_ID}) failed. "
-                f"Offline, pass `data_dir=` pointing to GLUE TSV data (a folder containing `{info.local_dir}/`)."
+                f"Offline, pass `data_dir=` (`--data-dir` on the command line) pointing to GLUE TSV data (a folder "
+                f"containing `{info.local_dir}/`)."
             )
             raise
         dataset = dataset.select_columns([*info.text_keys, "label", "idx"])

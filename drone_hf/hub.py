@@ -99,19 +99,58 @@ def save_pretrained_with_card(model, save_fn: Callable, save_directory: str | os
             logger.warning(f"Saved {target} without updating its model card: {error}")
     if push:
         api = _api()
-        repo_id = api.create_repo(
-            hub_options.get("repo_id", target.name),
-            private=hub_options.get("private"),
-            token=options.get("token"),
-            exist_ok=True,
-        ).repo_id
-        api.upload_folder(
-            repo_id=repo_id,
-            folder_path=target,
-            token=options.get("token"),
-            commit_message=hub_options.get("commit_message") or "Upload DRONE-compressed model",
-            create_pr=hub_options.get("create_pr", False),
+        with reaching_the_hub(hub_options.get("repo_id", target.name), folder=target):
+            repo_id = api.create_repo(
+                hub_options.get("repo_id", target.name),
+                private=hub_options.get("private"),
+                token=options.get("token"),
+                exist_ok=True,
+            ).repo_id
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=target,
+                token=options.get("token"),
+                commit_message=hub_options.get("commit_message") or "Upload DRONE-compressed model",
+                create_pr=hub_options.get("create_pr", False),
+            )
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What the Hub client raises when it cannot reach the Hub (no network, a proxy, `HF_HUB_OFFLINE=1`)."""
+    import importlib
+
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    errors: list[type[BaseException]] = [OfflineModeIsEnabled]
+    for module, name in (("httpx", "TransportError"), ("httpx2", "TransportError"), ("requests", "ConnectionError")):
+        with contextlib.suppress(ImportError, AttributeError):
+            errors.append(getattr(importlib.import_module(module), name))
+    return tuple(errors)
+
+
+@contextlib.contextmanager
+def reaching_the_hub(repo_id: str, folder: str | os.PathLike | None = None):
+    """Turns the Hub client's network errors (a raw `httpx.ConnectError`, `OfflineModeIsEnabled`) into a
+    `ConnectionError` that says what to do, with the original error attached as its cause.
+
+    Raises:
+        `ConnectionError`: when the Hub cannot be reached.
+    """
+    try:
+        yield
+    except _network_errors() as error:
+        where = f"the saved folder {str(folder)!r}" if folder is not None else "the model"
+        again = (
+            f"`hf upload {repo_id} {folder}`"
+            if folder is not None
+            else "`drone_hf.push_compressed_to_hub(model, ...)`"
         )
+        offline = " `HF_HUB_OFFLINE` is set: unset it to push." if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ConnectionError(
+            f"Could not reach the Hugging Face Hub to push {repo_id!r} ({type(error).__name__}: {error}).{offline} "
+            f"Check the network (or your proxy / `HF_ENDPOINT`) and log in with `hf auth login`; {where} is "
+            f"unaffected: push it again with {again}."
+        ) from error
 
 
 def _api() -> HfApi:
@@ -175,6 +214,7 @@ def push_compressed_to_hub(
 
     Raises:
         `TypeError`: if `model` is not a DRONE model (`config.model_type` not `"drone_*"`).
+        `ConnectionError`: if the Hub cannot be reached, with what to do.
 
     Example:
 
@@ -188,7 +228,7 @@ def push_compressed_to_hub(
     if is_sentence_transformer(model):  # a compressed SentenceTransformer: its own folder layout, the same upload
         from .sentence_embeddings import push_sentence_transformer_to_hub
 
-        return push_sentence_transformer_to_hub(
+        return push_sentence_transformer_to_hub(  # raises the same ConnectionError
             model,
             repo_id,
             private=private,
@@ -203,6 +243,41 @@ def push_compressed_to_hub(
         )
     if not str(getattr(getattr(model, "config", None), "model_type", None)).startswith("drone_"):
         raise TypeError(f"`model` must be a DRONE model (from compress_model), got {type(model).__name__}.")
+    with reaching_the_hub(repo_id):
+        return _push_model(
+            model,
+            repo_id,
+            private=private,
+            commit_message=commit_message,
+            token=token,
+            trust_remote_code_export=trust_remote_code_export,
+            tokenizer=tokenizer,
+            card_kwargs=card_kwargs,
+            revision=revision,
+            create_pr=create_pr,
+            commit_description=commit_description,
+            max_shard_size=max_shard_size,
+            tags=tags,
+        )
+
+
+def _push_model(
+    model,
+    repo_id,
+    *,
+    private,
+    commit_message,
+    token,
+    trust_remote_code_export,
+    tokenizer,
+    card_kwargs,
+    revision,
+    create_pr,
+    commit_description,
+    max_shard_size,
+    tags,
+) -> str:
+    """The body of [`push_compressed_to_hub`] for a transformers model."""
     api = _api()
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     card_kwargs = dict(card_kwargs or {})
@@ -268,4 +343,4 @@ def _upload(
     return str(info.pr_url if create_pr and info.pr_url else info.commit_url)
 
 
-__all__ = ["create_or_update_model_card", "push_compressed_to_hub", "save_pretrained_with_card"]
+__all__ = ["create_or_update_model_card", "push_compressed_to_hub", "reaching_the_hub", "save_pretrained_with_card"]

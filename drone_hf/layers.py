@@ -100,8 +100,8 @@ class DroneQKLinear(nn.Module):
     coordinates zero-padded back to `head_size`.
 
     Per head, the logits `q_h · k_h` of two such projections equal those of the narrow `rank`-wide vectors, which are
-    the DRONE optimum of the bilinear form `W_Q^h W_K^h^T` under the data (METHODS §1a). Because the padded output
-    has the dense projection's width, the family's own attention module (its scaling by the **original**
+    the DRONE optimum of the bilinear form `W_Q^h W_K^h^T` under the data (drone_hf's docs/methods.md §1a). Because the
+    padded output has the dense projection's width, the family's own attention module (its scaling by the **original**
     `1/sqrt(d_h)`, position biases, masks and fused SDPA kernel) runs unchanged around it, for every family whose
     scores are per-head dot products of separate query and key projections. The saving is in the projection
     (`rank / head_size` of its multiply-adds).

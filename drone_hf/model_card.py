@@ -145,7 +145,7 @@ def _cost_rows(config: Mapping, save_dir: Path, speed: Mapping | None, models) -
         }
     )
     flop_bound = float((speed or {}).get("flop_bound") or dense_macs / macs)
-    if speed:
+    if speed and not speed.get("withheld"):
         rows.append(
             {
                 "label": f"measured speed-up ({speed['hardware']})",
@@ -280,13 +280,17 @@ def create_or_update_model_card(
         save_dir (`str` or `os.PathLike`): A folder saved by [`DroneBertForSequenceClassification.save_pretrained`].
         base_model (`str`, *optional*): The fine-tuned dense model that was compressed. A Hub id goes into the
             `base_model` metadata; a local folder is only named in the text.
-        dataset (`str`, *optional*): GLUE task (`"sst2"`, `"glue/sst2"`) or Hub dataset id the metrics refer to.
-            Defaults to the calibration dataset of `config.json`.
+        dataset (`str` or `dict`, *optional*): GLUE task (`"sst2"`, `"glue/sst2"`), Hub dataset id, or
+            `"local:<file name>"` the metrics refer to; or a dict with `id` and optionally `hub_id` (`None` for data
+            not on the Hub), `config`, `split`, `pretty`. Defaults to the calibration dataset of `config.json`.
         metrics (`dict[str, dict[str, float]]`, *optional*): `{"dense": {...}, "compressed": {...}}` and optionally
             `"compressed+distilled"`, each `{metric name: value}` with values as **fractions** (`0.912`, as returned
             by `drone_hf.glue.glue_metrics`; correlations in `[-1, 1]`). The card shows them in points.
         speed (`dict`, *optional*): `{"speedup": float, "hardware": str}` plus optional `"flop_bound"` (computed
-            from the config at 128 tokens when absent) and `"setting"` (e.g. `"batch 8 x 128 tokens, fp32"`).
+            from the config at 128 tokens when absent), `"cpu_time_speedup"` (the ratio of CPU times, see
+            `drone_hf.speed`), `"setting"` (e.g. `"batch 8 x 128 tokens, fp32"`) and `"withheld"`: the reason the
+            measurement is not quoted (e.g. above its FLOP bound on a busy machine); the card then says so and
+            shows no number.
         model_id (`str`, *optional*): Hub repo id used in the loading snippets and the model-index name.
         tags (`Sequence[str]`, *optional*): Extra tags, added after the drone_hf ones.
 

@@ -62,21 +62,40 @@ def _check_speed(speed: Mapping | None) -> dict[str, Any] | None:
     missing = [key for key in ("speedup", "hardware") if key not in speed]
     if missing:
         raise ValueError(f"`speed` is missing {missing}; expected `speedup`, `hardware` (+ `flop_bound`, `setting`).")
-    for key in ("speedup", "flop_bound"):
+    for key in _SPEED_NUMBERS:
         value = speed.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
             raise ValueError(f"`speed[{key!r}]` must be a positive number, got {value!r}.")
-    return {key: (float(value) if key in ("speedup", "flop_bound") else str(value)) for key, value in speed.items()}
+    return {
+        key: (float(value) if key in _SPEED_NUMBERS else str(value))
+        for key, value in speed.items()
+        if value is not None
+    }
 
 
-def _dataset_info(dataset: str | None) -> dict[str, str | None] | None:
-    """`"sst2"`, `"glue/sst2"` or `"nyu-mll/glue/sst2"` -> the Hub GLUE dataset; anything else is a Hub dataset id."""
+_SPEED_NUMBERS = ("speedup", "flop_bound", "cpu_time_speedup")
+_DATASET_KEYS = ("id", "hub_id", "config", "split", "pretty")
+
+
+def _dataset_info(dataset: str | Mapping | None) -> dict[str, str | None] | None:
+    """`"sst2"`, `"glue/sst2"` or `"nyu-mll/glue/sst2"` -> the Hub GLUE dataset; `"local:<name>"` -> local files;
+    anything else is a Hub dataset id. A mapping gives the fields itself: `id` (required), `hub_id` (`None` for data
+    that is not on the Hub), `config`, `split` and `pretty` (the name shown in the card)."""
     if not dataset:
         return None
+    if isinstance(dataset, Mapping):
+        unknown = sorted(set(dataset) - set(_DATASET_KEYS))
+        if unknown or not isinstance(dataset.get("id"), str) or not dataset["id"]:
+            raise ValueError(f"A `dataset` mapping needs a str `id` and only the keys {list(_DATASET_KEYS)}.")
+        info = {key: (None if dataset.get(key) is None else str(dataset[key])) for key in _DATASET_KEYS}
+        info["pretty"] = info["pretty"] or info["id"]
+        return info
     if not isinstance(dataset, str):
         raise TypeError(f"`dataset` must be a str such as 'sst2' or 'glue/sst2', got {type(dataset).__name__}.")
     from .glue_tasks import GLUE_HUB_ID, get_glue_task
 
+    if dataset.startswith("local:"):
+        return {"id": dataset, "hub_id": None, "config": None, "split": None, "pretty": dataset.removeprefix("local:")}
     name = dataset.removeprefix(f"{GLUE_HUB_ID}/").removeprefix("glue/")
     try:
         task = get_glue_task(name)
@@ -111,7 +130,7 @@ def _eval_results(metrics: Mapping[str, Mapping[str, float]], dataset: Mapping |
         EvalResult(
             task_type="text-classification",
             task_name="Text Classification",
-            dataset_type=dataset["hub_id"],
+            dataset_type=dataset["hub_id"] or "custom",
             dataset_name=dataset["pretty"],
             dataset_config=dataset["config"],
             dataset_split=dataset["split"],
@@ -152,14 +171,19 @@ def _merge_metadata(
     if _hub_repo_id(base_model):
         data.base_model = base_model
     data.tags = list(dict.fromkeys([*(data.tags or []), *DRONE_TAGS, *tags]))
-    if dataset:
+    if dataset and dataset["hub_id"]:
         known = [data.datasets] if isinstance(data.datasets, str) else list(data.datasets or [])
         data.datasets = list(dict.fromkeys([*known, dataset["hub_id"]]))
     if metrics:
         data.model_name = data.model_name or model_name
         others = [r for r in data.eval_results or [] if not _METRIC_NAME_RE.match(r.metric_name or "")]
         data.eval_results = others + _eval_results(metrics, dataset)
-    owned = {key: value for key, value in {"dataset": dataset and dataset["id"], "speed": speed}.items() if value}
+    stored = dataset and (
+        dataset["id"]  # the id alone when it says everything (GLUE tasks, plain Hub ids), else the whole record
+        if _dataset_info(dataset["id"]) == dataset
+        else {key: value for key, value in dataset.items() if value is not None}
+    )
+    owned = {key: value for key, value in {"dataset": stored, "speed": speed}.items() if value}
     if owned:
         data["drone_hf"] = owned
     else:

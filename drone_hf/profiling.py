@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 import tempfile
 import time
@@ -119,10 +120,20 @@ def count_parameters(model: nn.Module, prefix: str | None = None) -> int:
 
 
 def checkpoint_size_mb(model) -> float:
-    """Size in MB (1e6 bytes) of the safetensors files `save_pretrained` writes for `model`."""
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        return sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp) if f.endswith(".safetensors")) / 1e6
+    """Size in MB (1e6 bytes) of the safetensors files `save_pretrained` writes for `model` (written to a temporary
+    folder, without transformers' progress bar)."""
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            names = [f for f in os.listdir(tmp) if f.endswith(".safetensors")]
+            return sum(os.path.getsize(os.path.join(tmp, f)) for f in names) / 1e6
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 @torch.inference_mode()
@@ -132,12 +143,15 @@ def measure_latency(
     *,
     repeats: int = 30,
     warmup: int = 3,
+    record: dict | None = None,
+    show_progress: bool = False,
 ) -> dict[str, float]:
     r"""
     Median seconds per forward pass of each model on the same `inputs`, measured in one run.
 
-    The models are timed round-robin (one call of each per round) so that drift in machine load affects them all
-    alike; quote speed as a ratio against the dense model timed in the same call.
+    The models are timed round-robin (one call of each per round, in a new random order every round) so that drift in
+    machine load affects them all alike; quote speed as a ratio against the dense model timed in the same call
+    (`drone_hf.speed.compare_speed` does, with the CPU-time ratio and a check of the result).
 
     Args:
         models (`Mapping[str, nn.Module]`): Name -> model (timed in eval mode; every module's own train/eval mode is
@@ -145,6 +159,8 @@ def measure_latency(
         inputs (`Mapping[str, Tensor]`): Keyword inputs, e.g. a tokenizer batch of 8 sequences.
         repeats (`int`, *optional*, defaults to 30): Timed rounds.
         warmup (`int`, *optional*, defaults to 3): Untimed rounds first.
+        record (`dict`, *optional*): Filled with every round's times, see [`time_round_robin`].
+        show_progress (`bool`, *optional*, defaults to `False`): A progress bar over the rounds.
 
     Returns:
         `dict[str, float]`: Name -> median seconds.
@@ -159,7 +175,7 @@ def measure_latency(
             device = next(model.parameters()).device
             # Each model gets the inputs its forward takes (e.g. no token_type_ids for DistilBERT), on its device.
             calls[name] = _synchronised_forward(model, model_inputs(model, inputs, device), device)
-        return time_round_robin(calls, repeats=repeats, warmup=warmup)
+        return time_round_robin(calls, repeats=repeats, warmup=warmup, record=record, show_progress=show_progress)
 
 
 def _synchronised_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor], device: torch.device):
@@ -173,21 +189,63 @@ def _synchronised_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor], 
     return call
 
 
-def time_round_robin(calls: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int) -> dict[str, float]:
+def load_average() -> float | None:
+    """The machine's 1-minute load average (`None` where the OS does not report one)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def time_round_robin(
+    calls: Mapping[str, Callable[[], object]],
+    *,
+    repeats: int,
+    warmup: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    record: dict | None = None,
+    show_progress: bool = False,
+) -> dict[str, float]:
     """Median seconds of each zero-argument call (which must return once its work is finished), timed round-robin:
     `warmup` untimed rounds, then `repeats` timed ones, one call of each per round, so that drift in machine load
-    affects them all alike. The one timing loop behind [`measure_latency`] and `measure_encode_latency`."""
+    affects them all alike. The one timing loop behind [`measure_latency`] and `measure_encode_latency`.
+
+    With `shuffle` (the default) the order of the calls is drawn anew every round (seeded): a fixed order lets
+    whatever the first call of a round pays (threads waking up, caches refilled after the previous round) fall on one
+    model. `record`, when given, receives `wall` and `cpu` (name -> seconds of each timed round, in the same rounds;
+    CPU time is the process's, all threads), `load_average` (1-minute, before and after) and the settings."""
+    from transformers.utils.logging import tqdm
+
     _check_rounds(repeats, warmup)
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # nothing queued before the first timed call
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for round_index in range(warmup + repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    wall: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
+    rng, order = random.Random(seed), list(calls)
+    load_before = load_average()
+    with tqdm(total=warmup + repeats, desc="Timing", unit="round", disable=not show_progress) as progress:
+        for round_index in range(warmup + repeats):
+            if shuffle:
+                rng.shuffle(order)
+            for name in order:
+                start_wall, start_cpu = time.perf_counter(), time.process_time()
+                calls[name]()
+                if round_index >= warmup:
+                    wall[name].append(time.perf_counter() - start_wall)
+                    cpu[name].append(time.process_time() - start_cpu)
+            progress.update(1)
+    if record is not None:
+        record.update(
+            wall=wall,
+            cpu=cpu,
+            load_average=[load_before, load_average()],
+            repeats=repeats,
+            warmup=warmup,
+            shuffled=shuffle,
+            threads=torch.get_num_threads(),
+        )
+    return {name: statistics.median(values) for name, values in wall.items()}
 
 
 def _check_rounds(repeats: int, warmup: int) -> None:
@@ -219,6 +277,8 @@ __all__ = [
     "encoder_macs",
     "flop_speedup_bound",
     "layer_parameters",
+    "load_average",
     "measure_latency",
     "model_macs",
+    "time_round_robin",
 ]

@@ -10,8 +10,9 @@ jointly (with a paired-bootstrap margin) like `max_accuracy_drop` for classifier
 (`config.json` with `"model_type": "drone_bert"`, ...); after `import drone_hf`, `SentenceTransformer(folder)` reloads
 it and `AutoModel.from_pretrained(folder)` gives the compressed encoder.
 
-sentence-transformers is an optional dependency (`pip install 'drone_hf[sentence-transformers]'`); this module imports
-it only inside its functions, and `import drone_hf` does not import this module.
+sentence-transformers is an optional dependency (the `sentence-transformers` extra:
+`pip install -e '.[sentence-transformers]'`); this module imports it only inside its functions, and `import drone_hf`
+does not import this module.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-INSTALL_HINT = "pip install 'drone_hf[sentence-transformers]'"
+INSTALL_HINT = "pip install -e '.[sentence-transformers]' in your drone_hf clone"
 MIN_HELDOUT_SENTENCES = 32
 """The fewest held-out sentences a `min_cosine_similarity` check runs on: below it the bootstrap standard error of
 the mean cosine is itself too noisy to trust."""
@@ -321,7 +322,7 @@ def compress_sentence_transformer(
         `model[0].auto_model` is a DRONE encoder (`DroneBertModel`, `DroneMPNetModel`, ...).
 
     Raises:
-        `ImportError`: without sentence-transformers (`pip install 'drone_hf[sentence-transformers]'`).
+        `ImportError`: without sentence-transformers (`pip install -e '.[sentence-transformers]'` in the clone).
         `TypeError` / `ValueError`: naming the argument, the value and what is allowed: `model` not a
             `SentenceTransformer` or without a `Transformer` first module, an unsupported family, empty or non-string
             sentences, zero or several budgets, a budget out of range, too few held-out sentences, a budget that no
@@ -516,11 +517,18 @@ def pair_auc(model, first: Sequence[str], second: Sequence[str], labels: Sequenc
 
 
 def measure_encode_latency(
-    models: Mapping[str, Any], sentences: Sequence[str], *, batch_size: int = 32, repeats: int = 5, warmup: int = 1
+    models: Mapping[str, Any],
+    sentences: Sequence[str],
+    *,
+    batch_size: int = 32,
+    repeats: int = 5,
+    warmup: int = 1,
+    record: dict | None = None,
 ) -> dict[str, float]:
     """Median seconds of `model.encode(sentences, batch_size=batch_size)` per model, timed round-robin in this process
-    (one call of each model per round) so that drift in machine load affects all models alike; quote the ratio
-    against the dense model timed in the same call."""
+    (one call of each model per round, in a shuffled order) so that drift in machine load affects all models alike;
+    quote the ratio against the dense model timed in the same call. `record` receives every round's wall and CPU
+    time (`drone_hf.profiling.time_round_robin`), for `drone_hf.speed.compare_recorded`."""
     from .profiling import time_round_robin
 
     sentences = _check_sentences("sentences", sentences)
@@ -528,7 +536,8 @@ def measure_encode_latency(
     def encode(model):  # encode() returns host arrays: it has finished when it returns
         return lambda: model.encode(sentences, batch_size=batch_size, show_progress_bar=False)
 
-    return time_round_robin({name: encode(model) for name, model in models.items()}, repeats=repeats, warmup=warmup)
+    calls = {name: encode(model) for name, model in models.items()}
+    return time_round_robin(calls, repeats=repeats, warmup=warmup, record=record, show_progress=True)
 
 
 # ------------------------------------------------------------------------------------------ model card and Hub
@@ -549,7 +558,7 @@ def _fix_card(folder: Path, *, base_model: str | None = None, model_id: str | No
     if "import drone_hf" not in card.text.split("<!-- drone_hf:begin")[0]:
         card.text = re.sub(
             r"^from sentence_transformers import SentenceTransformer$",
-            "import drone_hf  # registers the compressed model type with transformers (pip install drone_hf)\n"
+            "import drone_hf  # registers the compressed model type (drone_hf: pip install -e . in a clone)\n"
             "from sentence_transformers import SentenceTransformer",
             card.text,
             count=1,
@@ -603,7 +612,7 @@ def push_sentence_transformer_to_hub(
     Returns:
         `str`: the URL of the commit (of the pull request with `create_pr=True`).
     """
-    from .hub import _api, _download_readme, _remote_code_export, _upload
+    from .hub import _api, _download_readme, _remote_code_export, _upload, reaching_the_hub
 
     transformer = _transformer_module(model)
     encoder = transformer.auto_model
@@ -613,11 +622,12 @@ def push_sentence_transformer_to_hub(
             f"encoder is {type(encoder).__name__} (model_type {encoder.config.model_type!r})."
         )
     api = _api()
-    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    with reaching_the_hub(repo_id):
+        repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     card_kwargs = dict(card_kwargs or {})
     extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
     card_kwargs["tags"] = list(dict.fromkeys([*card_kwargs.get("tags", ()), *(encoder.model_tags or ()), *extra_tags]))
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, reaching_the_hub(repo_id):
         folder = Path(tmp) / repo_id.split("/")[-1]
         folder.mkdir()
         remote_readme = None if replace_model_card else _download_readme(api, repo_id, token, revision)

@@ -147,7 +147,7 @@ def replace_linear_with_drone(
         model.set_submodule(name, new)
         replaced.append(name)
     if replaced:
-        logger.info(f"Replaced {len(replaced)} nn.Linear modules with DroneLinear.")
+        logger.debug(f"Replaced {len(replaced)} nn.Linear modules with DroneLinear.")
     return replaced
 
 
@@ -284,7 +284,7 @@ def replace_attention_with_drone(
         model.set_submodule(name, block)
         replaced.append(name)
     if replaced:
-        logger.info(f"Narrowed the query/key projections of {len(replaced)} attention blocks.")
+        logger.debug(f"Narrowed the query/key projections of {len(replaced)} attention blocks.")
     return replaced
 
 

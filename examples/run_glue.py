@@ -1,16 +1,24 @@
-"""Fine-tune a BERT classifier on a GLUE task with `Trainer`, then compress it with DRONE (and optionally recover it by
-feature distillation) through `DroneCompressionCallback`: the familiar transformers `run_glue.py` recipe plus drone
-options. Compression options start with `--drone_`, distillation options with `--distill_` (both sets mirror
-`DroneCompressionArguments` / `DroneDistillationArguments`); the rest are `TrainingArguments`.
+"""Fine-tune a BERT classifier on a GLUE task or your own data with `Trainer`, then compress it with DRONE (and
+optionally recover it by feature distillation) through `DroneCompressionCallback`: the familiar transformers
+`run_glue.py` recipe plus drone options. Compression options start with `--drone_`, distillation options with
+`--distill_` (both sets mirror `DroneCompressionArguments` / `DroneDistillationArguments`); the rest are
+`TrainingArguments`. Every option also takes its dash spelling (`--train-file`).
 
     python examples/run_glue.py --model_name_or_path bert-base-uncased --task_name sst2 --data_dir glue_data \\
         --do_train --do_eval --max_seq_length 128 --per_device_train_batch_size 32 --learning_rate 2e-5 \\
         --num_train_epochs 3 --output_dir out/sst2 \\
         --drone_target_speedup 2 --do_distill --distill_max_steps 1000
 
-Multi-process: `accelerate launch examples/run_glue.py ...` (calibration statistics are summed over processes and
-distillation is data-parallel). Writes the fine-tuned model to `--output_dir`, the compressed one to
-`<output_dir>/drone` (or `--drone_output_dir`), and `drone_results.json` with dense / compressed / distilled scores.
+Your own data instead of `--task_name` (as in transformers' run_glue.py / run_classification.py):
+`--train_file train.csv --validation_file dev.csv` (CSV, TSV, JSON, JSONL) or `--dataset_name imdb`, with optional
+`--text_column_names sentence1,sentence2`, `--label_column_name label` and `--metric_name f1` (accuracy, f1, mcc,
+pearson, spearman).
+
+Multi-process on GPUs: `accelerate launch examples/run_glue.py ...`; on a CPU, `accelerate launch --cpu` runs ONE
+process whatever `--num_processes` says, so use `torchrun --nproc_per_node 2 examples/run_glue.py ... --use_cpu`
+(see the README). Calibration statistics are summed over processes and distillation is data-parallel. Writes the
+fine-tuned model to `--output_dir`, the compressed one to `<output_dir>/drone` (or `--drone_output_dir`), and
+`drone_results.json` with dense / compressed / distilled scores.
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ from transformers import (
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from drone_hf import DroneCompressionArguments, DroneCompressionCallback, DroneDistillationArguments  # noqa: E402
-from drone_hf.glue import get_glue_task, glue_compute_metrics, load_glue  # noqa: E402
+from drone_hf.data import DataSource, load_task_data  # noqa: E402
+from drone_hf.glue import glue_compute_metrics, load_glue  # noqa: E402
 
 
 logger = logging.getLogger(__name__)
@@ -51,8 +60,21 @@ class ModelArguments:
 
 @dataclass
 class DataTrainingArguments:
-    task_name: str = field(metadata={"help": "GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli."})
+    task_name: str | None = field(
+        default=None, metadata={"help": "GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli."}
+    )
     data_dir: str | None = field(default=None, metadata={"help": "Local GLUE TSV folder (default: the Hub)."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id (instead of a GLUE task)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its config name."})
+    train_file: str | None = field(default=None, metadata={"help": "Training rows: .csv, .tsv, .json or .jsonl."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation rows (same formats)."})
+    text_column_names: str | None = field(
+        default=None, metadata={"help": "One or two text columns, comma-separated (default: guessed)."}
+    )
+    label_column_name: str | None = field(default=None, metadata={"help": "Label column (default: label)."})
+    metric_name: str | None = field(
+        default=None, metadata={"help": "Comma-separated: accuracy, f1, mcc, pearson, spearman (first = main)."}
+    )
     max_seq_length: int = field(default=128, metadata={"help": "Tokens per example after truncation."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Seeded subset of the training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Seeded subset of the dev rows."})
@@ -82,6 +104,22 @@ def unprefixed(values, cls: type, prefix: str):
     return cls(**{name: value for name, value in kwargs.items() if value is not None})
 
 
+def _names(value: str | None) -> tuple[str, ...] | None:
+    return tuple(item.strip() for item in value.split(",") if item.strip()) if value else None
+
+
+def _compute_metrics(task):
+    """`Trainer`'s `compute_metrics` for your own data: the task's metrics of the logits."""
+
+    def compute_metrics(eval_pred):
+        predictions = eval_pred.predictions
+        if isinstance(predictions, tuple):
+            predictions = predictions[0]
+        return task.compute_metrics(predictions, eval_pred.label_ids)
+
+    return compute_metrics
+
+
 def main(argv: list[str] | None = None) -> dict:
     CompressionCLI = prefixed(DroneCompressionArguments, "drone_")  # noqa: N806
     DistillationCLI = prefixed(DroneDistillationArguments, "distill_")  # noqa: N806
@@ -97,7 +135,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    info = get_glue_task(data_args.task_name)  # ValueError for an unknown task
+    logging.getLogger("drone_hf").setLevel(training_args.get_process_log_level())  # DRONE's progress lines
+    source = DataSource(  # ValueError for an unknown task or a missing / doubled source
+        task=data_args.task_name,
+        data_dir=data_args.data_dir,
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        train_file=data_args.train_file,
+        validation_file=data_args.validation_file,
+        text_columns=_names(data_args.text_column_names),
+        label_column=data_args.label_column_name,
+        metrics=_names(data_args.metric_name),
+    )
     compress = any(getattr(compression_cli, f"drone_{name}") is not None for name in _BUDGETS)
     if run_args.do_distill and not compress:
         raise ValueError("`--do_distill` distils the compressed model: pass a `--drone_*` budget (e.g. --drone_rank).")
@@ -111,33 +160,38 @@ def main(argv: list[str] | None = None) -> dict:
     if run_args.do_distill:
         distillation_args = unprefixed(distillation_cli, DroneDistillationArguments, "distill_")
     set_seed(training_args.seed)
+    evaluate = training_args.do_eval or compress
+    splits = ("train",) * training_args.do_train + ("validation",) * evaluate
+    task = load_task_data(source, splits=splits)
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
-    labels = dict(enumerate(info.label_names)) if info.label_names else None
+    labels = task.id2label
     model = AutoModelForSequenceClassification.from_pretrained(
         model_args.model_name_or_path,
-        num_labels=info.num_labels,
-        problem_type="regression" if info.is_regression else "single_label_classification",
+        num_labels=task.num_labels,
+        problem_type="regression" if task.is_regression else "single_label_classification",
         id2label=labels,
         label2id={name: i for i, name in labels.items()} if labels else None,
     )
-    glue = {
-        "tokenizer": tokenizer,
-        "data_dir": data_args.data_dir,
-        "max_length": data_args.max_seq_length,
-        "seed": training_args.seed,
-    }
-    train = None
-    if training_args.do_train:
-        train = load_glue(info.name, split="train", max_samples=data_args.max_train_samples, **glue)
-    dev_sets = (
-        {
-            split: load_glue(info.name, split=split, max_samples=data_args.max_eval_samples, **glue)
-            for split in info.dev_splits
-        }
-        if training_args.do_eval or compress
-        else {}
+    rows = {"max_length": data_args.max_seq_length, "seed": training_args.seed}
+    train = (
+        task.load("train", tokenizer, max_samples=data_args.max_train_samples, **rows) if "train" in splits else None
     )
+    dev_sets = {}
+    if evaluate and task.glue:  # MNLI has two dev splits
+        dev_sets = {
+            split: load_glue(
+                task.name,
+                tokenizer,
+                split=split,
+                data_dir=data_args.data_dir,
+                max_samples=data_args.max_eval_samples,
+                **rows,
+            )
+            for split in task.glue.dev_splits
+        }
+    elif evaluate:
+        dev_sets = {"validation": task.load("validation", tokenizer, max_samples=data_args.max_eval_samples, **rows)}
     dev = next(iter(dev_sets.values()), None)
 
     callbacks = []
@@ -150,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
                 train_dataset=train,
                 eval_dataset=dev,
                 processing_class=tokenizer,
-                task=info.name,
+                task=task,
                 base_model=model_args.model_name_or_path,
             )
         )
@@ -160,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=train,
         eval_dataset=dev,
         processing_class=tokenizer,
-        compute_metrics=glue_compute_metrics(info.name),
+        compute_metrics=glue_compute_metrics(task.name) if task.glue else _compute_metrics(task),
         callbacks=callbacks,
     )
     results = {}
@@ -183,7 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
         flat = {
             f"{variant}_{name}": value for variant, scores in drone.metrics.items() for name, value in scores.items()
         }
-        if drone.speed is not None:
+        if drone.speed is not None and drone.speed.get("withheld"):  # a flagged timing is not published
+            flat.update(speedup_withheld=drone.speed["withheld"], flop_bound=drone.speed["flop_bound"])
+        elif drone.speed is not None:
             flat.update(speedup=drone.speed["speedup"], flop_bound=drone.speed["flop_bound"])
         if trainer.is_world_process_zero():
             flat["path"] = drone.compressed_model_path

@@ -430,3 +430,22 @@ def test_run_glue_example_on_real_minilm_and_sst2(tmp_path, monkeypatch):
     assert reloaded_metrics["accuracy"] == pytest.approx(drone["compressed+distilled_accuracy"])
     card = ModelCard.load(output / "drone" / "README.md")
     assert {r.metric_name for r in card.data.eval_results} >= {"accuracy (dense)", "accuracy (compressed)"}
+
+
+def test_the_work_after_training_is_not_silent(tmp_path, capsys, caplog):
+    """Calibration, compression, evaluation and timing each show a bar with a total and log a line (issue 16)."""
+    import logging
+
+    train, dev = tiny_dataset(24), tiny_dataset(12, seed=2)
+    drone = DroneCompressionCallback(
+        DroneCompressionArguments(target_speedup=1.2, num_calibration_samples=16),
+        train_dataset=train,
+        eval_dataset=dev,
+    )
+    with caplog.at_level(logging.INFO, logger="drone_hf"):
+        _trainer(tmp_path, [drone], train=train, disable_tqdm=False).train()
+    err = capsys.readouterr().err
+    for bar in ("Calibrating", "Spectra", "Factorising", "Evaluating dense", "Evaluating compressed", "Timing"):
+        assert any(part.startswith(f"{bar}: 100%|") for part in err.split("\r")), bar
+    for line in ("DRONE: calibrating on 16 training rows", "DRONE: compressing", "DRONE: evaluating", "DRONE: timing"):
+        assert line in caplog.text

@@ -1,4 +1,4 @@
-"""Projective clustering of the word embedding (METHODS.md §3): `DroneEmbedding`, its config field, save/reload,
+"""Projective clustering of the word embedding (docs/methods.md §3): `DroneEmbedding`, its config field, save/reload,
 `compress_model(..., embedding=...)` and `token_frequencies`."""
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -177,6 +178,47 @@ def test_two_processes_sum_statistics_and_distil(tmp_path):
         assert {"config.json", "model.safetensors"} <= set(report["files_after_train"])
     saved = DroneBertForSequenceClassification.from_pretrained(tmp_path / "run" / "drone")
     assert _digest(saved) == pytest.approx(reports[0]["callback_digest"], rel=1e-9)
+
+
+def test_the_documented_cpu_line_runs_run_glue_on_two_processes(tmp_path):
+    """The README's CPU line, `torchrun --nproc_per_node 2 examples/run_glue.py ... --use_cpu`, on our own CSV."""
+    import csv
+    import math
+
+    from .testing_utils import random_sentences, tiny_classifier_folder
+
+    tiny_classifier_folder(tmp_path / "model")
+    for name, count in (("train.csv", 120), ("dev.csv", 16)):
+        with open(tmp_path / name, "w", newline="") as handle:
+            rows = [(text, ("neg", "pos")[i % 2]) for i, text in enumerate(random_sentences(count, seed=count))]
+            csv.writer(handle).writerows([("text", "label"), *rows])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_port", str(_free_port()), str(REPO / "examples" / "run_glue.py")]
+    command += ["--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "run")]
+    command += ["--train_file", str(tmp_path / "train.csv"), "--validation_file", str(tmp_path / "dev.csv")]
+    command += ["--do_train", "--max_steps", "2", "--per_device_train_batch_size", "8", "--use_cpu"]
+    command += ["--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"]
+    command += ["--drone_rank", "4", "--drone_num_calibration_samples", "16"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    # 2 steps of 8 rows on each of 2 processes: an epoch of 120 rows is ceil(120 / 16) = 8 steps.
+    epoch = json.loads((tmp_path / "run" / "train_results.json").read_text())["epoch"]
+    assert epoch == pytest.approx(2 / math.ceil(120 / (8 * NUM_PROCESSES)))
+    assert (tmp_path / "run" / "drone" / "README.md").is_file()
+
+
+def test_accelerate_launch_cpu_starts_one_process(tmp_path):
+    """Why the README does not document `accelerate launch --cpu --num_processes 2`: it runs a single process."""
+    script = tmp_path / "world.py"
+    script.write_text("from accelerate import PartialState\nprint('world', PartialState(cpu=True).num_processes)\n")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split().count("world") == 1 and "world 1" in result.stdout
 
 
 if __name__ == "__main__":

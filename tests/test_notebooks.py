@@ -1,4 +1,4 @@
-"""The notebooks are committed without outputs, and run top to bottom (slow: a few minutes each on a 2-core CPU).
+"""The notebooks are committed without outputs, and run top to bottom (slow: the quickstart took 12.6 min on 2 cores).
 
 Executed copies go to a temporary folder; the committed files are never rewritten.
 """

@@ -360,7 +360,7 @@ def test_a_model_that_is_not_a_sentence_transformer_is_refused(bert_dense):
 
 def test_missing_sentence_transformers_names_the_extra(bert_dense, monkeypatch):
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)
-    with pytest.raises(ImportError, match=r"pip install 'drone_hf\[sentence-transformers\]'"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[sentence-transformers\]'"):
         drone_hf.compress_sentence_transformer(bert_dense, SENTENCES, rank=8)
 
 

@@ -171,3 +171,52 @@ def tiny_family_batches(model_type: str, *, multiple_choice: bool = False, num_r
         )
         batches.append(batch)
     return batches
+
+
+CLI_WORDS = [
+    "good",
+    "bad",
+    "movie",
+    "plot",
+    "great",
+    "awful",
+    "fine",
+    "dull",
+    "fun",
+    "boring",
+    "the",
+    "a",
+    "is",
+    "was",
+]
+
+
+def tiny_classifier_folder(folder: Path, num_labels: int = 2) -> Path:
+    """A saved tiny random BERT classifier with a WordPiece tokenizer over `CLI_WORDS` (what `drone-hf` loads)."""
+    from transformers import BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *CLI_WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    # transformers 5 ignores `vocab_file=` here (every word would be [UNK]): the vocabulary goes in as a dict.
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(folder)
+    return folder
+
+
+def random_sentences(count: int, seed: int = 0) -> list[str]:
+    """`count` sentences of 3 to 9 words of `CLI_WORDS`, seeded."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(CLI_WORDS) for _ in range(rng.randint(3, 9))) for _ in range(count)]

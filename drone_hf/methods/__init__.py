@@ -8,14 +8,10 @@ method's name: adding a method is one file and one [`register_method`] line.
 
 from __future__ import annotations
 
+from ..defaults import DEFAULT_METHOD  # the one default of the API, CLI and callback (read by the CLI before torch)
 from .base import AttentionFactors, FactorizationMethod, LinearDecomposition, get_method, method_names, register_method
 from .drone import DroneBiasCorrectedMethod, DroneMethod
 from .svd import SvdMethod
-
-
-DEFAULT_METHOD = "drone"
-"""The one default of `compress_model`, the CLI, the callback and the allocation: the paper's closed form (see the
-README's design notes for why not `"drone-bc"`)."""
 
 
 def resolve_method(method: str, bias_correction: bool | None = None) -> str:

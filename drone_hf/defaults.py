@@ -1,0 +1,15 @@
+"""Defaults shared by the API, the command line and the callback, in a module that imports nothing: the `drone-hf`
+command builds its parser from them before torch and transformers are imported."""
+
+from __future__ import annotations
+
+
+DEFAULT_METHOD = "drone"
+"""The one default of `compress_model`, the CLI, the callback and the allocation: the paper's closed form (see the
+README's design notes for why not `"drone-bc"`)."""
+
+BUILTIN_METHODS = ("drone", "drone-bc", "svd")
+"""The methods `drone_hf.methods` registers on import (more can be added with `register_method`)."""
+
+
+__all__ = ["BUILTIN_METHODS", "DEFAULT_METHOD"]
