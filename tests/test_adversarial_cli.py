@@ -37,15 +37,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+from transformers import BertForSequenceClassification, BertModel
 
 import drone_hf
 from drone_hf.architecture import supported_model_types
 from drone_hf.cli import main
 
+from .testing_utils import CLI_WORDS, cli_tokenizer, tiny_classifier_folder, write_sst2_glue
+
 
 SOURCE = Path(drone_hf.__file__).resolve().parents[1]  # the drone_hf under test, for the fresh interpreters
-WORDS = ["good", "bad", "movie", "plot", "great", "awful", "fine", "dull", "fun", "boring", "the", "a", "is", "was"]
+WORDS = CLI_WORDS
 
 
 AUTO, STOCK = "AutoModelForSequenceClassification", "BertForSequenceClassification"
@@ -67,19 +69,8 @@ def build_workspace(root: Path) -> SimpleNamespace:
     """Tiny models, data and an earlier output in `root` (created), shared by all probes (which must not change them;
     a probe that does is reported, and the inputs are restored from a copy beside `root`)."""
     root.mkdir(parents=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    # transformers 5 ignores `vocab_file=` here (every word would be [UNK]): the vocabulary goes in as a dict
-    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
-    sizes = {"vocab_size": len(vocab), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
-
-    def classifier(folder: Path, num_labels: int = 2, positions: int = 64, with_tokenizer: bool = True) -> Path:
-        torch.manual_seed(0)
-        config = BertConfig(**sizes, intermediate_size=64, max_position_embeddings=positions, num_labels=num_labels)
-        BertForSequenceClassification(config).save_pretrained(folder)
-        if with_tokenizer:
-            tokenizer.save_pretrained(folder)
-        return folder
-
+    tokenizer = cli_tokenizer()
+    classifier = tiny_classifier_folder
     classifier(root / "model")
     classifier(root / "my model")  # a path with a space
     classifier(root / "three_labels", num_labels=3)
@@ -91,14 +82,7 @@ def build_workspace(root: Path) -> SimpleNamespace:
     (root / "model-link").symlink_to(root / "model")
     (root / "file.txt").write_text("not a folder\n")
     (root / "empty").mkdir()
-    rng = random.Random(0)
-    glue = root / "glue" / "SST-2"
-    glue.mkdir(parents=True)
-    for split, n in (("train", 80), ("dev", 24)):
-        lines = ["sentence\tlabel"] + [
-            " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) + f" \t{rng.randint(0, 1)}" for _ in range(n)
-        ]
-        (glue / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    write_sst2_glue(root / "glue")
     (root / "glue_header_only" / "SST-2").mkdir(parents=True)
     for split in ("train", "dev"):
         (root / "glue_header_only" / "SST-2" / f"{split}.tsv").write_text("sentence\tlabel\n")

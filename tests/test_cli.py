@@ -1,53 +1,25 @@
 """`drone-hf compress` / `drone-hf evaluate` end to end on a tiny model, tokenizer and GLUE-layout folder."""
 
 import json
-import random
 import subprocess
 import sys
 
 import pytest
 import torch
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    BertTokenizerFast,
-)
 
 from drone_hf.cli import main
 
-from .testing_utils import unsupported_classifier
+from .testing_utils import CLI_WORDS, tiny_classifier_folder, unsupported_classifier, write_sst2_glue
 
 
-WORDS = ["good", "bad", "movie", "plot", "great", "awful", "fine", "dull", "fun", "boring", "the", "a", "is", "was"]
+WORDS = CLI_WORDS
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    # transformers 5 ignores `vocab_file=` here (every word would be [UNK]): the vocabulary goes in as a dict
-    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    model_dir = root / "model"
-    BertForSequenceClassification(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    rng = random.Random(0)
-    glue = root / "glue" / "SST-2"
-    glue.mkdir(parents=True)
-    for split, n in (("train", 80), ("dev", 24)):
-        lines = ["sentence\tlabel"] + [
-            " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) + f" \t{rng.randint(0, 1)}" for _ in range(n)
-        ]
-        (glue / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    tiny_classifier_folder(root / "model")
+    write_sst2_glue(root / "glue")
     return root
 
 

@@ -191,27 +191,52 @@ CLI_WORDS = [
 ]
 
 
-def tiny_classifier_folder(folder: Path, num_labels: int = 2) -> Path:
-    """A saved tiny random BERT classifier with a WordPiece tokenizer over `CLI_WORDS` (what `drone-hf` loads)."""
+def cli_tokenizer():
+    """A WordPiece tokenizer over `CLI_WORDS` (transformers 5 ignores `vocab_file=` for a fast BERT tokenizer built in
+    code, so every word would be [UNK]: the vocabulary goes in as a dict)."""
     from transformers import BertTokenizerFast
 
-    folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *CLI_WORDS]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
+
+
+def tiny_classifier_folder(
+    folder: Path, num_labels: int = 2, positions: int = 64, with_tokenizer: bool = True
+) -> Path:
+    """A saved tiny random BERT classifier (seeded) with a WordPiece tokenizer over `CLI_WORDS` (what `drone-hf`
+    loads); `positions` is its `max_position_embeddings`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = cli_tokenizer()
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=len(vocab),
+        vocab_size=len(tokenizer),
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=64,
-        max_position_embeddings=64,
+        max_position_embeddings=positions,
         num_labels=num_labels,
     )
     BertForSequenceClassification(config).save_pretrained(folder)
-    # transformers 5 ignores `vocab_file=` here (every word would be [UNK]): the vocabulary goes in as a dict.
-    BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(folder)
+    if with_tokenizer:
+        tokenizer.save_pretrained(folder)
     return folder
+
+
+def write_sst2_glue(root: Path, rows: tuple[int, int] = (80, 24), seed: int = 0) -> Path:
+    """`root/SST-2/{train,dev}.tsv`: random `CLI_WORDS` sentences with random 0/1 labels (a local GLUE layout)."""
+    import random
+
+    rng = random.Random(seed)
+    glue = root / "SST-2"
+    glue.mkdir(parents=True, exist_ok=True)
+    for split, n in zip(("train", "dev"), rows):
+        lines = ["sentence\tlabel"] + [
+            " ".join(rng.choice(CLI_WORDS) for _ in range(rng.randint(3, 9))) + f" \t{rng.randint(0, 1)}"
+            for _ in range(n)
+        ]
+        (glue / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
 
 
 def random_sentences(count: int, seed: int = 0) -> list[str]:
