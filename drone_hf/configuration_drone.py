@@ -192,8 +192,9 @@ def _with_guard(output: dict, model_type: str) -> dict:
             "model_type": family,
             "vocab_size": (
                 f"This is a drone_hf checkpoint (model_type {model_type!r}) whose factored layers a stock "
-                "transformers class would load with random weights. `pip install drone_hf`, then `import drone_hf` "
-                f"and load it with an Auto class such as AutoModelForSequenceClassification{named}."
+                "transformers class would load with random weights. Install drone_hf (from its repository: "
+                "`pip install -e .` in a clone), then `import drone_hf` and load it with an Auto class such as "
+                f"AutoModelForSequenceClassification{named}."
             ),
         }
     return output
