@@ -370,9 +370,7 @@ def _kernel_costs(model, dtype, quantize, kernel_costs, seq_len):
         return kernel_costs
     if dtype is None and quantize is None:
         return None
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
-        raise ValueError(f"`seq_len` must be a positive int, got {seq_len!r}.")
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device  # `seq_len` was checked by allocate_ranks
     return KernelCosts(dtype or torch.float32, quantize=quantize, tokens=8 * seq_len, device=device)
 
 

@@ -17,7 +17,6 @@ from .heads import default_metric_fn, head_rows, soft_change
 from .heldout import LayerwiseEvaluator, paired_standard_error, spread_subset
 
 
-COST_MODEL = "multiply-adds"
 MIN_BUDGET_ROWS = 3
 """An accuracy budget must be worth at least this many held-out rows: on `n` rows one row moves accuracy by `100 / n`
 points, so a budget below a few rows' worth is decided by which rows happen to be held out, not by the model."""

@@ -292,11 +292,7 @@ def _compress_embeddings(args) -> int:
             + f". Pass `--sentences` with {4 * needed} or more lines, or `--heldout-sentences` with {needed} or more."
         )
     pairs = _read_pairs(args.eval_pairs) if args.eval_pairs else None
-    try:
-        sentence_transformers = _require_sentence_transformers()
-    except ImportError as error:
-        print(f"drone-hf {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    sentence_transformers = _require_sentence_transformers()  # an ImportError naming the extra: main() prints it
     try:
         model = sentence_transformers.SentenceTransformer(args.model)
     except (OSError, ValueError) as error:
@@ -376,7 +372,7 @@ def _compress_embeddings(args) -> int:
     with output_folder(args.output) as staging:  # model, card and results appear together or not at all
         small.save(str(staging))
         _fix_card(staging, base_model=getattr(small, "_drone_base_model", None), speed=speed)
-        _write_results(staging, summary)
+        write_results(staging, summary)
     args.saved = True
     header = ["model", "cosine to dense (held-out)"] + (["pair ROC-AUC"] if pairs else [])
     header += ["params (M)", "size MB", "encode ms", "speed-up", "CPU-time ratio", "FLOP bound"]
@@ -468,11 +464,6 @@ def _print_markdown(header: list[str], rows: list[list[str]]) -> None:
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for cells in rows:
         print("| " + " | ".join(cells) + " |")
-
-
-def _write_results(folder: Path, summary: dict) -> None:
-    """`folder/drone_results.json` (the staging folder of the output), with the list of the output's files."""
-    write_results(folder, summary)
 
 
 def _compress(args) -> int:
@@ -607,7 +598,7 @@ def _compress(args) -> int:
         compressed.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         create_or_update_model_card(staging, **card)  # what the CLI measured: base model, metrics, speed
-        _write_results(staging, summary)
+        write_results(staging, summary)
     args.saved = True
     print()
     print_table(results, task, len(dev), comparison)

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .speed import threads_phrase
+
 
 if TYPE_CHECKING:
     from .data import TaskData
@@ -30,11 +32,6 @@ def timing_inputs(dev, tokenizer, seq_len: int) -> dict[str, torch.Tensor]:
         return_tensors="pt",
     )
     return dict(batch)
-
-
-def _threads(count: int | None = None) -> str:
-    count = torch.get_num_threads() if count is None else count
-    return f"{count} thread{'' if count == 1 else 's'}"
 
 
 def hardware() -> str:
@@ -132,8 +129,8 @@ def print_table(results: Mapping[str, Mapping], task: TaskData, dev_size: int, c
     _print_markdown(header, rows)
     print(
         f"\n{task.validation_description} ({dev_size} examples); latency: batch {TIMING_BATCH} x "
-        f"{next(iter(results.values()))['seq_len']} tokens, {hardware()}, {_threads()}, median "
-        f"of {'shuffled round-robin runs' if comparison is not None else 'runs'} in this process."
+        f"{next(iter(results.values()))['seq_len']} tokens, {hardware()}, {threads_phrase(torch.get_num_threads())}, "
+        f"median of {'shuffled round-robin runs' if comparison is not None else 'runs'} in this process."
     )
     if comparison is not None:
         print(comparison.note())

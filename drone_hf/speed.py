@@ -28,7 +28,8 @@ SPREAD_LIMIT = 0.25
 machine gives 0.05-0.10)."""
 
 
-def _threads(count: int) -> str:
+def threads_phrase(count: int) -> str:
+    """`'1 thread'` / `'2 threads'`."""
     return f"{count} thread{'' if count == 1 else 's'}"
 
 
@@ -93,7 +94,7 @@ class SpeedComparison:
         """One paragraph for a terminal: how it was timed, and why a number is withheld, if one is."""
         load = ", ".join("?" if value is None else f"{value:.2f}" for value in self.load_average)
         text = (
-            f"Timing: {self.repeats} rounds, order shuffled every round, {_threads(self.threads)}, load average "
+            f"Timing: {self.repeats} rounds, order shuffled every round, {threads_phrase(self.threads)}, load average "
             f"{load} (before, after) on {self.cpu_count} cores."
         )
         for name in names or [n for n in self.models if n != self.reference]:
@@ -115,7 +116,9 @@ class SpeedComparison:
         speed = {
             "speedup": entry["speedup"],
             "hardware": hardware,
-            "setting": f"{setting}, median of {self.repeats} shuffled round-robin rounds, {_threads(self.threads)}",
+            "setting": (
+                f"{setting}, median of {self.repeats} shuffled round-robin rounds, {threads_phrase(self.threads)}"
+            ),
         }
         if entry.get("flop_bound") is not None:
             speed["flop_bound"] = entry["flop_bound"]
@@ -209,4 +212,12 @@ def compare_recorded(
     )
 
 
-__all__ = ["BOUND_TOLERANCE", "SPREAD_LIMIT", "SpeedComparison", "compare_recorded", "compare_speed", "speed_flags"]
+__all__ = [
+    "BOUND_TOLERANCE",
+    "SPREAD_LIMIT",
+    "SpeedComparison",
+    "compare_recorded",
+    "compare_speed",
+    "speed_flags",
+    "threads_phrase",
+]

@@ -368,12 +368,12 @@ def _ctrl_c(command: Callable, earlier: str, ws, tmp) -> str:
 
     target = Path(_fill(f"{{copy:{earlier}}}", ws, tmp))
     before = _snapshot(target)
-    real = cli._write_results
+    real = cli.write_results
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    cli._write_results = interrupt
+    cli.write_results = interrupt
     err = io.StringIO()
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
@@ -381,7 +381,7 @@ def _ctrl_c(command: Callable, earlier: str, ws, tmp) -> str:
     except KeyboardInterrupt:
         code = "KeyboardInterrupt"
     finally:
-        cli._write_results = real
+        cli.write_results = real
     after = _snapshot(target)
     changed = sorted(name for name in set(before) | set(after) if before.get(name) != after.get(name))
     if changed:
