@@ -10,7 +10,8 @@ distillation when `drone_hf.distill` is available) on GLUE tasks, with the embed
 Writes, in benchmarks/results/: report.md (tables), report.json (every number) and report_pareto.png (dev metric vs
 measured CPU speed-up, with each model's FLOP bound drawn in); `--quick` writes report_quick.* instead. Results are
 rewritten after each task, so an interrupted run keeps the tasks it finished. With a CUDA device, GPU speed-ups
-(fp32 / bf16, batch 1 and 32, 128 tokens) are added as extra columns.
+(fp32 / bf16, batch 1 and 32, 128 and 512 tokens) are added as extra columns; `benchmarks/report_gpu.py` measures the
+same columns for an existing report.json on a CUDA machine that has no data (the `device` tool) and merges them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from common import (
     machine_description,
     write_json,
 )
+from report_gpu import GPU_SETTINGS, column
 
 import drone_hf
 from drone_hf.evaluation import evaluate_glue
@@ -42,7 +44,6 @@ from drone_hf.profiling import checkpoint_size_mb, count_parameters, flop_speedu
 # label -> (method, DRONE attention); SVD is the data-free baseline (Ben Noach & Goldberg 2020) on the same layout.
 METHODS = {"SVD": ("svd", False), "DRONE": ("drone", False), "DRONE+attention": ("drone", True)}
 PLOT_RANGE = 20.0  # points below dense that the Pareto plot's axis shows
-GPU_SETTINGS = [(dtype, batch) for dtype in ("fp32", "bf16") for batch in (1, 32)]
 
 
 @dataclass
@@ -171,17 +172,20 @@ def distill_function(settings: Settings, task: str, tokenizer):
     return run
 
 
-def gpu_speedups(models: dict, inputs_for_batch, settings: Settings) -> dict[str, dict[str, float]]:
-    """Speed-up of each model over the dense one on the GPU, per (dtype, batch) setting; `{}` without CUDA."""
+def gpu_speedups(models: dict, inputs_for, settings: Settings) -> dict[str, dict[str, float]]:
+    """Speed-up of each model over the dense one on the GPU, per (dtype, batch, tokens) of `GPU_SETTINGS`; `{}`
+    without CUDA. (`benchmarks/report_gpu.py` measures the same columns for an existing report on another machine.)"""
     if not torch.cuda.is_available():
         return {}
     results: dict[str, dict[str, float]] = {name: {} for name in models}
-    for dtype_name, batch in GPU_SETTINGS:
+    for dtype_name in dict.fromkeys(s[0] for s in GPU_SETTINGS):
         dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
         moved = {name: copy.deepcopy(model).to("cuda", dtype) for name, model in models.items()}
-        latency = measure_latency(moved, inputs_for_batch(batch), repeats=max(settings.latency_repeats, 20), warmup=5)
-        for name in models:
-            results[name][f"gpu_{dtype_name}_b{batch}"] = latency["dense"] / latency[name]
+        for _, batch, tokens in (s for s in GPU_SETTINGS if s[0] == dtype_name):
+            inputs = {k: v.to("cuda") for k, v in inputs_for(batch, tokens).items()}
+            latency = measure_latency(moved, inputs, repeats=max(settings.latency_repeats, 20), warmup=5)
+            for name in models:
+                results[name][column(dtype_name, batch, tokens)] = latency["dense"] / latency[name]
         del moved
         torch.cuda.empty_cache()
     return results
@@ -234,9 +238,7 @@ def run_task(task: str, settings: Settings) -> dict:
     print(f"timing on CPU (batch {settings.latency_batch} x {settings.seq_len} tokens, round-robin)", flush=True)
     cpu_inputs = latency_inputs(tokenizer, dev, batch_size=settings.latency_batch, seq_len=settings.seq_len)
     latency = measure_latency(models, cpu_inputs, repeats=settings.latency_repeats)
-    gpu = gpu_speedups(
-        models, lambda b: latency_inputs(tokenizer, dev, batch_size=b, seq_len=settings.seq_len), settings
-    )
+    gpu = gpu_speedups(models, lambda b, t: latency_inputs(tokenizer, dev, batch_size=b, seq_len=t), settings)
     distill = distill_function(settings, info.name, tokenizer)
     if distill is not None:
         for row in list(rows[1:]):
@@ -322,15 +324,24 @@ def markdown(results: dict, settings: Settings) -> str:
         f"tokens, {machine['threads']} threads, {machine['cpu']}); FLOP bound = dense / compressed multiply-adds.",
         "",
     ]
+    if "gpu_machine" in results:
+        gpu = results["gpu_machine"]
+        lines += [
+            f"GPU columns: speed-up over the dense model in the same dtype on {gpu['gpu']} (torch {gpu['torch']}, "
+            f"CUDA {gpu['cuda']}), measured by `benchmarks/report_gpu.py` on the rows' architectures (weights drawn "
+            f"at random: GPU speed depends on the shapes only), round-robin, median of {gpu['repeats']} after "
+            f"{gpu['warmup']} warm-up rounds, fp32 without TF32; `+KD` rows share their parent's architecture.",
+            "",
+        ]
     lines += summary_table(results)
     for task in results["tasks"].values():
-        gpu_columns = [f"gpu_{dtype}_b{batch}" for dtype, batch in GPU_SETTINGS] if task["gpu"] else []
+        gpu_columns = results.get("gpu_columns", [column(*s) for s in GPU_SETTINGS]) if task["gpu"] else []
         lines += [
             f"## {task['task']} ({task['metric_name']}, {task['dev_rows']} {task['dev_split']} rows; teacher "
             f"{task['teacher_steps']} steps, {task['max_length']} tokens)",
             "",
             "| model | params (M) | checkpoint MB | dev metric | Δ | CPU speed-up | FLOP bound |"
-            + "".join(f" GPU {c[4:].replace('_b', ' b')} |" for c in gpu_columns),
+            + "".join(" GPU {} b{}×{} |".format(*c[4:].replace("_b", "_t").split("_t")) for c in gpu_columns),
             "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(gpu_columns),
         ]
         for row in task["rows"]:
