@@ -7,7 +7,7 @@ MiniLM-L6 architectures (`benchmarks/results/report.json`, SST-2: dense and DRON
 budgets), rebuilt from their configurations with random weights (`benchmarks/report_gpu.py`). For batch 8 x 128 and
 batch 1 x 32 tokens (full length, fp32) it
 
-1. profiles one forward pass of each model with `torch.profiler` and sums the self CPU time of every op into
+1. profiles five forward passes of each model with `torch.profiler` (the median pass is shown) and sums the self CPU time of every op into
    categories (matrix products, GELU, attention (SDPA), LayerNorm, element-wise adds, views/copies/masks, other);
 2. times all models round-robin in one process, eager and `torch.compile`d (inductor, default mode), and reports each
    speed-up over the dense model in the same mode, beside the multiply-add (FLOP) bound.
@@ -102,20 +102,25 @@ def category(op: str) -> str:
 
 
 @torch.inference_mode()
-def breakdown(model, inputs: dict) -> dict[str, float]:
-    """Milliseconds of self CPU time per category in one profiled forward pass (after one unprofiled pass)."""
+def breakdown(model, inputs: dict, passes: int) -> dict[str, float]:
+    """Milliseconds of self CPU time per category per forward pass: the median over `passes` profiled passes (after
+    one unprofiled pass), so that one pass disturbed by the machine does not set the table."""
     from torch.profiler import ProfilerActivity, profile
 
     model(**inputs)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        model(**inputs)
-    totals: dict[str, float] = {}
-    for event in prof.key_averages():
-        if event.key.startswith("aten::"):
-            label = category(event.key)
-            totals[label] = totals.get(label, 0.0) + event.self_cpu_time_total / 1000.0
-    totals["total"] = sum(totals.values())
-    return totals
+    samples: list[dict[str, float]] = []
+    for _ in range(passes):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(**inputs)
+        totals: dict[str, float] = {}
+        for event in prof.key_averages():
+            if event.key.startswith("aten::"):
+                label = category(event.key)
+                totals[label] = totals.get(label, 0.0) + event.self_cpu_time_total / 1000.0
+        totals["total"] = sum(totals.values())
+        samples.append(totals)
+    # the pass whose total is the median, whole (its categories add up to its total)
+    return sorted(samples, key=lambda t: t["total"])[len(samples) // 2]
 
 
 def timed(models: dict, inputs: dict, repeats: int) -> dict[str, float]:
@@ -134,6 +139,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--passes", type=int, default=5, help="profiled passes per model (the median is shown)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile timings")
     parser.add_argument("--output", default=str(RESULTS / "cpu_time_breakdown.json"))
     args = parser.parse_args(argv)
@@ -148,7 +154,7 @@ def main(argv=None) -> None:
         inputs = random_inputs(dense_config["vocab_size"], batch, tokens, "cpu")
         entry = {"breakdown_ms": {}, "eager": {}, "compiled": {}, "flop_bound": {}}
         for name, model in models.items():
-            entry["breakdown_ms"][name] = breakdown(model, inputs)
+            entry["breakdown_ms"][name] = breakdown(model, inputs, args.passes)
             entry["flop_bound"][name] = flop_speedup_bound(dense.config, model.config, tokens)
         latency = timed(models, inputs, args.repeats)
         entry["eager"] = {n: {"ms": 1000 * t, "speedup": latency["dense"] / t} for n, t in latency.items()}
