@@ -7,8 +7,9 @@ MiniLM-L6 architectures (`benchmarks/results/report.json`, SST-2: dense and DRON
 budgets), rebuilt from their configurations with random weights (`benchmarks/report_gpu.py`). For batch 8 x 128 and
 batch 1 x 32 tokens (full length, fp32) it
 
-1. profiles five forward passes of each model with `torch.profiler` (the median pass is shown) and sums the self CPU time of every op into
-   categories (matrix products, GELU, attention (SDPA), LayerNorm, element-wise adds, views/copies/masks, other);
+1. profiles five forward passes of each model with `torch.profiler` (the median pass is shown) and sums the self
+   CPU time of every op into categories (matrix products, GELU, attention (SDPA), LayerNorm, element-wise adds,
+   views/copies/masks, other);
 2. times all models round-robin in one process, eager and `torch.compile`d (inductor, default mode), and reports each
    speed-up over the dense model in the same mode, beside the multiply-add (FLOP) bound.
 
