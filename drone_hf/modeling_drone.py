@@ -132,16 +132,6 @@ class DroneModelMixin:
             return super().push_to_hub(repo_id, **kwargs)
         return push_compressed_to_hub(self, repo_id, **{"private": None, **kwargs})
 
-    def add_adapter(self, adapter_config, adapter_name: str | None = None) -> None:
-        """Same as [`~transformers.integrations.PeftAdapterMixin.add_adapter`], but `target_modules` that name
-        factored layers (the usual LoRA `["query", "value"]`) are moved to their `down`/`up` factors, the
-        `nn.Linear` layers peft can adapt (`drone_hf.lora_target_modules`), when drone_hf is importable."""
-        try:  # lazy and guarded: this file must stay importable without drone_hf
-            from drone_hf.peft_lora import translate_lora_config
-        except ImportError:
-            return super().add_adapter(adapter_config, adapter_name)
-        return super().add_adapter(translate_lora_config(self, adapter_config), adapter_name)
-
     def resize_token_embeddings(self, *args, **kwargs):
         """Same as [`~transformers.PreTrainedModel.resize_token_embeddings`] for a dense embedding.
 
