@@ -19,6 +19,7 @@ that names the option. This file imports peft: only `drone_hf.peft_lora` imports
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -70,7 +71,10 @@ class _DroneLoraLayer(nn.Module, LoraLayer):
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
         # Also the way in for a second adapter on the same layer, so the options are checked here.
         _check_options(self.get_base_layer(), config, kwargs.get("target_name") or type(self.base_layer).__name__)
-        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        with warnings.catch_warnings():
+            if self._base_bias() is not None:  # peft looks for `base_layer.bias`, which a DroneLinear keeps in `up`
+                warnings.filterwarnings("ignore", message="`lora_bias=True` was passed but the targeted layer")
+            super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         return module.in_features, self._lora_out_features(module)
@@ -81,6 +85,9 @@ class _DroneLoraLayer(nn.Module, LoraLayer):
 
     def _widen(self, delta: torch.Tensor) -> torch.Tensor:
         return delta
+
+    def _base_bias(self) -> torch.Tensor | None:
+        return self.get_base_layer().bias
 
     def _lora_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
@@ -141,6 +148,9 @@ class DroneLoraLinear(_DroneLoraLayer):
     def _lora_out_features(self, module: DroneLinear) -> int:
         return module.out_features
 
+    def _base_bias(self) -> torch.Tensor | None:
+        return self.get_base_layer().up.bias
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Merges the active (or the named) adapters into the factors, raising the rank by `r` each (exact)."""
         base = self.get_base_layer()
@@ -163,7 +173,7 @@ class DroneLoraLinear(_DroneLoraLayer):
                 self.lora_B[adapter].weight.data,
                 self.scaling[adapter],
             )
-            bias = self._bias_delta(adapter, base.up.bias)
+            bias = self._bias_delta(adapter, self._base_bias())
             if safe_merge and not all(torch.isfinite(t).all() for t in (down, up, bias) if t is not None):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
             _set_factors(base, down, up)
@@ -180,7 +190,7 @@ class DroneLoraLinear(_DroneLoraLayer):
                 continue
             rank = base.rank - self.r[adapter]
             _set_factors(base, *unmerged_factors(base.down.weight.data, base.up.weight.data, rank))
-            bias = self._bias_delta(adapter, base.up.bias)
+            bias = self._bias_delta(adapter, self._base_bias())
             if bias is not None:
                 base.up.bias.data -= bias
 
@@ -207,7 +217,7 @@ class DroneLoraQKLinear(_DroneLoraLayer):
             if adapter not in self.lora_A:
                 continue
             weight = base.weight.data + self.get_delta_weight(adapter).to(base.weight.dtype)
-            bias = self._bias_delta(adapter, base.bias)
+            bias = self._bias_delta(adapter, self._base_bias())
             if safe_merge and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
             base.weight.data = weight
@@ -223,7 +233,7 @@ class DroneLoraQKLinear(_DroneLoraLayer):
             if adapter not in self.lora_A:
                 continue
             base.weight.data -= self.get_delta_weight(adapter).to(base.weight.dtype)
-            bias = self._bias_delta(adapter, base.bias)
+            bias = self._bias_delta(adapter, self._base_bias())
             if bias is not None:
                 base.bias.data -= bias
 

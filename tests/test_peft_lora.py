@@ -151,6 +151,25 @@ def test_unmerge_restores_the_factors_exactly():
     torch.testing.assert_close(_logits(tuned, inputs[0]), unmerged, rtol=0, atol=0)
 
 
+def test_lora_bias_merges_into_the_bias_of_up():
+    import warnings
+
+    small, inputs, _ = _family("bert")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = peft.LoraConfig(target_modules=["value"], r=2, lora_bias=True, init_lora_weights=False)
+        tuned = peft.get_peft_model(small, config)
+    assert not [w for w in caught if "lora_bias" in str(w.message)]  # the bias is there, in `up`
+    layer = tuned.base_model.model.bert.encoder.layer[0].attention.self.value
+    with torch.no_grad():
+        layer.lora_B["default"].bias.fill_(0.25)
+    bias, unmerged = layer.get_base_layer().up.bias.detach().clone(), _logits(tuned, inputs[0])
+    merged = tuned.merge_and_unload()
+    torch.testing.assert_close(_logits(merged, inputs[0]), unmerged, rtol=1e-5, atol=1e-5)
+    value = merged.bert.encoder.layer[0].attention.self.value
+    torch.testing.assert_close(value.up.bias, bias + 0.25 * layer.scaling["default"])
+
+
 def test_merged_factors_are_the_exact_concatenation():
     generator = torch.Generator().manual_seed(0)
     down, up = torch.randn(4, 9, generator=generator), torch.randn(7, 4, generator=generator)
