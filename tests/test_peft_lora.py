@@ -136,6 +136,18 @@ def test_a_saved_adapter_loads_onto_the_compressed_model(tmp_path):
     torch.testing.assert_close(_logits(loaded, inputs[0]), _logits(tuned, inputs[0]), rtol=0, atol=0)
 
 
+def test_a_mixed_batch_takes_each_row_adapter():
+    small, inputs, labels = _family("bert")
+    base = _logits(small, inputs[0])
+    tuned = peft.get_peft_model(small, peft.LoraConfig(target_modules=["query", "value"], r=2, task_type="SEQ_CLS"))
+    _train(tuned, inputs, labels)
+    adapted = _logits(tuned, inputs[0])
+    with torch.no_grad():
+        mixed = tuned(**inputs[0], adapter_names=["default", "__base__", "default", "__base__"]).logits
+    torch.testing.assert_close(mixed[0::2], adapted[0::2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed[1::2], base[1::2], rtol=1e-5, atol=1e-6)
+
+
 def test_unmerge_restores_the_factors_exactly():
     small, inputs, labels = _family("bert")
     tuned = peft.get_peft_model(small, peft.LoraConfig(target_modules=["query", "value"], r=3, task_type="SEQ_CLS"))
