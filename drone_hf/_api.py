@@ -10,6 +10,8 @@ imports it before any command runs.
 
 from __future__ import annotations
 
+import importlib.util
+
 from .allocation import allocate_by_energy, allocate_ranks, breakeven_rank
 from .architecture import ArchitectureSpec, AttentionSpec, get_architecture, register_architecture
 from .arguments import DroneCompressionArguments, DroneDistillationArguments
@@ -34,6 +36,11 @@ from .targets import BERT_ROLES, resolve_ranks, resolve_target_modules
 
 
 register_drone_auto_classes()
+
+if importlib.util.find_spec("peft") is not None:  # never imports peft where it is not installed
+    from .peft_lora import register_peft_dispatch
+
+    register_peft_dispatch()  # LoRA by role name on factored layers (drone_hf/peft_lora.py)
 
 # Everything imported above (what `drone_hf/__init__.py` star-imports); the documented public list is its `__all__`.
 __all__ = [

@@ -20,7 +20,7 @@ from transformers.utils import logging
 from .configuration_drone import DroneConfig, drone_config_class
 from .embedding import DroneEmbedding
 from .layers import DroneLinear, DroneQKLinear
-from .structure import apply_drone_structure, resolve_module_name
+from .structure import apply_drone_structure, resolve_module_name, sync_drone_ranks
 
 
 logger = logging.get_logger(__name__)
@@ -111,7 +111,12 @@ class DroneModelMixin:
         that an interrupted save never leaves a half-written checkpoint (see `drone_hf.saving`).
 
         Without drone_hf (the `trust_remote_code=True` copy of this file) it is the plain transformers method.
+
+        `config.drone_ranks` is first brought in line with the factored layers (`sync_drone_ranks`): a LoRA merge
+        (`merge_and_unload()` of role-name LoRA) raises their ranks in place, and `config.json` must describe the
+        tensors written next to it.
         """
+        sync_drone_ranks(self)
         try:  # lazy and guarded: this file must stay importable without drone_hf
             from drone_hf.hub import save_pretrained_with_card
         except ImportError:
@@ -126,16 +131,6 @@ class DroneModelMixin:
         except ImportError:
             return super().push_to_hub(repo_id, **kwargs)
         return push_compressed_to_hub(self, repo_id, **{"private": None, **kwargs})
-
-    def add_adapter(self, adapter_config, adapter_name: str | None = None) -> None:
-        """Same as [`~transformers.integrations.PeftAdapterMixin.add_adapter`], but `target_modules` that name
-        factored layers (the usual LoRA `["query", "value"]`) are moved to their `down`/`up` factors, the
-        `nn.Linear` layers peft can adapt (`drone_hf.lora_target_modules`), when drone_hf is importable."""
-        try:  # lazy and guarded: this file must stay importable without drone_hf
-            from drone_hf.peft_lora import translate_lora_config
-        except ImportError:
-            return super().add_adapter(adapter_config, adapter_name)
-        return super().add_adapter(translate_lora_config(self, adapter_config), adapter_name)
 
     def resize_token_embeddings(self, *args, **kwargs):
         """Same as [`~transformers.PreTrainedModel.resize_token_embeddings`] for a dense embedding.

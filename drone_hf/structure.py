@@ -151,6 +151,35 @@ def replace_linear_with_drone(
     return replaced
 
 
+def sync_drone_ranks(model: nn.Module) -> dict[str, int]:
+    """Brings `model.config.drone_ranks` in line with the factored layers' own ranks (a LoRA merge raises them in
+    place: `drone_hf.lora_layers`) and returns the entries it changed, keyed as the config keys them.
+
+    Raises:
+        `ValueError`: if a module the config lists as factored is not a [`DroneLinear`] any more (the tensors would
+            not match `config.json`).
+    """
+    ranks = dict(getattr(model.config, "drone_ranks", None) or {})
+    modules = dict(model.named_modules())
+    changed = {}
+    for name, rank in ranks.items():
+        module = modules.get(resolve_module_name(model, name, modules))
+        if hasattr(module, "get_base_layer"):  # wrapped by a peft adapter layer
+            module = module.get_base_layer()
+        if not isinstance(module, DroneLinear):
+            found = "missing" if module is None else f"a {type(module).__name__}"
+            raise ValueError(
+                f"`config.drone_ranks` lists `{name}` (rank {rank}) but that module is {found}, not a DroneLinear; "
+                "the checkpoint would not match its config."
+            )
+        if module.rank != rank:
+            changed[name] = module.rank
+    if changed:
+        model.config.drone_ranks = {**ranks, **changed}
+        logger.info(f"config.drone_ranks follows the factored layers: {changed}.")
+    return changed
+
+
 # ----- narrowed attention scores -----
 def attention_blocks(model: nn.Module) -> list[str]:
     """Full names of the modules that own each layer's query/key projections (the keys of `drone_attention_ranks`)."""
@@ -315,6 +344,7 @@ __all__ = [
     "resolve_module_name",
     "resolve_module_names",
     "swap_module",
+    "sync_drone_ranks",
     "validate_attention_ranks",
     "validate_drone_ranks",
 ]
