@@ -234,3 +234,31 @@ def test_compress_model_dtype_on_the_gpu_saves_reloads_and_keeps_only_paying_ran
     assert torch.equal(_logits(compressed, batches, CUDA), _logits(reloaded, batches, CUDA))
     assert type(AutoModel.from_pretrained(tmp_path / "model")).__name__.startswith("Drone")
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_peft_lora_by_role_name_trains_merges_and_reloads_on_the_gpu(tmp_path):
+    """`get_peft_model(compressed, LoraConfig(target_modules=["query", "value"]))` on a CUDA model: the drone LoRA
+    layers (drone_hf/lora_layers.py) train there, merge exactly (rank k + r) and the merged model reloads identically."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    compressed = compress_model(_model("bert"), None, method="svd", rank=8).to(CUDA)
+    tuned = peft.get_peft_model(compressed, peft.LoraConfig(target_modules=["query", "value"], r=4))
+    batches = tiny_batches()
+    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=1e-2)
+    tuned.train()
+    for batch in batches:
+        loss = tuned(**_inputs(batch, CUDA), labels=batch["labels"].to(CUDA)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    tuned.eval()
+    assert any(float(p.abs().max()) > 0 for n, p in tuned.named_parameters() if "lora_B" in n)
+    before = _logits(tuned, batches, CUDA)
+    merged = tuned.merge_and_unload()
+    torch.testing.assert_close(_logits(merged, batches, CUDA), before, rtol=1e-4, atol=1e-5)
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).to(CUDA).eval()
+    assert {k: v for k, v in reloaded.config.drone_ranks.items() if k.endswith(("query", "value"))} == {
+        k: 12 for k in reloaded.config.drone_ranks if k.endswith(("query", "value"))
+    }
+    torch.testing.assert_close(_logits(reloaded, batches, CUDA), _logits(merged, batches, CUDA), rtol=0, atol=0)
