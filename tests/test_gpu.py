@@ -238,7 +238,7 @@ def test_compress_model_dtype_on_the_gpu_saves_reloads_and_keeps_only_paying_ran
 
 def test_peft_lora_by_role_name_trains_merges_and_reloads_on_the_gpu(tmp_path):
     """`get_peft_model(compressed, LoraConfig(target_modules=["query", "value"]))` on a CUDA model: the drone LoRA
-    layers (drone_hf/lora_layers.py) train there, merge exactly (rank k + r) and the merged model reloads identically."""
+    layers (drone_hf/lora_layers.py) train there, merge exactly (rank k + r), and the merge reloads identically."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     compressed = compress_model(_model("bert"), None, method="svd", rank=8).to(CUDA)
