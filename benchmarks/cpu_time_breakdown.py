@@ -38,7 +38,7 @@ from drone_hf.profiling import flop_speedup_bound, time_round_robin  # noqa: E40
 
 
 RESULTS = REPO / "benchmarks" / "results"
-SHAPES = ((8, 128), (1, 32))
+SHAPES = ("8x128", "1x32")
 CATEGORIES = {
     "matmul": ("addmm", "mm", "bmm", "matmul", "linear", "baddbmm"),
     "gelu": ("gelu",),
@@ -124,7 +124,7 @@ def breakdown(model, inputs: dict, passes: int) -> dict[str, float]:
     return sorted(samples, key=lambda t: t["total"])[len(samples) // 2]
 
 
-def timed(models: dict, inputs: dict, repeats: int) -> dict[str, float]:
+def timed(models: dict, inputs: dict, repeats: int, record: dict) -> dict[str, float]:
     calls = {}
     for name, model in models.items():
 
@@ -133,13 +133,14 @@ def timed(models: dict, inputs: dict, repeats: int) -> dict[str, float]:
                 model(**inputs)
 
         calls[name] = call
-    return time_round_robin(calls, repeats=repeats, warmup=3)
+    return time_round_robin(calls, repeats=repeats, warmup=3, record=record)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="batch x tokens, e.g. 8x128 (others kept)")
     parser.add_argument("--passes", type=int, default=5, help="profiled passes per model (the median is shown)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile timings")
     parser.add_argument("--output", default=str(RESULTS / "cpu_time_breakdown.json"))
@@ -151,13 +152,18 @@ def main(argv=None) -> None:
     models = {("dense" if r["family"] == "dense" else r["name"]): build(row_config(dense_config, r)) for r in rows}
     dense = models["dense"]
     out = {"machine": machine_description(), "threads": args.threads, "repeats": args.repeats, "shapes": {}}
-    for batch, tokens in SHAPES:
+    if Path(args.output).exists():  # shapes not run now are kept from the earlier run
+        out["shapes"] = json.loads(Path(args.output).read_text()).get("shapes", {})
+    for shape in args.shapes:
+        batch, tokens = (int(n) for n in shape.split("x"))
         inputs = random_inputs(dense_config["vocab_size"], batch, tokens, "cpu")
         entry = {"breakdown_ms": {}, "eager": {}, "compiled": {}, "flop_bound": {}}
         for name, model in models.items():
             entry["breakdown_ms"][name] = breakdown(model, inputs, args.passes)
             entry["flop_bound"][name] = flop_speedup_bound(dense.config, model.config, tokens)
-        latency = timed(models, inputs, args.repeats)
+        record: dict = {}
+        latency = timed(models, inputs, args.repeats, record)
+        entry["load_average_eager"] = record.get("load_average")
         entry["eager"] = {n: {"ms": 1000 * t, "speedup": latency["dense"] / t} for n, t in latency.items()}
         if not args.no_compile:
             started = time.perf_counter()
@@ -166,7 +172,8 @@ def main(argv=None) -> None:
                 with torch.inference_mode():
                     model(**inputs)
             entry["compile_seconds"] = time.perf_counter() - started
-            latency = timed(compiled, inputs, args.repeats)
+            latency = timed(compiled, inputs, args.repeats, record)
+            entry["load_average_compiled"] = record.get("load_average")
             entry["compiled"] = {
                 n: {
                     "ms": 1000 * t,
