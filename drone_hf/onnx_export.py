@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import sys
 import warnings
@@ -240,10 +241,16 @@ def _check_exportable(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """The TorchScript exporter's deprecation and tracer warnings (the trace is checked against PyTorch instead)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    """The TorchScript exporter's deprecation and tracer warnings (the trace is checked against PyTorch instead), and
+    ONNX Runtime's tool advice logged on the root logger ("consider pre-processing before quantization")."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def fused_op_counts(model) -> dict[str, int]:
