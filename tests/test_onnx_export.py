@@ -104,6 +104,30 @@ def test_fused_op_counts_of_the_optimised_graph(models, kind, tmp_path):
     assert report["attention_blocks_multihead"] == EXPECTED_FUSED[kind]["MultiHeadAttention"]
 
 
+@pytest.mark.parametrize("kind", ["drone", "drone_attention"])
+def test_multihead_attention_reads_the_projections_without_reshape_round_trips(models, kind, tmp_path):
+    import onnx
+
+    export_onnx(models[kind], tmp_path / "onnx", optimize=True)
+    graph = onnx.load(tmp_path / "onnx" / "model.onnx").graph
+    producer = {output: node.op_type for node in graph.node for output in node.output}
+    attention = [node for node in graph.node if node.op_type == "MultiHeadAttention"]
+    assert len(attention) == 2
+    # query/key/value come straight from the projections (no view to per-head layout and back): the bias Add of a
+    # linear, or for a narrowed query/key the flatten of its zero-padded heads (Pad -> Reshape)
+    source = {output: node for node in graph.node for output in node.output}
+    for node in attention:
+        assert producer[node.input[2]] == "Add"
+        for name in node.input[:2]:
+            if kind == "drone":
+                assert producer[name] == "Add"
+            else:
+                assert producer[name] == "Reshape" and producer[source[name].input[0]] == "Pad"
+    # ... and the output goes straight on (to the output projection's MatMul)
+    users = {name: [n.op_type for n in graph.node if name in n.input] for name in (a.output[0] for a in attention)}
+    assert all(types == ["MatMul"] for types in users.values()), users
+
+
 def test_without_the_fused_route_a_factored_attention_is_not_fused(models, tmp_path):
     """What the MultiHeadAttention route is for: ONNX Runtime's optimiser alone fuses no factored attention."""
     report = export_onnx(models["drone"], tmp_path / "onnx", optimize=True, fuse_attention=False)
