@@ -213,6 +213,10 @@ def test_a_mismatch_raises_and_leaves_an_earlier_export_as_it_was(models, tmp_pa
     with pytest.raises(RuntimeError, match="differs from PyTorch"):
         export_onnx(models["drone"], tmp_path / "onnx")
     assert (tmp_path / "onnx" / "model.onnx").read_bytes() == before
+    (tmp_path / "plain").mkdir()  # written in place (the CLI's staging folder): the refused files are removed
+    with pytest.raises(RuntimeError, match="not saved"):
+        onnx_export.write_onnx(models["drone"], tmp_path / "plain", quantize="int8")
+    assert list((tmp_path / "plain").iterdir()) == []
 
 
 def test_missing_onnxruntime_names_the_extra(models, tmp_path, monkeypatch):
