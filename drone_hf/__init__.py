@@ -51,6 +51,7 @@ _LAZY = {
     "compress_sentence_transformer": ".sentence_embeddings",
     "distill": ".distillation",
     "distillation_loss": ".distillation_losses",
+    "export_onnx": ".onnx_export",
     "lora_target_modules": ".peft_lora",
 }
 
@@ -105,6 +106,7 @@ __all__ = [
     "drone_config_class",
     "drone_factorize",
     "drone_model_class",
+    "export_onnx",
     "get_architecture",
     "load_activation_stats",
     "lora_target_modules",

@@ -8,6 +8,7 @@ drone-hf evaluate --model DIR (--task sst2 | --validation-file dev.csv | --datas
 drone-hf compress-embeddings --model SENTENCE_TRANSFORMER --sentences FILE
     (--min-cosine-similarity C | --target-speedup X | --param-ratio P | --rank K) [--method drone|drone-bc|svd]
     --output DIR [--overwrite]
+drone-hf export --model DIR --onnx --output DIR [--optimize] [--quantize int8] [--opset 17] [--overwrite]
 
 --output is written whole or not at all, never into (or around) --model; a folder drone-hf did not write needs
 --overwrite. Every underscore option of transformers' example scripts is accepted too (--train_file, ...).
@@ -34,6 +35,7 @@ from .cli_checks import (
     write_results,
 )
 from .cli_checks import number as _number
+from .cli_export import add_export_parser, run_export
 from .cli_setup import error_text, progress_lines, require_extra, set_openmp_wait_policy, start_command
 from .data_arguments import add_data_arguments
 from .defaults import BUILTIN_METHODS, DEFAULT_METHOD
@@ -143,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
         "which adds the speed-up, CPU-time ratio and FLOP bound columns",
     )
     _add_embeddings_parser(commands)
+    add_export_parser(commands)
     return parser
 
 
@@ -676,6 +679,8 @@ def main(argv: list[str] | None = None) -> int:
             start_command(args)
             if args.command == "compress-embeddings":
                 return _compress_embeddings(args)
+            if args.command == "export":
+                return run_export(args)
             return _compress(args) if args.command == "compress" else _evaluate(args)
     except (ValueError, TypeError, OSError, ImportError) as error:
         print(f"drone-hf {args.command}: error: {error_text(error)}", file=sys.stderr)

@@ -29,6 +29,8 @@ _EXTRAS = {
     "sklearn": "glue",
     "scipy": "glue",
     "sentence_transformers": "sentence-transformers",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
 }
 
 

@@ -11,5 +11,11 @@ README's design notes for why not `"drone-bc"`)."""
 BUILTIN_METHODS = ("drone", "drone-bc", "svd")
 """The methods `drone_hf.methods` registers on import (more can be added with `register_method`)."""
 
+ONNX_OPSET = 17
+"""The default opset of `export_onnx` / `drone-hf export --onnx` (17 and up keep `LayerNormalization` one node)."""
 
-__all__ = ["BUILTIN_METHODS", "DEFAULT_METHOD"]
+ONNX_OPSETS = range(14, 21)
+"""Opsets the TorchScript exporter writes and ONNX Runtime's transformer fusions read."""
+
+
+__all__ = ["BUILTIN_METHODS", "DEFAULT_METHOD", "ONNX_OPSET", "ONNX_OPSETS"]

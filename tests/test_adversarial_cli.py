@@ -161,6 +161,11 @@ def embed(*extra: str, budget=("--rank", "8"), output: str = "{tmp}/out", model:
     )  # fmt: skip
 
 
+def export(*extra: str, output: str = "{tmp}/out", model: str = "{model}") -> tuple:
+    """A working `drone-hf export --onnx` command on the tiny model; `extra` arguments override."""
+    return ("export", "--model", model, "--onnx", "--output", output, *extra)
+
+
 # Flags that take a count or an amount, with values that must be refused (each probe must name the flag).
 COMPRESS_NUMBERS = {
     "--calibration-samples": ("0", "-1"),
@@ -501,6 +506,18 @@ PROBES: list[tuple[str, tuple | Callable, str | type, str]] = [
     *numbers(embed, EMBED_NUMBERS),
     *numbers(embed, EMBED_BUDGETS, budget=True),
     ("embed/sentences-is-a-folder", embed("--sentences", "{ws}/empty"), "error", "--sentences"),
+    # --- drone-hf export --onnx (only refusals here: an export folder holds no safetensors; tests/test_onnx_export.py
+    # checks the successful ones)
+    ("export/no-format", ("export", "--model", "{model}", "--output", "{tmp}/out"), "error", "--onnx"),
+    ("export/output-is-model", export(output="{model}"), "error", IS_MODEL),
+    ("export/output-inside-model", export(output="{model}/onnx"), "error", IN_MODEL),
+    ("export/output-is-a-file", export(output="{ws}/file.txt"), "error", "is a file"),
+    ("export/output-is-someone-elses-model", export(output="{ws}/foreign"), "error", "--overwrite"),
+    ("export/model-missing-folder", export(model="{ws}/no-such-model"), "error", "does not exist"),
+    ("export/model-without-tokenizer", export(model="{ws}/no_tokenizer"), "error", "tokenizer"),
+    ("export/opset-too-high", export("--opset", "99"), "error", "--opset"),
+    ("export/opset-too-low", export("--opset", "9"), "error", "--opset"),
+    ("export/quantize-int4", export("--quantize", "int4"), "error", "--quantize"),
 ]  # fmt: skip
 
 
