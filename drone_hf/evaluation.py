@@ -42,6 +42,16 @@ def iter_batches(
     keep = set(MODEL_INPUT_KEYS) | {"labels"}
     for start in range(0, len(order), batch_size):
         rows = [{k: v for k, v in dataset[int(i)].items() if k in keep} for i in order[start : start + batch_size]]
+        if rows and isinstance(rows[0].get("labels"), (list, tuple)):  # token labels: padded with -100 like the inputs
+            labels = [list(row.pop("labels")) for row in rows]
+            batch = tokenizer.pad(rows, return_tensors="pt")
+            width = batch["input_ids"].shape[1]
+            padding = [[-100] * (width - len(row)) for row in labels]
+            left = getattr(tokenizer, "padding_side", "right") == "left"
+            padded = [pad + row if left else row + pad for row, pad in zip(labels, padding)]
+            batch["labels"] = torch.tensor(padded, dtype=torch.long)
+            yield batch
+            continue
         yield tokenizer.pad(rows, return_tensors="pt")
 
 
@@ -79,6 +89,10 @@ def predict(
                 labels.append(batch.pop("labels"))
             inputs = model_inputs(model, batch, device)
             logits.append(model(**inputs).logits.float().cpu())
+    if logits[0].dim() == 3:  # token classification: batches padded to a common length (labels with -100)
+        width = max(part.shape[1] for part in logits)
+        logits = [torch.nn.functional.pad(part, (0, 0, 0, width - part.shape[1])) for part in logits]
+        labels = [torch.nn.functional.pad(part, (0, width - part.shape[1]), value=-100) for part in labels]
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
     all_logits = torch.cat(logits).numpy()[inverse]
