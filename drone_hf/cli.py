@@ -2,7 +2,7 @@
 
 drone-hf compress --model DIR_OR_HUB_ID (--task sst2 [--data-dir GLUE_DIR] | --train-file train.csv --validation-file
     dev.csv [--text-columns a [b]] [--label-column label] [--metric f1] | --dataset-name HUB_ID)
-    [--task-type text-classification|token-classification (default: from the model's architectures)]
+    [--task-type text-classification|token-classification|question-answering (default: from config.json)]
     (--max-accuracy-drop PTS | --target-speedup X | --param-ratio P | --rank K) [--method drone|drone-bc|svd]
     [--calibration-samples N] [--dtype D] [--quantize int8] [--threads T] --output DIR [--overwrite]
 drone-hf evaluate --model DIR (--task sst2 | --validation-file dev.csv | --dataset-name HUB_ID) [--baseline DENSE_DIR]
@@ -67,9 +67,11 @@ def _parser() -> argparse.ArgumentParser:
             "--task-type",
             "--task_type",
             choices=TASK_TYPES,
-            help="the model's head: text-classification (sequence classification) or token-classification (NER: "
-            "rows with a list of words and a list of tags, e.g. --text-column tokens --label-column ner_tags); "
-            "default: read from the model's config.json `architectures`",
+            help="the model's head: text-classification (sequence classification), token-classification (NER: "
+            "rows with a list of words and a list of tags, e.g. --text-column tokens --label-column ner_tags) or "
+            "question-answering (SQuAD-layout rows: question, context, answers {text, answer_start}; one window of "
+            "--max-length tokens per example, longer contexts truncated); default: read from the model's config.json "
+            "`architectures`",
         )
         sub.add_argument(
             "--max-length", type=count(1), help="tokens per example (default: 128, or the model's limit if lower)"
@@ -155,10 +157,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-TASK_TYPES = ("text-classification", "token-classification")
+TASK_TYPES = ("text-classification", "token-classification", "question-answering")
 AUTO_CLASSES = {
     "text-classification": "AutoModelForSequenceClassification",
     "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
 }
 _POINTS = _number(0, low_open=True, hint=" (metric points)")
 _SPEEDUP = _number(1, low_open=True, hint=" (e.g. 1.5)")
@@ -457,6 +460,8 @@ def _resolve_task_type(args) -> str:
             ("ForSequenceClassification", "text-classification"),
             ("ForTokenClassification", "token-classification"),
             ("ForQuestionAnswering", "question-answering"),
+            ("ForMultipleChoice", "multiple-choice"),
+            ("ForMaskedLM", "fill-mask"),
         )
         if any(name.endswith(suffix) for name in architectures)
     }
@@ -493,6 +498,7 @@ def _load(args, splits: tuple[str, ...]):
 
     from .data import check_model_labels, load_task_data
     from .data_arguments import data_source_from_args
+    from .qa_data import load_qa_task_data
     from .targets import check_supported_model
     from .token_data import load_token_task_data
 
@@ -500,10 +506,10 @@ def _load(args, splits: tuple[str, ...]):
     require_extra("glue")  # before the model loads: a core install learns what is missing at once
     check_model_path(args.model)
     task_type = _resolve_task_type(args)
-    if task_type == "token-classification" and source.task:
+    if task_type != "text-classification" and source.task:
         raise ValueError(
-            f"`--task {source.task}` is a GLUE text-classification task; a token-classification model needs "
-            "`--train-file`/`--validation-file` (or `--dataset-name`) with words and tags."
+            f"`--task {source.task}` is a GLUE text-classification task; a {task_type} model needs "
+            "`--train-file`/`--validation-file` (or `--dataset-name`) in its layout."
         )
     logger.info(f"Loading {args.model}")
     try:
@@ -511,9 +517,10 @@ def _load(args, splits: tuple[str, ...]):
     except (OSError, ValueError) as error:
         raise model_load_error(args.model, error) from error
     check_supported_model(model)
-    reader = load_token_task_data if task_type == "token-classification" else load_task_data
-    task = reader(source, splits=splits, model_config=model.config)
-    check_model_labels(task, model.config)
+    reader = {"token-classification": load_token_task_data, "question-answering": load_qa_task_data}
+    task = reader.get(task_type, load_task_data)(source, splits=splits, model_config=model.config)
+    if task_type != "question-answering":  # a span head has no classes
+        check_model_labels(task, model.config)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     check_tokenizer(args.model, tokenizer, model)
     args.max_length = resolve_max_length(model, args.max_length)
@@ -722,7 +729,8 @@ def _evaluate(args) -> int:
     if args.baseline:
         baseline = _auto_class(task.task_type).from_pretrained(args.baseline).eval()
         check_supported_model(baseline)
-        check_model_labels(task, baseline.config)
+        if task.task_type != "question-answering":
+            check_model_labels(task, baseline.config)
         reference = Path(args.baseline).name or args.baseline
         reference = "baseline" if reference == name else reference
         models = {reference: baseline, name: model}

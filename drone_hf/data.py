@@ -326,6 +326,13 @@ def load_task_data(
             "text-classification task: pass `--task-type token-classification` with a token-classification model, "
             f"or a metric of {[*CLASSIFICATION_METRICS, *REGRESSION_METRICS]}."
         )
+    answer = [name for name in metrics if name in ("squad_f1", "exact_match")]
+    if answer:
+        raise ValueError(
+            f"`--metric` {answer} is a question-answering metric, but this is a text-classification task: pass "
+            "`--task-type question-answering` with a question-answering model, or a metric of "
+            f"{[*CLASSIFICATION_METRICS, *REGRESSION_METRICS]}."
+        )
     values = [value for rows in raw.values() for value in rows[label]]
     names, num_labels, encode = label_scheme(values, first.features.get(label), metrics, model_config)
     if not metrics:

@@ -31,6 +31,11 @@ METRIC_ALIASES = {
     "seqeval_recall": "seqeval_recall",
     "entity_recall": "seqeval_recall",
     "token_accuracy": "accuracy",
+    # question answering (`drone_hf.qa_metrics`)
+    "squad_f1": "squad_f1",
+    "exact_match": "exact_match",
+    "exact": "exact_match",
+    "em": "exact_match",
 }
 
 

@@ -306,3 +306,48 @@ def ner_rows(count: int, seed: int = 0) -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def tiny_qa_folder(folder: Path, positions: int = 64) -> Path:
+    """A saved tiny random (seeded) `BertForQuestionAnswering` with [`ner_tokenizer`] beside it."""
+    from transformers import BertForQuestionAnswering
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = ner_tokenizer()
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=positions,
+    )
+    BertForQuestionAnswering(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def squad_rows(count: int, seed: int = 0) -> list[dict]:
+    """`count` SQuAD-layout rows over `CLI_WORDS`: a context of 6 to 14 words, a question of 2 to 4, and as answer a
+    run of 1 to 3 context words (`answer_start` its character offset)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        words = [rng.choice([*CLI_WORDS, "movies"]) for _ in range(rng.randint(6, 14))]
+        first = rng.randrange(len(words))
+        last = min(len(words), first + rng.randint(1, 3))
+        start = len(" ".join(words[:first])) + (1 if first else 0)
+        answer = " ".join(words[first:last])
+        question = " ".join(rng.choice(CLI_WORDS) for _ in range(rng.randint(2, 4)))
+        rows.append(
+            {
+                "id": str(index),
+                "question": question,
+                "context": " ".join(words),
+                "answers": {"text": [answer], "answer_start": [start]},
+            }
+        )
+    return rows
