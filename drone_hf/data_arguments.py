@@ -86,7 +86,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="accuracy, f1, mcc, pearson, spearman (first = main metric; default: accuracy, or pearson + spearman "
         "for numeric labels); token classification: seqeval-f1 (entity F1 over IOB tags; also seqeval-precision, "
-        "seqeval-recall) and accuracy (token accuracy); default: seqeval-f1 + accuracy",
+        "seqeval-recall) and accuracy (token accuracy); default: seqeval-f1 + accuracy; question answering: "
+        "squad-f1 (alias f1) and exact-match (em)",
     )
 
 

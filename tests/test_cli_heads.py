@@ -1,5 +1,6 @@
-"""`drone-hf compress` / `evaluate` on a token-classification (NER) model with run_ner.py-layout JSONL data: task type
-detection, word -> sub-token label alignment, entity F1 as the reported and budget metric, the card, and the errors."""
+"""`drone-hf compress` / `evaluate` on a token-classification (NER) model with run_ner.py-layout JSONL data and on an
+extractive question-answering model with SQuAD-layout data: task type detection, word -> sub-token label alignment,
+entity F1 / SQuAD F1 as the reported and budget metric (recomputed here by hand), the card, and the errors."""
 
 import json
 import re
@@ -12,6 +13,7 @@ import drone_hf
 import drone_hf._api
 from drone_hf.cli import main
 from drone_hf.data import DataSource
+from drone_hf.qa_metrics import answer_f1, normalize_answer
 from drone_hf.token_data import load_token_task_data
 from drone_hf.token_metrics import entity_scores
 
@@ -19,7 +21,9 @@ from .testing_utils import (
     NER_TAGS,
     ner_rows,
     ner_tokenizer,
+    squad_rows,
     tiny_classifier_folder,
+    tiny_qa_folder,
     tiny_token_classifier_folder,
     write_jsonl,
 )
@@ -207,3 +211,106 @@ def test_bad_inputs_are_named(workspace, tmp_path, capsys):
     assert main(["evaluate", "--model", str(tmp_path / "plain"), "--validation-file", str(_bad_file(tmp_path, rows)),
                  "--latency-repeats", "1"]) == 0  # fmt: skip
     assert _table_row(capsys.readouterr().out, "model")[1:3] == ["accuracy", "params (M)"]
+
+
+# ------------------------------------------------------------------------------------------- question answering
+
+
+@pytest.fixture(scope="module")
+def qa_workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_qa")
+    tiny_qa_folder(root / "model")
+    write_jsonl(root / "train.jsonl", squad_rows(240, seed=0))
+    write_jsonl(root / "dev.jsonl", squad_rows(40, seed=1))
+    return root
+
+
+def _squad_by_hand(model, rows):
+    """SQuAD F1 and exact match (points) of `model` on rows: every (start, end) pair of context tokens with
+    start <= end < start + 30 tried one by one, the answer text cut from the context at the tokens' offsets."""
+    tokenizer = ner_tokenizer()
+    f1s, exact = [], []
+    with torch.no_grad():
+        for row in rows:
+            encoded = tokenizer(row["question"], row["context"], return_offsets_mapping=True, return_tensors="pt")
+            offsets = encoded.pop("offset_mapping")[0].tolist()
+            outputs = model(**encoded)
+            start, end = outputs.start_logits[0].tolist(), outputs.end_logits[0].tolist()
+            context = [i for i, part in enumerate(encoded.sequence_ids()) if part == 1]
+            best = max((start[a] + end[b], a, b) for a in context for b in context if a <= b < a + 30)
+            text = row["context"][offsets[best[1]][0] : offsets[best[2]][1]]
+            f1s.append(max(answer_f1(text, gold) for gold in row["answers"]["text"]))
+            exact.append(max(normalize_answer(text) == normalize_answer(g) for g in row["answers"]["text"]))
+    return 100 * float(np.mean(f1s)), 100 * float(np.mean(exact))
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_qa_compress_with_rank_and_with_a_budget_then_evaluate(qa_workspace, tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForQuestionAnswering
+
+    made = []
+    compress_model = drone_hf._api.compress_model
+    monkeypatch.setattr(
+        drone_hf._api, "compress_model", lambda *a, **k: made.append(compress_model(*a, **k)) or made[-1]
+    )
+    assert _run(qa_workspace, "--rank", "8", "--output", str(tmp_path / "rank")) == 0
+    captured = capsys.readouterr()
+    assert "Task type: question-answering (from its architectures ['BertForQuestionAnswering']" in captured.err
+    assert _table_row(captured.out, "model")[1:3] == ["squad_f1", "exact_match"]
+    reloaded = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "rank").eval()
+    assert type(reloaded).__name__ == "DroneBertForQuestionAnswering"
+    batch = ner_tokenizer()(["good movies"], ["the plot is great fun"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).start_logits, made[0](**batch).start_logits, rtol=0, atol=0)
+    dev = _read_jsonl(qa_workspace / "dev.jsonl")
+    f1, exact = _squad_by_hand(reloaded, dev)
+    row = _table_row(captured.out, "drone")
+    assert float(row[1]) == pytest.approx(f1, abs=0.006) and float(row[2]) == pytest.approx(exact, abs=0.006)
+    card = (tmp_path / "rank" / "README.md").read_text()
+    assert re.search(r"task:\n\s+type: question-answering\n\s+name: Question Answering", card)
+    assert "name: squad_f1 (compressed)" in card
+
+    out = tmp_path / "budget"
+    assert _run(qa_workspace, "--max-accuracy-drop", "5", "--output", str(out)) == 0
+    capsys.readouterr()
+    summary = json.loads((out / "drone_results.json").read_text())
+    allocation = summary["allocation"]
+    assert summary["task_type"] == "question-answering" and summary["metric"] == "squad_f1"
+    assert allocation["heldout_drop"] + allocation["heldout_standard_error"] <= 5.0
+    train = _read_jsonl(qa_workspace / "train.jsonl")
+    heldout = [train[i] for i in np.random.default_rng(0).permutation(len(train))[64:240]]
+    dense = AutoModelForQuestionAnswering.from_pretrained(qa_workspace / "model").eval()
+    assert allocation["heldout_base_metric"] == pytest.approx(_squad_by_hand(dense, heldout)[0])
+
+    code = main(["evaluate", "--model", str(out), "--baseline", str(qa_workspace / "model"), "--validation-file",
+                 str(qa_workspace / "dev.jsonl"), "--latency-repeats", "2"])  # fmt: skip
+    assert code == 0
+    f1, exact = _squad_by_hand(AutoModelForQuestionAnswering.from_pretrained(out).eval(), dev)
+    row = _table_row(capsys.readouterr().out, "budget")
+    assert float(row[1]) == pytest.approx(f1, abs=0.006) and float(row[2]) == pytest.approx(exact, abs=0.006)
+
+
+def test_qa_bad_inputs_are_named(qa_workspace, tmp_path, capsys):
+    good = {
+        "question": "is it good",
+        "context": "the movie is good",
+        "answers": {"text": ["good"], "answer_start": [13]},
+    }
+    cases = [
+        (
+            [{k: v for k, v in good.items() if k != "context"}],
+            (),
+            r"no column \['context'\].*found: \['question', 'ans",
+        ),
+        ([{**good, "answers": {"text": ["good"], "answer_start": [4]}}], (), r"'good' is not at `answer_start` 4"),
+        ([{**good, "answers": {"text": [], "answer_start": []}}], (), r"unanswerable questions are not supported"),
+        ([good], ("--metric", "seqeval-f1"), r"`--metric` 'seqeval-f1' does not apply to question answering"),
+        ([good], ("--task-type", "token-classification"), r"`--task-type token-classification` does not match"),
+    ]
+    for rows, options, message in cases:
+        code = _run(qa_workspace, *options, command="evaluate", validation=_bad_file(tmp_path, rows))
+        assert code == 2
+        assert re.search(message, _error(capsys)), message

@@ -111,3 +111,31 @@ def test_paired_standard_error_resamples_whole_sentences():
         drops.append(100.0 - 100.0 * f1)
     assert error == pytest.approx(float(np.std(drops, ddof=1)))
     assert error > 0
+
+
+# ------------------------------------------------------------------------------------------- question answering
+
+
+def test_squad_answer_scores_hand_computed():
+    from drone_hf.qa_metrics import answer_f1, answer_scores, normalize_answer
+
+    assert normalize_answer("The  Cat, sat!") == "cat sat"
+    # "cat sat" vs "cat sat down": precision 1, recall 2/3 -> F1 0.8
+    assert answer_f1("the cat sat", "a cat sat down") == pytest.approx(0.8)
+    assert answer_f1("dog", "cat") == 0.0
+    assert answer_f1("the", "a") == 1.0  # both empty after normalisation
+    # the best over the gold answers, exact match after normalisation
+    scores = answer_scores(["Paris.", "in paris france"], [["paris", "the city"], ["Paris"]])
+    assert scores[:, 0].tolist() == [1.0, 0.0]
+    assert scores[1, 1] == pytest.approx(0.5)  # precision 1/3, recall 1 -> 0.5
+
+
+def test_best_span_keeps_to_the_context_and_order():
+    from drone_hf.qa_metrics import best_span
+
+    start = np.array([9.0, 1.0, 0.0, 3.0, 0.0])
+    end = np.array([9.0, 0.0, 2.0, 0.0, 1.0])
+    context = np.array([False, True, True, True, True])  # position 0 ([CLS]) is not context
+    assert best_span(start, end, context) == (3, 4)  # 3 + 1 beats 1 + 2 and the end-before-start 3 + 2
+    assert best_span(start, end, context, max_tokens=1) == (3, 3)
+    assert best_span(start, end, np.zeros(5, dtype=bool)) is None
