@@ -173,6 +173,27 @@ def test_token_accuracy_metric_and_integer_tags(workspace, tmp_path, capsys):
     assert float(row.split("|")[2]) == pytest.approx(accuracy, abs=0.006)
 
 
+def test_a_token_accuracy_budget_and_tsv_rows(workspace, tmp_path, capsys):
+    # the same rows as TSV, words and tags space-separated, read like the JSONL
+    train = [json.loads(line) for line in (workspace / "train.jsonl").read_text().splitlines()]
+    lines = ["tokens\tner_tags"] + [" ".join(r["tokens"]) + "\t" + " ".join(r["ner_tags"]) for r in train]
+    (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
+    from_tsv = load_token_task_data(DataSource(train_file=str(tmp_path / "train.tsv")), splits=("train",))
+    from_jsonl = load_token_task_data(DataSource(train_file=str(workspace / "train.jsonl")), splits=("train",))
+    assert from_tsv.load("train", ner_tokenizer())["labels"] == from_jsonl.load("train", ner_tokenizer())["labels"]
+    out = tmp_path / "out"
+    options = ("--train-file", str(tmp_path / "train.tsv"), "--metric", "accuracy", "--max-accuracy-drop", "5")
+    assert _run(workspace, *options, "--output", str(out), train=False) == 0
+    assert "held-out accuracy drop" in capsys.readouterr().out
+    summary = json.loads((out / "drone_results.json").read_text())
+    assert summary["metric"] == "accuracy" and list(summary["results"]["dense"]["metrics"]) == ["accuracy"]
+    heldout = [train[i] for i in np.random.default_rng(0).permutation(len(train))[64:240]]
+    from transformers import AutoModelForTokenClassification
+
+    dense = AutoModelForTokenClassification.from_pretrained(workspace / "model").eval()
+    assert summary["allocation"]["heldout_base_metric"] == pytest.approx(_by_hand(dense, heldout)[1])
+
+
 def _error(capsys) -> str:
     return capsys.readouterr().err.splitlines()[-1]
 
