@@ -2,6 +2,7 @@
 
 drone-hf compress --model DIR_OR_HUB_ID (--task sst2 [--data-dir GLUE_DIR] | --train-file train.csv --validation-file
     dev.csv [--text-columns a [b]] [--label-column label] [--metric f1] | --dataset-name HUB_ID)
+    [--task-type text-classification|token-classification|question-answering (default: from config.json)]
     (--max-accuracy-drop PTS | --target-speedup X | --param-ratio P | --rank K) [--method drone|drone-bc|svd]
     [--calibration-samples N] [--dtype D] [--quantize int8] [--threads T] --output DIR [--overwrite]
 drone-hf evaluate --model DIR (--task sst2 | --validation-file dev.csv | --dataset-name HUB_ID) [--baseline DENSE_DIR]
@@ -60,10 +61,20 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--model",
             required=True,
-            help="fine-tuned sequence classifier of a supported family (BERT, RoBERTa, "
+            help="fine-tuned sequence (or token) classifier of a supported family (BERT, RoBERTa, "
             "DistilBERT, ELECTRA, MPNet, DeBERTa-v2, ModernBERT, ...): folder or Hub id",
         )
         add_data_arguments(sub)
+        sub.add_argument(
+            "--task-type",
+            "--task_type",
+            choices=TASK_TYPES,
+            help="the model's head: text-classification (sequence classification), token-classification (NER: "
+            "rows with a list of words and a list of tags, e.g. --text-column tokens --label-column ner_tags) or "
+            "question-answering (SQuAD-layout rows: question, context, answers {text, answer_start}; one window of "
+            "--max-length tokens per example, longer contexts truncated); default: read from the model's config.json "
+            "`architectures`",
+        )
         sub.add_argument(
             "--max-length", type=count(1), help="tokens per example (default: 128, or the model's limit if lower)"
         )
@@ -149,6 +160,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+TASK_TYPES = ("text-classification", "token-classification", "question-answering")
+AUTO_CLASSES = {
+    "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+}
 _POINTS = _number(0, low_open=True, hint=" (metric points)")
 _SPEEDUP = _number(1, low_open=True, hint=" (e.g. 1.5)")
 _RATIO = _number(0, 1, low_open=True, high_open=True)
@@ -430,27 +447,83 @@ def _compress_embeddings(args) -> int:
     return 0
 
 
+def _resolve_task_type(args) -> str:
+    """`--task-type`, else the one the model's `architectures` name (logged); refuses a `--task-type` that does not
+    match the model's head."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(args.model)
+    except (OSError, ValueError) as error:
+        raise model_load_error(args.model, error) from error
+    architectures = list(getattr(config, "architectures", None) or [])
+    heads = {
+        suffix: task_type
+        for suffix, task_type in (
+            ("ForSequenceClassification", "text-classification"),
+            ("ForTokenClassification", "token-classification"),
+            ("ForQuestionAnswering", "question-answering"),
+            ("ForMultipleChoice", "multiple-choice"),
+            ("ForMaskedLM", "fill-mask"),
+        )
+        if any(name.endswith(suffix) for name in architectures)
+    }
+    found = next(iter(heads.values()), None)
+    if args.task_type is not None and found is not None and args.task_type != found:
+        raise ValueError(
+            f"`--task-type {args.task_type}` does not match `--model` {args.model!r}, whose head is {architectures} "
+            f"({found}): pass `--task-type {found}`, or a model fine-tuned for {args.task_type}."
+        )
+    task_type = args.task_type or found or "text-classification"
+    if task_type not in TASK_TYPES:
+        raise ValueError(
+            f"`--model` {args.model!r} is a {task_type} model ({architectures}); the drone-hf command handles "
+            f"{list(TASK_TYPES)} (compress it with drone_hf.compress_model in Python)."
+        )
+    if args.task_type is None:
+        reason = f"its architectures {architectures}" if found else "no task head named in its config.json"
+        logger.info(f"Task type: {task_type} (from {reason}; pass --task-type to choose)")
+    args.task_type = task_type
+    return task_type
+
+
+def _auto_class(task_type: str):
+    import transformers
+
+    return getattr(transformers, AUTO_CLASSES[task_type])
+
+
 def _load(args, splits: tuple[str, ...]):
     """The `--model` classifier, its tokenizer and the task data, checked against each other, `--max-length`
     (resolved here) and `--rank`; the data source and the path are checked first, so that a typo is not answered with
     a Hub error and a core install learns what is missing before the model loads."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .data import check_model_labels, load_task_data
     from .data_arguments import data_source_from_args
+    from .qa_data import load_qa_task_data
     from .targets import check_supported_model
+    from .token_data import load_token_task_data
 
     source = data_source_from_args(args)
     require_extra("glue")  # before the model loads: a core install learns what is missing at once
     check_model_path(args.model)
+    task_type = _resolve_task_type(args)
+    if task_type != "text-classification" and source.task:
+        raise ValueError(
+            f"`--task {source.task}` is a GLUE text-classification task; a {task_type} model needs "
+            "`--train-file`/`--validation-file` (or `--dataset-name`) in its layout."
+        )
     logger.info(f"Loading {args.model}")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(args.model)
+        model = _auto_class(task_type).from_pretrained(args.model)
     except (OSError, ValueError) as error:
         raise model_load_error(args.model, error) from error
     check_supported_model(model)
-    task = load_task_data(source, splits=splits, model_config=model.config)
-    check_model_labels(task, model.config)
+    reader = {"token-classification": load_token_task_data, "question-answering": load_qa_task_data}
+    task = reader.get(task_type, load_task_data)(source, splits=splits, model_config=model.config)
+    if task_type != "question-answering":  # a span head has no classes
+        check_model_labels(task, model.config)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     check_tokenizer(args.model, tokenizer, model)
     args.max_length = resolve_max_length(model, args.max_length)
@@ -533,6 +606,9 @@ def _compress(args) -> int:
         chosen = next(f"{key}={value}" for key, value in budget.items() if value is not None)
         logger.info(f"Allocating ranks for {chosen}")
         heldout = rows.select(range(args.calibration_samples, total)) if needs_heldout else None
+        heldout_batches = (
+            list(iter_batches(heldout, tokenizer, batch_size=64, sort_by_length=True)) if heldout is not None else None
+        )
         ranks = allocate_ranks(
             model,
             stats,
@@ -542,13 +618,11 @@ def _compress(args) -> int:
             report=report,
             seq_len=min(128, model.config.max_position_embeddings),
             bias_correction=args.bias_correction,
-            metric_fn=task.metric_points() if needs_heldout else None,
+            metric_fn=task.metric_points(heldout_batches) if needs_heldout else None,
             screening_samples=args.screening_samples,
             safety_margin=args.safety_margin,
             refine_steps=args.refine_steps,
-            eval_dataloader=list(iter_batches(heldout, tokenizer, batch_size=64, sort_by_length=True))
-            if heldout is not None
-            else None,
+            eval_dataloader=heldout_batches,
             dtype=args.dtype,
             quantize=args.quantize,
             **budget,
@@ -588,6 +662,8 @@ def _compress(args) -> int:
     logger.info(f"Saving to {args.output}")
     summary = {
         "task": task.name,
+        "task_type": task.task_type,
+        "metric": task.main_metric,
         "budget": {k: v for k, v in {**budget, "rank": args.rank}.items() if v is not None},
         "method": args.method,
         "dtype": args.dtype or "float32",
@@ -606,14 +682,14 @@ def _compress(args) -> int:
     print()
     print_table(results, task, len(dev), comparison)
     if report.get("evaluations"):
+        unit = "labelled train tokens" if report.get("heldout_kind") == "token" else "train rows"
         print(
             f"Allocation: {report['evaluations']} held-out evaluations ({report['screening_examples']} screening / "
-            f"{report['heldout_examples']} joint-check train rows) in {report['evaluation_seconds']:.0f} s; held-out "
+            f"{report['heldout_examples']} joint-check {unit}) in {report['evaluation_seconds']:.0f} s; held-out "
             f"{task.main_metric} drop {report['heldout_drop']:.2f} ± {report['heldout_standard_error']:.2f} points."
         )
     print(
-        f"Saved to {args.output} with its model card (reload with `import drone_hf` + "
-        "AutoModelForSequenceClassification)."
+        f"Saved to {args.output} with its model card (reload with `import drone_hf` + {AUTO_CLASSES[task.task_type]})."
     )
     if args.push_to_hub:
         from .hub import push_compressed_to_hub
@@ -645,8 +721,6 @@ def _dense_in_form(model, dtype: str | None, quantize: str | None) -> dict:
 
 
 def _evaluate(args) -> int:
-    from transformers import AutoModelForSequenceClassification
-
     from .cli_report import measure_models, print_table
     from .data import check_model_labels
     from .targets import check_supported_model
@@ -656,9 +730,10 @@ def _evaluate(args) -> int:
     name = Path(args.model).name or args.model
     models, reference = {name: model}, None
     if args.baseline:
-        baseline = AutoModelForSequenceClassification.from_pretrained(args.baseline).eval()
+        baseline = _auto_class(task.task_type).from_pretrained(args.baseline).eval()
         check_supported_model(baseline)
-        check_model_labels(task, baseline.config)
+        if task.task_type != "question-answering":
+            check_model_labels(task, baseline.config)
         reference = Path(args.baseline).name or args.baseline
         reference = "baseline" if reference == name else reference
         models = {reference: baseline, name: model}

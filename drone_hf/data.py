@@ -18,7 +18,7 @@ import numpy as np
 
 from .data_reading import is_default_id2label, label_scheme, read_file, read_hub, text_columns
 from .glue_tasks import get_glue_task
-from .task_metrics import REGRESSION_METRICS, metric_name, task_metrics
+from .task_metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS, metric_name, task_metrics
 
 
 if TYPE_CHECKING:
@@ -122,6 +122,8 @@ class TaskData:
         num_labels (`int`): 1 for a regression.
         metric_names (`tuple[str, ...]`): The metrics reported; the first is the main one.
     """
+
+    task_type = "text-classification"
 
     def __init__(
         self,
@@ -262,8 +264,9 @@ class TaskData:
             return glue_metrics(self.name, predictions, labels)
         return task_metrics(self.metric_names, predictions, labels, num_labels=self.num_labels)
 
-    def metric_points(self) -> Callable[[Any, Any], float]:
-        """`(logits, labels) -> main metric in points`: the `metric_fn` a `max_accuracy_drop` budget is spent on."""
+    def metric_points(self, batches: Sequence[Mapping] | None = None) -> Callable[[Any, Any], float]:
+        """`(logits, labels) -> main metric in points`: the `metric_fn` a `max_accuracy_drop` budget is spent on
+        (`batches`, the held-out batches, are not needed for a per-row metric)."""
         main = self.main_metric
         return lambda logits, labels: 100.0 * self.compute_metrics(logits, labels)[main]
 
@@ -316,6 +319,20 @@ def load_task_data(
             )
     text = text_columns(source, first.column_names, label)
     metrics = tuple(metric_name(name) for name in source.metrics or ())
+    entity = [name for name in metrics if name.startswith("seqeval")]
+    if entity:
+        raise ValueError(
+            f"`--metric` {entity} is an entity-level metric of token classification, but this is a "
+            "text-classification task: pass `--task-type token-classification` with a token-classification model, "
+            f"or a metric of {[*CLASSIFICATION_METRICS, *REGRESSION_METRICS]}."
+        )
+    answer = [name for name in metrics if name in ("squad_f1", "exact_match")]
+    if answer:
+        raise ValueError(
+            f"`--metric` {answer} is a question-answering metric, but this is a text-classification task: pass "
+            "`--task-type question-answering` with a question-answering model, or a metric of "
+            f"{[*CLASSIFICATION_METRICS, *REGRESSION_METRICS]}."
+        )
     values = [value for rows in raw.values() for value in rows[label]]
     names, num_labels, encode = label_scheme(values, first.features.get(label), metrics, model_config)
     if not metrics:

@@ -67,9 +67,16 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="COLUMN",
         help="one or two text columns, e.g. `sentence1 sentence2` or `sentence1,sentence2` (default: a known pair, "
-        "`sentence`, `text`, else the one or two columns other than the label)",
+        "`sentence`, `text`, else the one or two columns other than the label); token classification: the column "
+        "of word lists (default: tokens)",
     )
-    _add(group, "label-column", "label-column-name", metavar="COLUMN", help="label column (default: label)")
+    _add(
+        group,
+        "label-column",
+        "label-column-name",
+        metavar="COLUMN",
+        help="label column (default: label; token classification: the tag lists, default: ner_tags)",
+    )
     _add(
         group,
         "metric",
@@ -78,7 +85,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="NAME",
         help="accuracy, f1, mcc, pearson, spearman (first = main metric; default: accuracy, or pearson + spearman "
-        "for numeric labels)",
+        "for numeric labels); token classification: seqeval-f1 (entity F1 over IOB tags; also seqeval-precision, "
+        "seqeval-recall) and accuracy (token accuracy); default: seqeval-f1 + accuracy; question answering: "
+        "squad-f1 (alias f1) and exact-match (em)",
     )
 
 

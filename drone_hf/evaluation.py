@@ -39,9 +39,19 @@ def iter_batches(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
     order = _order(dataset, sort_by_length, shuffle_seed)
-    keep = set(MODEL_INPUT_KEYS) | {"labels"}
+    keep = set(MODEL_INPUT_KEYS) | {"labels", "start_positions", "end_positions", "example_index"}
     for start in range(0, len(order), batch_size):
         rows = [{k: v for k, v in dataset[int(i)].items() if k in keep} for i in order[start : start + batch_size]]
+        if rows and isinstance(rows[0].get("labels"), (list, tuple)):  # token labels: padded with -100 like the inputs
+            labels = [list(row.pop("labels")) for row in rows]
+            batch = tokenizer.pad(rows, return_tensors="pt")
+            width = batch["input_ids"].shape[1]
+            padding = [[-100] * (width - len(row)) for row in labels]
+            left = getattr(tokenizer, "padding_side", "right") == "left"
+            padded = [pad + row if left else row + pad for row, pad in zip(labels, padding)]
+            batch["labels"] = torch.tensor(padded, dtype=torch.long)
+            yield batch
+            continue
         yield tokenizer.pad(rows, return_tensors="pt")
 
 
@@ -60,6 +70,8 @@ def predict(
     model: nn.Module, dataset, tokenizer, *, batch_size: int = 64, show_progress: bool | str = False
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Returns `(logits, labels)` over `dataset` in its original row order (`labels` is `None` without labels).
+    Token classification: logits `(n, length, classes)`, labels `(n, length)` (`-100` on padding); question answering:
+    logits `(n, 2, length)` (start, end), labels `(n, 2)` from `start_positions`/`end_positions`.
 
     `show_progress` shows a progress bar (`transformers.utils.logging.tqdm`, so `disable_progress_bar()` hides it);
     a string is its description."""
@@ -77,8 +89,21 @@ def predict(
         for batch in tqdm(batches, total=total, desc=description, unit="batch", disable=not show_progress):
             if "labels" in batch:
                 labels.append(batch.pop("labels"))
+            elif "start_positions" in batch:  # question answering: labels (n, 2), start and end
+                labels.append(torch.stack([batch.pop("start_positions"), batch.pop("end_positions")], dim=1))
             inputs = model_inputs(model, batch, device)
-            logits.append(model(**inputs).logits.float().cpu())
+            outputs = model(**inputs)
+            if getattr(outputs, "start_logits", None) is not None:  # span logits (n, 2, length)
+                logits.append(torch.stack([outputs.start_logits, outputs.end_logits], dim=1).float().cpu())
+            else:
+                logits.append(outputs.logits.float().cpu())
+    if getattr(outputs, "start_logits", None) is not None:  # a very negative logit on padding: never the argmax
+        width = max(part.shape[2] for part in logits)
+        logits = [torch.nn.functional.pad(part, (0, width - part.shape[2]), value=-1e9) for part in logits]
+    elif logits[0].dim() == 3:  # token classification: batches padded to a common length (labels with -100)
+        width = max(part.shape[1] for part in logits)
+        logits = [torch.nn.functional.pad(part, (0, 0, 0, width - part.shape[1])) for part in logits]
+        labels = [torch.nn.functional.pad(part, (0, width - part.shape[1]), value=-100) for part in labels]
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
     all_logits = torch.cat(logits).numpy()[inverse]

@@ -206,12 +206,19 @@ def paired_standard_error(
     seed: int = 0,
 ) -> float:
     """Standard error of `metric(base) - metric(compressed)` on these rows, by a paired bootstrap (the same resampled
-    rows score both models, so their shared difficulty cancels)."""
+    rows score both models, so their shared difficulty cancels).
+
+    A `metric_fn` with a `bootstrap_sample(rng) -> (rows, metric)` method resamples its own units instead (e.g.
+    `drone_hf.token_metrics.EntityF1Points`: whole sentences, scored by a metric that knows their boundaries)."""
     rng = np.random.default_rng(seed)
+    sampler = getattr(metric_fn, "bootstrap_sample", None)
     drops = []
     for _ in range(samples):
-        rows = rng.integers(0, len(labels), len(labels))
-        drops.append(metric_fn(base_logits[rows], labels[rows]) - metric_fn(logits[rows], labels[rows]))
+        if sampler is not None:
+            rows, metric = sampler(rng)
+        else:
+            rows, metric = rng.integers(0, len(labels), len(labels)), metric_fn
+        drops.append(metric(base_logits[rows], labels[rows]) - metric(logits[rows], labels[rows]))
     drops = np.asarray(drops, dtype=float)
     drops = drops[np.isfinite(drops)]
     return float(drops.std(ddof=1)) if len(drops) > 1 else 0.0

@@ -124,12 +124,22 @@ def _hub_repo_id(name: str | None) -> str | None:
 # -------------------------------------------------------------------------------------------------- YAML metadata
 
 
-def _eval_results(metrics: Mapping[str, Mapping[str, float]], dataset: Mapping | None) -> list[EvalResult]:
+_TASK_NAMES = {
+    "text-classification": "Text Classification",
+    "token-classification": "Token Classification",
+    "question-answering": "Question Answering",
+}
+
+
+def _eval_results(
+    metrics: Mapping[str, Mapping[str, float]], dataset: Mapping | None, task_type: str = "text-classification"
+) -> list[EvalResult]:
     dataset = dataset or {"hub_id": "custom", "pretty": "held-out evaluation data", "config": None, "split": None}
+    task_type = task_type if task_type in _TASK_NAMES else "text-classification"
     return [
         EvalResult(
-            task_type="text-classification",
-            task_name="Text Classification",
+            task_type=task_type,
+            task_name=_TASK_NAMES[task_type],
             dataset_type=dataset["hub_id"] or "custom",
             dataset_name=dataset["pretty"],
             dataset_config=dataset["config"],
@@ -177,7 +187,9 @@ def _merge_metadata(
     if metrics:
         data.model_name = data.model_name or model_name
         others = [r for r in data.eval_results or [] if not _METRIC_NAME_RE.match(r.metric_name or "")]
-        data.eval_results = others + _eval_results(metrics, dataset)
+        data.eval_results = others + _eval_results(
+            metrics, dataset, _PIPELINE_TAGS.get(auto_class, "text-classification")
+        )
     stored = dataset and (
         dataset["id"]  # the id alone when it says everything (GLUE tasks, plain Hub ids), else the whole record
         if _dataset_info(dataset["id"]) == dataset

@@ -23,6 +23,19 @@ METRIC_ALIASES = {
     "pearsonr": "pearson",
     "spearman": "spearmanr",
     "spearmanr": "spearmanr",
+    # token classification (`drone_hf.token_metrics`): known here so that a wrong task type gets a clear error
+    "seqeval_f1": "seqeval_f1",
+    "entity_f1": "seqeval_f1",
+    "seqeval_precision": "seqeval_precision",
+    "entity_precision": "seqeval_precision",
+    "seqeval_recall": "seqeval_recall",
+    "entity_recall": "seqeval_recall",
+    "token_accuracy": "accuracy",
+    # question answering (`drone_hf.qa_metrics`)
+    "squad_f1": "squad_f1",
+    "exact_match": "exact_match",
+    "exact": "exact_match",
+    "em": "exact_match",
 }
 
 
@@ -68,7 +81,8 @@ def task_metrics(names: Sequence[str], predictions: Any, labels: Any, *, num_lab
     wrong = [name for name in canonical if name not in allowed]
     if wrong:
         kind = "a regression (num_labels=1)" if regression else f"a {num_labels}-class classification"
-        raise ValueError(f"`--metric` {wrong} does not apply to {kind}; use some of {list(allowed)}.")
+        hint = " (entity F1 is for `--task-type token-classification`)" if any("seqeval" in n for n in wrong) else ""
+        raise ValueError(f"`--metric` {wrong} does not apply to {kind}; use some of {list(allowed)}{hint}.")
     preds, golds = np.asarray(predictions, dtype=np.float64), np.asarray(labels, dtype=np.float64).reshape(-1)
     if len(preds) != len(golds) or len(golds) == 0:
         raise ValueError(f"`predictions` has {len(preds)} rows and `labels` {len(golds)}; they must match (n > 0).")

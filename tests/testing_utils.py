@@ -245,3 +245,109 @@ def random_sentences(count: int, seed: int = 0) -> list[str]:
 
     rng = random.Random(seed)
     return [" ".join(rng.choice(CLI_WORDS) for _ in range(rng.randint(3, 9))) for _ in range(count)]
+
+
+NER_TAGS = ("O", "B-POS", "I-POS", "B-NEG", "I-NEG")
+
+
+def ner_tokenizer():
+    """`cli_tokenizer` plus the sub-word `##s`, so that `movies` is two sub-tokens (`movie`, `##s`)."""
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *CLI_WORDS, "##s"]
+    return BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
+
+
+def tiny_token_classifier_folder(folder: Path, label_names=NER_TAGS, positions: int = 64) -> Path:
+    """A saved tiny random (seeded) `BertForTokenClassification` with `label_names` as its `id2label` and
+    [`ner_tokenizer`] beside it."""
+    from transformers import BertForTokenClassification
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = ner_tokenizer()
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=positions,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: index for index, name in enumerate(label_names)},
+    )
+    BertForTokenClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def ner_rows(count: int, seed: int = 0) -> list[dict]:
+    """`count` run_ner-style rows `{"tokens": [...], "ner_tags": [...]}` over `CLI_WORDS` (and `movies`, two
+    sub-tokens): praise words are POS entities (runs of them one entity), blame words single NEG entities."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        words = [rng.choice([*CLI_WORDS, "movies"]) for _ in range(rng.randint(3, 9))]
+        tags: list[str] = []
+        for word in words:
+            if word in ("good", "great", "fun", "fine"):
+                tags.append("I-POS" if tags and tags[-1].endswith("POS") else "B-POS")
+            elif word in ("bad", "awful", "dull", "boring"):
+                tags.append("B-NEG")
+            else:
+                tags.append("O")
+        rows.append({"tokens": words, "ner_tags": tags})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def tiny_qa_folder(folder: Path, positions: int = 64) -> Path:
+    """A saved tiny random (seeded) `BertForQuestionAnswering` with [`ner_tokenizer`] beside it."""
+    from transformers import BertForQuestionAnswering
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = ner_tokenizer()
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=positions,
+    )
+    BertForQuestionAnswering(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def squad_rows(count: int, seed: int = 0) -> list[dict]:
+    """`count` SQuAD-layout rows over `CLI_WORDS`: a context of 6 to 14 words, a question of 2 to 4, and as answer a
+    run of 1 to 3 context words (`answer_start` its character offset)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        words = [rng.choice([*CLI_WORDS, "movies"]) for _ in range(rng.randint(6, 14))]
+        first = rng.randrange(len(words))
+        last = min(len(words), first + rng.randint(1, 3))
+        start = len(" ".join(words[:first])) + (1 if first else 0)
+        answer = " ".join(words[first:last])
+        question = " ".join(rng.choice(CLI_WORDS) for _ in range(rng.randint(2, 4)))
+        rows.append(
+            {
+                "id": str(index),
+                "question": question,
+                "context": " ".join(words),
+                "answers": {"text": [answer], "answer_start": [start]},
+            }
+        )
+    return rows
