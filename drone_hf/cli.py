@@ -113,9 +113,10 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--refine-steps",
         type=count(0),
-        default=48,
-        help="joint checks spent moving single modules one rank down after the time-share split",
+        help="joint checks spent moving single modules further down after the search (default: 8 for the fast "
+        "search, 48 for the exhaustive one)",
     )
+    _add_search(compress)
     compress.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -149,6 +150,17 @@ def _parser() -> argparse.ArgumentParser:
 _POINTS = _number(0, low_open=True, hint=" (metric points)")
 _SPEEDUP = _number(1, low_open=True, hint=" (e.g. 1.5)")
 _RATIO = _number(0, 1, low_open=True, high_open=True)
+
+
+def _add_search(sub) -> None:
+    sub.add_argument(
+        "--allocation-search",
+        choices=["fast", "exhaustive"],
+        default="fast",
+        help="how an accuracy budget is searched: fast (per-module drops predicted from the closed form's residual "
+        "energy, one probe per module, bisection of one scale by joint checks) or exhaustive (a measured drop curve "
+        "per module, drone-hf 0.2's search); both return only ranks that pass the joint check",
+    )
 
 
 def _add_output_arguments(sub) -> None:
@@ -191,7 +203,12 @@ def _add_embeddings_parser(commands) -> None:
         default=1.0,
         help="paired standard errors added to the held-out cosine drop before comparing with the budget",
     )
-    sub.add_argument("--refine-steps", type=count(0), default=48, help="joint checks spent moving single modules down")
+    sub.add_argument(
+        "--refine-steps",
+        type=count(0),
+        help="joint checks spent moving single modules down (default: 8 fast, 48 exhaustive)",
+    )
+    _add_search(sub)
     sub.add_argument(
         "--latency-repeats", type=count(1), default=5, help="timed encode() rounds (batch 32, up to 256 sentences)"
     )
@@ -315,7 +332,7 @@ def _compress_embeddings(args) -> int:
         batch_size=args.batch_size,
         attention=not args.no_attention,
         allocation_options=(
-            {"safety_margin": args.safety_margin, "refine_steps": args.refine_steps}
+            {"safety_margin": args.safety_margin, "refine_steps": args.refine_steps, "search": args.allocation_search}
             if args.min_cosine_similarity is not None
             else None
         ),
@@ -543,6 +560,7 @@ def _compress(args) -> int:
             screening_samples=args.screening_samples,
             safety_margin=args.safety_margin,
             refine_steps=args.refine_steps,
+            search=args.allocation_search,
             eval_dataloader=list(iter_batches(heldout, tokenizer, batch_size=64, sort_by_length=True))
             if heldout is not None
             else None,

@@ -113,6 +113,7 @@ def test_accuracy_budget_splits_by_measured_time_shares():
         kernel_costs=costs,
         screening_samples=None,
         refine_steps=0,
+        search="exhaustive",
         report=report,
     )
     shares = report["shares"]
