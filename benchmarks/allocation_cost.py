@@ -30,6 +30,7 @@ from drone_hf.glue import get_glue_task
 RUNS = CACHE / "allocation_cost"
 COLUMNS = [
     ("name", "model / task", "s"),
+    ("options", "options", "s"),
     ("budget", "budget", ".1f"),
     ("search", "search", "s"),
     ("evaluations", "held-out evaluations", "d"),
@@ -45,8 +46,9 @@ COLUMNS = [
 ]
 
 
-def run(name: str, model: str, task: str, budget: float, search: str, threads: int) -> Path:
-    """One `drone-hf compress` run into `RUNS/<name>-drop<budget>-<search>` (replaced if it exists)."""
+def run(name: str, model: str, task: str, budget: float, search: str, threads: int, extra: list[str]) -> Path:
+    """One `drone-hf compress` run into `RUNS/<name>-drop<budget>-<search>` (replaced if it exists); `extra`: more
+    `drone-hf compress` options (e.g. `--heldout-samples 1024`)."""
     output = RUNS / f"{name}-drop{budget:g}-{search}"
     data_dir = SHARED_GLUE / get_glue_task(task).local_dir
     command = [
@@ -68,12 +70,18 @@ def run(name: str, model: str, task: str, budget: float, search: str, threads: i
         "--output",
         str(output),
         "--overwrite",
+        *extra,
     ]
     print(" ".join(command), flush=True)
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=REPO)
     record = json.loads((output / "drone_results.json").read_text())
-    record["benchmark"] = {"name": name, "model": model, "wall_seconds": time.perf_counter() - started}
+    record["benchmark"] = {
+        "name": name,
+        "model": model,
+        "options": extra,
+        "wall_seconds": time.perf_counter() - started,
+    }
     (output / "drone_results.json").write_text(json.dumps(record, indent=2))
     return output
 
@@ -84,12 +92,16 @@ def row(record: dict) -> dict:
     metric = next(iter(results["dense"]["metrics"]))
     return {
         "name": record["benchmark"]["name"],
+        "options": " ".join(record["benchmark"].get("options", [])) or "defaults",
         "budget": record["budget"]["max_accuracy_drop"],
         "search": allocation.get("search", "exhaustive"),
         "evaluations": allocation["evaluations"],
         "joint_checks": allocation.get("joint_check_count", len(allocation["joint_checks"])),
         "row_passes": allocation["heldout_row_passes"] / 1000 if "heldout_row_passes" in allocation else None,
         "allocation_minutes": allocation["seconds"] / 60,
+        "ms_per_row_pass": 1000 * allocation["evaluation_seconds"] / allocation["heldout_row_passes"]
+        if allocation.get("heldout_row_passes")
+        else None,
         "compress_minutes": record["compress_seconds"] / 60,
         "flop_bound": results[method]["flop_bound"],
         "speedup": results[method]["speedup"],
@@ -122,6 +134,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=1.0, help="--max-accuracy-drop")
     parser.add_argument("--search", choices=["fast", "exhaustive"], default="fast")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `drone-hf compress` options")
     parser.add_argument("--finetune-mrpc", action="store_true", help="fine-tune (or find) the MiniLM MRPC teacher")
     args = parser.parse_args()
     if args.finetune_mrpc:
@@ -130,7 +143,7 @@ def main() -> None:
     elif args.run:
         if not args.model:
             parser.error("--run needs --model")
-        run(args.run, args.model, args.task, args.budget, args.search, args.threads)
+        run(args.run, args.model, args.task, args.budget, args.search, args.threads, args.extra)
     else:
         table()
 

@@ -215,13 +215,13 @@ def allocate_ranks(
       moves are each kept only if the joint check still passes. About `modules + log2(moves) + refine_steps`
       evaluations ([`~drone_hf.budget_path`]).
 
-      `search="exhaustive"` (the DRONE appendix recipe, drone_hf 0.2's only search): each module is compressed alone
-      at each grid rank (largest first, stopping early once its drop exceeds the whole budget). The budget is split
-      by each module's share of the multiply-adds at `seq_len`; each module takes the smallest rank whose drop fits
-      its share. The combination is then checked jointly and the shares are scaled up or down (bisection) until it
-      fits. Then up to `refine_steps` (default 48) single-module moves one grid rank down (cheapest measured drop
-      per multiply-add saved first) are each kept only if the whole assignment still passes the joint check. About
-      `modules x grid ranks + 13 + refine_steps` evaluations.
+      `search="exhaustive"` (the DRONE appendix recipe, the only search before the fast one): each module is
+      compressed alone at each grid rank (largest first, stopping early once its drop exceeds the whole budget). The
+      budget is split by each module's share of the multiply-adds at `seq_len`; each module takes the smallest rank
+      whose drop fits its share. The combination is then checked jointly and the shares are scaled up or down
+      (bisection) until it fits. Then up to `refine_steps` (default 48) single-module moves one grid rank down
+      (cheapest measured drop per multiply-add saved first) are each kept only if the whole assignment still passes
+      the joint check. About `modules x grid ranks + 13 + refine_steps` evaluations.
 
       Use held-out data carved from the *training* split: the dev split you report must stay unseen.
     - `target_speedup` (e.g. `1.5`): no evaluations; multiply-adds (at `seq_len` tokens) must fall to

@@ -159,7 +159,7 @@ def _add_search(sub) -> None:
         default="fast",
         help="how an accuracy budget is searched: fast (per-module drops predicted from the closed form's residual "
         "energy, one probe per module, bisection of one scale by joint checks) or exhaustive (a measured drop curve "
-        "per module, drone-hf 0.2's search); both return only ranks that pass the joint check",
+        "per module, the search before the fast one); both return only ranks that pass the joint check",
     )
 
 
