@@ -17,14 +17,21 @@ from collections.abc import Callable, Mapping
 
 from transformers.utils.logging import tqdm
 
-from .candidates import swap_module
+from .candidates import apply_ranks, restore_modules, swap_module
 from .heads import soft_change
+from .heldout import paired_standard_error
 
 
 ENERGY_EXPONENT = 0.5
 """Predicted drop at rank `k` = probe drop * (residual energy at `k` / residual energy at the probe rank) ** this. A
 module's discarded output energy is the squared size of the change it makes; to first order a probability moves with
 the size of the change, its square root."""
+
+
+SCREEN_REJECT_Z = 2.0
+"""A bisection step is rejected without its joint check when its drop on the screening rows (real metric) exceeds the
+budget by more than this many of their paired standard errors: a cheap early exit for the steps far past the budget.
+Acceptance always needs the full joint check."""
 
 
 def probe_rank(grid: list[int]) -> int:
@@ -104,9 +111,10 @@ def bisect_path(fits: Callable[[int], bool], length: int) -> int:
     return low
 
 
-def probe_modules(working, candidates, evaluator, problem_type, show_progress) -> dict[str, tuple[int, float]]:
+def probe_modules(working, candidates, evaluator, problem_type, show_progress) -> tuple[dict, object]:
     """Each candidate compressed alone at its probe rank and scored by [`soft_change`] on the screening rows,
-    re-running only the layers from the candidate's on: one evaluation per candidate."""
+    re-running only the layers from the candidate's on: one evaluation per candidate. Returns the probes (name ->
+    `(rank, drop)`) and the dense model's rows on the screening rows."""
     labels, reference = evaluator.labels, evaluator.logits(0)
     probes = {}
     with tqdm(total=len(candidates.names), desc="Probing modules", disable=not show_progress) as progress:
@@ -126,16 +134,44 @@ def probe_modules(working, candidates, evaluator, problem_type, show_progress) -
                     )
                 probes[name] = (rank, drop)
                 progress.update(1)
-    return probes
+    return probes, reference
+
+
+class _Screen:
+    """The early exit of the bisection: scores an assignment on the screening rows with the real metric and says
+    whether it is clearly past the budget ([`SCREEN_REJECT_Z`])."""
+
+    def __init__(self, joint, evaluator, reference):
+        self.joint, self.evaluator, self.reference = joint, evaluator, reference
+        self.rejected: list[dict] = []
+
+    def rejects(self, ranks, step) -> bool:
+        joint = self.joint
+        if tuple(sorted(ranks.items())) in joint.entries:
+            return False  # already scored on all rows
+        originals = apply_ranks(joint.working, joint.candidates, ranks)
+        try:
+            logits = self.evaluator.logits(0)
+        finally:
+            restore_modules(joint.working, originals)
+        labels = self.evaluator.labels
+        drop = joint.raw_metric(self.reference, labels) - joint.raw_metric(logits, labels)
+        error = paired_standard_error(joint.raw_metric, self.reference, logits, labels)
+        clearly_past = math.isfinite(drop) and drop - SCREEN_REJECT_Z * error > joint.budget
+        if clearly_past:
+            self.rejected.append({"step": step, "drop": float(drop), "standard_error": error})
+        return clearly_past
 
 
 def path_search(joint, candidates, evaluator, problem_type, refine_steps: int, show_progress=False):
     """Ranks for the budget of `joint` (a `budget_search._JointCheck`): probes, predicted drops, the water-filling
     path, bisection of its length by joint checks, then up to `refine_steps` further joint checks trying the next
     moves of the path one at a time (a module whose move fails moves no further). Returns the accepted entry (ranks,
-    drop, standard error) and what to report. At most `len(candidates.names) + 1` screening evaluations and
-    `ceil(log2(moves + 1)) + refine_steps` joint checks."""
-    probes = probe_modules(joint.working, candidates, evaluator, problem_type, show_progress)
+    drop, standard error) and what to report. A bisection step clearly past the budget on the screening rows is
+    rejected without its joint check (`_Screen`). At most `len(candidates.names) + 1 + ceil(log2(moves + 1))`
+    screening evaluations and `ceil(log2(moves + 1)) + refine_steps` joint checks."""
+    probes, reference = probe_modules(joint.working, candidates, evaluator, problem_type, show_progress)
+    screen = _Screen(joint, evaluator, reference) if evaluator is not joint.evaluator else None
     tails = {name: candidates.energy_loss(name) for name in candidates.names}
     grids = {name: list(candidates.grid[name]) for name in candidates.names}
     drops = predicted_drops(tails, grids, probes)
@@ -146,7 +182,10 @@ def path_search(joint, candidates, evaluator, problem_type, refine_steps: int, s
         joint.progress.refresh()
 
     def fits(step):
-        return joint.fits(assignment(path, step), step=step, stage="bisect")
+        ranks = assignment(path, step)
+        if screen is not None and screen.rejects(ranks, step):
+            return False
+        return joint.fits(ranks, step=step, stage="bisect")
 
     step = bisect_path(fits, len(path))
     ranks = assignment(path, step)
@@ -171,6 +210,7 @@ def path_search(joint, candidates, evaluator, problem_type, refine_steps: int, s
         "predicted_curves": drops,
         "path_moves": len(path),
         "path_step": step,
+        "screened_rejections": [] if screen is None else screen.rejected,
     }
     return {**accepted, "ranks": ranks, "steps": tried}, details
 

@@ -2,12 +2,13 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from drone_hf import DroneCompressionArguments, allocate_ranks, budget_path, collect_activation_stats, compress_model
 from drone_hf.budget_path import assignment, bisect_path, predicted_drops, probe_rank, water_filling_path
-from drone_hf.heldout import paired_standard_error
+from drone_hf.heldout import paired_standard_error, spread_subset
 
 from .testing_utils import tiny_batches, tiny_teacher
 
@@ -104,10 +105,44 @@ def test_fast_search_keeps_the_budget_on_the_held_out_rows(case, budget):
     drop, error = _measured(model, stats, batches, ranks, metric, base)
     assert drop == pytest.approx(report["heldout_drop"], abs=1e-5)
     assert drop + error <= budget + 1e-9  # the final joint check with its one-standard-error margin holds
-    # Bounded cost: one probe per module, the bisection of the path and the refinement (+ the two reference runs).
-    modules = report["candidates"]
-    bound = modules + 2 + math.ceil(math.log2(report["path_moves"] + 1)) + 8
-    assert report["evaluations"] <= bound and report["joint_check_count"] <= bound - modules - 1
+    # Bounded cost: one probe per module, the bisection of the path (each step at most one screening and one joint
+    # evaluation) and the refinement, plus the two dense reference runs.
+    modules, bisection = report["candidates"], math.ceil(math.log2(report["path_moves"] + 1))
+    assert report["joint_check_count"] <= bisection + 8
+    assert report["evaluations"] <= modules + 2 + 2 * bisection + 8
+
+
+def test_bisection_steps_clearly_past_the_budget_exit_on_the_screening_rows(case):
+    model, batches, stats, full_metric, base = case
+    screening = spread_subset(batches, 16)  # whole batches: the first and the last of four
+    rows = np.concatenate(
+        [np.arange(8 * i, 8 * i + 8) for i, b in enumerate(batches) if any(b is s for s in screening)]
+    )
+
+    def metric(logits, labels):  # the case's metric, on all rows or on the screening rows
+        return (
+            full_metric(logits, labels)
+            if len(logits) == len(base)
+            else -100.0 * float(abs(logits - base[rows]).mean())
+        )
+
+    report = {}
+    ranks = allocate_ranks(
+        model,
+        stats,
+        eval_dataloader=batches,
+        max_accuracy_drop=0.01,
+        metric_fn=metric,
+        screening_samples=16,
+        report=report,
+    )
+    screened = report["screened_rejections"]
+    assert screened and all(entry["drop"] - 2 * entry["standard_error"] > 0.01 for entry in screened)
+    assert all(entry["step"] > report["path_step"] for entry in screened)  # only steps past the one returned
+    checked = {entry["step"] for entry in report["joint_checks"] if entry.get("step") is not None}
+    assert not checked & {entry["step"] for entry in screened}  # a screened step costs no joint check
+    drop, error = _measured(model, stats, batches, ranks, metric, base)
+    assert drop + error <= 0.01 + 1e-9
 
 
 def test_a_wrong_predictor_costs_speed_never_the_budget(case, monkeypatch):
