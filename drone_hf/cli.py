@@ -622,7 +622,8 @@ def _compress(args) -> int:
     print_table(results, task, len(dev), comparison)
     if report.get("evaluations"):
         print(
-            f"Allocation: {report['evaluations']} held-out evaluations ({report['screening_examples']} screening / "
+            f"Allocation ({report['search']} search): {report['evaluations']} held-out evaluations, "
+            f"{report['joint_check_count']} of them joint checks ({report['screening_examples']} screening / "
             f"{report['heldout_examples']} joint-check train rows) in {report['evaluation_seconds']:.0f} s; held-out "
             f"{task.main_metric} drop {report['heldout_drop']:.2f} ± {report['heldout_standard_error']:.2f} points."
         )

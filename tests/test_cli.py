@@ -73,10 +73,12 @@ def test_compress_with_target_speedup_factors_attention(workspace, tmp_path):
 def test_compress_with_accuracy_budget_reports_allocation(workspace, tmp_path, capsys, search):
     extra = ["--screening-samples", "16", *(["--allocation-search", search] if search else [])]
     assert _compress(workspace, tmp_path / "out", "--max-accuracy-drop", "100", extra=extra) == 0
-    assert "screening / 32 joint-check train rows)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "screening / 32 joint-check train rows)" in out
     allocation = json.loads((tmp_path / "out" / "drone_results.json").read_text())["allocation"]
     assert allocation["evaluations"] > 0 and allocation["heldout_drop"] + allocation["heldout_standard_error"] <= 100
     assert allocation["search"] == (search or "fast") and allocation["seconds"] > 0
+    assert f"Allocation ({search or 'fast'} search): " in out
     assert ("probes" in allocation) == (allocation["search"] == "fast") != ("curves" in allocation)
 
 
