@@ -11,6 +11,7 @@ from numbers import Real
 import numpy as np
 from transformers.utils.logging import tqdm
 
+from .budget_path import path_search
 from .calibration import check_batch, check_dataloader, vocab_size
 from .candidates import apply_ranks, restore_modules, swap_module
 from .heads import default_metric_fn, head_rows, soft_change
@@ -170,8 +171,6 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
     raw_metric = options["metric_fn"] or default_metric_fn(problem_type, evaluator.kind)
     metric_fn = _checked_metric(raw_metric)
     if search == "fast":
-        from .budget_path import path_search
-
         bar = tqdm(total=1, desc="Joint checks", disable=not show_progress)
         joint = _JointCheck(
             working, candidates, joint_evaluator, metric_fn, budget, options["safety_margin"], raw_metric, bar
