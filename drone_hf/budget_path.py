@@ -3,8 +3,9 @@
 Instead of a measured drop curve per module (one held-out evaluation per module and grid rank), each module's drop at
 every rank is *predicted* from the closed form's relative residual energy (free: it comes with the decomposition),
 calibrated by one held-out evaluation per module at a probe rank. The predicted drops order every single-module move
-by predicted drop per unit of cost saved (multiply-adds, or seconds measured in a deployment form): a water-filling on
-one global scale, where a prefix of that ordering is the Lagrangian allocation for some multiplier. The length of the
+by the increase of the sum of squared predicted drops per unit of cost saved (multiply-adds, or seconds measured in a
+deployment form): a water-filling on one global scale, where a prefix of that ordering is the Lagrangian allocation
+for some multiplier. The length of the
 prefix is bisected with real joint checks, then a few more moves along the ordering are tried one by one. Only the
 joint checks decide what is returned, so a wrong prediction costs speed, never the budget. Nothing here reads a
 clock."""
@@ -175,7 +176,11 @@ def path_search(joint, candidates, evaluator, problem_type, refine_steps: int, s
     tails = {name: candidates.energy_loss(name) for name in candidates.names}
     grids = {name: list(candidates.grid[name]) for name in candidates.names}
     drops = predicted_drops(tails, grids, probes)
-    path = water_filling_path(drops, candidates.cost)
+    # Perturbations of different modules add in energy (their output changes point in unrelated directions), so the
+    # joint change of several modules is about the root of the sum of their squares: the path prices squared drops,
+    # which spreads the compression over many modules instead of cutting a few deeply.
+    squared = {name: {rank: drop**2 for rank, drop in curve.items()} for name, curve in drops.items()}
+    path = water_filling_path(squared, candidates.cost)
     bisection_checks = math.ceil(math.log2(len(path) + 1))
     if joint.progress is not None:
         joint.progress.total = bisection_checks + refine_steps
