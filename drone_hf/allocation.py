@@ -213,8 +213,8 @@ def allocate_ranks(
       move is ordered by the increase of the sum of squared predicted drops per multiply-add saved (one global
       scale), the number of moves taken is bisected with joint checks (`ceil(log2(moves + 1))` of them; a step
       clearly past the budget on the screening rows is rejected there, without its joint check), then up to
-      `refine_steps` (default 8) further moves are each kept only if the joint check still passes. About `modules + log2(moves) + refine_steps`
-      evaluations ([`~drone_hf.budget_path`]).
+      `refine_steps` (default 8) further moves are each kept only if the joint check still passes. About
+      `modules + log2(moves) + refine_steps` evaluations ([`~drone_hf.budget_path`]).
 
       `search="exhaustive"` (the DRONE appendix recipe, the only search before the fast one): each module is
       compressed alone at each grid rank (largest first, stopping early once its drop exceeds the whole budget). The
