@@ -214,6 +214,7 @@ def path_search(joint, candidates, evaluator, problem_type, refine_steps: int, s
         "energy_exponent": ENERGY_EXPONENT,
         "predicted_curves": drops,
         "path_moves": len(path),
+        "path": [[name, rank] for name, rank in path],
         "path_step": step,
         "screened_rejections": [] if screen is None else screen.rejected,
     }

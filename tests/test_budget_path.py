@@ -84,6 +84,30 @@ def test_water_filling_path_only_compresses_further_in_increasing_price():
     assert path[0] == ("c", 8) and ("a", 16) not in path and path[-1] == ("c", 4)
 
 
+def test_the_path_prices_squared_drops_and_so_spreads_the_cuts(case):
+    """Two modules alike: pricing squared drops (perturbations add in energy) alternates between them, where pricing
+    plain drops would cut one to the bottom first."""
+    drops = {"a": {4: 4.0, 8: 2.0, 12: 1.0}, "b": {4: 4.0, 8: 2.0, 12: 1.0}}
+
+    def cost(name, rank):
+        return 16 if rank is None else rank
+
+    squared = {n: {k: d**2 for k, d in c.items()} for n, c in drops.items()}
+    assert water_filling_path(squared, cost) == [("a", 12), ("b", 12), ("a", 8), ("b", 8), ("a", 4), ("b", 4)]
+    assert water_filling_path(drops, cost)[:3] == [("a", 8), ("b", 8), ("a", 4)]  # hull skips 12: deep cuts first
+    model, batches, stats, metric, _ = case
+    report = {}
+    allocate_ranks(model, stats, eval_dataloader=batches, max_accuracy_drop=0.01, metric_fn=metric, report=report)
+    curves = {n: {int(k): d**2 for k, d in c.items()} for n, c in report["predicted_curves"].items()}
+    from drone_hf.candidates import Candidates
+
+    candidates = Candidates(
+        model, stats, method="drone", attention=True, target_modules=None, rank_grid=None, rank_multiple=8,
+        seq_len=128,
+    )  # fmt: skip
+    assert [tuple(move) for move in report["path"]] == water_filling_path(curves, candidates.cost)
+
+
 def test_predicted_drops_scale_the_probe_by_the_residual_energy():
     tails = {"a": lambda k: {4: 0.64, 8: 0.16, 12: 0.04}[k], "b": lambda k: {4: 0.5, 8: 0.0}[k]}
     grids = {"a": [4, 8, 12], "b": [4, 8]}
