@@ -17,6 +17,7 @@ Run each heavy step alone on a shared machine:
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -86,8 +87,23 @@ def run(name: str, model: str, task: str, budget: float, search: str, threads: i
     return output
 
 
-def row(record: dict) -> dict:
+def _row_passes(allocation: dict, layers: int) -> float:
+    """Held-out row passes of an exhaustive search, counted from its report the way `LayerwiseEvaluator` counts them
+    (for runs made before it counted): each curve point re-runs the layers from its module's on over the screening
+    rows, the cache advances once through the layers, and each joint check (and the dense reference) runs every
+    layer over all held-out rows."""
+    screening, heldout = allocation["screening_examples"], allocation["heldout_examples"]
+    passes = screening * (1 + (layers - 1) / layers) + heldout * (1 + len(allocation["joint_checks"]))
+    for name, curve in allocation["curves"].items():
+        layer = int(re.search(r"\.layer\.(\d+)\.", name).group(1))
+        passes += len(curve) * screening * (layers - layer) / layers
+    return passes
+
+
+def row(record: dict, layers: int) -> dict:
     allocation, results = record["allocation"], record["results"]
+    if "heldout_row_passes" not in allocation and "curves" in allocation:
+        allocation["heldout_row_passes"] = _row_passes(allocation, layers)
     method = record["method"]
     metric = next(iter(results["dense"]["metrics"]))
     return {
@@ -114,9 +130,12 @@ def row(record: dict) -> dict:
 
 
 def table() -> None:
-    records = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/drone_results.json"))]
+    records = [
+        (json.loads(p.read_text()), json.loads((p.parent / "config.json").read_text())["num_hidden_layers"])
+        for p in sorted(RUNS.glob("*/drone_results.json"))
+    ]
     rows = sorted(
-        (row(r) for r in records if "benchmark" in r),
+        (row(r, layers) for r, layers in records if "benchmark" in r),
         key=lambda r: (r["name"], r["budget"], r["search"] != "exhaustive"),
     )
     text = print_table(rows, COLUMNS)
