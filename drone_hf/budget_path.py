@@ -2,17 +2,15 @@
 
 Instead of a measured drop curve per module (one held-out evaluation per module and grid rank), each module's drop at
 every rank is *predicted* from the closed form's relative residual energy (free: it comes with the decomposition),
-calibrated by one held-out evaluation per module at a probe rank. The predicted drops order every single-module move
-by the increase of the sum of squared predicted drops per unit of cost saved (multiply-adds, or seconds measured in a
-deployment form): a water-filling on one global scale, where a prefix of that ordering is the Lagrangian allocation
-for some multiplier. The length of the
-prefix is bisected with real joint checks, then a few more moves along the ordering are tried one by one. Only the
-joint checks decide what is returned, so a wrong prediction costs speed, never the budget. Nothing here reads a
-clock."""
+calibrated by one held-out evaluation per module at a probe rank. The predicted drops then order every single-module
+move by the one global scale at which the DRONE appendix's time-share rule allows it (each module the smallest rank
+whose drop fits its share of the cost, multiply-adds or seconds measured in a deployment form, times the scale), so a
+prefix of that ordering is the time-share allocation at some scale. The length of the prefix is bisected with real
+joint checks, then a few more moves along the ordering are tried one by one. Only the joint checks decide what is
+returned, so a wrong prediction costs speed, never the budget. Nothing here reads a clock."""
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Callable, Mapping
 
@@ -61,37 +59,19 @@ def predicted_drops(
     return drops
 
 
-def water_filling_path(
-    drops: Mapping[str, Mapping[int, float]], cost: Callable[[str, int | None], float]
-) -> list[tuple[str, int]]:
-    """Every module's moves from dense down to its smallest rank, in one order of increasing predicted drop per
-    unit of `cost(name, rank)` saved (`rank=None`: dense). Each module moves along the lower convex hull of its
-    (cost, predicted drop) points, so its own ratios only grow and the order is that of a single global multiplier:
-    the first `t` moves are the cheapest assignment for some price of a point of drop, and the assignments only ever
-    compress further."""
-
-    def next_move(name, here):
-        here_drop = 0.0 if here is None else drops[name][here]
-        best = None
-        for rank in drops[name]:
-            saved = cost(name, here) - cost(name, rank)
-            if (here is not None and rank >= here) or saved <= 0:
-                continue
-            ratio = max(drops[name][rank] - here_drop, 0.0) / saved
-            if best is None or (ratio, -saved) < (best[0], -best[1]):
-                best = (ratio, saved, rank)
-        return None if best is None else (best[0], -best[1], name, best[2])
-
-    heap = [move for move in (next_move(name, None) for name in drops) if move is not None]
-    heapq.heapify(heap)
-    path = []
-    while heap:
-        _, _, name, rank = heapq.heappop(heap)
-        path.append((name, rank))
-        move = next_move(name, rank)
-        if move is not None:
-            heapq.heappush(heap, move)
-    return path
+def share_path(drops: Mapping[str, Mapping[int, float]], shares: Mapping[str, float]) -> list[tuple[str, int]]:
+    """Every module's moves from dense down to its smallest rank, in the order in which one global scale `s` lets
+    them: module `m` may take rank `k` once `s * shares[m]` reaches its predicted drop at `k` and at every larger
+    rank (a rank is only as safe as the ranks above it). The first `t` moves are the DRONE appendix's time-share
+    allocation (each module the smallest rank whose drop fits its share of a scaled budget) for some scale, and each
+    further move only compresses more."""
+    moves = []
+    for order, name in enumerate(drops):
+        level = 0.0
+        for rank in sorted(drops[name], reverse=True):
+            level = max(level, drops[name][rank] / max(shares[name], 1e-300))
+            moves.append((level, order, -rank, name, rank))
+    return [(name, rank) for *_, name, rank in sorted(moves)]
 
 
 def assignment(path: list[tuple[str, int]], step: int) -> dict[str, int]:
@@ -164,23 +144,20 @@ class _Screen:
         return clearly_past
 
 
-def path_search(joint, candidates, evaluator, problem_type, refine_steps: int, show_progress=False):
-    """Ranks for the budget of `joint` (a `budget_search._JointCheck`): probes, predicted drops, the water-filling
-    path, bisection of its length by joint checks, then up to `refine_steps` further joint checks trying the next
-    moves of the path one at a time (a module whose move fails moves no further). Returns the accepted entry (ranks,
-    drop, standard error) and what to report. A bisection step clearly past the budget on the screening rows is
-    rejected without its joint check (`_Screen`). At most `len(candidates.names) + 1 + ceil(log2(moves + 1))`
-    screening evaluations and `ceil(log2(moves + 1)) + refine_steps` joint checks."""
+def path_search(joint, candidates, evaluator, problem_type, shares, refine_steps: int, show_progress=False):
+    """Ranks for the budget of `joint` (a `budget_search._JointCheck`): probes, predicted drops, the path of one
+    global scale over the cost `shares` ([`share_path`]), bisection of its length by joint checks, then up to
+    `refine_steps` further joint checks trying the next moves of the path one at a time (a module whose move fails
+    moves no further). Returns the accepted entry (ranks, drop, standard error) and what to report. A bisection step
+    clearly past the budget on the screening rows is rejected without its joint check (`_Screen`). At most
+    `len(candidates.names) + 1 + ceil(log2(moves + 1))` screening evaluations and `ceil(log2(moves + 1)) +
+    refine_steps` joint checks."""
     probes, reference = probe_modules(joint.working, candidates, evaluator, problem_type, show_progress)
     screen = _Screen(joint, evaluator, reference) if evaluator is not joint.evaluator else None
     tails = {name: candidates.energy_loss(name) for name in candidates.names}
     grids = {name: list(candidates.grid[name]) for name in candidates.names}
     drops = predicted_drops(tails, grids, probes)
-    # Perturbations of different modules add in energy (their output changes point in unrelated directions), so the
-    # joint change of several modules is about the root of the sum of their squares: the path prices squared drops,
-    # which spreads the compression over many modules instead of cutting a few deeply.
-    squared = {name: {rank: drop**2 for rank, drop in curve.items()} for name, curve in drops.items()}
-    path = water_filling_path(squared, candidates.cost)
+    path = share_path(drops, shares)
     bisection_checks = math.ceil(math.log2(len(path) + 1))
     if joint.progress is not None:
         joint.progress.total = bisection_checks + refine_steps
@@ -228,5 +205,5 @@ __all__ = [
     "path_search",
     "predicted_drops",
     "probe_rank",
-    "water_filling_path",
+    "share_path",
 ]

@@ -175,7 +175,9 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
         joint = _JointCheck(
             working, candidates, joint_evaluator, metric_fn, budget, options["safety_margin"], raw_metric, bar
         )
-        refined, details = path_search(joint, candidates, evaluator, problem_type, refine_steps, show_progress)
+        shares = cost_shares(candidates)
+        refined, details = path_search(joint, candidates, evaluator, problem_type, shares, refine_steps, show_progress)
+        details["shares"] = shares
     else:
         # At most 8 + 5 scale checks and `refine_steps` refinement checks, each a pass over all held-out rows.
         bar = tqdm(total=13 + refine_steps, desc="Joint checks", disable=not show_progress)
