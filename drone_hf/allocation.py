@@ -210,8 +210,8 @@ def allocate_ranks(
 
       `search="fast"` (default): each module's drop at every grid rank is predicted from the closed form's relative
       residual energy (free), calibrated by one evaluation per module at the middle of its grid; every single-module
-      move is ordered by the increase of the sum of squared predicted drops per multiply-add saved (one global
-      scale), the number of moves taken is bisected with joint checks (`ceil(log2(moves + 1))` of them; a step
+      move is ordered by the global scale at which the exhaustive search's cost-share rule (below) allows it on the
+      predicted drops, the number of moves taken is bisected with joint checks (`ceil(log2(moves + 1))` of them; a step
       clearly past the budget on the screening rows is rejected there, without its joint check), then up to
       `refine_steps` (default 8) further moves are each kept only if the joint check still passes. About
       `modules + log2(moves) + refine_steps` evaluations ([`~drone_hf.budget_path`]).
