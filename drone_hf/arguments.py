@@ -84,9 +84,9 @@ class DroneCompressionArguments:
             before comparing it with `max_accuracy_drop`.
         refine_steps (`int`, *optional*): Joint checks `max_accuracy_drop` spends after its search on lowering one
             module's rank at a time ([`allocate_ranks`]); `None`: 8 for the fast search, 48 for the exhaustive one.
-        allocation_search (`str`, *optional*, defaults to `"fast"`): How `max_accuracy_drop` searches: `"fast"`
-            (per-module drops predicted from the residual energy, bisection of one scale by joint checks) or
-            `"exhaustive"` (a measured drop curve per module) ([`allocate_ranks`]'s `search`).
+        allocation_search (`str`, *optional*, defaults to `"exhaustive"`): How `max_accuracy_drop` searches:
+            `"exhaustive"` (a measured drop curve per module) or `"fast"` (per-module drops predicted from the
+            residual energy, bisection of one scale by joint checks) ([`allocate_ranks`]'s `search`).
         bias_correction (`bool`, *optional*, defaults to `False`): Factor DRONE linears on the centred statistics
             and fold the mean into the bias ([`compress_model`]); the `drone-hf` command line turns it on.
         calibration_batch_size (`int`, *optional*, defaults to 32): Rows per calibration batch.
@@ -134,8 +134,8 @@ class DroneCompressionArguments:
         },
     )
     allocation_search: str = field(
-        default="fast",
-        metadata={"help": "How max_accuracy_drop searches: `fast` (predicted drops, bisection) or `exhaustive`."},
+        default="exhaustive",
+        metadata={"help": "How max_accuracy_drop searches: `exhaustive` or `fast` (predicted drops, bisection)."},
     )
     bias_correction: bool = field(
         default=False, metadata={"help": "DRONE on centred statistics, the mean folded into the bias."}

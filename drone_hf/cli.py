@@ -155,11 +155,12 @@ _RATIO = _number(0, 1, low_open=True, high_open=True)
 def _add_search(sub) -> None:
     sub.add_argument(
         "--allocation-search",
-        choices=["fast", "exhaustive"],
-        default="fast",
-        help="how an accuracy budget is searched: fast (per-module drops predicted from the closed form's residual "
-        "energy, one probe per module, bisection of one scale by joint checks) or exhaustive (a measured drop curve "
-        "per module, the search before the fast one); both return only ranks that pass the joint check",
+        choices=["exhaustive", "fast"],
+        default="exhaustive",
+        help="how an accuracy budget is searched: exhaustive (a measured drop curve per module and rank) or fast "
+        "(per-module drops predicted from the closed form's residual energy, one probe per module, bisection of one "
+        "scale by joint checks: ~4x fewer held-out evaluations, a smaller speed-up); both return only ranks that "
+        "pass the joint check",
     )
 
 

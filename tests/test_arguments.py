@@ -65,7 +65,7 @@ def test_accuracy_budget_kwargs_carry_the_search_options_and_the_task_metric():
         "screening_samples": 64,
         "safety_margin": 0.5,
         "refine_steps": 3,
-        "search": "fast",
+        "search": "exhaustive",
     }
     metric = args.compress_kwargs("cola")["allocation_options"]["metric_fn"]
     logits, labels = [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]], [0, 1, 1, 0]

@@ -86,7 +86,9 @@ def test_share_path_is_the_time_share_rule_at_every_scale():
 def test_the_reported_path_follows_the_predicted_drops_and_cost_shares(case):
     model, batches, stats, metric, _ = case
     report = {}
-    allocate_ranks(model, stats, eval_dataloader=batches, max_accuracy_drop=0.01, metric_fn=metric, report=report)
+    allocate_ranks(
+        model, stats, eval_dataloader=batches, max_accuracy_drop=0.01, metric_fn=metric, search="fast", report=report
+    )
     curves = {n: {int(k): d for k, d in c.items()} for n, c in report["predicted_curves"].items()}
     assert [tuple(move) for move in report["path"]] == share_path(curves, report["shares"])
     assert sum(report["shares"].values()) == pytest.approx(1.0)
@@ -107,7 +109,7 @@ def test_fast_search_keeps_the_budget_on_the_held_out_rows(case, budget):
     model, batches, stats, metric, base = case
     report = {}
     ranks = allocate_ranks(
-        model, stats, eval_dataloader=batches, max_accuracy_drop=budget, metric_fn=metric, report=report
+        model, stats, eval_dataloader=batches, max_accuracy_drop=budget, metric_fn=metric, search="fast", report=report
     )
     assert report["search"] == "fast" and ranks
     drop, error = _measured(model, stats, batches, ranks, metric, base)
@@ -142,6 +144,7 @@ def test_bisection_steps_clearly_past_the_budget_exit_on_the_screening_rows(case
         max_accuracy_drop=0.005,
         metric_fn=metric,
         screening_samples=16,
+        search="fast",
         report=report,
     )
     screened = report["screened_rejections"]
@@ -166,12 +169,14 @@ def test_a_wrong_predictor_costs_speed_never_the_budget(case, monkeypatch):
     monkeypatch.setattr(budget_path, "predicted_drops", inverted)
     report = {}
     ranks = allocate_ranks(
-        model, stats, eval_dataloader=batches, max_accuracy_drop=0.01, metric_fn=metric, report=report
+        model, stats, eval_dataloader=batches, max_accuracy_drop=0.01, metric_fn=metric, search="fast", report=report
     )
     drop, error = _measured(model, stats, batches, ranks, metric, base)
     assert drop + error <= 0.01 + 1e-9 and drop == pytest.approx(report["heldout_drop"], abs=1e-5)
     assert any(not entry["drop"] + entry["standard_error"] <= 0.01 for entry in report["joint_checks"])
-    tiny = allocate_ranks(model, stats, eval_dataloader=batches, max_accuracy_drop=1e-7, metric_fn=metric)
+    tiny = allocate_ranks(
+        model, stats, eval_dataloader=batches, max_accuracy_drop=1e-7, metric_fn=metric, search="fast"
+    )
     assert tiny == {}  # even the first move breaks the budget: nothing is compressed
 
 

@@ -77,8 +77,8 @@ def test_compress_with_accuracy_budget_reports_allocation(workspace, tmp_path, c
     assert "screening / 32 joint-check train rows)" in out
     allocation = json.loads((tmp_path / "out" / "drone_results.json").read_text())["allocation"]
     assert allocation["evaluations"] > 0 and allocation["heldout_drop"] + allocation["heldout_standard_error"] <= 100
-    assert allocation["search"] == (search or "fast") and allocation["seconds"] > 0
-    assert f"Allocation ({search or 'fast'} search): " in out
+    assert allocation["search"] == (search or "exhaustive") and allocation["seconds"] > 0
+    assert f"Allocation ({search or 'exhaustive'} search): " in out
     assert ("probes" in allocation) == (allocation["search"] == "fast") != ("curves" in allocation)
 
 
