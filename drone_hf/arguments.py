@@ -82,8 +82,11 @@ class DroneCompressionArguments:
             alone ([`allocate_ranks`]).
         safety_margin (`float`, *optional*, defaults to 1.0): Paired standard errors added to the held-out drop
             before comparing it with `max_accuracy_drop`.
-        refine_steps (`int`, *optional*, defaults to 48): Joint checks `max_accuracy_drop` spends after its
-            time-share allocation on lowering one module's rank at a time ([`allocate_ranks`]).
+        refine_steps (`int`, *optional*): Joint checks `max_accuracy_drop` spends after its search on lowering one
+            module's rank at a time ([`allocate_ranks`]); `None`: 8 for the fast search, 48 for the exhaustive one.
+        allocation_search (`str`, *optional*, defaults to `"exhaustive"`): How `max_accuracy_drop` searches:
+            `"exhaustive"` (a measured drop curve per module) or `"fast"` (per-module drops predicted from the
+            residual energy, bisection of one scale by joint checks) ([`allocate_ranks`]'s `search`).
         bias_correction (`bool`, *optional*, defaults to `False`): Factor DRONE linears on the centred statistics
             and fold the mean into the bias ([`compress_model`]); the `drone-hf` command line turns it on.
         calibration_batch_size (`int`, *optional*, defaults to 32): Rows per calibration batch.
@@ -124,8 +127,15 @@ class DroneCompressionArguments:
     safety_margin: float = field(
         default=1.0, metadata={"help": "Standard errors added to the held-out drop before the budget check."}
     )
-    refine_steps: int = field(
-        default=48, metadata={"help": "Joint checks spent lowering single ranks after the max_accuracy_drop search."}
+    refine_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Joint checks spent lowering single ranks after the search (default: 8 fast, 48 exhaustive)."
+        },
+    )
+    allocation_search: str = field(
+        default="exhaustive",
+        metadata={"help": "How max_accuracy_drop searches: `exhaustive` or `fast` (predicted drops, bisection)."},
     )
     bias_correction: bool = field(
         default=False, metadata={"help": "DRONE on centred statistics, the mean folded into the bias."}
@@ -191,7 +201,11 @@ class DroneCompressionArguments:
         _check_int("screening_samples", self.screening_samples, minimum=1)
         if not _is_number(self.safety_margin) or self.safety_margin < 0:
             raise ValueError(f"`safety_margin` must be a number >= 0 (standard errors), got {self.safety_margin!r}.")
-        _check_int("refine_steps", self.refine_steps, minimum=0)
+        _check_int("refine_steps", self.refine_steps, minimum=0, allow_none=True)
+        from .budget_search import SEARCHES
+
+        if self.allocation_search not in SEARCHES:
+            raise ValueError(f"`allocation_search` must be one of {list(SEARCHES)}, got {self.allocation_search!r}.")
         if not isinstance(self.bias_correction, bool):
             raise ValueError(f"`bias_correction` must be True or False, got {self.bias_correction!r}.")
         if self.bias_correction and self.method not in ("drone", "drone-bc"):
@@ -229,6 +243,7 @@ class DroneCompressionArguments:
                 "screening_samples": self.screening_samples,
                 "safety_margin": self.safety_margin,
                 "refine_steps": self.refine_steps,
+                "search": self.allocation_search,
             }
             if task is not None:
                 from .glue_metrics import glue_metric_points

@@ -11,6 +11,7 @@ from numbers import Real
 import numpy as np
 from transformers.utils.logging import tqdm
 
+from .budget_path import path_search
 from .calibration import check_batch, check_dataloader, vocab_size
 from .candidates import apply_ranks, restore_modules, swap_module
 from .heads import default_metric_fn, head_rows, soft_change
@@ -127,10 +128,28 @@ def _select(curves, shares, budget: float, scale: float) -> dict[str, int]:
     return chosen
 
 
+SEARCHES = ("fast", "exhaustive")
+"""The searches of an accuracy budget: `"fast"` ([`~drone_hf.budget_path`]: per-module drops predicted from the closed
+form's residual energy, one probe per module, bisection of one global scale by joint checks) and `"exhaustive"` (the
+DRONE appendix: a drop curve per module by evaluation, the budget split by cost shares, then joint checks)."""
+REFINE_STEPS = {"fast": 8, "exhaustive": 48}
+"""Default `refine_steps` of each search."""
+
+
+def check_search(search) -> str:
+    """`search` if it names a search of [`SEARCHES`], else a ValueError naming the value and the choices."""
+    if not isinstance(search, str) or search not in SEARCHES:
+        raise ValueError(f"`search` must be one of {list(SEARCHES)}, got {search!r}.")
+    return search
+
+
 def allocate_by_accuracy(working, candidates, batches, budget, options, show_progress, report) -> dict[str, int]:
     """Ranks for `max_accuracy_drop=budget` (see [`allocate_ranks`]); `working` is a scratch copy of the model."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
         raise ValueError(f"`max_accuracy_drop` must be a positive number of metric points, got {budget!r}.")
+    search = check_search(options.get("search", "exhaustive"))
+    refine_steps = options.get("refine_steps")
+    refine_steps = REFINE_STEPS[search] if refine_steps is None else refine_steps
     if batches is None:
         raise ValueError("`max_accuracy_drop` needs `eval_dataloader` (held-out batches with labels, from train).")
     check_dataloader(batches, "eval_dataloader")
@@ -147,18 +166,62 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
     _check_labels(joint_evaluator, problem_type, num_labels)
     if _row_quantised(options["metric_fn"], problem_type, joint_evaluator.kind):
         _check_resolution(budget, len(joint_evaluator.labels), joint_evaluator.kind)
-    # Per-module curves: cheap, smooth score on the screening rows.
+    # Per-module drops: cheap, smooth score on the screening rows.
     evaluator = joint_evaluator if len(screening) == len(batches) else LayerwiseEvaluator(working, screening, rows_fn)
     raw_metric = options["metric_fn"] or default_metric_fn(problem_type, evaluator.kind)
     metric_fn = _checked_metric(raw_metric)
+    if search == "fast":
+        bar = tqdm(total=1, desc="Joint checks", disable=not show_progress)
+        joint = _JointCheck(
+            working, candidates, joint_evaluator, metric_fn, budget, options["safety_margin"], raw_metric, bar
+        )
+        shares = cost_shares(candidates)
+        refined, details = path_search(joint, candidates, evaluator, problem_type, shares, refine_steps, show_progress)
+        details["shares"] = shares
+    else:
+        # At most 8 + 5 scale checks and `refine_steps` refinement checks, each a pass over all held-out rows.
+        bar = tqdm(total=13 + refine_steps, desc="Joint checks", disable=not show_progress)
+        joint = _JointCheck(
+            working, candidates, joint_evaluator, metric_fn, budget, options["safety_margin"], raw_metric, bar
+        )
+        refined, details = _exhaustive_search(
+            working, joint, candidates, evaluator, problem_type, refine_steps, show_progress
+        )
+    bar.total = bar.n  # stopped early (cached or exhausted checks): end the bar at what ran
+    bar.close()
+    evaluators = [evaluator] + ([joint_evaluator] if joint_evaluator is not evaluator else [])
+    report.update(
+        search=search,
+        evaluations=sum(e.evaluations for e in evaluators),
+        evaluation_seconds=sum(e.seconds for e in evaluators),
+        heldout_row_passes=sum(e.row_passes for e in evaluators),
+        joint_check_count=len(joint.entries),
+        heldout_examples=int(len(joint_evaluator.labels)),
+        screening_examples=int(len(evaluator.labels)),
+        heldout_base_metric=joint.base_metric,
+        heldout_drop=refined["drop"],
+        heldout_standard_error=refined["standard_error"],
+        safety_margin=joint.margin,
+        cost_model=candidates.cost_model,
+        heldout_kind=evaluator.kind,
+        refined_steps=refined.get("steps", 0),
+        **details,
+        joint_checks=[
+            {key: entry.get(key) for key in ("scale", "drop", "standard_error", "stage")}
+            | ({"step": entry["step"]} if "step" in entry else {})
+            | {"modules": len(entry["ranks"])}
+            for entry in joint.entries.values()
+        ],
+    )
+    return refined["ranks"]
+
+
+def _exhaustive_search(working, joint, candidates, evaluator, problem_type, refine_steps, show_progress):
+    """The DRONE appendix's search: a drop curve per module, the budget split by cost shares and scaled by joint
+    checks, then `refine_steps` single-module moves. Returns the chosen entry and what to report."""
+    budget = joint.budget
     shares = cost_shares(candidates)
     curves = _module_curves(working, candidates, evaluator, problem_type, budget, show_progress)
-
-    # At most 8 + 5 scale checks and `refine_steps` refinement checks, each a pass over all held-out rows.
-    bar = tqdm(total=13 + options["refine_steps"], desc="Joint checks", disable=not show_progress)
-    joint = _JointCheck(
-        working, candidates, joint_evaluator, metric_fn, budget, options["safety_margin"], raw_metric, bar
-    )
     # Scale the per-module shares so that the joint drop is within the budget: grow while it fits, then bisect.
     low, high, scale = 0.0, None, 1.0
     for _ in range(8):
@@ -177,33 +240,9 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
             high = middle
     feasible = [entry for entry in joint.entries.values() if joint.accepts(entry)]
     best = max(feasible, key=lambda e: e["scale"], default={"ranks": {}, "drop": 0.0, "standard_error": 0.0})
-    refined = _refine(joint, candidates, curves, best, options["refine_steps"])
-    bar.total = bar.n  # stopped early (cached or exhausted checks): end the bar at what ran
-    bar.close()
-    evaluators = [evaluator] + ([joint_evaluator] if joint_evaluator is not evaluator else [])
-    report.update(
-        evaluations=sum(e.evaluations for e in evaluators),
-        evaluation_seconds=sum(e.seconds for e in evaluators),
-        heldout_examples=int(len(joint_evaluator.labels)),
-        screening_examples=int(len(evaluator.labels)),
-        heldout_base_metric=joint.base_metric,
-        heldout_drop=refined["drop"],
-        heldout_standard_error=refined["standard_error"],
-        safety_margin=joint.margin,
-        scale=best.get("scale", 0.0),
-        cost_model=candidates.cost_model,
-        heldout_kind=evaluator.kind,
-        refined_steps=refined.get("steps", 0),
-        time_share_ranks=best["ranks"],
-        shares=shares,
-        curves=curves,
-        joint_checks=[
-            {key: entry.get(key) for key in ("scale", "drop", "standard_error", "stage")}
-            | {"modules": len(entry["ranks"])}
-            for entry in joint.entries.values()
-        ],
-    )
-    return refined["ranks"]
+    refined = _refine(joint, candidates, curves, best, refine_steps)
+    details = {"scale": best.get("scale", 0.0), "time_share_ranks": best["ranks"], "shares": shares, "curves": curves}
+    return refined, details
 
 
 def _module_curves(working, candidates, evaluator, problem_type, budget, show_progress) -> dict[str, dict[int, float]]:
@@ -307,4 +346,4 @@ def _refine(joint: _JointCheck, candidates, curves, start: dict, steps: int) -> 
     return {**current, "ranks": ranks, "steps": tried}
 
 
-__all__ = ["MIN_BUDGET_ROWS", "allocate_by_accuracy", "min_heldout_rows"]
+__all__ = ["MIN_BUDGET_ROWS", "REFINE_STEPS", "SEARCHES", "allocate_by_accuracy", "check_search", "min_heldout_rows"]

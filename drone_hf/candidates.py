@@ -162,6 +162,16 @@ class Candidates:
             return self.kernel_costs.dense_attention_seconds(query.in_features, num_heads, head)
         return self.kernel_costs.dense_linear_seconds(*self.shape[name])
 
+    def cost(self, name, rank) -> float:
+        """The cost of `name` at `rank` (`None`: dense) in the units of [`dense_cost`]: measured seconds in the
+        deployment form with `kernel_costs` (an attention block: its query/key projections), else multiply-adds."""
+        if self.kernel_costs is None:
+            return self.macs(name, rank)
+        if name in self.blocks:
+            query, _, num_heads, head = attention_geometry(self.model, name)
+            return 2 * self.kernel_costs.seconds("qk", (query.in_features, num_heads, head), [rank])[rank]
+        return self.kernel_costs.seconds("linear", self.shape[name], [rank])[rank]
+
     @property
     def cost_model(self) -> str:
         """What [`dense_cost`] counts, for reports."""

@@ -126,9 +126,10 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--refine-steps",
         type=count(0),
-        default=48,
-        help="joint checks spent moving single modules one rank down after the time-share split",
+        help="joint checks spent moving single modules further down after the search (default: 8 for the fast "
+        "search, 48 for the exhaustive one)",
     )
+    _add_search(compress)
     compress.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -171,6 +172,18 @@ _SPEEDUP = _number(1, low_open=True, hint=" (e.g. 1.5)")
 _RATIO = _number(0, 1, low_open=True, high_open=True)
 
 
+def _add_search(sub) -> None:
+    sub.add_argument(
+        "--allocation-search",
+        choices=["exhaustive", "fast"],
+        default="exhaustive",
+        help="how an accuracy budget is searched: exhaustive (a measured drop curve per module and rank) or fast "
+        "(per-module drops predicted from the closed form's residual energy, one probe per module, bisection of one "
+        "scale by joint checks: ~4x fewer held-out evaluations, a smaller speed-up); both return only ranks that "
+        "pass the joint check",
+    )
+
+
 def _add_output_arguments(sub) -> None:
     sub.add_argument("--output", required=True, help="new folder (or an earlier drone-hf output) to save into")
     sub.add_argument(
@@ -211,7 +224,12 @@ def _add_embeddings_parser(commands) -> None:
         default=1.0,
         help="paired standard errors added to the held-out cosine drop before comparing with the budget",
     )
-    sub.add_argument("--refine-steps", type=count(0), default=48, help="joint checks spent moving single modules down")
+    sub.add_argument(
+        "--refine-steps",
+        type=count(0),
+        help="joint checks spent moving single modules down (default: 8 fast, 48 exhaustive)",
+    )
+    _add_search(sub)
     sub.add_argument(
         "--latency-repeats", type=count(1), default=5, help="timed encode() rounds (batch 32, up to 256 sentences)"
     )
@@ -335,7 +353,7 @@ def _compress_embeddings(args) -> int:
         batch_size=args.batch_size,
         attention=not args.no_attention,
         allocation_options=(
-            {"safety_margin": args.safety_margin, "refine_steps": args.refine_steps}
+            {"safety_margin": args.safety_margin, "refine_steps": args.refine_steps, "search": args.allocation_search}
             if args.min_cosine_similarity is not None
             else None
         ),
@@ -622,6 +640,7 @@ def _compress(args) -> int:
             screening_samples=args.screening_samples,
             safety_margin=args.safety_margin,
             refine_steps=args.refine_steps,
+            search=args.allocation_search,
             eval_dataloader=heldout_batches,
             dtype=args.dtype,
             quantize=args.quantize,
@@ -684,7 +703,8 @@ def _compress(args) -> int:
     if report.get("evaluations"):
         unit = "labelled train tokens" if report.get("heldout_kind") == "token" else "train rows"
         print(
-            f"Allocation: {report['evaluations']} held-out evaluations ({report['screening_examples']} screening / "
+            f"Allocation ({report['search']} search): {report['evaluations']} held-out evaluations, "
+            f"{report['joint_check_count']} of them joint checks ({report['screening_examples']} screening / "
             f"{report['heldout_examples']} joint-check {unit}) in {report['evaluation_seconds']:.0f} s; held-out "
             f"{task.main_metric} drop {report['heldout_drop']:.2f} ± {report['heldout_standard_error']:.2f} points."
         )

@@ -79,6 +79,8 @@ class LayerwiseEvaluator:
         self.layer_index = 0
         self.evaluations = 0
         self.seconds = 0.0
+        self.rows = sum(len(next(iter(batch.values()))) for batch in self._batches)
+        self.row_passes = 0.0  # rows times the fraction of the encoder's layers run: a cost that no clock blurs
 
     def _forward(self, batch):
         return self.model(**{k: v.to(self.device) for k, v in batch.items()})
@@ -120,6 +122,7 @@ class LayerwiseEvaluator:
         begin = time.perf_counter()
         start = self.layer_index if start is None or start >= self.layer_index else 0
         outputs = self._run(start)
+        self._count(len(self.layer_names) - start)
         rows = concat_rows([self._rows_fn(out, batch)[0] for out, batch in zip(outputs, self._labelled)])
         self.evaluations += 1
         self.seconds += time.perf_counter() - begin
@@ -131,7 +134,11 @@ class LayerwiseEvaluator:
         if not self.layer_names or layer_index <= self.layer_index:
             return
         self._cache = self._run(self.layer_index, capture=layer_index - 1)
+        self._count(layer_index - self.layer_index)
         self.layer_index = layer_index
+
+    def _count(self, layers: int) -> None:
+        self.row_passes += self.rows * (layers / len(self.layer_names) if self.layer_names else 1.0)
 
 
 @torch.no_grad()

@@ -232,6 +232,7 @@ _ST_ALLOCATION_OPTIONS = (
     "screening_samples",
     "safety_margin",
     "refine_steps",
+    "search",
     "seq_len",
     "show_progress",
     "rank_grid",
@@ -310,7 +311,7 @@ def compress_sentence_transformer(
         attention (`bool`, *optional*, defaults to `True`): Let budgets also factor the attention score product
             (DRONE attention) where the family allows it.
         allocation_options (`Mapping`, *optional*): Further options of [`allocate_ranks`] (`safety_margin`,
-            `refine_steps`, `screening_samples`, `seq_len`, ...).
+            `refine_steps`, `search`, `screening_samples`, `seq_len`, ...).
         allocation_report (`dict`, *optional*): Filled with what was done: the allocation's report, `heldout_cosine`
             (mean cosine of compressed to dense embeddings on the held-out sentences, when there are any) and the
             number of calibration and held-out sentences.

@@ -115,7 +115,9 @@ def test_time_shares_sum_to_one(setup):
 def test_accuracy_budget_is_respected_on_held_out_data(setup):
     model, batches, stats = setup
     report = {}
-    ranks = allocate_ranks(model, stats, eval_dataloader=batches, max_accuracy_drop=10.0, report=report)
+    ranks = allocate_ranks(
+        model, stats, eval_dataloader=batches, max_accuracy_drop=10.0, report=report, search="exhaustive"
+    )
     assert ranks
     assert report["heldout_drop"] <= 10.0 and report["evaluations"] > 0 and report["seconds"] > 0
     compressed = compress_model(model, stats, ranks=ranks)
@@ -160,7 +162,7 @@ def test_impossible_accuracy_budget_raises(setup):
             attention=False,
             target_modules=["bert.encoder.layer.1.output.dense"],
             allocation_report=report,
-            allocation_options={"metric_fn": strict_metric, "safety_margin": 0.0},
+            allocation_options={"metric_fn": strict_metric, "safety_margin": 0.0, "search": "exhaustive"},
         )
     assert report["curves"]["bert.encoder.layer.1.output.dense"][1] > 0.0
     assert all(check["drop"] > 0.01 for check in report["joint_checks"] if check["modules"])
@@ -296,6 +298,7 @@ def test_refinement_only_compresses_further_and_keeps_the_budget():
         attention=False,
         metric_fn=logit_metric,
         refine_steps=12,
+        search="exhaustive",  # the time-share allocation, then its refinement
         report=report,
     )
 

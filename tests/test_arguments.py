@@ -24,7 +24,7 @@ from .testing_utils import tiny_teacher, unsupported_classifier
         ({"max_accuracy_drop": 1.0, "heldout_samples": 0}, r"`heldout_samples` must be >= 1 with `max_accuracy_drop`"),
         ({"max_accuracy_drop": 1.0, "screening_samples": 0}, r"`screening_samples` must be an int >= 1, got 0"),
         ({"max_accuracy_drop": 1.0, "safety_margin": -1.0}, r"`safety_margin` must be a number >= 0"),
-        ({"max_accuracy_drop": 1.0, "refine_steps": -1}, r"`refine_steps` must be an int >= 0, got -1"),
+        ({"max_accuracy_drop": 1.0, "refine_steps": -1}, r"`refine_steps` must be an int >= 0 or None, got -1"),
         ({"rank": 4, "bias_correction": "yes"}, r"`bias_correction` must be True or False, got 'yes'"),
         ({"rank": 4, "method": "svd", "bias_correction": True}, r"`bias_correction=True` needs `method='drone'`"),
         ({"rank": 4, "num_calibration_samples": 0}, r"`num_calibration_samples` must be an int >= 1, got 0"),
@@ -65,6 +65,7 @@ def test_accuracy_budget_kwargs_carry_the_search_options_and_the_task_metric():
         "screening_samples": 64,
         "safety_margin": 0.5,
         "refine_steps": 3,
+        "search": "exhaustive",
     }
     metric = args.compress_kwargs("cola")["allocation_options"]["metric_fn"]
     logits, labels = [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]], [0, 1, 1, 0]

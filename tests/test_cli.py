@@ -69,13 +69,24 @@ def test_compress_with_target_speedup_factors_attention(workspace, tmp_path):
     assert json.loads((tmp_path / "out" / "drone_results.json").read_text())["results"]["svd"]["flop_bound"] >= 1.5
 
 
-def test_compress_with_accuracy_budget_reports_allocation(workspace, tmp_path, capsys):
-    assert (
-        _compress(workspace, tmp_path / "out", "--max-accuracy-drop", "100", extra=["--screening-samples", "16"]) == 0
-    )
-    assert "screening / 32 joint-check train rows)" in capsys.readouterr().out
+@pytest.mark.parametrize("search", [None, "fast", "exhaustive"])
+def test_compress_with_accuracy_budget_reports_allocation(workspace, tmp_path, capsys, search):
+    extra = ["--screening-samples", "16", *(["--allocation-search", search] if search else [])]
+    assert _compress(workspace, tmp_path / "out", "--max-accuracy-drop", "100", extra=extra) == 0
+    out = capsys.readouterr().out
+    assert "screening / 32 joint-check train rows)" in out
     allocation = json.loads((tmp_path / "out" / "drone_results.json").read_text())["allocation"]
     assert allocation["evaluations"] > 0 and allocation["heldout_drop"] + allocation["heldout_standard_error"] <= 100
+    assert allocation["search"] == (search or "exhaustive") and allocation["seconds"] > 0
+    assert f"Allocation ({search or 'exhaustive'} search): " in out
+    assert ("probes" in allocation) == (allocation["search"] == "fast") != ("curves" in allocation)
+
+
+def test_compress_refuses_an_unknown_allocation_search(workspace, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _compress(workspace, tmp_path / "out", "--max-accuracy-drop", "100", extra=["--allocation-search", "quick"])
+    assert "argument --allocation-search: invalid choice: 'quick'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_evaluate(workspace, capsys):

@@ -113,6 +113,7 @@ def test_accuracy_budget_splits_by_measured_time_shares():
         kernel_costs=costs,
         screening_samples=None,
         refine_steps=0,
+        search="exhaustive",
         report=report,
     )
     shares = report["shares"]
@@ -160,3 +161,35 @@ def test_kernel_costs_must_match_the_deployment_form():
         allocate_ranks(
             model, _stats(model), target_speedup=1.3, dtype=torch.bfloat16, kernel_costs=KernelCosts(torch.float32)
         )
+
+
+def test_fast_accuracy_budget_orders_moves_by_measured_seconds():
+    """With a deployment form, the fast search prices each move in the seconds measured in that form, and picks only
+    ranks whose kernels were measured faster than the dense ones."""
+    model = _model()
+    costs = KernelCosts(torch.bfloat16, seconds_fn=_half_speed_factored)
+    report = {}
+    ranks = allocate_ranks(
+        model,
+        _stats(model),
+        max_accuracy_drop=50.0,
+        eval_dataloader=tiny_batches(num_labels=2),
+        kernel_costs=costs,
+        search="fast",
+        report=report,
+    )
+    assert ranks and all(ranks[name] in report["grids"][name] for name in ranks)
+    for name in [n for n in ranks if not n.endswith("attention.self")]:
+        out_features, in_features = model.get_submodule(name).weight.shape
+        assert ranks[name] <= breakeven_rank(out_features, in_features) // 2  # the measured, not the FLOP, break-even
+    from drone_hf.candidates import Candidates
+
+    candidates = Candidates(
+        model, None, method="svd", attention=True, target_modules=None, rank_grid=None, rank_multiple=8,
+        seq_len=128, kernel_costs=costs,
+    )  # fmt: skip
+    up = "bert.encoder.layer.0.intermediate.dense"
+    assert candidates.cost(up, 8) == _half_speed_factored("linear", (256, 64), 8)
+    assert candidates.cost(up, None) == 256 * 64
+    block = "bert.encoder.layer.0.attention.self"
+    assert candidates.cost(block, 2) == 2 * _half_speed_factored("qk", (64, 4, 16), 2)

@@ -1,0 +1,209 @@
+"""The fast search of an accuracy budget (`search="fast"`; docs/methods.md §1b).
+
+Instead of a measured drop curve per module (one held-out evaluation per module and grid rank), each module's drop at
+every rank is *predicted* from the closed form's relative residual energy (free: it comes with the decomposition),
+calibrated by one held-out evaluation per module at a probe rank. The predicted drops then order every single-module
+move by the one global scale at which the DRONE appendix's time-share rule allows it (each module the smallest rank
+whose drop fits its share of the cost, multiply-adds or seconds measured in a deployment form, times the scale), so a
+prefix of that ordering is the time-share allocation at some scale. The length of the prefix is bisected with real
+joint checks, then a few more moves along the ordering are tried one by one. Only the joint checks decide what is
+returned, so a wrong prediction costs speed, never the budget. Nothing here reads a clock."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+from transformers.utils.logging import tqdm
+
+from .candidates import apply_ranks, restore_modules, swap_module
+from .heads import soft_change
+from .heldout import paired_standard_error
+
+
+ENERGY_EXPONENT = 0.5
+"""Predicted drop at rank `k` = probe drop * (residual energy at `k` / residual energy at the probe rank) ** this. A
+module's discarded output energy is the squared size of the change it makes; to first order a probability moves with
+the size of the change, its square root."""
+
+
+SCREEN_REJECT_Z = 2.0
+"""A bisection step is rejected without its joint check when its drop on the screening rows (real metric) exceeds the
+budget by more than this many of their paired standard errors: a cheap early exit for the steps far past the budget.
+Acceptance always needs the full joint check."""
+
+
+def probe_rank(grid: list[int]) -> int:
+    """The rank a module is evaluated at to calibrate its prediction: the middle of its (sorted) grid."""
+    return sorted(grid)[len(grid) // 2]
+
+
+def predicted_drops(
+    tails: Mapping[str, Callable[[int | None], float]],
+    grids: Mapping[str, list[int]],
+    probes: Mapping[str, tuple[int, float]],
+    exponent: float = ENERGY_EXPONENT,
+) -> dict[str, dict[int, float]]:
+    """Each module's predicted drop at each grid rank: its measured drop at the probe rank, scaled by the `exponent`
+    power of the ratio of relative residual energies (`tails[name](rank)`). A module whose probe rank discards no
+    energy gets the largest drop-per-energy coefficient of the others (a cautious guess)."""
+    coefficients = {}
+    for name, (rank, drop) in probes.items():
+        energy = tails[name](rank)
+        coefficients[name] = drop / energy**exponent if energy > 0 else None
+    fallback = max((c for c in coefficients.values() if c is not None), default=0.0)
+    drops = {}
+    for name, grid in grids.items():
+        coefficient = fallback if coefficients[name] is None else coefficients[name]
+        drops[name] = {rank: coefficient * tails[name](rank) ** exponent for rank in grid}
+    return drops
+
+
+def share_path(drops: Mapping[str, Mapping[int, float]], shares: Mapping[str, float]) -> list[tuple[str, int]]:
+    """Every module's moves from dense down to its smallest rank, in the order in which one global scale `s` lets
+    them: module `m` may take rank `k` once `s * shares[m]` reaches its predicted drop at `k` and at every larger
+    rank (a rank is only as safe as the ranks above it). The first `t` moves are the DRONE appendix's time-share
+    allocation (each module the smallest rank whose drop fits its share of a scaled budget) for some scale, and each
+    further move only compresses more."""
+    moves = []
+    for order, name in enumerate(drops):
+        level = 0.0
+        for rank in sorted(drops[name], reverse=True):
+            level = max(level, drops[name][rank] / max(shares[name], 1e-300))
+            moves.append((level, order, -rank, name, rank))
+    return [(name, rank) for *_, name, rank in sorted(moves)]
+
+
+def assignment(path: list[tuple[str, int]], step: int) -> dict[str, int]:
+    """The ranks after the first `step` moves of `path` (later moves of a module overwrite earlier ones)."""
+    return dict(path[:step])
+
+
+def bisect_path(fits: Callable[[int], bool], length: int) -> int:
+    """The largest `step` in `[0, length]` that `fits`, by bisection, assuming that `step = 0` (dense) fits and that
+    what fits is a prefix of the steps. `fits` is called at most `ceil(log2(length + 1))` times."""
+    low, high = 0, length + 1  # `low` fits; `high` does not (length + 1: past the end)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def probe_modules(working, candidates, evaluator, problem_type, show_progress) -> tuple[dict, object]:
+    """Each candidate compressed alone at its probe rank and scored by [`soft_change`] on the screening rows,
+    re-running only the layers from the candidate's on: one evaluation per candidate. Returns the probes (name ->
+    `(rank, drop)`) and the dense model's rows on the screening rows."""
+    labels, reference = evaluator.labels, evaluator.logits(0)
+    probes = {}
+    with tqdm(total=len(candidates.names), desc="Probing modules", disable=not show_progress) as progress:
+        for layer in sorted({candidates.layer[name] for name in candidates.names}):
+            evaluator.advance_to(layer)
+            for name in [n for n in candidates.names if candidates.layer[n] == layer]:
+                rank = probe_rank(candidates.grid[name])
+                original = swap_module(working, name, candidates.module(name, rank))
+                try:
+                    drop = soft_change(reference, evaluator.logits(), labels, problem_type, evaluator.kind)
+                finally:
+                    swap_module(working, name, original)
+                if not math.isfinite(drop):
+                    raise ValueError(
+                        f"The held-out outputs of the model with `{name}` at rank {rank} are not finite (NaN/Inf "
+                        "drop); check the model's dtype (float16 can overflow) and the held-out inputs."
+                    )
+                probes[name] = (rank, drop)
+                progress.update(1)
+    return probes, reference
+
+
+class _Screen:
+    """The early exit of the bisection: scores an assignment on the screening rows with the real metric and says
+    whether it is clearly past the budget ([`SCREEN_REJECT_Z`])."""
+
+    def __init__(self, joint, evaluator, reference):
+        self.joint, self.evaluator, self.reference = joint, evaluator, reference
+        self.rejected: list[dict] = []
+
+    def rejects(self, ranks, step) -> bool:
+        joint = self.joint
+        if tuple(sorted(ranks.items())) in joint.entries:
+            return False  # already scored on all rows
+        originals = apply_ranks(joint.working, joint.candidates, ranks)
+        try:
+            logits = self.evaluator.logits(0)
+        finally:
+            restore_modules(joint.working, originals)
+        labels = self.evaluator.labels
+        drop = joint.raw_metric(self.reference, labels) - joint.raw_metric(logits, labels)
+        error = paired_standard_error(joint.raw_metric, self.reference, logits, labels)
+        clearly_past = math.isfinite(drop) and drop - SCREEN_REJECT_Z * error > joint.budget
+        if clearly_past:
+            self.rejected.append({"step": step, "drop": float(drop), "standard_error": error})
+        return clearly_past
+
+
+def path_search(joint, candidates, evaluator, problem_type, shares, refine_steps: int, show_progress=False):
+    """Ranks for the budget of `joint` (a `budget_search._JointCheck`): probes, predicted drops, the path of one
+    global scale over the cost `shares` ([`share_path`]), bisection of its length by joint checks, then up to
+    `refine_steps` further joint checks trying the next moves of the path one at a time (a module whose move fails
+    moves no further). Returns the accepted entry (ranks, drop, standard error) and what to report. A bisection step
+    clearly past the budget on the screening rows is rejected without its joint check (`_Screen`). At most
+    `len(candidates.names) + 1 + ceil(log2(moves + 1))` screening evaluations and `ceil(log2(moves + 1)) +
+    refine_steps` joint checks."""
+    probes, reference = probe_modules(joint.working, candidates, evaluator, problem_type, show_progress)
+    screen = _Screen(joint, evaluator, reference) if evaluator is not joint.evaluator else None
+    tails = {name: candidates.energy_loss(name) for name in candidates.names}
+    grids = {name: list(candidates.grid[name]) for name in candidates.names}
+    drops = predicted_drops(tails, grids, probes)
+    path = share_path(drops, shares)
+    bisection_checks = math.ceil(math.log2(len(path) + 1))
+    if joint.progress is not None:
+        joint.progress.total = bisection_checks + refine_steps
+        joint.progress.refresh()
+
+    def fits(step):
+        ranks = assignment(path, step)
+        if screen is not None and screen.rejects(ranks, step):
+            return False
+        return joint.fits(ranks, step=step, stage="bisect")
+
+    step = bisect_path(fits, len(path))
+    ranks = assignment(path, step)
+    accepted = joint.score(ranks, step=step, stage="bisect") if ranks else {"drop": 0.0, "standard_error": 0.0}
+    tried, blocked = 0, set()
+    for name, rank in path[step:]:
+        if tried >= refine_steps:
+            break
+        if name in blocked:
+            continue
+        trial = {**ranks, name: rank}
+        fresh = tuple(sorted(trial.items())) not in joint.entries
+        entry = joint.score(trial, stage="refine")
+        tried += fresh
+        if joint.accepts(entry):
+            ranks, accepted = trial, entry
+        else:
+            blocked.add(name)
+    details = {
+        "probes": {name: {"rank": rank, "drop": drop} for name, (rank, drop) in probes.items()},
+        "energy_exponent": ENERGY_EXPONENT,
+        "predicted_curves": drops,
+        "path_moves": len(path),
+        "path": [[name, rank] for name, rank in path],
+        "path_step": step,
+        "screened_rejections": [] if screen is None else screen.rejected,
+    }
+    return {**accepted, "ranks": ranks, "steps": tried}, details
+
+
+__all__ = [
+    "ENERGY_EXPONENT",
+    "assignment",
+    "bisect_path",
+    "path_search",
+    "predicted_drops",
+    "probe_rank",
+    "share_path",
+]

@@ -1,0 +1,236 @@
+"""The fast accuracy-budget search (`search="fast"`, drone_hf.budget_path) and the choice between the searches."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from drone_hf import DroneCompressionArguments, allocate_ranks, budget_path, collect_activation_stats, compress_model
+from drone_hf.budget_path import assignment, bisect_path, predicted_drops, probe_rank, share_path
+from drone_hf.budget_search import _select
+from drone_hf.heldout import paired_standard_error, spread_subset
+
+from .testing_utils import tiny_batches, tiny_teacher
+
+
+@pytest.fixture(scope="module")
+def case():
+    """A tiny teacher whose labels are its own predictions, and a metric that sees every small change of the
+    logits (so that a budget of a few hundredths of a point binds on a tiny model)."""
+    model = tiny_teacher(hidden_size=64, intermediate_size=128)
+    batches = tiny_batches(num_rows=32, seq_len=10, batch_size=8)
+    with torch.no_grad():
+        reference = torch.cat(
+            [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
+        )
+    for batch, labels in zip(batches, reference.argmax(-1).split(8)):
+        batch["labels"] = labels
+    reference = reference.numpy()
+
+    def logit_metric(logits, labels):
+        return -100.0 * float(abs(logits - reference).mean())
+
+    return model, batches, collect_activation_stats(model, batches), logit_metric, reference
+
+
+def _measured(model, stats, batches, ranks, metric, base):
+    compressed = compress_model(model, stats, ranks=ranks)
+    with torch.no_grad():
+        logits = torch.cat(
+            [compressed(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
+        ).numpy()
+    labels = torch.cat([b["labels"] for b in batches]).numpy()
+    drop = metric(base, labels) - metric(logits, labels)
+    return drop, paired_standard_error(metric, base, logits, labels)
+
+
+def test_bisection_finds_the_last_fitting_step_within_log2_checks():
+    for length in (0, 1, 2, 7, 8, 100):
+        for threshold in range(length + 1):
+            calls = []
+
+            def fits(step, threshold=threshold, calls=calls):
+                calls.append(step)
+                return step <= threshold
+
+            assert bisect_path(fits, length) == threshold
+            assert len(calls) <= math.ceil(math.log2(length + 1))
+            assert 0 not in calls  # dense is known to fit: never checked
+
+
+def test_share_path_is_the_time_share_rule_at_every_scale():
+    """Each prefix of the path is the DRONE appendix's time-share allocation (`budget_search._select`) at some scale,
+    and every move only compresses further."""
+    rng = np.random.default_rng(0)
+    drops, shares = {}, {}
+    for name in "abcd":
+        grid = [4, 8, 12, 16]
+        values = np.sort(rng.random(len(grid)))[::-1]  # smaller rank, larger drop...
+        values[1] = values[2] * 0.9  # ...except one dip: rank 8 looks safer than 12, but is read from the top
+        drops[name] = dict(zip(grid, values.tolist()))
+        shares[name] = float(rng.random())
+    path = share_path(drops, shares)
+    assert len(path) == sum(len(curve) for curve in drops.values())
+    levels = [max(v / shares[n] for k, v in drops[n].items() if k >= rank) for n, rank in path]
+    assert levels == sorted(levels)
+    for step in range(1, len(path) + 1):
+        name, rank = path[step - 1]
+        earlier = assignment(path, step - 1).get(name)
+        assert earlier is None or rank < earlier  # a module only moves down
+        if step == len(path) or levels[step] > levels[step - 1]:  # (moves at one level happen together)
+            assert _select(drops, shares, 1.0, levels[step - 1]) == assignment(path, step)  # the rule at that scale
+    assert _select(drops, shares, 1.0, 0.0) == {}
+
+
+def test_the_reported_path_follows_the_predicted_drops_and_cost_shares(case):
+    model, batches, stats, metric, _ = case
+    report = {}
+    allocate_ranks(
+        model, stats, eval_dataloader=batches, max_accuracy_drop=0.01, metric_fn=metric, search="fast", report=report
+    )
+    curves = {n: {int(k): d for k, d in c.items()} for n, c in report["predicted_curves"].items()}
+    assert [tuple(move) for move in report["path"]] == share_path(curves, report["shares"])
+    assert sum(report["shares"].values()) == pytest.approx(1.0)
+
+
+def test_predicted_drops_scale_the_probe_by_the_residual_energy():
+    tails = {"a": lambda k: {4: 0.64, 8: 0.16, 12: 0.04}[k], "b": lambda k: {4: 0.5, 8: 0.0}[k]}
+    grids = {"a": [4, 8, 12], "b": [4, 8]}
+    assert probe_rank([12, 4, 8]) == 8 and probe_rank([4, 8]) == 8
+    drops = predicted_drops(tails, grids, {"a": (8, 2.0), "b": (8, 1.0)}, exponent=0.5)
+    assert drops["a"] == pytest.approx({4: 4.0, 8: 2.0, 12: 1.0})  # sqrt of 4x / 1/4x the energy
+    # `b`'s probe discards no energy: it borrows the largest coefficient (a's 2 / sqrt(0.16) = 5).
+    assert drops["b"] == pytest.approx({4: 5.0 * 0.5**0.5, 8: 0.0})
+
+
+@pytest.mark.parametrize("budget", [0.005, 0.01, 0.02])
+def test_fast_search_keeps_the_budget_on_the_held_out_rows(case, budget):
+    model, batches, stats, metric, base = case
+    report = {}
+    ranks = allocate_ranks(
+        model, stats, eval_dataloader=batches, max_accuracy_drop=budget, metric_fn=metric, search="fast", report=report
+    )
+    assert report["search"] == "fast" and ranks
+    drop, error = _measured(model, stats, batches, ranks, metric, base)
+    assert drop == pytest.approx(report["heldout_drop"], abs=1e-5)
+    assert drop + error <= budget + 1e-9  # the final joint check with its one-standard-error margin holds
+    # Bounded cost: one probe per module, the bisection of the path (each step at most one screening and one joint
+    # evaluation) and the refinement, plus the two dense reference runs.
+    modules, bisection = report["candidates"], math.ceil(math.log2(report["path_moves"] + 1))
+    assert report["joint_check_count"] <= bisection + 8
+    assert report["evaluations"] <= modules + 2 + 2 * bisection + 8
+
+
+def test_bisection_steps_clearly_past_the_budget_exit_on_the_screening_rows(case):
+    model, batches, stats, full_metric, base = case
+    screening = spread_subset(batches, 16)  # whole batches: the first and the last of four
+    rows = np.concatenate(
+        [np.arange(8 * i, 8 * i + 8) for i, b in enumerate(batches) if any(b is s for s in screening)]
+    )
+
+    def metric(logits, labels):  # the case's metric, on all rows or on the screening rows
+        return (
+            full_metric(logits, labels)
+            if len(logits) == len(base)
+            else -100.0 * float(abs(logits - base[rows]).mean())
+        )
+
+    report = {}
+    ranks = allocate_ranks(
+        model,
+        stats,
+        eval_dataloader=batches,
+        max_accuracy_drop=0.005,
+        metric_fn=metric,
+        screening_samples=16,
+        search="fast",
+        report=report,
+    )
+    screened = report["screened_rejections"]
+    assert screened and all(entry["drop"] - 2 * entry["standard_error"] > 0.005 for entry in screened)
+    assert all(entry["step"] > report["path_step"] for entry in screened)  # only steps past the one returned
+    checked = {entry["step"] for entry in report["joint_checks"] if entry.get("step") is not None}
+    assert not checked & {entry["step"] for entry in screened}  # a screened step costs no joint check
+    drop, error = _measured(model, stats, batches, ranks, metric, base)
+    assert drop + error <= 0.005 + 1e-9
+
+
+def test_a_wrong_predictor_costs_speed_never_the_budget(case, monkeypatch):
+    """Predictions inverted (the most sensitive module looks free): the joint checks still decide, and the ranks
+    returned still fit; with a budget nothing fits, the dense model comes back."""
+    model, batches, stats, metric, base = case
+
+    def inverted(tails, grids, probes, exponent=0.5):
+        honest = predicted_drops(tails, grids, probes, exponent)
+        top = max(v for curve in honest.values() for v in curve.values())
+        return {name: {rank: top - value for rank, value in curve.items()} for name, curve in honest.items()}
+
+    monkeypatch.setattr(budget_path, "predicted_drops", inverted)
+    report = {}
+    ranks = allocate_ranks(
+        model, stats, eval_dataloader=batches, max_accuracy_drop=0.01, metric_fn=metric, search="fast", report=report
+    )
+    drop, error = _measured(model, stats, batches, ranks, metric, base)
+    assert drop + error <= 0.01 + 1e-9 and drop == pytest.approx(report["heldout_drop"], abs=1e-5)
+    assert any(not entry["drop"] + entry["standard_error"] <= 0.01 for entry in report["joint_checks"])
+    tiny = allocate_ranks(
+        model, stats, eval_dataloader=batches, max_accuracy_drop=1e-7, metric_fn=metric, search="fast"
+    )
+    assert tiny == {}  # even the first move breaks the budget: nothing is compressed
+
+
+def test_fast_search_is_cheaper_than_the_exhaustive_one(case):
+    model, batches, stats, metric, base = case
+    fast, exhaustive = {}, {}
+    kwargs = {"eval_dataloader": batches, "max_accuracy_drop": 0.01, "metric_fn": metric, "safety_margin": 0.0}
+    allocate_ranks(model, stats, search="fast", report=fast, **kwargs)
+    allocate_ranks(model, stats, search="exhaustive", report=exhaustive, **kwargs)
+    assert fast["evaluations"] < exhaustive["evaluations"] / 2
+    assert fast["probes"] and "curves" not in fast and "curves" in exhaustive and "probes" not in exhaustive
+
+
+def test_exhaustive_search_is_unchanged(case):
+    """The same ranks, evaluations and drop as drone_hf before the fast search existed (computed with that code)."""
+    model, batches, stats, metric, base = case
+    report = {}
+    ranks = allocate_ranks(
+        model,
+        stats,
+        eval_dataloader=batches,
+        max_accuracy_drop=0.01,
+        safety_margin=0.0,
+        metric_fn=metric,
+        refine_steps=6,
+        search="exhaustive",
+        report=report,
+    )
+    layer = "bert.encoder.layer."
+    assert ranks == {
+        f"{layer}0.attention.output.dense": 24,
+        f"{layer}0.attention.self": 2,
+        f"{layer}0.output.dense": 32,
+        f"{layer}1.attention.output.dense": 24,
+        f"{layer}1.attention.self": 2,
+        f"{layer}1.intermediate.dense": 40,
+        f"{layer}1.output.dense": 24,
+    }
+    assert report["evaluations"] == 58 and report["heldout_drop"] == pytest.approx(0.009902, abs=1e-6)
+
+
+def test_bad_search_options_are_refused(case):
+    model, batches, stats, _, _ = case
+    with pytest.raises(ValueError, match=r"`search` must be one of \['fast', 'exhaustive'\], got 'quick'"):
+        allocate_ranks(model, stats, eval_dataloader=batches, max_accuracy_drop=1.0, search="quick")
+    with pytest.raises(ValueError, match=r"`search` must be one of .*got None"):
+        allocate_ranks(model, stats, target_speedup=1.5, search=None)
+    with pytest.raises(ValueError, match=r"`refine_steps` must be an int >= 0 or None .*got -1"):
+        allocate_ranks(model, stats, eval_dataloader=batches, max_accuracy_drop=1.0, refine_steps=-1)
+    with pytest.raises(ValueError, match=r"`search` must be one of .*got 'Fast'"):
+        compress_model(
+            model, stats, eval_dataloader=batches, max_accuracy_drop=1.0, allocation_options={"search": "Fast"}
+        )
+    with pytest.raises(ValueError, match=r"`allocation_search` must be one of \['fast', 'exhaustive'\], got 'x'"):
+        DroneCompressionArguments(max_accuracy_drop=1.0, allocation_search="x")
+    kwargs = DroneCompressionArguments(max_accuracy_drop=1.0, allocation_search="exhaustive").compress_kwargs()
+    assert kwargs["allocation_options"]["search"] == "exhaustive"
