@@ -89,22 +89,29 @@ def test_bf16_compressed_model_saves_and_reloads_identically_on_the_gpu(tmp_path
     torch.testing.assert_close(_logits(bf16, batches, CUDA), _logits(fp32, batches, CUDA), rtol=0.05, atol=0.05)
 
 
-def test_accuracy_budget_allocation_runs_its_evaluations_on_the_gpu():
+@pytest.mark.parametrize("search", ["exhaustive", "fast"])
+def test_accuracy_budget_allocation_runs_its_evaluations_on_the_gpu(search):
     teacher = tiny_teacher()
     batches = tiny_batches(num_rows=36)  # a 10-point budget needs >= 30 held-out rows
     report_cpu, report_gpu = {}, {}
     stats = collect_activation_stats(teacher, batches)
-    budget = {"max_accuracy_drop": 10.0, "eval_dataloader": batches, "rank_grid": [4, 8, 16]}
+    budget = {
+        "max_accuracy_drop": 10.0,
+        "eval_dataloader": batches,
+        "rank_grid": [4, 8, 16],
+        "allocation_options": {"search": search},
+    }
     compress_model(teacher, stats, allocation_report=report_cpu, **budget)
     gpu_teacher = copy.deepcopy(teacher).to(CUDA)
     gpu = compress_model(
         gpu_teacher, collect_activation_stats(gpu_teacher, batches), allocation_report=report_gpu, **budget
     )
-    assert {p.device.type for p in gpu.parameters()} == {"cuda"}
+    assert {p.device.type for p in gpu.parameters()} == {CUDA.type}
     assert gpu.config.drone_ranks, "the budget allows some compression of the tiny model"
     # The evaluations ran on the GPU and saw the same accuracies as on the CPU (up to float rounding of ties).
     assert report_gpu["heldout_base_metric"] == pytest.approx(report_cpu["heldout_base_metric"])
     assert report_gpu["evaluations"] > 0 and report_gpu["heldout_drop"] <= 10.0 + 1e-9
+    assert report_gpu["search"] == search
 
 
 def test_projective_embedding_compression_on_the_gpu():
