@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .data_reading import is_default_id2label, label_scheme, read_file, read_hub, text_columns
+from .data_reading import is_default_id2label, label_scheme, read_splits, text_columns
 from .glue_tasks import get_glue_task
 from .task_metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS, metric_name, task_metrics
 
@@ -299,16 +299,7 @@ def load_task_data(
     """
     if source.task:
         return TaskData.from_glue(source.task, source.data_dir)
-    raw: dict[str, datasets.Dataset] = {}
-    for split in splits:
-        if source.dataset_name:
-            raw[split] = read_hub(source, source.train_split if split == "train" else source.validation_split)
-        else:
-            path = source.train_file if split == "train" else source.validation_file
-            if path is None:
-                option = "--train-file" if split == "train" else "--validation-file"
-                raise ValueError(f"This command needs {split} rows: pass `{option}`.")
-            raw[split] = read_file(path)
+    raw = read_splits(source, splits)
     first = next(iter(raw.values()))
     label = source.label_column or next((c for c in ("label", "labels") if c in first.column_names), None)
     for split, rows in raw.items():

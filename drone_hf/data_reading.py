@@ -75,6 +75,22 @@ def read_hub(source: DataSource, split: str) -> datasets.Dataset:
         raise
 
 
+def read_splits(source: DataSource, splits: Sequence[str]) -> dict[str, datasets.Dataset]:
+    """The raw rows of each of `splits` (`"train"` and/or `"validation"`): from the Hub dataset when `source` names
+    one, else from `--train-file` / `--validation-file`, whose absence for a needed split is an error naming it."""
+    raw: dict[str, datasets.Dataset] = {}
+    for split in splits:
+        if source.dataset_name:
+            raw[split] = read_hub(source, source.train_split if split == "train" else source.validation_split)
+        else:
+            path = source.train_file if split == "train" else source.validation_file
+            if path is None:
+                option = "--train-file" if split == "train" else "--validation-file"
+                raise ValueError(f"This command needs {split} rows: pass `{option}`.")
+            raw[split] = read_file(path)
+    return raw
+
+
 def text_columns(source: DataSource, columns: Sequence[str], label: str) -> tuple[str, ...]:
     if source.text_columns:
         missing = [column for column in source.text_columns if column not in columns]

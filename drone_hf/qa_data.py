@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .data import DataSource, TaskData
-from .data_reading import read_file, read_hub
+from .data_reading import read_splits
 from .qa_metrics import QA_METRICS, SquadExamples, SquadF1Points, qa_metric_name, qa_task_metrics
 
 
@@ -170,16 +170,7 @@ def load_qa_task_data(
             "`--text-columns`/`--label-column` do not apply to question answering: the rows need the columns "
             f"{list(QA_COLUMNS)} (SQuAD layout)."
         )
-    raw: dict[str, datasets.Dataset] = {}
-    for split in splits:
-        if source.dataset_name:
-            raw[split] = read_hub(source, source.train_split if split == "train" else source.validation_split)
-        else:
-            path = source.train_file if split == "train" else source.validation_file
-            if path is None:
-                option = "--train-file" if split == "train" else "--validation-file"
-                raise ValueError(f"This command needs {split} rows: pass `{option}`.")
-            raw[split] = read_file(path)
+    raw = read_splits(source, splits)
     for split, rows in raw.items():
         missing = [column for column in QA_COLUMNS if column not in rows.column_names]
         if missing:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .data import DataSource, TaskData
-from .data_reading import is_default_id2label, read_file, read_hub
+from .data_reading import is_default_id2label, read_splits
 from .token_metrics import (
     ENTITY_METRICS,
     IGNORE_INDEX,
@@ -228,16 +228,7 @@ def load_token_task_data(
     """
     if source.task:
         raise ValueError(f"`--task {source.task}` is a GLUE text-classification task, not token classification.")
-    raw: dict[str, datasets.Dataset] = {}
-    for split in splits:
-        if source.dataset_name:
-            raw[split] = read_hub(source, source.train_split if split == "train" else source.validation_split)
-        else:
-            path = source.train_file if split == "train" else source.validation_file
-            if path is None:
-                option = "--train-file" if split == "train" else "--validation-file"
-                raise ValueError(f"This command needs {split} rows: pass `{option}`.")
-            raw[split] = read_file(path)
+    raw = read_splits(source, splits)
     if source.text_columns is not None and len(source.text_columns) != 1:
         raise ValueError(
             f"`--text-column` takes one column of words for token classification, got {source.text_columns}."
