@@ -92,28 +92,38 @@ def bisect_path(fits: Callable[[int], bool], length: int) -> int:
     return low
 
 
+def module_drop(working, candidates, name: str, rank: int, evaluator, reference, problem_type) -> float:
+    """[`soft_change`] on the screening rows with `name` alone at `rank` (the layers from its own on re-run by
+    `evaluator`); the module is put back whatever happens.
+
+    Raises:
+        `ValueError`: when the compressed model's held-out outputs are not finite.
+    """
+    original = swap_module(working, name, candidates.module(name, rank))
+    try:
+        drop = soft_change(reference, evaluator.logits(), evaluator.labels, problem_type, evaluator.kind)
+    finally:
+        swap_module(working, name, original)
+    if not math.isfinite(drop):
+        raise ValueError(
+            f"The held-out outputs of the model with `{name}` at rank {rank} are not finite (NaN/Inf drop); check "
+            "the model's dtype (float16 can overflow) and the held-out inputs."
+        )
+    return drop
+
+
 def probe_modules(working, candidates, evaluator, problem_type, show_progress) -> tuple[dict, object]:
     """Each candidate compressed alone at its probe rank and scored by [`soft_change`] on the screening rows,
     re-running only the layers from the candidate's on: one evaluation per candidate. Returns the probes (name ->
     `(rank, drop)`) and the dense model's rows on the screening rows."""
-    labels, reference = evaluator.labels, evaluator.logits(0)
+    reference = evaluator.logits(0)
     probes = {}
     with tqdm(total=len(candidates.names), desc="Probing modules", disable=not show_progress) as progress:
         for layer in sorted({candidates.layer[name] for name in candidates.names}):
             evaluator.advance_to(layer)
             for name in [n for n in candidates.names if candidates.layer[n] == layer]:
                 rank = probe_rank(candidates.grid[name])
-                original = swap_module(working, name, candidates.module(name, rank))
-                try:
-                    drop = soft_change(reference, evaluator.logits(), labels, problem_type, evaluator.kind)
-                finally:
-                    swap_module(working, name, original)
-                if not math.isfinite(drop):
-                    raise ValueError(
-                        f"The held-out outputs of the model with `{name}` at rank {rank} are not finite (NaN/Inf "
-                        "drop); check the model's dtype (float16 can overflow) and the held-out inputs."
-                    )
-                probes[name] = (rank, drop)
+                probes[name] = (rank, module_drop(working, candidates, name, rank, evaluator, reference, problem_type))
                 progress.update(1)
     return probes, reference
 

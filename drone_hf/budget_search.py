@@ -11,10 +11,10 @@ from numbers import Real
 import numpy as np
 from transformers.utils.logging import tqdm
 
-from .budget_path import path_search
+from .budget_path import module_drop, path_search
 from .calibration import check_batch, check_dataloader, vocab_size
-from .candidates import apply_ranks, restore_modules, swap_module
-from .heads import default_metric_fn, head_rows, soft_change
+from .candidates import apply_ranks, restore_modules
+from .heads import default_metric_fn, head_rows
 from .heldout import LayerwiseEvaluator, paired_standard_error, spread_subset
 
 
@@ -248,7 +248,7 @@ def _exhaustive_search(working, joint, candidates, evaluator, problem_type, refi
 def _module_curves(working, candidates, evaluator, problem_type, budget, show_progress) -> dict[str, dict[int, float]]:
     """Each candidate compressed alone at each grid rank (largest first; early exit past the whole budget), scored by
     [`soft_change`] on the screening rows, re-running only the layers from the candidate's on."""
-    labels, reference = evaluator.labels, evaluator.logits(0)
+    reference = evaluator.logits(0)
     curves: dict[str, dict[int, float]] = {name: {} for name in candidates.names}
     total_steps = sum(len(candidates.grid[name]) for name in candidates.names)
     with tqdm(total=total_steps, desc="Allocating ranks", disable=not show_progress) as progress:
@@ -256,16 +256,7 @@ def _module_curves(working, candidates, evaluator, problem_type, budget, show_pr
             evaluator.advance_to(layer)
             for name in [n for n in candidates.names if candidates.layer[n] == layer]:
                 for rank in sorted(candidates.grid[name], reverse=True):
-                    original = swap_module(working, name, candidates.module(name, rank))
-                    try:
-                        drop = soft_change(reference, evaluator.logits(), labels, problem_type, evaluator.kind)
-                    finally:
-                        swap_module(working, name, original)
-                    if not math.isfinite(drop):
-                        raise ValueError(
-                            f"The held-out outputs of the model with `{name}` at rank {rank} are not finite (NaN/Inf "
-                            "drop); check the model's dtype (float16 can overflow) and the held-out inputs."
-                        )
+                    drop = module_drop(working, candidates, name, rank, evaluator, reference, problem_type)
                     curves[name][rank] = drop
                     progress.update(1)
                     if drop > budget:  # smaller ranks only lose more: early exit
