@@ -215,6 +215,20 @@ class TaskData:
         return {"id": f"local:{validation or train}", "pretty": f"local files {pretty}"}
 
     # ------------------------------------------------------------------------------------------------ loading
+    def _rows(self, split: str, max_samples: int | None, seed: int):
+        """The raw rows of `split` (a seeded random subset of `max_samples`, kept in file order), for `load`.
+
+        Raises:
+            `ValueError`: when the data has no `split`, naming the option that gives it.
+        """
+        if split not in self._raw:
+            option = "--train-file" if split == "train" else "--validation-file"
+            raise ValueError(f"No {split} rows: pass `{option}` (or a Hub dataset with a `{split}` split).")
+        rows = self._raw[split]
+        if max_samples is not None and max_samples < len(rows):
+            rows = rows.select(np.sort(np.random.default_rng(seed).permutation(len(rows))[:max_samples]).tolist())
+        return rows
+
     def load(
         self,
         split: str,
@@ -239,12 +253,7 @@ class TaskData:
                 max_samples=max_samples,
                 seed=seed,
             )
-        if split not in self._raw:
-            option = "--train-file" if split == "train" else "--validation-file"
-            raise ValueError(f"No {split} rows: pass `{option}` (or a Hub dataset with a `{split}` split).")
-        rows = self._raw[split]
-        if max_samples is not None and max_samples < len(rows):
-            rows = rows.select(np.sort(np.random.default_rng(seed).permutation(len(rows))[:max_samples]).tolist())
+        rows = self._rows(split, max_samples, seed)
         columns, encode_label = self.text_columns, self._encode_label
 
         def encode(batch: dict[str, list]) -> Any:

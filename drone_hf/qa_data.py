@@ -46,10 +46,6 @@ class QATaskData(TaskData):
     def is_regression(self) -> bool:
         return False
 
-    @property
-    def main_metric(self) -> str:
-        return self.metric_names[0]
-
     def load(
         self,
         split: str,
@@ -66,12 +62,7 @@ class QATaskData(TaskData):
                 "Question answering needs a fast tokenizer (its offset mapping locates answers); the model's "
                 f"tokenizer is {type(tokenizer).__name__}."
             )
-        if split not in self._raw:
-            option = "--train-file" if split == "train" else "--validation-file"
-            raise ValueError(f"No {split} rows: pass `{option}` (or a Hub dataset with a `{split}` split).")
-        rows = self._raw[split]
-        if max_samples is not None and max_samples < len(rows):
-            rows = rows.select(np.sort(np.random.default_rng(seed).permutation(len(rows))[:max_samples]).tolist())
+        rows = self._rows(split, max_samples, seed)
         context_first = getattr(tokenizer, "padding_side", "right") == "left"  # as run_qa.py: question, then context
 
         def encode(batch: dict[str, list], indices: list[int]) -> Any:

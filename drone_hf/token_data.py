@@ -50,10 +50,6 @@ class TokenTaskData(TaskData):
     def is_regression(self) -> bool:
         return False
 
-    @property
-    def main_metric(self) -> str:
-        return self.metric_names[0]
-
     def load(
         self,
         split: str,
@@ -71,12 +67,7 @@ class TokenTaskData(TaskData):
                 f"model's tokenizer is {type(tokenizer).__name__}. Save a fast one (`AutoTokenizer.from_pretrained("
                 "..., use_fast=True)`) beside the model."
             )
-        if split not in self._raw:
-            option = "--train-file" if split == "train" else "--validation-file"
-            raise ValueError(f"No {split} rows: pass `{option}` (or a Hub dataset with a `{split}` split).")
-        rows = self._raw[split]
-        if max_samples is not None and max_samples < len(rows):
-            rows = rows.select(np.sort(np.random.default_rng(seed).permutation(len(rows))[:max_samples]).tolist())
+        rows = self._rows(split, max_samples, seed)
         words_column, encode_label = self.text_columns[0], self._encode_label
 
         def encode(batch: dict[str, list]) -> Any:
