@@ -194,10 +194,34 @@ CLI_WORDS = [
 def cli_tokenizer():
     """A WordPiece tokenizer over `CLI_WORDS` (transformers 5 ignores `vocab_file=` for a fast BERT tokenizer built in
     code, so every word would be [UNK]: the vocabulary goes in as a dict)."""
+    return _word_tokenizer(CLI_WORDS)
+
+
+def _word_tokenizer(words) -> object:
     from transformers import BertTokenizerFast
 
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *CLI_WORDS]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
     return BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
+
+
+def _tiny_bert_folder(folder: Path, model_class, tokenizer, positions: int, with_tokenizer: bool = True, **config):
+    """`model_class` of a tiny BERT over `tokenizer`'s vocabulary (seeded weights) saved in `folder`, with the
+    tokenizer beside it unless `with_tokenizer=False`; `config` adds fields (labels)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    bert = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=positions,
+        **config,
+    )
+    model_class(bert).save_pretrained(folder)
+    if with_tokenizer:
+        tokenizer.save_pretrained(folder)
+    return folder
 
 
 def tiny_classifier_folder(
@@ -205,22 +229,9 @@ def tiny_classifier_folder(
 ) -> Path:
     """A saved tiny random BERT classifier (seeded) with a WordPiece tokenizer over `CLI_WORDS` (what `drone-hf`
     loads); `positions` is its `max_position_embeddings`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = cli_tokenizer()
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=positions,
-        num_labels=num_labels,
+    return _tiny_bert_folder(
+        folder, BertForSequenceClassification, cli_tokenizer(), positions, with_tokenizer, num_labels=num_labels
     )
-    BertForSequenceClassification(config).save_pretrained(folder)
-    if with_tokenizer:
-        tokenizer.save_pretrained(folder)
-    return folder
 
 
 def write_sst2_glue(root: Path, rows: tuple[int, int] = (80, 24), seed: int = 0) -> Path:
@@ -252,10 +263,7 @@ NER_TAGS = ("O", "B-POS", "I-POS", "B-NEG", "I-NEG")
 
 def ner_tokenizer():
     """`cli_tokenizer` plus the sub-word `##s`, so that `movies` is two sub-tokens (`movie`, `##s`)."""
-    from transformers import BertTokenizerFast
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *CLI_WORDS, "##s"]
-    return BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
+    return _word_tokenizer([*CLI_WORDS, "##s"])
 
 
 def tiny_token_classifier_folder(folder: Path, label_names=NER_TAGS, positions: int = 64) -> Path:
@@ -263,23 +271,15 @@ def tiny_token_classifier_folder(folder: Path, label_names=NER_TAGS, positions: 
     [`ner_tokenizer`] beside it."""
     from transformers import BertForTokenClassification
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = ner_tokenizer()
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=positions,
+    return _tiny_bert_folder(
+        folder,
+        BertForTokenClassification,
+        ner_tokenizer(),
+        positions,
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={name: index for index, name in enumerate(label_names)},
     )
-    BertForTokenClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def ner_rows(count: int, seed: int = 0) -> list[dict]:
@@ -312,20 +312,7 @@ def tiny_qa_folder(folder: Path, positions: int = 64) -> Path:
     """A saved tiny random (seeded) `BertForQuestionAnswering` with [`ner_tokenizer`] beside it."""
     from transformers import BertForQuestionAnswering
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = ner_tokenizer()
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=positions,
-    )
-    BertForQuestionAnswering(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return _tiny_bert_folder(folder, BertForQuestionAnswering, ner_tokenizer(), positions)
 
 
 def squad_rows(count: int, seed: int = 0) -> list[dict]:
