@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import machine_description, set_threads  # noqa: E402
-from report_gpu import DENSE_CONFIG, build, random_inputs, row_config  # noqa: E402
+from gpu import random_inputs  # noqa: E402
+from report_gpu import DENSE_CONFIG, build, row_config  # noqa: E402
 
 from drone_hf.profiling import flop_speedup_bound, time_round_robin  # noqa: E402
 
@@ -156,7 +157,7 @@ def main(argv=None) -> None:
         out["shapes"] = json.loads(Path(args.output).read_text()).get("shapes", {})
     for shape in args.shapes:
         batch, tokens = (int(n) for n in shape.split("x"))
-        inputs = random_inputs(dense_config["vocab_size"], batch, tokens, "cpu")
+        inputs = random_inputs(dense.config, batch, tokens, "cpu")
         entry = {"breakdown_ms": {}, "eager": {}, "compiled": {}, "flop_bound": {}}
         for name, model in models.items():
             entry["breakdown_ms"][name] = breakdown(model, inputs, args.passes)

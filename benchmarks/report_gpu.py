@@ -32,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from gpu import build as build_folder  # noqa: E402  (the GPU benchmark's builder and inputs)
+from gpu import random_inputs  # noqa: E402
+
 from drone_hf.profiling import measure_latency, time_round_robin  # noqa: E402
 
 
@@ -66,17 +69,9 @@ def row_config(dense: dict, row: dict) -> dict:
 
 def build(config: dict):
     """The model `config` describes, weights drawn from N(0, 0.02), LayerNorms at identity, in eval mode."""
-    from gpu import build as build_folder
-
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "config.json").write_text(json.dumps(config))
         return build_folder(Path(folder))
-
-
-def random_inputs(vocab_size: int, batch: int, length: int, device) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(batch * 1000 + length)
-    ids = torch.randint(5, vocab_size, (batch, length), generator=generator)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones(batch, length, dtype=torch.long, device=device)}
 
 
 @torch.inference_mode()
@@ -140,7 +135,7 @@ def run(args) -> None:
         for dtype_name in dict.fromkeys(s[0] for s in settings):
             models = {name: m.to(device=device, dtype=DTYPES[dtype_name]) for name, m in cpu_models.items()}
             for _, batch, tokens in (s for s in settings if s[0] == dtype_name):
-                inputs = random_inputs(dense["vocab_size"], batch, tokens, device)
+                inputs = random_inputs(cpu_models["dense"].config, batch, tokens, device)
                 latency = measure_latency(models, inputs, repeats=args.repeats, warmup=args.warmup)
                 key = column(dtype_name, batch, tokens)
                 for name in models:
