@@ -1,11 +1,16 @@
-"""Deployment table (issue 15): dense MiniLM and DRONE MiniLM on SST-2, each in float32, bfloat16 and dynamic int8.
+"""Deployment table (issue 15): a dense classifier and its DRONE versions on SST-2, each in float32, bfloat16 and
+dynamic int8 (MiniLM by default; any fine-tuned classifier with `--teacher`, e.g. the base-size MPNet).
 
     python benchmarks/deployment.py [--task sst2] [--teacher-steps 300] [--teacher PATH] [--rank 96]
-        [--target-speedup 1.5] [--rank-multiple 8] [--calibration-samples 512] [--repeats 30] [--threads N]
-        [--max-eval-samples N] [--sweep-multiple 8 | --no-sweep]
+        [--target-speedup 1.5 | --target-speedup 0] [--budget-model DIR ...] [--forms fp32 bf16 int8]
+        [--rank-multiple 8] [--calibration-samples 512] [--repeats 30] [--threads N]
+        [--max-eval-samples N] [--sweep-multiple 8 | --no-sweep] [--name deployment_minilm]
 
-Rows: dense, DRONE at one uniform rank (every encoder linear), and DRONE under a `target_speedup` budget whose ranks
-are allocated with the kernels measured in that form (`compress_model(..., dtype=/quantize=)`), in each form. Columns:
+Rows: dense, DRONE at one uniform rank (every encoder linear), DRONE under a `target_speedup` budget whose ranks
+are allocated with the kernels measured in that form (`compress_model(..., dtype=/quantize=)`), and each
+`--budget-model`: a model already compressed from the same teacher under an accuracy budget (`drone-hf compress
+--max-accuracy-drop 1.0 --output DIR`), cast to bfloat16 / quantised to int8 as it is (its ranks were chosen by
+held-out accuracy in float32), in each form. Columns:
 dev accuracy, latency of batch 8 x 128 tokens (every model timed round-robin in this one process, so that load drift
 hits all alike), speed-up over dense float32 AND over dense in the same form, the multiply-add bound, checkpoint size,
 and "saves + reloads": each model is saved with `save_pretrained`, reloaded with stock
@@ -14,12 +19,13 @@ back in the same dtype and module kinds with `torch.equal` logits.
 
 Before the table, a GEMM sweep: for each MiniLM linear shape and form, the dense product against the factored pair at
 every multiple of `--sweep-multiple` up to the multiply-add break-even (the same `KernelCosts` the budget rows use),
-and the measured break-even at multiples of 8, 16 and 32. Writes benchmarks/results/deployment_minilm.json.
+and the measured break-even at multiples of 8, 16 and 32. Writes benchmarks/results/<--name>.json.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -71,7 +77,18 @@ def parse_args():
     parser.add_argument("--teacher-steps", type=int, default=300, help="fine-tuning steps of the cached teacher")
     parser.add_argument("--teacher", help="a fine-tuned classifier folder to use instead of the cached teacher")
     parser.add_argument("--rank", type=int, default=96, help="the uniform-rank rows")
-    parser.add_argument("--target-speedup", type=float, default=1.5, help="the budget rows (multiply-add target)")
+    parser.add_argument(
+        "--target-speedup", type=float, default=1.5, help="the budget rows (multiply-add target); 0: no such rows"
+    )
+    parser.add_argument(
+        "--budget-model",
+        nargs="*",
+        default=[],
+        help="folders of models compressed from the same teacher under an accuracy budget (drone-hf compress "
+        "--max-accuracy-drop B --output DIR): rows of their own, in each form",
+    )
+    parser.add_argument("--forms", nargs="+", choices=list(FORMS), default=list(FORMS), help="the deployment forms")
+    parser.add_argument("--name", default="deployment_minilm", help="results file: benchmarks/results/NAME.json")
     parser.add_argument("--rank-multiple", type=int, default=8, help="rank step of the budget rows' grids")
     parser.add_argument("--calibration-samples", type=int, default=512)
     parser.add_argument("--max-eval-samples", type=int, help="a seeded subset of the dev split (smoke runs)")
@@ -111,19 +128,41 @@ def _sweep(costs: dict[str, KernelCosts], shapes, multiple: int) -> dict:
     return sweep
 
 
+def _budget_label(folder: Path) -> str:
+    """ "drone 1.0-pt <search>" from a `drone-hf compress` output's `drone_results.json` (the folder name without)."""
+    results = folder / "drone_results.json"
+    if not results.is_file():
+        return f"drone {folder.name}"
+    saved = json.loads(results.read_text())
+    budget = saved.get("budget") or {}
+    drop, search = budget.get("max_accuracy_drop"), (saved.get("allocation") or {}).get("search")
+    if drop is None:
+        return f"drone {folder.name}"
+    return f"drone {drop:g}-pt budget" + (f" ({search})" if search else "")
+
+
+def _in_form(model, options):
+    """`model` (a float32 model) in a deployment form: a bfloat16 copy or an int8 copy (new objects)."""
+    if "quantize" in options:
+        return quantize_model(model)
+    return copy.deepcopy(model).to(options["dtype"]) if "dtype" in options else model
+
+
 def _build(teacher, stats, args, costs, provenance):
     """Name -> (form, kind, model, allocation report or error) for every row."""
     rows = {}
-    for form, options in FORMS.items():
-        if form == "fp32":
-            dense = teacher
-        elif "quantize" in options:
-            dense = quantize_model(teacher)
-        else:
-            dense = copy.deepcopy(teacher).to(options["dtype"])
-        rows[f"dense {form}"] = (form, "dense", dense, None)
+    budget_models = {}
+    for folder in map(Path, args.budget_model):
+        budget_models[_budget_label(folder)] = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    for form in [form for form in FORMS if form in args.forms]:  # fp32 first: the accuracy baseline
+        options = FORMS[form]
+        rows[f"dense {form}"] = (form, "dense", _in_form(teacher, options), None)
         uniform = drone_hf.compress_model(teacher, stats, rank=args.rank, calibration_info=provenance, **options)
         rows[f"drone r{args.rank} {form}"] = (form, f"drone rank {args.rank}", uniform, None)
+        for label, model in budget_models.items():
+            rows[f"{label} {form}"] = (form, label, _in_form(model, options), None)
+        if not args.target_speedup:
+            continue
         report = {}
         try:
             budget = drone_hf.compress_model(
@@ -171,6 +210,8 @@ def main():
     set_threads(args.threads)
     info = get_glue_task(args.task)
     started = time.perf_counter()
+    if "fp32" not in args.forms:
+        raise SystemExit("--forms must include fp32: every speed-up is also stated against dense float32.")
     print(f"[1/5] teacher: {args.teacher or f'MiniLM fine-tuned on {info.name} (cached)'}", flush=True)
     teacher, tokenizer = _teacher(args, info)
     teacher.eval()
@@ -185,8 +226,8 @@ def main():
     inputs = latency_inputs(tokenizer, dev, seq_len=args.seq_len)
     tokens = 8 * args.seq_len
     costs = {
-        form: KernelCosts(options.get("dtype", torch.float32), quantize=options.get("quantize"), tokens=tokens)
-        for form, options in FORMS.items()
+        form: KernelCosts(FORMS[form].get("dtype", torch.float32), quantize=FORMS[form].get("quantize"), tokens=tokens)
+        for form in args.forms
     }
     print(f"[2/5] GEMM sweep ({torch.get_num_threads()} threads, {tokens} tokens)", flush=True)
     shapes = sorted(
@@ -242,7 +283,7 @@ def main():
     )
     print(f"\n{setting}")
     path = write_json(
-        "deployment_minilm",
+        args.name,
         {
             "command": command_line(),
             "machine": machine_description(),
