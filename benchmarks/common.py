@@ -63,6 +63,7 @@ def finetune(
     seed: int = 0,
     model_path: str | None = None,
     name: str = "minilm",
+    device: str | None = None,
 ):
     """Fine-tunes a pretrained encoder (default: the embedded MiniLM) on `task` with `Trainer`, cached under
     `.cache/finetuned/<name>-<task>-<settings>`.
@@ -70,6 +71,7 @@ def finetune(
     Args:
         model_path: The pretrained model's folder or Hub id; `None` for the embedded MiniLM.
         name: The model's name in the cache folder; give each `model_path` its own.
+        device: `"cpu"` or `"cuda"`; `None` for CUDA when it is there, else the CPU.
 
     Returns:
         `(model, tokenizer, path, seconds)`: seconds is 0.0 when the cached model was reused.
@@ -101,7 +103,7 @@ def finetune(
         logging_steps=max(1, steps // 10),
         save_strategy="no",
         report_to="none",
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=device == "cpu" if device else not torch.cuda.is_available(),
         seed=seed,
         disable_tqdm=not sys.stderr.isatty(),
     )
@@ -181,18 +183,25 @@ def latency_inputs(tokenizer, dataset, *, batch_size: int = 8, seq_len: int = 12
 
 
 def measure_speedups(
-    models: dict, tokenizer, dataset, *, seq_len: int, repeats: int, flop_bounds: dict | None = None
+    models: dict,
+    tokenizer,
+    dataset,
+    *,
+    seq_len: int,
+    repeats: int,
+    flop_bounds: dict | None = None,
+    batch_size: int = 8,
 ) -> dict[str, dict]:
-    """Times `models` round-robin, in a shuffled order every round, on the batch of [`latency_inputs`] (batch 8 x
-    `seq_len` tokens), with `drone_hf.speed.compare_speed` against the model named `"dense"`, and prints how it
-    timed (threads, load average) and any speed-up it withholds.
+    """Times `models` round-robin, in a shuffled order every round, on the batch of [`latency_inputs`]
+    (`batch_size` x `seq_len` tokens), with `drone_hf.speed.compare_speed` against the model named `"dense"`, and
+    prints how it timed (threads, load average) and any speed-up it withholds.
 
     Returns:
         `dict[str, dict]`: per model name, `latency_ms`, `cpu_ms`, `speedup` (wall clock; `None` when flagged),
         `speedup_measured`, `cpu_speedup` (CPU time) and `flags` (why a speed-up is withheld: above its FLOP bound,
         a wide spread, wall clock and CPU time disagreeing).
     """
-    inputs = latency_inputs(tokenizer, dataset, seq_len=seq_len)
+    inputs = latency_inputs(tokenizer, dataset, batch_size=batch_size, seq_len=seq_len)
     comparison = compare_speed(models, inputs, reference="dense", flop_bounds=flop_bounds, repeats=repeats)
     print(comparison.note(), flush=True)
     speeds = {}

@@ -1,0 +1,88 @@
+"""benchmarks/base_size.py's bookkeeping: the stage cache (keys, atomic entries, resume) and the Pareto front."""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def base_size():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("base_size")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_settings_key_is_order_free_and_tells_settings_apart(base_size):
+    key = base_size.settings_key
+    assert key({"steps": 600, "lr": 1e-4}) == key({"lr": 1e-4, "steps": 600})
+    assert key({"steps": 600, "lr": 1e-4}) != key({"steps": 1200, "lr": 1e-4})
+    assert key({"teacher": "a", "x": 1}) != key({"teacher": "b", "x": 1})
+
+
+def test_entry_exists_only_once_built(base_size, tmp_path):
+    settings = {"method": "drone", "budget": 1.0}
+    path = base_size.entry_path(tmp_path, "budget", "drone-drop1", settings)
+    assert base_size.load_entry(path) is None
+    with base_size.building(path, settings) as (scratch, result):
+        scratch.mkdir(parents=True)
+        (scratch / "model.bin").write_text("weights")
+        result["dev"] = 84.5
+        assert base_size.load_entry(path) is None  # nothing under the final name while building
+    assert base_size.load_entry(path) == {"dev": 84.5}
+    assert (path / "model.bin").read_text() == "weights"
+    assert json.loads((path / "settings.json").read_text()) == settings
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no scratch left
+
+
+def test_crashed_build_leaves_no_entry_and_keeps_a_finished_one(base_size, tmp_path):
+    settings = {"steps": 6}
+    path = base_size.entry_path(tmp_path, "distill", "drone-2x", settings)
+    with pytest.raises(RuntimeError):
+        with base_size.building(path, settings) as (scratch, result):
+            scratch.mkdir(parents=True)
+            result["dev"] = 1.0
+            raise RuntimeError("killed mid-stage")
+    assert base_size.load_entry(path) is None
+    assert not path.parent.exists() or not any(path.parent.iterdir())
+    with base_size.building(path, settings) as (_, result):
+        result["dev"] = 2.0
+    with pytest.raises(RuntimeError):
+        with base_size.building(path, settings) as (_, result):
+            raise RuntimeError("a second build that crashes")
+    assert base_size.load_entry(path) == {"dev": 2.0}
+
+
+def test_pareto_front(base_size):
+    pairs = [
+        (1.0, 85.0),  # 0 dense: the most accurate
+        (1.5, 84.0),  # 1 on the front
+        (1.4, 83.0),  # 2 dominated by 1
+        (2.0, 84.0),  # 3 dominates 1 (faster, as good)
+        (3.0, 80.0),  # 4 the fastest
+        (2.5, 79.0),  # 5 dominated by 4
+        (2.0, 84.0),  # 6 a tie with 3: neither dominates
+    ]
+    assert base_size.pareto_front(pairs) == [0, 3, 6, 4]
+    assert base_size.pareto_front([]) == []
+
+
+def test_headline_picks_the_fastest_row_within_each_budget(base_size):
+    rows = [
+        {"kind": "dense", "speedup_b8": 1.0, "delta": 0.0},
+        {"kind": "budget", "name": "a", "speedup_b8": 1.8, "delta": -0.9},
+        {"kind": "budget", "name": "b", "speedup_b8": 2.1, "delta": -1.2},
+        {"kind": "budget", "name": "c", "speedup_b8": None, "delta": -0.1},  # speed withheld
+        {"kind": "distilled", "name": "d", "speedup_b8": 3.2, "delta": -1.4},
+    ]
+    best = base_size.headline(rows, [1.0, 1.5])
+    assert best["no_retraining_within_1"]["name"] == "a"
+    assert best["no_retraining_within_1.5"]["name"] == "b"
+    assert best["distilled_within_1"] is None
