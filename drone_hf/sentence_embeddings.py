@@ -4,7 +4,9 @@
 `Transformer` module with [`compress_model`] and puts the compressed encoder back, so pooling, normalisation, dense
 layers, prompts and the tokenizer carry over. The budget can be task-free: `min_cosine_similarity` keeps the mean
 cosine similarity between the dense and the compressed embeddings of held-out sentences at or above a floor, checked
-jointly (with a paired-bootstrap margin) like `max_accuracy_drop` for classifiers.
+jointly (with a paired-bootstrap margin) like `max_accuracy_drop` for classifiers. `distill_steps` then trains the
+compressed encoder to match the dense one on the calibration sentences (last hidden states and final embeddings), and
+`dtype` / `quantize` cast or int8-quantise the result once at the end, as [`compress_model`] does.
 
 `model.save(folder)` writes an ordinary sentence-transformers folder whose root is a DRONE checkpoint
 (`config.json` with `"model_type": "drone_bert"`, ...); after `import drone_hf`, `SentenceTransformer(folder)` reloads
