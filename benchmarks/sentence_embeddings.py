@@ -1,9 +1,10 @@
-"""DRONE vs SVD on the sentence-transformers model all-MiniLM-L6-v2, calibrated on raw unlabeled SST-2 sentences.
+"""DRONE vs SVD on the sentence-transformers model all-MiniLM-L6-v2, calibrated on raw unlabeled sentences.
 
 Every budget (uniform ranks, FLOP targets, cosine floors) is compressed with `drone_hf.compress_sentence_transformer`
-by DRONE and by SVD and scored without retraining on:
+by DRONE and by SVD and scored without retraining (and, with `--distill-steps N`, also with N steps of embedding
+distillation on the calibration sentences: the "+distill N" rows) on:
 
-* cosine fidelity: mean cosine similarity to the dense embeddings of held-out SST-2 training sentences (not
+* cosine fidelity: mean cosine similarity to the dense embeddings of held-out calibration-source sentences (not
   calibrated on);
 * MRPC dev: ROC-AUC (points) of the cosine similarity of the two sentences, paraphrase vs not;
 * QNLI dev retrieval: every question with an `entailment` sentence ranks all distinct dev sentences by cosine; MRR and
@@ -16,7 +17,15 @@ by DRONE and by SVD and scored without retraining on:
     python benchmarks/sentence_embeddings.py --model mpnet --budgets "FLOP 2x" --qnli-pairs 1500
                                                              # all-mpnet-base-v2 (base size) at one budget
 
-Prints a table and writes `benchmarks/results/sentence_embeddings_<model>.json`.
+The calibration text (`--calibration-source`) is SST-2 training sentences (default), or QNLI dev text: the QNLI dev
+pairs are split in two halves by a seeded permutation; the questions and sentences of one half (minus any text that
+also occurs in the other half) calibrate and give the held-out cosine sentences, and retrieval is scored on the other
+half only.
+
+    python benchmarks/sentence_embeddings.py --calibration-source qnli --budgets "FLOP 1.5x" "FLOP 2x" \
+        --distill-steps 300                                  # in-domain calibration, with and without distillation
+
+Prints a table and writes `benchmarks/results/sentence_embeddings_<model>[_qnli][_distill<N>].json`.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import drone_hf
 from drone_hf.glue import load_glue_split
 from drone_hf.profiling import checkpoint_size_mb, count_parameters, flop_speedup_bound
 from drone_hf.sentence_embeddings import measure_encode_latency, roc_auc
+from drone_hf.speed import compare_recorded
 
 
 BUDGETS = [
@@ -56,6 +66,7 @@ BUDGETS = [
     ("cosine >= 0.98", {"min_cosine_similarity": 0.98}),
 ]
 METHODS = ("drone", "svd")
+QNLI_SPLIT_SEED = 0
 TARGET_SPEEDUP, TARGET_POINTS = 1.5, 1.0
 CACHE_DIR = CACHE / "sentence_embeddings"
 
@@ -69,8 +80,23 @@ def _parser():
         "--budgets", nargs="+", choices=[label for label, _ in BUDGETS], help="a subset of the budgets (default: all)"
     )
     parser.add_argument("--qnli-pairs", type=int, help="only the first N QNLI dev pairs (default: all 5463)")
-    parser.add_argument("--calibration-samples", type=int, default=1024, help="SST-2 training sentences")
-    parser.add_argument("--heldout-samples", type=int, default=512, help="further SST-2 training sentences")
+    parser.add_argument(
+        "--calibration-source",
+        choices=["sst2", "qnli"],
+        default="sst2",
+        help="SST-2 training sentences, or the text of a seeded half of the QNLI dev pairs (retrieval is then scored "
+        "on the other half only)",
+    )
+    parser.add_argument("--calibration-samples", type=int, default=1024, help="calibration sentences")
+    parser.add_argument("--heldout-samples", type=int, default=512, help="further sentences of the same source")
+    parser.add_argument(
+        "--distill-steps",
+        type=int,
+        default=0,
+        help="also compress every (budget, method) with this many steps of embedding distillation on the calibration "
+        "sentences (the '+distill N' rows)",
+    )
+    parser.add_argument("--distill-lr", type=float, default=1e-4, help="learning rate of the distillation")
     parser.add_argument("--timing-sentences", type=int, default=256, help="QNLI dev sentences timed per round")
     parser.add_argument("--latency-repeats", type=int, default=5, help="timed encode() rounds")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -100,20 +126,27 @@ def _dev_dir(folder: str) -> str | None:
 
 
 def _data(args):
-    train = load_glue_split(
-        "sst2",
-        "train",
-        data_dir=glue_data_dir("sst2"),
-        max_samples=args.calibration_samples + args.heldout_samples,
-        seed=0,
-    ).shuffle(seed=0)
-    sentences = [s.strip() for s in train["sentence"]]
     mrpc = load_glue_split("mrpc", "validation", data_dir=_dev_dir("MRPC"))
     qnli = load_glue_split("qnli", "validation", data_dir=_dev_dir("QNLI"))
     if args.quick:
         mrpc, qnli = mrpc.select(range(96)), qnli.select(range(400))
     elif args.qnli_pairs:
         qnli = qnli.select(range(min(args.qnli_pairs, len(qnli))))
+    needed, loaded = args.calibration_samples + args.heldout_samples, len(qnli)
+    if args.calibration_source == "qnli":
+        calibration_half, evaluated = _qnli_halves(qnli)
+        sentences = _qnli_calibration_text(calibration_half, evaluated)
+        if len(sentences) < needed:
+            raise SystemExit(
+                f"The calibration half of {len(qnli)} QNLI dev pairs has {len(sentences)} distinct texts, fewer than "
+                f"--calibration-samples + --heldout-samples = {needed}; use more --qnli-pairs or fewer samples."
+            )
+        qnli = evaluated
+    else:
+        train = load_glue_split("sst2", "train", data_dir=glue_data_dir("sst2"), max_samples=needed, seed=0).shuffle(
+            seed=0
+        )
+        sentences = [s.strip() for s in train["sentence"]]
     entail = qnli.features["label"].str2int("entailment")
     corpus = list(dict.fromkeys(qnli["sentence"]))
     position = {sentence: i for i, sentence in enumerate(corpus)}
@@ -123,11 +156,29 @@ def _data(args):
             relevant.setdefault(question, set()).add(position[sentence])
     return {
         "calibration": sentences[: args.calibration_samples],
-        "heldout": sentences[args.calibration_samples :],
+        "heldout": sentences[args.calibration_samples : needed],
         "mrpc": (list(mrpc["sentence1"]), list(mrpc["sentence2"]), np.array(mrpc["label"])),
         "qnli": (list(relevant), corpus, list(relevant.values())),
+        "qnli_pairs": len(qnli),
+        "qnli_pairs_loaded": loaded,
         "timing": corpus[: args.timing_sentences],
     }
+
+
+def _qnli_halves(qnli):
+    """`(calibration half, evaluated half)` of the QNLI dev pairs, by a seeded permutation."""
+    order = np.random.default_rng(QNLI_SPLIT_SEED).permutation(len(qnli))
+    half = len(qnli) // 2
+    return qnli.select(sorted(order[:half].tolist())), qnli.select(sorted(order[half:].tolist()))
+
+
+def _qnli_calibration_text(calibration_half, evaluated) -> list[str]:
+    """The distinct questions and sentences of `calibration_half` that occur nowhere in `evaluated`, in a seeded
+    random order (calibration first, then held-out)."""
+    excluded = set(evaluated["question"]) | set(evaluated["sentence"])
+    texts = [t.strip() for t in dict.fromkeys([*calibration_half["question"], *calibration_half["sentence"]])]
+    texts = [t for t in dict.fromkeys(texts) if t and t not in excluded]
+    return [texts[i] for i in np.random.default_rng(QNLI_SPLIT_SEED).permutation(len(texts))]
 
 
 def _scores(model, data, dense_heldout, batch_size: int) -> dict[str, float]:
@@ -150,10 +201,15 @@ def _scores(model, data, dense_heldout, batch_size: int) -> dict[str, float]:
     }
 
 
-def _compressed(args, dense, data, name: str, budget: dict, method: str) -> dict:
-    """Compresses `dense` for one (budget, method) and saves it under `CACHE_DIR` (a run that stops part-way resumes
-    from the models already saved); returns the row, with the folder to load the model from."""
+def _compressed(args, dense, data, name: str, budget: dict, method: str, distill_steps: int = 0) -> dict:
+    """Compresses `dense` for one (budget, method), with `distill_steps` of distillation, and saves it under
+    `CACHE_DIR` (a run that stops part-way resumes from the models already saved); returns the row, with the folder to
+    load the model from."""
     setting = f"cal{args.calibration_samples}-heldout{args.heldout_samples}-screening{args.screening_samples}"
+    if args.calibration_source == "qnli":
+        setting += f"-qnli{data['qnli_pairs_loaded']}-split{QNLI_SPLIT_SEED}"  # the pairs the halves were cut from
+    if distill_steps:
+        setting += f"-distill{distill_steps}-lr{args.distill_lr:g}"
     slug = re.sub(r"[^\w.]+", "-", name).strip("-") + ("-no-attention" if args.no_attention else "")
     folder = CACHE_DIR / setting / slug if args.model == "minilm" else CACHE_DIR / args.model / setting / slug
     summary = folder / "benchmark_row.json"
@@ -173,26 +229,62 @@ def _compressed(args, dense, data, name: str, budget: dict, method: str) -> dict
             attention=not args.no_attention,
             allocation_options=options,
             allocation_report=report,
+            distill_steps=distill_steps,
+            distill_options={"lr": args.distill_lr} if distill_steps else None,
             **budget,
         )
     except ValueError as error:  # a budget no compression meets
         print(f"{name}: {error}", flush=True)
-        return {"budget": name.split(" / ")[0], "method": method, "error": str(error)}
+        return {"budget": name.split(" / ")[0], "method": name.split(" / ")[1], "error": str(error)}
     encoder = small[0].auto_model
     row = {
         "budget": name.split(" / ")[0],
-        "method": method,
+        "method": name.split(" / ")[1],
         "name": name,
         "compress_seconds": time.perf_counter() - begin,
         "ranks": dict(encoder.config.drone_ranks or {}),
         "attention_ranks": dict(encoder.config.drone_attention_ranks or {}),
         "allocation_heldout_cosine": report.get("heldout_cosine"),
         "allocation_evaluations": report.get("evaluations"),
+        "distillation": report.get("distillation"),
     }
     small.save(str(folder))
     summary.write_text(json.dumps(row, indent=2))
     print(f"compressed {name} in {row['compress_seconds']:.0f} s", flush=True)
     return {**row, "folder": str(folder)}
+
+
+def _data_text(args, data) -> dict[str, str]:
+    """What the calibration, held-out and QNLI data are, for the printed setting and the JSON."""
+    questions, corpus = len(data["qnli"][0]), len(data["qnli"][1])
+    if args.calibration_source == "qnli":
+        where = (
+            f"QNLI dev texts (questions and sentences) of a seeded half (seed {QNLI_SPLIT_SEED}) of the "
+            f"{data['qnli_pairs_loaded']} QNLI dev pairs used, none of it occurring in the other half"
+        )
+        texts = {
+            "calibration": f"Calibration{' and distillation' if args.distill_steps else ''}: "
+            f"{len(data['calibration'])} {where}.",
+            "heldout": f"Held-out cosine: {len(data['heldout'])} further texts of that half.",
+            "qnli": f"QNLI retrieval on the other half only ({data['qnli_pairs']} pairs): {questions} questions with "
+            f"an entailment sentence, ranked among its {corpus} distinct sentences by cosine; MRR and accuracy@1, "
+            "points.",
+        }
+    else:
+        texts = {
+            "calibration": f"Calibration{' and distillation' if args.distill_steps else ''}: "
+            f"{len(data['calibration'])} SST-2 training sentences (seeded sample).",
+            "heldout": f"Held-out cosine: {len(data['heldout'])} other SST-2 training sentences.",
+            "qnli": f"QNLI retrieval: {questions} dev questions with an entailment sentence, ranked among {corpus} "
+            "distinct dev sentences by cosine; MRR and accuracy@1, points.",
+        }
+    if args.distill_steps:
+        texts["distillation"] = (
+            f"+distill {args.distill_steps}: {args.distill_steps} AdamW steps (lr {args.distill_lr:g}, batch "
+            f"{args.batch_size}) of last-hidden-state MSE + 10 x (1 - cosine) of the embeddings to the dense model, "
+            "on the calibration sentences."
+        )
+    return texts
 
 
 def main() -> None:
@@ -216,13 +308,15 @@ def main() -> None:
         dense = SentenceTransformer(minilm_path())
     dense.eval()
     models, rows = {"dense": dense}, []
+    variants = [0, args.distill_steps] if args.distill_steps else [0]
     for label, budget in budgets:
         for method in args.methods:
-            name = f"{label} / {method}"
-            row = _compressed(args, dense, data, name, budget, method)
-            rows.append(row)
-            if "error" not in row:
-                models[name] = SentenceTransformer(row.pop("folder")).eval()
+            for steps in variants:
+                name = f"{label} / {method}" + (f" +distill {steps}" if steps else "")
+                row = _compressed(args, dense, data, name, budget, method, steps)
+                rows.append(row)
+                if "error" not in row:
+                    models[name] = SentenceTransformer(row.pop("folder")).eval()
     dense_heldout = _encode(dense, data["heldout"], args.batch_size)
     results = {}
     for name, model in models.items():
@@ -234,10 +328,20 @@ def main() -> None:
             flop_bound=flop_speedup_bound(dense[0].auto_model.config, encoder.config, 128),
         )
         print(f"scored {name}", flush=True)
-    latency = measure_encode_latency(models, data["timing"], batch_size=32, repeats=args.latency_repeats)
+    record: dict = {}
+    latency = measure_encode_latency(
+        models, data["timing"], batch_size=32, repeats=args.latency_repeats, record=record
+    )
+    comparison = compare_recorded(
+        record, reference="dense", flop_bounds={name: results[name]["flop_bound"] for name in models}
+    )
     for name in models:
         results[name]["encode_ms"] = 1000 * latency[name]
         results[name]["speedup"] = latency["dense"] / latency[name]
+        entry = comparison.models[name]
+        results[name].update(
+            cpu_speedup=entry.get("cpu_speedup"), speedup_range=entry.get("speedup_range"), flags=entry.get("flags")
+        )
     dense_row = {"budget": "dense", "method": "–", "name": "dense"}
     table = []
     for row in [dense_row, *rows]:
@@ -269,6 +373,7 @@ def main() -> None:
         ("qnli_acc1", "QNLI acc@1", ".2f"),
         ("d_acc1", "Δ", "+.2f"),
         ("speedup", "encode() speed-up", ".2f"),
+        ("cpu_speedup", "CPU-time ratio", ".2f"),
         ("flop_bound", "FLOP bound", ".2f"),
         ("params_m", "params (M)", ".2f"),
         ("size_mb", "size MB", ".1f"),
@@ -281,7 +386,9 @@ def main() -> None:
     )
     print("\n" + verdict)
     print(f"Load average (1, 5, 15 min): {load_before} at the start, {os.getloadavg()} at the end.")
+    print(comparison.note())
     machine = machine_description()
+    print(" ".join(_data_text(args, data).values()))
     print(
         f"encode(): {len(data['timing'])} QNLI dev sentences, batch 32, {machine['threads']} threads, median of "
         f"{args.latency_repeats} round-robin rounds over all models in this process; FLOP bound at 128 tokens."
@@ -289,22 +396,25 @@ def main() -> None:
     if args.quick:
         print("--quick: small subsets; the numbers above are a smoke test, not results.")
         return
+    suffix = ("_qnli" if args.calibration_source == "qnli" else "") + (
+        f"_distill{args.distill_steps}" if args.distill_steps else ""
+    )
     path = write_json(
-        f"sentence_embeddings_{args.model}",
+        f"sentence_embeddings_{args.model}{suffix}",
         {
             "command": command_line(),
             "machine": machine,
             "seconds": time.perf_counter() - started,
             "load_average": {"start": load_before, "end": os.getloadavg()},
             "data": {
-                "calibration": f"{len(data['calibration'])} SST-2 training sentences (seeded sample)",
-                "heldout": f"{len(data['heldout'])} other SST-2 training sentences",
+                **_data_text(args, data),
                 "mrpc": f"{len(data['mrpc'][2])} MRPC dev pairs; ROC-AUC of cosine similarity, points",
-                "qnli": f"{len(data['qnli'][0])} QNLI dev questions with an entailment sentence, ranked among "
-                f"{len(data['qnli'][1])} distinct dev sentences by cosine; MRR and accuracy@1, points",
                 "timing": f"{len(data['timing'])} QNLI dev sentences, batch 32, {args.latency_repeats} round-robin "
-                "rounds",
+                "rounds in one process (other jobs may have run on the machine meanwhile: see load_average and each "
+                "row's CPU-time ratio, per-round speedup_range and flags)",
             },
+            "calibration_source": args.calibration_source,
+            "distillation": {"steps": args.distill_steps, "lr": args.distill_lr} if args.distill_steps else None,
             "attention": not args.no_attention,
             "screening_samples": args.screening_samples,
             "rows": table,

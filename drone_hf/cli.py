@@ -8,7 +8,7 @@ drone-hf compress --model DIR_OR_HUB_ID (--task sst2 [--data-dir GLUE_DIR] | --t
 drone-hf evaluate --model DIR (--task sst2 | --validation-file dev.csv | --dataset-name HUB_ID) [--baseline DENSE_DIR]
 drone-hf compress-embeddings --model SENTENCE_TRANSFORMER --sentences FILE
     (--min-cosine-similarity C | --target-speedup X | --param-ratio P | --rank K) [--method drone|drone-bc|svd]
-    --output DIR [--overwrite]
+    [--distill-steps N [--distill-lr LR]] [--dtype D] [--quantize int8] --output DIR [--overwrite]
 drone-hf export --model DIR --onnx --output DIR [--optimize] [--quantize int8] [--opset 17] [--overwrite]
 
 --output is written whole or not at all, never into (or around) --model; a folder drone-hf did not write needs
@@ -130,17 +130,7 @@ def _parser() -> argparse.ArgumentParser:
         "search, 48 for the exhaustive one)",
     )
     _add_search(compress)
-    compress.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        help="deployment dtype: the result is cast, saved and reloads in it; budgets keep only ranks measured faster "
-        "than the dense layer in this dtype on this machine",
-    )
-    compress.add_argument(
-        "--quantize",
-        choices=["int8"],
-        help="dynamic int8 of the encoder linears (CPU; saved as int8 weights + float32 scales in safetensors)",
-    )
+    _add_deployment(compress)
     _add_output_arguments(compress)
     compress.add_argument(
         "--base-model",
@@ -181,6 +171,21 @@ def _add_search(sub) -> None:
         "(per-module drops predicted from the closed form's residual energy, one probe per module, bisection of one "
         "scale by joint checks: ~4x fewer held-out evaluations, a smaller speed-up); both return only ranks that "
         "pass the joint check",
+    )
+
+
+def _add_deployment(sub) -> None:
+    """`--dtype` and `--quantize`, as `compress_model(dtype=, quantize=)` takes them."""
+    sub.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="deployment dtype: the result is cast, saved and reloads in it; budgets keep only ranks measured faster "
+        "than the dense layer in this dtype on this machine",
+    )
+    sub.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="dynamic int8 of the encoder linears (CPU; saved as int8 weights + float32 scales in safetensors)",
     )
 
 
@@ -230,6 +235,20 @@ def _add_embeddings_parser(commands) -> None:
         help="joint checks spent moving single modules down (default: 8 fast, 48 exhaustive)",
     )
     _add_search(sub)
+    sub.add_argument(
+        "--distill-steps",
+        type=count(0),
+        default=0,
+        help="after compression, train the compressed encoder for this many AdamW steps to match the dense model "
+        "(last hidden state MSE + 10 x (1 - cosine) of the embeddings) on the calibration sentences (never the "
+        "held-out ones); default 0: no training",
+    )
+    sub.add_argument(
+        "--distill-lr",
+        type=_number(0, low_open=True),
+        help="learning rate of --distill-steps (default: 1e-4)",
+    )
+    _add_deployment(sub)
     sub.add_argument(
         "--latency-repeats", type=count(1), default=5, help="timed encode() rounds (batch 32, up to 256 sentences)"
     )
@@ -329,6 +348,8 @@ def _compress_embeddings(args) -> int:
             + (" for `--min-cosine-similarity`" if needed > 1 else "")
             + f". Pass `--sentences` with {4 * needed} or more lines, or `--heldout-sentences` with {needed} or more."
         )
+    if args.distill_lr is not None and not args.distill_steps:
+        raise ValueError(f"`--distill-lr {args.distill_lr:g}` needs `--distill-steps N` (N > 0): nothing is trained.")
     pairs = _read_pairs(args.eval_pairs) if args.eval_pairs else None
     sentence_transformers = _require_sentence_transformers()  # an ImportError naming the extra: main() prints it
     try:
@@ -358,10 +379,14 @@ def _compress_embeddings(args) -> int:
             else None
         ),
         allocation_report=report,
+        distill_steps=args.distill_steps,
+        distill_options={"lr": args.distill_lr} if args.distill_lr is not None else None,
+        dtype=args.dtype,
+        quantize=args.quantize,
         show_progress=True,
     )
     seconds = time.perf_counter() - started
-    models = {"dense": model, args.method: small}
+    models = {"dense": model, **_dense_in_form(model, args.dtype, args.quantize), args.method: small}
     timing = (heldout + calibration)[:256]
     record: dict = {}
     latency = measure_encode_latency(models, timing, batch_size=32, repeats=args.latency_repeats, record=record)
@@ -395,6 +420,9 @@ def _compress_embeddings(args) -> int:
         "model": args.model,
         "budget": {k: v for k, v in budget.items() if v is not None},
         "method": args.method,
+        "dtype": args.dtype or "float32",
+        "quantize": args.quantize,
+        "distillation": report.get("distillation"),
         "calibration_sentences": len(calibration),
         "heldout_sentences": len(heldout),
         "compress_seconds": seconds,
@@ -456,6 +484,21 @@ def _compress_embeddings(args) -> int:
             f"Allocation: {report['evaluations']} held-out evaluations in {report['evaluation_seconds']:.0f} s; "
             f"held-out mean cosine {1 - report['heldout_drop'] / 100:.4f} "
             f"(± {report['heldout_standard_error'] / 100:.4f})."
+        )
+    distillation = report.get("distillation")
+    if distillation:
+        d = distillation
+        print(
+            f"Distillation: {d['steps']} steps (lr {d['lr']:g}, batch {d['batch_size']}) on the {d['sentences']} "
+            f"calibration sentences in {d['seconds']:.0f} s; loss {d['loss_first']:.4g} -> {d['loss_last']:.4g}; "
+            f"held-out mean cosine {d['heldout_cosine_before']:.4f} before, {d['heldout_cosine_after']:.4f} after "
+            "(the cosine column: after, in the deployment form)."
+        )
+    if args.quantize or args.dtype not in (None, "float32"):
+        form = args.quantize or args.dtype
+        print(
+            f"Deployment form: {form}. Speed-ups are against dense float32; dense-{form} is the dense model in the "
+            "same form."
         )
     print(f"Saved to {args.output} (reload with `import drone_hf` + SentenceTransformer({args.output!r})).")
     if args.push_to_hub:
@@ -727,13 +770,17 @@ def _compress(args) -> int:
 
 
 def _dense_in_form(model, dtype: str | None, quantize: str | None) -> dict:
-    """The dense model in the deployment form too (`{"dense-bfloat16": ...}`), so that the table shows the speed-up
-    against dense in the same dtype as well as against dense float32; empty for float32."""
+    """The dense model (a transformers model or a `SentenceTransformer`) in the deployment form too
+    (`{"dense-bfloat16": ...}`), so that the table shows the speed-up against dense in the same dtype as well as
+    against dense float32; empty for float32."""
     import copy
 
     from .deployment import quantize_model, resolve_dtype
+    from .sentence_embeddings import is_sentence_transformer, with_encoder
 
     if quantize:
+        if is_sentence_transformer(model):
+            return {f"dense-{quantize}": with_encoder(model, quantize_model(model[0].auto_model))}
         return {f"dense-{quantize}": quantize_model(model)}
     if dtype and dtype != "float32":
         return {f"dense-{dtype}": copy.deepcopy(model).to(resolve_dtype(dtype))}

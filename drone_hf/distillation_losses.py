@@ -1,5 +1,7 @@
 """The feature-distillation loss (Ben Noach & Goldberg, AACL 2020) as pure tensor functions: hidden-state MSE over
-non-padding tokens, softened-logit KL and the task loss, weighted. [`DroneDistillationTrainer`] calls them.
+non-padding tokens, softened-logit KL and the task loss, weighted. [`DroneDistillationTrainer`] calls them; the
+sentence-embedding variant ([`embedding_distillation_loss`], no logits) is what
+[`compress_sentence_transformer`]'s `distill_steps` trains on.
 """
 
 from __future__ import annotations
@@ -120,4 +122,59 @@ def distillation_loss(
     return total, parts
 
 
-__all__ = ["distillation_loss", "hidden_state_mse"]
+def embedding_distillation_loss(
+    student_hidden_state: torch.Tensor,
+    teacher_hidden_state: torch.Tensor,
+    student_embeddings: torch.Tensor,
+    teacher_embeddings: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    hidden_weight: float = 1.0,
+    cosine_weight: float = 10.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""
+    The distillation loss of a sentence-embedding encoder: `hidden_weight * MSE(last hidden states) + cosine_weight *
+    mean(1 - cos(student embedding, teacher embedding))`, the MSE over non-padding tokens ([`hidden_state_mse`]) and
+    the cosine over the final sentence embeddings (after pooling, dense and normalisation modules). Terms with weight 0
+    are not computed.
+
+    Args:
+        student_hidden_state (`Tensor`), teacher_hidden_state (`Tensor`): `batch x seq x hidden` last hidden states.
+        student_embeddings (`Tensor`), teacher_embeddings (`Tensor`): `batch x dim` sentence embeddings.
+        attention_mask (`Tensor`, *optional*): `batch x seq`, 1 for real tokens; padding is left out of the MSE.
+        hidden_weight (`float`, *optional*, defaults to 1.0): Weight of the hidden-state MSE.
+        cosine_weight (`float`, *optional*, defaults to 10.0): Weight of the embedding cosine distance.
+
+    Returns:
+        `tuple[Tensor, dict[str, Tensor]]`: the total (float32 scalar) and its unweighted parts (`hidden`, `cosine`).
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> hidden, embeddings = torch.ones(2, 3, 4), torch.ones(2, 4)
+    >>> loss, parts = embedding_distillation_loss(hidden, hidden, embeddings, embeddings)
+    >>> float(loss)
+    0.0
+    ```
+    """
+    parts: dict[str, torch.Tensor] = {}
+    total = student_embeddings.new_zeros((), dtype=torch.float32)
+    if hidden_weight > 0:
+        parts["hidden"] = hidden_state_mse(
+            [student_hidden_state], [teacher_hidden_state], attention_mask=attention_mask
+        )
+        total = total + hidden_weight * parts["hidden"]
+    if cosine_weight > 0:
+        if student_embeddings.shape != teacher_embeddings.shape:
+            raise ValueError(
+                f"Sentence embeddings of shape {tuple(student_embeddings.shape)} (student) and "
+                f"{tuple(teacher_embeddings.shape)} (teacher); the cosine term needs one shape."
+            )
+        cosine = F.cosine_similarity(student_embeddings.float(), teacher_embeddings.float(), dim=-1)
+        parts["cosine"] = (1.0 - cosine).mean()
+        total = total + cosine_weight * parts["cosine"]
+    return total, parts
+
+
+__all__ = ["distillation_loss", "embedding_distillation_loss", "hidden_state_mse"]

@@ -1,7 +1,7 @@
 """`compress_sentence_transformer` on tiny random sentence-transformers models (BERT + mean pooling + Normalize,
 MPNet + CLS pooling + Dense + Normalize): reload with `SentenceTransformer(folder)`, `AutoModel` on the folder, the
-input left alone, every budget kind, bad input, the Hub upload (mocked) and the CLI; plus one slow test on
-all-MiniLM-L6-v2 with SST-2 sentences."""
+input left alone, every budget kind, embedding distillation, deployment dtypes and int8, bad input, the Hub upload
+(mocked) and the CLI; plus one slow test on all-MiniLM-L6-v2 with SST-2 sentences."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from huggingface_hub import ModelCard
 from transformers import AutoModel, BertModel, MPNetModel
 
 import drone_hf
+from drone_hf import sentence_embeddings as st_module
 from drone_hf.cli import main
 from drone_hf.hub import BEGIN_MARKER, REMOTE_CODE_FILES
+from drone_hf.int8 import DroneInt8Linear
 from drone_hf.profiling import flop_speedup_bound
 
 from .test_hub import _FakeHub
@@ -71,11 +73,11 @@ SENTENCES = _sentences(128)
 HELDOUT = _sentences(48, seed=1)
 
 
-def _build(root, model_type: str) -> SentenceTransformer:
+def _build(root, model_type: str, **config) -> SentenceTransformer:
     """A tiny random SentenceTransformer saved to and reloaded from `root / "dense"`: BERT with mean pooling and
     Normalize, MPNet with CLS pooling, a Dense layer and Normalize."""
     torch.manual_seed(0)
-    FAMILIES[model_type](tiny_config(model_type, pad_token_id=0)).save_pretrained(root / "encoder")
+    FAMILIES[model_type](tiny_config(model_type, pad_token_id=0, **config)).save_pretrained(root / "encoder")
     tiny_tokenizer().save_pretrained(root / "encoder")
     transformer = Transformer(str(root / "encoder"), max_seq_length=32)
     if model_type == "bert":
@@ -280,6 +282,183 @@ def test_a_cosine_budget_no_compression_meets_is_refused(bert_dense):
         drone_hf.compress_sentence_transformer(bert_dense, SENTENCES, min_cosine_similarity=1.0)
 
 
+# ------------------------------------------------------------------------------------------------ distillation
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def strong_dense(request, tmp_path_factory):
+    """A tiny model whose layers change the embeddings a lot (large random weights), so that a low-rank compression
+    moves them measurably and distillation has something to recover."""
+    return _build(tmp_path_factory.mktemp(f"strong-{request.param}"), request.param, initializer_range=0.1)
+
+
+def _errors(dense, small, sentences=SENTENCES) -> tuple[float, float]:
+    """`(1 - mean cosine of the embeddings, MSE of the last hidden states over real tokens)` of `small` to `dense`."""
+    mse, tokens = 0.0, 0
+    for batch in sentence_batches(dense, sentences, batch_size=32):
+        inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        with torch.no_grad():
+            a = dense[0].auto_model.eval()(**inputs).last_hidden_state
+            b = small[0].auto_model.eval()(**inputs).last_hidden_state
+        mask = inputs["attention_mask"].unsqueeze(-1).float()
+        mse += float(((a - b) ** 2 * mask).sum())
+        tokens += int(mask.sum()) * a.shape[-1]
+    return 1 - cosine_fidelity(dense, small, sentences), mse / tokens
+
+
+def test_distillation_reduces_the_embedding_error_on_the_calibration_sentences(strong_dense):
+    """The same compression, without and with distillation: both the embedding cosine error and the last-hidden-state
+    MSE to the dense model fall (on the calibration sentences it trained on, and on held-out ones), and the loss it
+    reports fell."""
+    kwargs = {"rank": 4, "heldout_sentences": HELDOUT}
+    plain = drone_hf.compress_sentence_transformer(strong_dense, SENTENCES, **kwargs)
+    report: dict = {}
+    distilled = drone_hf.compress_sentence_transformer(
+        strong_dense, SENTENCES, distill_steps=40, distill_options={"lr": 1e-3}, allocation_report=report, **kwargs
+    )
+    assert distilled[0].auto_model.config.drone_ranks == plain[0].auto_model.config.drone_ranks
+    cosine_before, mse_before = _errors(strong_dense, plain)
+    cosine_after, mse_after = _errors(strong_dense, distilled)
+    assert cosine_before > 1e-3  # the compression moved the embeddings
+    assert cosine_after < 0.5 * cosine_before and mse_after < 0.7 * mse_before
+    held_before, held_after = (
+        1 - cosine_fidelity(strong_dense, plain, HELDOUT),
+        1 - cosine_fidelity(strong_dense, distilled, HELDOUT),
+    )
+    assert held_after < held_before
+    entry = report["distillation"]
+    assert entry["loss_last"] < entry["loss_first"] and entry["steps"] == 40 and entry["lr"] == 1e-3
+    assert entry["heldout_cosine_before"] == pytest.approx(1 - held_before, abs=1e-5)
+    assert entry["heldout_cosine_after"] == pytest.approx(1 - held_after, abs=1e-5)
+    assert report["heldout_cosine"] == pytest.approx(entry["heldout_cosine_after"], abs=1e-6)
+
+
+def test_distillation_trains_on_the_calibration_sentences_only(bert_dense, monkeypatch):
+    """The batches the distillation draws from are the calibration sentences' (split from the held-out quarter), and
+    over one pass the loss sees every real token of them exactly once, none of the held-out ones."""
+    seen, losses = [], []
+    original_distill, original_loss = (
+        st_module._distill_encoder,
+        drone_hf.distillation_losses.embedding_distillation_loss,
+    )
+
+    def spy_distill(student, teacher, head, batches, settings, show_progress):
+        seen.extend(batches)
+        return original_distill(student, teacher, head, batches, settings, show_progress)
+
+    def spy_loss(*args, attention_mask=None, **kwargs):
+        losses.append(int(attention_mask.sum()))
+        return original_loss(*args, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(st_module, "_distill_encoder", spy_distill)
+    monkeypatch.setattr(drone_hf.distillation_losses, "embedding_distillation_loss", spy_loss)
+    calibration, heldout = split_heldout(SENTENCES)
+    batches = sentence_batches(bert_dense, calibration, batch_size=32)
+    report: dict = {}
+    drone_hf.compress_sentence_transformer(
+        bert_dense, SENTENCES, min_cosine_similarity=0.9, distill_steps=len(batches), allocation_report=report
+    )
+
+    def rows(batch_list):
+        return {
+            tuple(ids[mask.bool()].tolist())
+            for batch in batch_list
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"])
+        }
+
+    assert rows(seen) == rows(batches) and not rows(seen) & rows(sentence_batches(bert_dense, heldout))
+    assert len(losses) == len(batches) and sum(losses) == sum(int(b["attention_mask"].sum()) for b in batches)
+    assert report["distillation"]["sentences"] == len(calibration) == 96
+
+
+def test_input_is_untouched_by_distillation(bert_dense):
+    """With distillation the input keeps its weights, modes, hooks and `requires_grad` flags, the distillation draws
+    nothing from the caller's random state (it leaves it as the compression alone does), and the returned model is in
+    eval mode with no gradients left."""
+    was_training = bert_dense.training
+    model = bert_dense.train()
+    model[0].auto_model.encoder.layer[1].eval()
+    model[0].auto_model.embeddings.requires_grad_(False)
+    handle = model[0].auto_model.encoder.layer[0].register_forward_hook(lambda *args: None)
+    try:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        modes = {name: m.training for name, m in model.named_modules()}
+        hooks = {name: list(m._forward_hooks) for name, m in model.named_modules()}
+        flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        torch.manual_seed(1)
+        drone_hf.compress_sentence_transformer(model, SENTENCES, rank=8)
+        rng = torch.get_rng_state()
+        torch.manual_seed(1)
+        small = drone_hf.compress_sentence_transformer(model, SENTENCES, rank=8, distill_steps=3)
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+        assert {name: m.training for name, m in model.named_modules()} == modes
+        assert {name: list(m._forward_hooks) for name, m in model.named_modules()} == hooks
+        assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+        assert type(model[0].auto_model) is BertModel and all(p.grad is None for p in model.parameters())
+        assert not any(m.training for m in small.modules()) and all(p.grad is None for p in small.parameters())
+        assert small[0].auto_model.drone_modules()
+    finally:
+        handle.remove()
+        model[0].auto_model.embeddings.requires_grad_(True)
+        model.train(was_training)
+
+
+def test_distillation_is_recorded_in_the_config_and_card_and_changes_only_the_encoder(dense, tmp_path):
+    report: dict = {}
+    small = drone_hf.compress_sentence_transformer(
+        dense, SENTENCES, rank=8, distill_steps=2, distill_options={"seed": 3}, allocation_report=report
+    )
+    assert report["distillation"]["heldout_cosine_before"] is None and "heldout_cosine" not in report
+    tail = list(dense)[1:]
+    for before, after in zip(tail, list(small)[1:]):  # a Dense layer after the encoder is not trained
+        assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+    small.save(str(tmp_path / "small"))
+    config = json.loads((tmp_path / "small" / "config.json").read_text())
+    distillation = config["drone_calibration"]["distillation"]
+    assert distillation["steps"] == 2 and distillation["seed"] == 3 and distillation["lr"] == 1e-4
+    assert distillation["data"] == "the calibration sentences" and "MSE" in distillation["loss"]
+    assert "- distillation:" in (tmp_path / "small" / "README.md").read_text()
+    assert np.array_equal(_encode(SentenceTransformer(str(tmp_path / "small"))), _encode(small))
+
+
+def test_zero_distill_steps_is_the_plain_compression(bert_dense):
+    plain = drone_hf.compress_sentence_transformer(bert_dense, SENTENCES, rank=8)
+    again = drone_hf.compress_sentence_transformer(bert_dense, SENTENCES, rank=8, distill_steps=0)
+    assert np.array_equal(_encode(plain), _encode(again))
+    assert "distillation" not in (again[0].auto_model.config.drone_calibration or {})
+
+
+# ------------------------------------------------------------------------------------------ deployment form
+
+
+@pytest.mark.parametrize(
+    "form",
+    [{"dtype": torch.bfloat16}, {"dtype": "float16", "distill_steps": 2}, {"quantize": "int8"}],
+    ids=["bfloat16", "float16+distill", "int8"],
+)
+def test_deployment_form_saves_and_reloads_identically(dense, form, tmp_path):
+    report: dict = {}
+    small = drone_hf.compress_sentence_transformer(
+        dense, SENTENCES, rank=8, heldout_sentences=HELDOUT, allocation_report=report, **form
+    )
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(form.get("dtype")).removeprefix("torch."))
+    expected = dtype or torch.float32
+    assert {p.dtype for p in small.parameters()} == {expected}  # the encoder and a Dense layer after it
+    assert dense[0].auto_model.dtype == torch.float32  # the input is not cast
+    int8 = {name for name, m in small[0].auto_model.named_modules() if isinstance(m, DroneInt8Linear)}
+    assert bool(int8) is ("quantize" in form)
+    assert report["heldout_cosine"] == pytest.approx(cosine_fidelity(dense, small, HELDOUT), abs=2e-3)
+    small.save(str(tmp_path / "small"))
+    reloaded = SentenceTransformer(str(tmp_path / "small"))
+    assert type(reloaded[0].auto_model) is type(small[0].auto_model)
+    assert {p.dtype for p in reloaded.parameters()} == {expected}
+    assert {n for n, m in reloaded[0].auto_model.named_modules() if isinstance(m, DroneInt8Linear)} == int8
+    assert np.array_equal(_encode(reloaded), _encode(small))
+    if "distill_steps" in form:
+        assert reloaded[0].auto_model.config.drone_calibration["distillation"]["steps"] == 2
+
+
 # -------------------------------------------------------------------------------------------------- bad input
 
 
@@ -333,9 +512,65 @@ def _static_embedding_model():
         ),
         ({"rank": 8, "method": "pca"}, ValueError, r"`method` must be one of \[.*'drone'.*\], got 'pca'"),
         ({"rank": 8, "batch_size": 0}, ValueError, r"`batch_size` must be a positive int, got 0"),
+        ({"rank": 8, "distill_steps": -1}, ValueError, r"`distill_steps` must be an int >= 0.*got -1"),
+        ({"rank": 8, "distill_steps": 2.5}, ValueError, r"`distill_steps` must be an int >= 0.*got 2\.5"),
+        ({"rank": 8, "distill_steps": True}, ValueError, r"`distill_steps` must be an int >= 0.*got True"),
+        ({"rank": 8, "distill_steps": "3"}, ValueError, r"`distill_steps` must be an int >= 0.*got '3'"),
+        (
+            {"rank": 8, "distill_steps": 2, "distill_options": {"lr": 0}},
+            ValueError,
+            r"`distill_options\['lr'\]` must be a number > 0.*got 0",
+        ),
+        (
+            {"rank": 8, "distill_steps": 2, "distill_options": {"lr": float("nan")}},
+            ValueError,
+            r"`distill_options\['lr'\]` must be a number > 0.*got nan",
+        ),
+        (
+            {"rank": 8, "distill_steps": 2, "distill_options": {"learning_rate": 1e-4}},
+            ValueError,
+            r"Unknown `distill_options` \['learning_rate'\]; allowed: \['lr', 'hidden_weight', 'cosine_weight'",
+        ),
+        (
+            {"rank": 8, "distill_steps": 2, "distill_options": {"cosine_weight": -1}},
+            ValueError,
+            r"`distill_options\['cosine_weight'\]` must be a number >= 0.*got -1",
+        ),
+        (
+            {"rank": 8, "distill_steps": 2, "distill_options": {"hidden_weight": 0, "cosine_weight": 0}},
+            ValueError,
+            r"both `hidden_weight` and `cosine_weight` to 0",
+        ),
+        (
+            {"rank": 8, "distill_steps": 2, "distill_options": {"seed": -1}},
+            ValueError,
+            r"`distill_options\['seed'\]` must be an int >= 0, got -1",
+        ),
+        (
+            {"rank": 8, "distill_steps": 2, "distill_options": {"dropout": "yes"}},
+            ValueError,
+            r"`distill_options\['dropout'\]` must be True or False, got 'yes'",
+        ),
+        (
+            {"rank": 8, "distill_steps": 2, "distill_options": [1e-4]},
+            TypeError,
+            r"`distill_options` must be a mapping",
+        ),
+        ({"rank": 8, "dtype": "float64"}, ValueError, r"`dtype` must be one of \['float32', 'bfloat16', 'float16'\]"),
+        ({"rank": 8, "quantize": "int4"}, ValueError, r"`quantize` must be one of \['int8'\].*got 'int4'"),
+        (
+            {"rank": 8, "quantize": "int8", "dtype": "bfloat16"},
+            ValueError,
+            r"`quantize='int8'` cannot be combined with `dtype=torch.bfloat16`",
+        ),
     ],
 )
-def test_bad_arguments_are_refused_clearly(bert_dense, kwargs, error, match):
+def test_bad_arguments_are_refused_clearly(bert_dense, kwargs, error, match, monkeypatch):
+    def expensive(*args, **kwargs):
+        raise AssertionError("calibration started before the arguments were checked")
+
+    if {"distill_steps", "distill_options", "dtype", "quantize"} & set(kwargs):  # checked before any calibration
+        monkeypatch.setattr(st_module, "sentence_batches", expensive)
     with pytest.raises(error, match=match):
         drone_hf.compress_sentence_transformer(bert_dense, **{"sentences": SENTENCES, **kwargs})
 
@@ -484,6 +719,36 @@ def test_cli_target_speedup_prints_a_flop_bound_at_the_target(bert_dense, senten
     assert "FLOP bound: multiply-adds of one 32-token sequence" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("form", [["--dtype", "bfloat16"], ["--quantize", "int8"]], ids=["bfloat16", "int8"])
+def test_cli_compress_embeddings_distills_and_deploys(bert_dense, sentences_file, tmp_path, capsys, form):
+    bert_dense.save(str(tmp_path / "dense"))
+    argv = ["compress-embeddings", "--model", str(tmp_path / "dense"), "--sentences", str(sentences_file)]
+    argv += ["--rank", "8", "--distill-steps", "3", "--distill-lr", "2e-4", *form]
+    assert main([*argv, "--latency-repeats", "1", "--output", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "out" / "drone_results.json").read_text())
+    distillation = results["distillation"]
+    assert distillation["steps"] == 3 and distillation["lr"] == 2e-4 and distillation["sentences"] == 96
+    assert distillation["heldout_cosine_after"] is not None
+    assert "Distillation: 3 steps (lr 0.0002, batch 32) on the 96 calibration sentences" in printed
+    name = form[1]
+    assert results["dtype"] == ("float32" if name == "int8" else name) and results["quantize"] == (
+        "int8" if name == "int8" else None
+    )
+    assert set(results["results"]) == {"dense", f"dense-{name}", "drone"} and f"| dense-{name} |" in printed
+    reloaded = SentenceTransformer(str(tmp_path / "out"))
+    encoder = reloaded[0].auto_model
+    assert encoder.config.drone_calibration["distillation"]["steps"] == 3
+    if name == "int8":
+        assert any(isinstance(m, DroneInt8Linear) for m in encoder.modules()) and encoder.dtype == torch.float32
+    else:
+        assert encoder.dtype == torch.bfloat16
+    heldout = split_heldout(SENTENCES)[1]  # what the CLI holds out of the file
+    assert results["results"]["drone"]["heldout_cosine"] == pytest.approx(
+        cosine_fidelity(bert_dense, reloaded, heldout), abs=1e-6
+    )
+
+
 def test_roc_auc_matches_the_pairwise_definition():
     rng = np.random.default_rng(0)
     for _ in range(50):
@@ -515,6 +780,12 @@ def test_roc_auc_matches_the_pairwise_definition():
         ),
         (["--rank", "8", "--latency-repeats", "0"], r"argument --latency-repeats: must be an integer >= 1, got 0"),
         (["--rank", "8", "--eval-pairs", "BAD_PAIRS"], r"`--eval-pairs` .* line 2: the label must be 0 or 1, got '3'"),
+        (["--rank", "8", "--distill-steps", "-1"], r"argument --distill-steps: must be an integer >= 0, got -1"),
+        (["--rank", "8", "--distill-steps", "3", "--distill-lr", "0"], r"argument --distill-lr: must be a finite"),
+        (["--rank", "8", "--distill-lr", "1e-4"], r"`--distill-lr 0.0001` needs `--distill-steps N`"),
+        (["--rank", "8", "--quantize", "int4"], r"argument --quantize: invalid choice: 'int4'"),
+        (["--rank", "8", "--dtype", "float64"], r"argument --dtype: invalid choice: 'float64'"),
+        (["--rank", "8", "--quantize", "int8", "--dtype", "float16"], r"`quantize='int8'` cannot be combined"),
     ],
 )
 def test_cli_compress_embeddings_errors(bert_dense, sentences_file, tmp_path, capsys, args, message):
