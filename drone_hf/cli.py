@@ -729,14 +729,12 @@ def _compress(args) -> int:
 def _dense_in_form(model, dtype: str | None, quantize: str | None) -> dict:
     """The dense model in the deployment form too (`{"dense-bfloat16": ...}`), so that the table shows the speed-up
     against dense in the same dtype as well as against dense float32; empty for float32."""
-    import copy
-
-    from .deployment import quantize_model, resolve_dtype
+    from .deployment import deployed_copy
 
     if quantize:
-        return {f"dense-{quantize}": quantize_model(model)}
+        return {f"dense-{quantize}": deployed_copy(model, quantize=quantize)}
     if dtype and dtype != "float32":
-        return {f"dense-{dtype}": copy.deepcopy(model).to(resolve_dtype(dtype))}
+        return {f"dense-{dtype}": deployed_copy(model, dtype)}
     return {}
 
 
