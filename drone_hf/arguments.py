@@ -91,6 +91,12 @@ class DroneCompressionArguments:
             and fold the mean into the bias ([`compress_model`]); the `drone-hf` command line turns it on.
         calibration_batch_size (`int`, *optional*, defaults to 32): Rows per calibration batch.
         seed (`int`, *optional*, defaults to 0): Seed of the random choice of calibration and held-out rows.
+        dtype (`str` or `torch.dtype`, *optional*): Deployment dtype of the compressed model, `"float32"`,
+            `"bfloat16"` or `"float16"` (stored as its name), as in [`compress_model`]: it is saved and reloads in
+            it. Applied to the final model, after any distillation (which trains in float32); a budget keeps only
+            ranks measured faster than the dense layer in this form.
+        quantize (`str`, *optional*): `"int8"`: dynamic int8 of the encoder linears ([`quantize_model`]), applied
+            like `dtype`; CPU models in float32 only.
 
     Raises:
         `ValueError`: naming the field, the value received and what is allowed.
@@ -142,11 +148,24 @@ class DroneCompressionArguments:
     )
     calibration_batch_size: int = field(default=32, metadata={"help": "Rows per calibration batch."})
     seed: int = field(default=0, metadata={"help": "Seed of the choice of calibration / held-out rows."})
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Deployment dtype of the compressed model: float32, bfloat16 or float16 (after distillation)."
+        },
+    )
+    quantize: str | None = field(
+        default=None,
+        metadata={"help": "`int8`: dynamic int8 encoder linears for CPU inference (after distillation)."},
+    )
 
     def __post_init__(self):
+        from .deployment import resolve_deployment
         from .methods import get_method
 
         get_method(self.method)
+        dtype, self.quantize = resolve_deployment(self.dtype, self.quantize)
+        self.dtype = None if dtype is None else str(dtype).removeprefix("torch.")
         for name in ("rank", "attention_rank", "num_calibration_samples", "heldout_samples", "screening_samples"):
             setattr(self, name, _as_int(getattr(self, name)))
         for name in ("refine_steps", "calibration_batch_size", "seed"):
@@ -226,7 +245,8 @@ class DroneCompressionArguments:
             )
 
     def compress_kwargs(self, task: str | None = None) -> dict[str, Any]:
-        """Keyword arguments for [`compress_model`] (budget, method and targets; no data).
+        """Keyword arguments for [`compress_model`] (budget, method and targets; no data, and not the deployment form
+        `dtype`/`quantize`, which [`DroneCompressionCallback`] applies after distillation).
 
         Args:
             task (`str`, *optional*): GLUE task name. With `max_accuracy_drop`, the drop is then measured on the

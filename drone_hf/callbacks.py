@@ -15,6 +15,7 @@ from transformers.utils import logging
 from .arguments import DroneCompressionArguments, DroneDistillationArguments
 from .calibration import MODEL_INPUT_KEYS, collect_activation_stats
 from .compress import compress_model
+from .deployment import check_deployment, deployed_copy, describe_deployment, prepare_for_deployment
 
 
 if TYPE_CHECKING:
@@ -88,6 +89,13 @@ class DroneCompressionCallback(TrainerCallback):
       runs (data-parallel, ranks broadcast from process zero). Files, logs and evaluation happen only when
       `state.is_world_process_zero`; every process waits for them, so when `train()` returns the checkpoint is
       complete on disk.
+    - The deployment form (`compression_args.dtype` / `compression_args.quantize`, as `compress_model(dtype=,
+      quantize=)`) is applied last: the model is compressed and, if asked, distilled in the trained model's float32,
+      then cast or quantised once. `compressed_model` and the saved checkpoint are in that form (`from_pretrained`,
+      after `import drone_hf`, reloads it as saved); `metrics["compressed"]` and `metrics["compressed+distilled"]`
+      score that form, and the card's speed-up compares it with the dense model in the same form. A budget
+      (`target_speedup`, `max_accuracy_drop`, `param_ratio`) keeps only ranks measured faster than the dense layer in
+      that form. `quantize` needs the trained model on the CPU (checked in `on_train_begin`).
 
     Args:
         compression_args ([`DroneCompressionArguments`]): What to compress and the calibration rows.
@@ -185,6 +193,7 @@ class DroneCompressionCallback(TrainerCallback):
         """
         args = self.compression_args
         args.validate_for_model(model)
+        check_deployment(model, args.dtype, args.quantize)
         tokenizer = self.processing_class if self.processing_class is not None else processing_class
         train_rows = None if self.train_dataset is None else len(self.train_dataset)
         if self.distillation_args is not None:
@@ -268,6 +277,13 @@ class DroneCompressionCallback(TrainerCallback):
             kwargs = settings.compress_kwargs()
             if "allocation_options" in kwargs and self.task_data is not None:
                 kwargs["allocation_options"]["metric_fn"] = self.task_data.metric_points()
+            if self._deploys and settings.rank is None and settings.ranks is None and settings.attention_rank is None:
+                # The budget is measured in the deployment form; the model itself stays in float32 until the end.
+                from .kernel_costs import KernelCosts
+
+                device = next(model.parameters()).device
+                costs = KernelCosts(settings.dtype or torch.float32, quantize=settings.quantize, device=device)
+                kwargs.setdefault("allocation_options", {})["kernel_costs"] = costs
             compressed = compress_model(
                 model,
                 stats,
@@ -279,12 +295,17 @@ class DroneCompressionCallback(TrainerCallback):
             )
         if distil_everywhere:
             compressed = self._same_structure_everywhere(model, stats, compressed, info)
+        distil = self.distillation_args is not None
+        if not distil:  # nothing trains the compressed model: it takes its deployment form now
+            compressed = prepare_for_deployment(compressed, settings.dtype, settings.quantize)
         metrics = {}
         if state.is_world_process_zero and self.eval_dataset is not None:
             logger.info(f"DRONE: evaluating dense and compressed on {len(self.eval_dataset)} rows")
             metrics["dense"] = self._evaluate(model, tokenizer, show and "Evaluating dense")
-            metrics["compressed"] = self._evaluate(compressed, tokenizer, show and "Evaluating compressed")
-        if self.distillation_args is not None:
+            deploy_copy = distil and self._deploys  # the model to distil stays in float32
+            scored = deployed_copy(compressed, settings.dtype, settings.quantize) if deploy_copy else compressed
+            metrics["compressed"] = self._evaluate(scored, tokenizer, show and "Evaluating compressed")
+        if distil:
             from .distillation import distill
 
             compressed = distill(
@@ -296,12 +317,18 @@ class DroneCompressionCallback(TrainerCallback):
                 data_collator=self.data_collator,
                 processing_class=tokenizer,
             )
+            # Trained in float32; cast or quantised once, after the last step.
+            compressed = prepare_for_deployment(compressed, settings.dtype, settings.quantize)
             if state.is_world_process_zero and self.eval_dataset is not None:
                 progress = show and "Evaluating distilled"
                 metrics["compressed+distilled"] = self._evaluate(compressed, tokenizer, progress)
         self.compressed_model, self.metrics = compressed.eval(), metrics
         if state.is_world_process_zero:
             self._save(args, state, model, compressed, tokenizer)
+
+    @property
+    def _deploys(self) -> bool:
+        return self.compression_args.dtype is not None or self.compression_args.quantize is not None
 
     def _same_structure_everywhere(self, model, stats, compressed, info):
         # Data-parallel distillation needs the same modules on every process: process zero chose the ranks (its
@@ -390,8 +417,11 @@ class DroneCompressionCallback(TrainerCallback):
         inputs = dict(tokenizer.pad(rows, padding="max_length", max_length=seq_len, return_tensors="pt"))
         bound = flop_speedup_bound(model.config, compressed.config, seq_len)
         logger.info("DRONE: timing dense and compressed")
+        settings = self.compression_args
+        # Against dense in the same deployment form, so that the speed-up is DRONE's and its FLOP bound holds.
+        dense = deployed_copy(model, settings.dtype, settings.quantize) if self._deploys else model
         comparison = compare_speed(  # each module's own train/eval mode is restored afterwards
-            {"dense": model, "compressed": compressed},
+            {"dense": dense, "compressed": compressed},
             inputs,
             flop_bounds={"compressed": bound},
             repeats=10,
@@ -404,8 +434,10 @@ class DroneCompressionCallback(TrainerCallback):
             if device.type == "cuda"
             else f"CPU {cpu_name()}, {torch.get_num_threads()} threads"
         )
-        dtype = next(model.parameters()).dtype
-        speed = comparison.card_speed("compressed", hardware, f"batch {len(rows)} x {seq_len} tokens, {dtype}")
+        form = next(model.parameters()).dtype
+        if self._deploys:
+            form = f"dense and compressed in {describe_deployment(settings.dtype, settings.quantize)}"
+        speed = comparison.card_speed("compressed", hardware, f"batch {len(rows)} x {seq_len} tokens, {form}")
         if speed.get("withheld"):
             logger.warning(f"DRONE: the measured speed-up is not quoted in the card: {speed['withheld']}.")
         return speed

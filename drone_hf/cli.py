@@ -775,15 +775,17 @@ def _dense_in_form(model, dtype: str | None, quantize: str | None) -> dict:
     against dense float32; empty for float32."""
     import copy
 
-    from .deployment import quantize_model, resolve_dtype
+    from .deployment import deployed_copy, resolve_dtype
     from .sentence_embeddings import is_sentence_transformer, with_encoder
 
     if quantize:
         if is_sentence_transformer(model):
-            return {f"dense-{quantize}": with_encoder(model, quantize_model(model[0].auto_model))}
-        return {f"dense-{quantize}": quantize_model(model)}
+            return {f"dense-{quantize}": with_encoder(model, deployed_copy(model[0].auto_model, quantize=quantize))}
+        return {f"dense-{quantize}": deployed_copy(model, quantize=quantize)}
     if dtype and dtype != "float32":
-        return {f"dense-{dtype}": copy.deepcopy(model).to(resolve_dtype(dtype))}
+        if is_sentence_transformer(model):
+            return {f"dense-{dtype}": copy.deepcopy(model).to(resolve_dtype(dtype))}
+        return {f"dense-{dtype}": deployed_copy(model, dtype)}
     return {}
 
 

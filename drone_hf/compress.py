@@ -182,8 +182,8 @@ def compress_model(
             `drone_hf.architecture.supported_model_types()`), or a DRONE model whose dense layers are factored further.
         stats (`dict[str, Tensor]`, *optional*): Output of [`collect_activation_stats`]; required by data-aware
             methods (`"drone"`, `"drone-bc"`), ignored by `"svd"`.
-        settings ([`DroneCompressionArguments`], *optional*): The budget, method and targets as one settings object
-            (the same dataclass the Trainer callback takes); keywords given explicitly override it.
+        settings ([`DroneCompressionArguments`], *optional*): The budget, method, targets and deployment form as one
+            settings object (the same dataclass the Trainer callback takes); keywords given explicitly override it.
         method (`str`, *optional*, defaults to `"drone"`): A registered method (`drone_hf.methods`): `"drone"` (the
             paper's closed form), `"drone-bc"` (on centred statistics, with the optimal bias shift) or `"svd"`.
         rank (`int`, *optional*): One rank for every target linear.
@@ -291,8 +291,8 @@ def compress_model(
             embedding=embedding,
             embedding_options=embedding_options,
             attention_ranks=attention_ranks,
-            dtype=dtype,
-            quantize=quantize,
+            dtype=dtype if dtype is not None else settings.dtype,
+            quantize=quantize if quantize is not None else settings.quantize,
             show_progress=show_progress,
             **merged,
         )

@@ -61,6 +61,24 @@ def resolve_quantize(quantize: str | None) -> str | None:
     )
 
 
+def resolve_deployment(dtype, quantize) -> tuple[torch.dtype | None, str | None]:
+    """Resolves `dtype=`/`quantize=` ([`resolve_dtype`], [`resolve_quantize`]) and checks that they combine, without a
+    model: the checks [`compress_model`], [`DroneCompressionArguments`] and [`DroneCompressionCallback`] share.
+
+    Raises:
+        `ValueError`: for a value outside the allowed ones, or `quantize` with a half dtype (int8 models keep their
+            float parts in float32, the kernels' activation dtype).
+    """
+    dtype, quantize = resolve_dtype(dtype), resolve_quantize(quantize)
+    if quantize is not None and dtype not in (None, torch.float32):
+        raise ValueError(
+            f"`quantize={quantize!r}` cannot be combined with `dtype={dtype}`: an int8 model keeps its other "
+            "parts (embeddings, LayerNorm, attention products) in float32, the int8 kernel's activation dtype. "
+            "Pass `dtype=None` or `torch.float32`."
+        )
+    return dtype, quantize
+
+
 def is_quantized(model: nn.Module) -> bool:
     """Whether `model` has int8 modules."""
     return any(isinstance(m, (DroneInt8Linear, DroneInt8QKLinear)) for m in model.modules())
@@ -77,7 +95,7 @@ def check_deployment(model: nn.Module, dtype, quantize) -> tuple[torch.dtype | N
             quantise), `quantize` with a model that is not on the CPU (the int8 kernels are CPU kernels), or `quantize`
             with a half dtype (int8 models keep their float parts in float32, the kernels' activation dtype).
     """
-    dtype, quantize = resolve_dtype(dtype), resolve_quantize(quantize)
+    dtype, quantize = resolve_deployment(dtype, quantize)
     if is_quantized(model):
         raise ValueError(
             "`model` already has int8 modules (`drone_quantization`): int8 weights cannot be factored or re-cast. "
@@ -91,12 +109,6 @@ def check_deployment(model: nn.Module, dtype, quantize) -> tuple[torch.dtype | N
                 f"`quantize={quantize!r}` needs a model on the CPU: its dynamic int8 product is the fbgemm/onednn CPU "
                 f"kernel (`quantized::linear_dynamic`), and the model is on {device}. Move it with `model.to('cpu')`, "
                 "or deploy on the GPU in `dtype=torch.bfloat16` instead."
-            )
-        if dtype not in (None, torch.float32):
-            raise ValueError(
-                f"`quantize={quantize!r}` cannot be combined with `dtype={dtype}`: an int8 model keeps its other "
-                "parts (embeddings, LayerNorm, attention products) in float32, the int8 kernel's activation dtype. "
-                "Pass `dtype=None` or `torch.float32`."
             )
         if dtype is None and parameter is not None and parameter.dtype != torch.float32:
             raise ValueError(
@@ -177,9 +189,30 @@ def _quantize_in_place(model: nn.Module, quantize: str, modules: list[str] | Non
     model.config.dtype = torch.float32
 
 
-def prepare_for_deployment(model: nn.Module, dtype: torch.dtype | None, quantize: str | None) -> nn.Module:
+def deployed_copy(model: nn.Module, dtype: torch.dtype | str | None = None, quantize: str | None = None) -> nn.Module:
+    """A **new** model in the deployment form (`model` is not modified): [`quantize_model`] for `quantize`, a cast
+    deep copy for `dtype`, a deep copy otherwise. For dense references timed or scored in the same form as a
+    compressed model."""
+    dtype, quantize = check_deployment(model, dtype, quantize)
+    new = copy.deepcopy(model)
+    if dtype is not None:
+        new.to(dtype)
+        new.config.dtype = dtype
+    return quantize_model(new, quantize) if quantize is not None else new
+
+
+def describe_deployment(dtype: torch.dtype | str | None, quantize: str | None) -> str:
+    """`"float32"`, `"bfloat16"`, `"float16"` or `"int8 dynamic (float32 activations)"`: the form, in words."""
+    dtype, quantize = resolve_deployment(dtype, quantize)
+    if quantize is not None:
+        return f"{quantize} dynamic (float32 activations)"
+    return str(dtype or torch.float32).removeprefix("torch.")
+
+
+def prepare_for_deployment(model: nn.Module, dtype: torch.dtype | str | None, quantize: str | None) -> nn.Module:
     """Casts a freshly compressed model to `dtype` and/or quantises it (in place; both already checked by
-    [`check_deployment`]); returns it."""
+    [`check_deployment`]; names are accepted, as there); returns it."""
+    dtype, quantize = resolve_deployment(dtype, quantize)
     if dtype is not None:
         model.to(dtype)
         model.config.dtype = dtype
@@ -192,10 +225,13 @@ __all__ = [
     "DEPLOYMENT_DTYPES",
     "QUANTIZE_METHODS",
     "check_deployment",
+    "deployed_copy",
+    "describe_deployment",
     "int8_module_names",
     "is_quantized",
     "prepare_for_deployment",
     "quantize_model",
+    "resolve_deployment",
     "resolve_dtype",
     "resolve_quantize",
 ]

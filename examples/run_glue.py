@@ -14,6 +14,9 @@ Your own data instead of `--task_name` (as in transformers' run_glue.py / run_cl
 `--text_column_names sentence1,sentence2`, `--label_column_name label` and `--metric_name f1` (accuracy, f1, mcc,
 pearson, spearman).
 
+`--drone_dtype bfloat16` (or float16) / `--drone_quantize int8` save the compressed model in that deployment form,
+cast or quantised after distillation (which trains in float32); it reloads in it with `from_pretrained`.
+
 Multi-process on GPUs: `accelerate launch examples/run_glue.py ...`; on a CPU, `accelerate launch --cpu` runs ONE
 process whatever `--num_processes` says, so use `torchrun --nproc_per_node 2 examples/run_glue.py ... --use_cpu`
 (see the README). Calibration statistics are summed over processes and distillation is data-parallel. Writes the
@@ -148,6 +151,11 @@ def main(argv: list[str] | None = None) -> dict:
         metrics=_names(data_args.metric_name),
     )
     compress = any(getattr(compression_cli, f"drone_{name}") is not None for name in _BUDGETS)
+    deployment = [f"--drone_{name}" for name in ("dtype", "quantize") if getattr(compression_cli, f"drone_{name}")]
+    if deployment and not compress:
+        raise ValueError(
+            f"{deployment} set the form of the compressed model: pass a `--drone_*` budget (e.g. --drone_rank)."
+        )
     if run_args.do_distill and not compress:
         raise ValueError("`--do_distill` distils the compressed model: pass a `--drone_*` budget (e.g. --drone_rank).")
     if compress and not training_args.do_train:
