@@ -1,6 +1,6 @@
 """Would one concatenated query/key/value down-projection, or a hand-fused bias + GELU, pay on this CPU? (issue 15)
 
-    python benchmarks/qkv_concat.py [--threads 2] [--seconds 3] [--parts qkv ffn] [--no-compile]
+    python benchmarks/qkv_concat.py [--threads 2] [--seconds 3] [--parts qkv ffn model] [--no-compile]
 
 1. **Q/K/V down-projections.** In a DRONE model query, key and value may each be a `DroneLinear` reading the same
    hidden state: three thin GEMMs `in -> k` where one `in -> 3k` GEMM and a split into views would do. For MiniLM's
@@ -19,10 +19,17 @@
    and 8x128 tokens: `F.gelu(F.linear(x, W, b))` (eager, what BERT runs) vs `F.gelu(torch.addmm(b, x, W.T))` vs the
    bias-free product followed by a `torch.compile`d bias + GELU (one pass) vs the whole `torch.compile`d
    linear + GELU, with `F.linear` alone (no GELU) as the floor any fusion of the GELU could reach.
+3. **Whole model** (`--parts model`): MiniLM-L6 (the real `all-MiniLM-L6-v2` weights, a random 2-class head) with
+   every linear at rank 96 (`method="svd"`: speed depends on the shapes only), unfused vs the prototype `fuse_qkv` of
+   `benchmarks/fused_qkv_prototype.py` (the `proj catT` form as modules; fused product up to 128 tokens, its default)
+   vs `fuse_qkv(max_tokens=10**9)` (always fused), at 1x32 and 8x128 tokens, round-robin in one process under
+   `torch.inference_mode` (`drone_hf.profiling.measure_latency`).
 
-Every variant is timed as a call that repeats its op enough times to take ~1 ms (so that timer resolution does not
-matter), in a new random order every round (`drone_hf.profiling.time_round_robin`), for `--seconds` per setting; the
-table shows medians per op in microseconds. Prints the tables and writes `benchmarks/results/qkv_concat.json`.
+Every variant of 1 and 2 is timed as a call that repeats its op enough times to take ~1 ms (so that timer resolution
+does not matter), in a new random order every round (`drone_hf.profiling.time_round_robin`), for `--seconds` per
+setting; the table shows medians per op in microseconds.
+
+Prints the tables and writes `benchmarks/results/qkv_concat.json`.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from drone_hf.profiling import time_round_robin  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 WIDTHS = {"MiniLM (384)": (384, (32, 64, 96, 128)), "base (768)": (768, (64, 128, 192, 256))}
 TOKENS = ("1x32", "1x128", "8x128", "32x128")
+MODEL_RANK, MODEL_SHAPES, MODEL_ROUNDS = 96, ("1x32", "8x128"), {"1x32": 300, "8x128": 60}
 FFN = {"hidden": 384, "intermediate": 1536, "rank": 96, "tokens": ("1x32", "8x128")}
 
 
@@ -219,11 +227,13 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per setting")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile bias-GELU variants")
-    parser.add_argument("--parts", nargs="+", choices=["qkv", "ffn"], default=["qkv", "ffn"], help="(others kept)")
+    parser.add_argument(
+        "--parts", nargs="+", choices=["qkv", "ffn", "model"], default=["qkv", "ffn", "model"], help="(others kept)"
+    )
     parser.add_argument("--output", default=str(RESULTS / "qkv_concat.json"))
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    out = {"qkv": {}, "ffn": {}}
+    out = {"qkv": {}, "ffn": {}, "model": {}}
     if Path(args.output).exists():  # the part not run now is kept from the earlier run
         out = json.loads(Path(args.output).read_text())
     settings = {"machine": machine_description(), "threads": args.threads, "seconds": args.seconds}
@@ -233,6 +243,8 @@ def main(argv=None) -> None:
         out["qkv"] = _run_qkv(args)
     if "ffn" in args.parts:
         out["ffn"] = _run_ffn(args)
+    if "model" in args.parts:
+        out["model"] = _run_model(args)
     Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nWrote {args.output}")
 
@@ -259,6 +271,53 @@ def _run_qkv(args) -> dict:
                     f"{us['proj catT']:.1f} ({gain['catT']}) | {gain['catT_vs_x3T']} | {us['dense x3']:.1f} |",
                     flush=True,
                 )
+    return results
+
+
+def _run_model(args) -> dict:
+    from common import minilm_path
+    from fused_qkv_prototype import fuse_qkv
+    from gpu import random_inputs
+    from transformers import AutoModelForSequenceClassification
+
+    import drone_hf
+    from drone_hf.profiling import measure_latency
+
+    torch.manual_seed(0)
+    dense = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).eval()
+    unfused = drone_hf.compress_model(dense, None, method="svd", rank=MODEL_RANK).eval()
+    models = {
+        "unfused": unfused,
+        "fused (<= 128 tokens)": fuse_qkv(unfused),
+        "fused (always)": fuse_qkv(unfused, max_tokens=10**9),
+    }
+    results = {}
+    print(f"\n### MiniLM-L6, every linear at rank {MODEL_RANK}, fp32, {args.threads} threads: whole forward pass")
+    print("| tokens | model | median ms | speed-up vs unfused (IQR of per-round ratios) | max abs logit diff |")
+    print("|---|---|---:|---|---:|")
+    for shape in MODEL_SHAPES:
+        batch, tokens = (int(n) for n in shape.split("x"))
+        inputs = random_inputs(unfused.config, batch, tokens, "cpu")
+        record: dict = {}
+        with torch.inference_mode():
+            reference = unfused(**inputs).logits
+            differences = {name: float((m(**inputs).logits - reference).abs().max()) for name, m in models.items()}
+            medians = measure_latency(models, inputs, repeats=MODEL_ROUNDS[shape], warmup=5, record=record)
+        wall = record["wall"]
+        entry = {"rounds": MODEL_ROUNDS[shape], "load_average": record.get("load_average"), "models": {}}
+        for name in models:
+            ratios = sorted(u / m for u, m in zip(wall["unfused"], wall[name]))
+            quartiles = [ratios[len(ratios) // 4], ratios[len(ratios) // 2], ratios[(3 * len(ratios)) // 4]]
+            speedup = medians["unfused"] / medians[name]
+            entry["models"][name] = {
+                "ms": 1000 * medians[name],
+                "speedup": speedup,
+                "speedup_quartiles": quartiles,
+                "max_abs_logit_diff": differences[name],
+            }
+            gain = "" if name == "unfused" else _gain(speedup, quartiles)
+            print(f"| {shape} | {name} | {1000 * medians[name]:.2f} | {gain} | {differences[name]:.1e} |", flush=True)
+        results[shape] = entry
     return results
 
 
