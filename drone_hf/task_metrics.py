@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from .token_metrics import TOKEN_METRIC_ALIASES
+
 
 CLASSIFICATION_METRICS = ("accuracy", "f1", "matthews_correlation")
 REGRESSION_METRICS = ("pearson", "spearmanr")
@@ -23,15 +25,10 @@ METRIC_ALIASES = {
     "pearsonr": "pearson",
     "spearman": "spearmanr",
     "spearmanr": "spearmanr",
-    # token classification (`drone_hf.token_metrics`): known here so that a wrong task type gets a clear error
-    "seqeval_f1": "seqeval_f1",
-    "entity_f1": "seqeval_f1",
-    "seqeval_precision": "seqeval_precision",
-    "entity_precision": "seqeval_precision",
-    "seqeval_recall": "seqeval_recall",
-    "entity_recall": "seqeval_recall",
-    "token_accuracy": "accuracy",
-    # question answering (`drone_hf.qa_metrics`)
+    # token classification: `drone_hf.token_metrics`' own names, known here so that a wrong task type gets a clear
+    # error (its "accuracy"/"acc" agree with the ones above)
+    **TOKEN_METRIC_ALIASES,
+    # question answering (`drone_hf.qa_metrics`; its "f1" alias is not taken: here "f1" is the classification F1)
     "squad_f1": "squad_f1",
     "exact_match": "exact_match",
     "exact": "exact_match",
