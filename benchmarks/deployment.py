@@ -24,7 +24,6 @@ and the measured break-even at multiples of 8, 16 and 32. Writes benchmarks/resu
 
 from __future__ import annotations
 
-import copy
 import json
 import tempfile
 import time
@@ -49,7 +48,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import drone_hf
 from drone_hf.calibration import model_inputs
 from drone_hf.candidates import breakeven_rank
-from drone_hf.deployment import quantize_model
+from drone_hf.deployment import deployed_copy
 from drone_hf.evaluation import evaluate_glue
 from drone_hf.glue import get_glue_task, load_glue
 from drone_hf.kernel_costs import KernelCosts
@@ -142,10 +141,8 @@ def _budget_label(folder: Path) -> str:
 
 
 def _in_form(model, options):
-    """`model` (a float32 model) in a deployment form: a bfloat16 copy or an int8 copy (new objects)."""
-    if "quantize" in options:
-        return quantize_model(model)
-    return copy.deepcopy(model).to(options["dtype"]) if "dtype" in options else model
+    """`model` (a float32 model) in a deployment form: itself for float32, else a new bfloat16 or int8 copy."""
+    return deployed_copy(model, **options) if options else model
 
 
 def _build(teacher, stats, args, costs, provenance):

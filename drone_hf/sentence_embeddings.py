@@ -427,8 +427,10 @@ def _heldout_embeddings(encoder, batches: Sequence[Mapping], head: Callable) -> 
 
 
 def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    norms = np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
-    return float(((a * b).sum(-1) / norms).mean())
+    """Mean row-wise cosine similarity, by the allocation's own cosine (`drone_hf.heads._cosines`)."""
+    from .heads import _cosines
+
+    return float(_cosines(a, b).mean())
 
 
 def compress_sentence_transformer(
