@@ -97,6 +97,20 @@ def _parser():
         "sentences (the '+distill N' rows)",
     )
     parser.add_argument("--distill-lr", type=float, default=1e-4, help="learning rate of the distillation")
+    parser.add_argument(
+        "--distill-text",
+        choices=["calibration", "qnli-rest"],
+        default="calibration",
+        help="what the distillation trains on: the calibration sentences, or those plus the texts of the QNLI dev "
+        "pairs after the first --qnli-pairs that occur neither in the evaluated half nor among the held-out sentences "
+        "(needs --calibration-source qnli and --qnli-pairs)",
+    )
+    parser.add_argument(
+        "--relation-weight",
+        type=float,
+        default=0.0,
+        help="distill_options['relation_weight']: MSE of the in-batch cosine matrices (default 0)",
+    )
     parser.add_argument("--timing-sentences", type=int, default=256, help="QNLI dev sentences timed per round")
     parser.add_argument("--latency-repeats", type=int, default=5, help="timed encode() rounds")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -127,7 +141,7 @@ def _dev_dir(folder: str) -> str | None:
 
 def _data(args):
     mrpc = load_glue_split("mrpc", "validation", data_dir=_dev_dir("MRPC"))
-    qnli = load_glue_split("qnli", "validation", data_dir=_dev_dir("QNLI"))
+    qnli = whole_qnli = load_glue_split("qnli", "validation", data_dir=_dev_dir("QNLI"))
     if args.quick:
         mrpc, qnli = mrpc.select(range(96)), qnli.select(range(400))
     elif args.qnli_pairs:
@@ -154,9 +168,19 @@ def _data(args):
     for question, sentence, label in zip(qnli["question"], qnli["sentence"], qnli["label"]):
         if label == entail:
             relevant.setdefault(question, set()).add(position[sentence])
+    calibration, heldout = sentences[: args.calibration_samples], sentences[args.calibration_samples : needed]
+    distill = None
+    if args.distill_text == "qnli-rest":
+        if args.calibration_source != "qnli" or loaded >= len(whole_qnli):
+            raise SystemExit("--distill-text qnli-rest needs --calibration-source qnli and --qnli-pairs below 5463.")
+        excluded = set(qnli["question"]) | set(qnli["sentence"]) | set(heldout)  # qnli: the evaluated half here
+        rest = whole_qnli.select(range(loaded, len(whole_qnli)))
+        texts = [t.strip() for t in dict.fromkeys([*rest["question"], *rest["sentence"]])]
+        distill = list(dict.fromkeys(calibration + [t for t in texts if t and t not in excluded]))
     return {
-        "calibration": sentences[: args.calibration_samples],
-        "heldout": sentences[args.calibration_samples : needed],
+        "calibration": calibration,
+        "heldout": heldout,
+        "distill": distill,
         "mrpc": (list(mrpc["sentence1"]), list(mrpc["sentence2"]), np.array(mrpc["label"])),
         "qnli": (list(relevant), corpus, list(relevant.values())),
         "qnli_pairs": len(qnli),
@@ -210,6 +234,10 @@ def _compressed(args, dense, data, name: str, budget: dict, method: str, distill
         setting += f"-qnli{data['qnli_pairs_loaded']}-split{QNLI_SPLIT_SEED}"  # the pairs the halves were cut from
     if distill_steps:
         setting += f"-distill{distill_steps}-lr{args.distill_lr:g}"
+        if args.distill_text != "calibration":
+            setting += f"-{args.distill_text}"
+        if args.relation_weight:
+            setting += f"-relation{args.relation_weight:g}"
     slug = re.sub(r"[^\w.]+", "-", name).strip("-") + ("-no-attention" if args.no_attention else "")
     folder = CACHE_DIR / setting / slug if args.model == "minilm" else CACHE_DIR / args.model / setting / slug
     summary = folder / "benchmark_row.json"
@@ -230,7 +258,10 @@ def _compressed(args, dense, data, name: str, budget: dict, method: str, distill
             allocation_options=options,
             allocation_report=report,
             distill_steps=distill_steps,
-            distill_options={"lr": args.distill_lr} if distill_steps else None,
+            distill_options=(
+                {"lr": args.distill_lr, "relation_weight": args.relation_weight} if distill_steps else None
+            ),
+            distill_sentences=data["distill"] if distill_steps else None,
             **budget,
         )
     except ValueError as error:  # a budget no compression meets
@@ -281,8 +312,16 @@ def _data_text(args, data) -> dict[str, str]:
     if args.distill_steps:
         texts["distillation"] = (
             f"+distill {args.distill_steps}: {args.distill_steps} AdamW steps (lr {args.distill_lr:g}, batch "
-            f"{args.batch_size}) of last-hidden-state MSE + 10 x (1 - cosine) of the embeddings to the dense model, "
-            "on the calibration sentences."
+            f"{args.batch_size}) of last-hidden-state MSE + 10 x (1 - cosine) of the embeddings"
+            + (f" + {args.relation_weight:g} x MSE of the in-batch cosine matrices" if args.relation_weight else "")
+            + " to the dense model, on "
+            + (
+                "the calibration sentences."
+                if data["distill"] is None
+                else f"{len(data['distill'])} texts: the calibration sentences and the QNLI dev texts of pairs "
+                f"{data['qnli_pairs_loaded'] + 1}-5463 that occur neither in the evaluated half nor among the "
+                "held-out sentences (unlabeled text of the kind embedded, never the evaluated text)."
+            )
         )
     return texts
 
@@ -399,6 +438,8 @@ def main() -> None:
     suffix = ("_qnli" if args.calibration_source == "qnli" else "") + (
         f"_distill{args.distill_steps}" if args.distill_steps else ""
     )
+    if args.distill_steps and args.distill_text != "calibration":
+        suffix += f"_{args.distill_text.replace('-', '')}"
     path = write_json(
         f"sentence_embeddings_{args.model}{suffix}",
         {
@@ -414,7 +455,15 @@ def main() -> None:
                 "row's CPU-time ratio, per-round speedup_range and flags)",
             },
             "calibration_source": args.calibration_source,
-            "distillation": {"steps": args.distill_steps, "lr": args.distill_lr} if args.distill_steps else None,
+            "distillation": {
+                "steps": args.distill_steps,
+                "lr": args.distill_lr,
+                "relation_weight": args.relation_weight,
+                "text": args.distill_text,
+                "texts": len(data["distill"] or data["calibration"]),
+            }
+            if args.distill_steps
+            else None,
             "attention": not args.no_attention,
             "screening_samples": args.screening_samples,
             "rows": table,

@@ -8,7 +8,8 @@ drone-hf compress --model DIR_OR_HUB_ID (--task sst2 [--data-dir GLUE_DIR] | --t
 drone-hf evaluate --model DIR (--task sst2 | --validation-file dev.csv | --dataset-name HUB_ID) [--baseline DENSE_DIR]
 drone-hf compress-embeddings --model SENTENCE_TRANSFORMER --sentences FILE
     (--min-cosine-similarity C | --target-speedup X | --param-ratio P | --rank K) [--method drone|drone-bc|svd]
-    [--distill-steps N [--distill-lr LR]] [--dtype D] [--quantize int8] --output DIR [--overwrite]
+    [--distill-steps N [--distill-lr LR] [--distill-sentences FILE]] [--dtype D] [--quantize int8]
+    --output DIR [--overwrite]
 drone-hf export --model DIR --onnx --output DIR [--optimize] [--quantize int8] [--opset 17] [--overwrite]
 
 --output is written whole or not at all, never into (or around) --model; a folder drone-hf did not write needs
@@ -248,6 +249,11 @@ def _add_embeddings_parser(commands) -> None:
         type=_number(0, low_open=True),
         help="learning rate of --distill-steps (default: 1e-4)",
     )
+    sub.add_argument(
+        "--distill-sentences",
+        help="text file, one sentence per line: distil on these instead of the calibration sentences (more text of "
+        "the kind the model will embed; none of it may be a held-out sentence)",
+    )
     _add_deployment(sub)
     sub.add_argument(
         "--latency-repeats", type=count(1), default=5, help="timed encode() rounds (batch 32, up to 256 sentences)"
@@ -350,6 +356,13 @@ def _compress_embeddings(args) -> int:
         )
     if args.distill_lr is not None and not args.distill_steps:
         raise ValueError(f"`--distill-lr {args.distill_lr:g}` needs `--distill-steps N` (N > 0): nothing is trained.")
+    if args.distill_sentences and not args.distill_steps:
+        raise ValueError(
+            f"`--distill-sentences {args.distill_sentences}` needs `--distill-steps N` (N > 0): nothing is trained."
+        )
+    distill_sentences = (
+        _read_sentences(args.distill_sentences, "--distill-sentences") if args.distill_sentences else None
+    )
     pairs = _read_pairs(args.eval_pairs) if args.eval_pairs else None
     sentence_transformers = _require_sentence_transformers()  # an ImportError naming the extra: main() prints it
     try:
@@ -381,6 +394,7 @@ def _compress_embeddings(args) -> int:
         allocation_report=report,
         distill_steps=args.distill_steps,
         distill_options={"lr": args.distill_lr} if args.distill_lr is not None else None,
+        distill_sentences=distill_sentences,
         dtype=args.dtype,
         quantize=args.quantize,
         show_progress=True,
@@ -488,9 +502,10 @@ def _compress_embeddings(args) -> int:
     distillation = report.get("distillation")
     if distillation:
         d = distillation
+        data = f"the {d['sentences']} calibration sentences" if d["data"] == "the calibration sentences" else d["data"]
         print(
-            f"Distillation: {d['steps']} steps (lr {d['lr']:g}, batch {d['batch_size']}) on the {d['sentences']} "
-            f"calibration sentences in {d['seconds']:.0f} s; loss {d['loss_first']:.4g} -> {d['loss_last']:.4g}; "
+            f"Distillation: {d['steps']} steps (lr {d['lr']:g}, batch {d['batch_size']}) on {data} "
+            f"in {d['seconds']:.0f} s; loss {d['loss_first']:.4g} -> {d['loss_last']:.4g}; "
             f"held-out mean cosine {d['heldout_cosine_before']:.4f} before, {d['heldout_cosine_after']:.4f} after "
             "(the cosine column: after, in the deployment form)."
         )

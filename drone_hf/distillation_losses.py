@@ -131,12 +131,14 @@ def embedding_distillation_loss(
     attention_mask: torch.Tensor | None = None,
     hidden_weight: float = 1.0,
     cosine_weight: float = 10.0,
+    relation_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""
     The distillation loss of a sentence-embedding encoder: `hidden_weight * MSE(last hidden states) + cosine_weight *
-    mean(1 - cos(student embedding, teacher embedding))`, the MSE over non-padding tokens ([`hidden_state_mse`]) and
-    the cosine over the final sentence embeddings (after pooling, dense and normalisation modules). Terms with weight 0
-    are not computed.
+    mean(1 - cos(student embedding, teacher embedding)) + relation_weight * MSE(student's in-batch cosine matrix,
+    teacher's)`, the MSE over non-padding tokens ([`hidden_state_mse`]) and the cosines over the final sentence
+    embeddings (after pooling, dense and normalisation modules). The relation term compares every pair of sentences in
+    the batch: it is what retrieval and pair scoring rank by. Terms with weight 0 are not computed.
 
     Args:
         student_hidden_state (`Tensor`), teacher_hidden_state (`Tensor`): `batch x seq x hidden` last hidden states.
@@ -144,6 +146,8 @@ def embedding_distillation_loss(
         attention_mask (`Tensor`, *optional*): `batch x seq`, 1 for real tokens; padding is left out of the MSE.
         hidden_weight (`float`, *optional*, defaults to 1.0): Weight of the hidden-state MSE.
         cosine_weight (`float`, *optional*, defaults to 10.0): Weight of the embedding cosine distance.
+        relation_weight (`float`, *optional*, defaults to 0.0): Weight of the mean squared difference between the
+            `batch x batch` cosine-similarity matrices of the student's and the teacher's embeddings.
 
     Returns:
         `tuple[Tensor, dict[str, Tensor]]`: the total (float32 scalar) and its unweighted parts (`hidden`, `cosine`).
@@ -165,15 +169,20 @@ def embedding_distillation_loss(
             [student_hidden_state], [teacher_hidden_state], attention_mask=attention_mask
         )
         total = total + hidden_weight * parts["hidden"]
+    if (cosine_weight > 0 or relation_weight > 0) and student_embeddings.shape != teacher_embeddings.shape:
+        raise ValueError(
+            f"Sentence embeddings of shape {tuple(student_embeddings.shape)} (student) and "
+            f"{tuple(teacher_embeddings.shape)} (teacher); the cosine terms need one shape."
+        )
     if cosine_weight > 0:
-        if student_embeddings.shape != teacher_embeddings.shape:
-            raise ValueError(
-                f"Sentence embeddings of shape {tuple(student_embeddings.shape)} (student) and "
-                f"{tuple(teacher_embeddings.shape)} (teacher); the cosine term needs one shape."
-            )
         cosine = F.cosine_similarity(student_embeddings.float(), teacher_embeddings.float(), dim=-1)
         parts["cosine"] = (1.0 - cosine).mean()
         total = total + cosine_weight * parts["cosine"]
+    if relation_weight > 0:
+        student_unit = F.normalize(student_embeddings.float(), dim=-1)
+        teacher_unit = F.normalize(teacher_embeddings.float(), dim=-1)
+        parts["relation"] = F.mse_loss(student_unit @ student_unit.T, teacher_unit @ teacher_unit.T)
+        total = total + relation_weight * parts["relation"]
     return total, parts
 
 

@@ -286,10 +286,17 @@ def _st_allocation_options(options: Mapping | None) -> dict:
     return options
 
 
-DISTILL_DEFAULTS = {"lr": 1e-4, "hidden_weight": 1.0, "cosine_weight": 10.0, "dropout": False, "seed": 0}
+DISTILL_DEFAULTS = {
+    "lr": 1e-4,
+    "hidden_weight": 1.0,
+    "cosine_weight": 10.0,
+    "relation_weight": 0.0,
+    "dropout": False,
+    "seed": 0,
+}
 """`distill_options` of [`compress_sentence_transformer`] and their defaults: AdamW learning rate (constant, no weight
-decay), the weights of the last-hidden-state MSE and of the embedding cosine distance
-([`~drone_hf.distillation_losses.embedding_distillation_loss`]), whether the student trains with dropout (off: it
+decay), the weights of the last-hidden-state MSE, of the embedding cosine distance and of the in-batch cosine-matrix
+MSE ([`~drone_hf.distillation_losses.embedding_distillation_loss`]), whether the student trains with dropout (off: it
 matches a deterministic teacher; on MiniLM with QNLI text, FLOP 2x, 300 steps, dropout cost 0.9 MRR points), and the
 seed of the batch order (and dropout)."""
 
@@ -315,12 +322,11 @@ def _check_distillation(steps: Any, options: Mapping | None) -> dict | None:
     _check_number(
         "distill_options['lr']", settings["lr"], "a number > 0 (AdamW learning rate, e.g. 1e-4)", lambda v: v > 0
     )
-    for name in ("hidden_weight", "cosine_weight"):
+    weights = ("hidden_weight", "cosine_weight", "relation_weight")
+    for name in weights:
         _check_number(f"distill_options[{name!r}]", settings[name], "a number >= 0 (a loss weight)", lambda v: v >= 0)
-    if settings["hidden_weight"] == 0 and settings["cosine_weight"] == 0:
-        raise ValueError(
-            "`distill_options` sets both `hidden_weight` and `cosine_weight` to 0: the loss would be 0; keep one > 0."
-        )
+    if all(settings[name] == 0 for name in weights):
+        raise ValueError(f"`distill_options` sets all of {list(weights)} to 0: the loss would be 0; keep one > 0.")
     if not isinstance(settings["dropout"], bool):
         raise ValueError(f"`distill_options['dropout']` must be True or False, got {settings['dropout']!r}.")
     seed = settings["seed"]
@@ -371,7 +377,7 @@ def _distill_encoder(student, teacher, head: Callable, batches: Sequence[Mapping
         [p for p in student.parameters() if p.requires_grad], lr=settings["lr"], weight_decay=0.0
     )
     generator = torch.Generator().manual_seed(settings["seed"])
-    weights = {"hidden_weight": settings["hidden_weight"], "cosine_weight": settings["cosine_weight"]}
+    weights = {name: settings[name] for name in ("hidden_weight", "cosine_weight", "relation_weight")}
     totals, parts_seen, order = [], [], []
     cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     cached_bytes = 0
@@ -450,6 +456,7 @@ def compress_sentence_transformer(
     allocation_report: dict | None = None,
     distill_steps: int = 0,
     distill_options: Mapping | None = None,
+    distill_sentences: Sequence[str] | None = None,
     dtype: torch.dtype | str | None = None,
     quantize: str | None = None,
     show_progress: bool = False,
@@ -474,10 +481,11 @@ def compress_sentence_transformer(
       `heldout_sentences`, or a seeded random quarter of `sentences` (the rest calibrates).
 
     With `distill_steps > 0` the compressed encoder is then trained against the dense one (the teacher, in eval mode
-    and without gradients) on the calibration sentences only (never on the held-out ones): `distill_steps` AdamW steps
-    on `hidden_weight * MSE(last hidden states) + cosine_weight * (1 - cosine)` of the final sentence embeddings the
-    whole model outputs (pooling, dense and normalisation modules included, as `encode()`), one batch of `batch_size`
-    calibration sentences per step. A `min_cosine_similarity` budget is checked **before** the distillation (it
+    and without gradients) on the calibration sentences, or on `distill_sentences` when given (never on the held-out
+    ones): `distill_steps` AdamW steps on `hidden_weight * MSE(last hidden states) + cosine_weight * (1 - cosine)` of
+    the final sentence embeddings the whole model outputs (pooling, dense and normalisation modules included, as
+    `encode()`) `+ relation_weight * MSE` of their in-batch cosine matrices, one batch of `batch_size` sentences per
+    step. A `min_cosine_similarity` budget is checked **before** the distillation (it
     chooses the ranks); the held-out cosine is measured again after it, on the same held-out sentences, which the
     distillation never saw (but which chose the ranks, so it is not an independent estimate either). Only the encoder
     is trained (`Dense` modules after it are not), and the returned model is in eval mode. Distillation adapts the
@@ -503,15 +511,19 @@ def compress_sentence_transformer(
             (mean cosine of the returned model's embeddings to the dense ones on the held-out sentences, when there
             are any: after distillation and in the deployment dtype / int8), the number of calibration and held-out
             sentences and, with `distill_steps`, `distillation`: `{"steps", "seconds", "lr", "hidden_weight",
-            "cosine_weight", "seed", "batch_size", "sentences", "loss_first", "loss_last", "loss_hidden_last",
-            "loss_cosine_last", "heldout_cosine_before", "heldout_cosine_after"}` (the two cosines in float32, `None`
+            "cosine_weight", "relation_weight", "seed", "batch_size", "sentences", "loss_first", "loss_last",
+            "loss_hidden_last", "loss_cosine_last", "heldout_cosine_before", "heldout_cosine_after"}` (and
+            `"loss_relation_last"` with a relation term) (the two cosines in float32, `None`
             without held-out sentences).
         distill_steps (`int`, *optional*, defaults to 0): AdamW steps of embedding distillation after compression
             (see above); 0 trains nothing.
         distill_options (`Mapping`, *optional*): `lr` (default `1e-4`, constant), `hidden_weight` (1.0),
-            `cosine_weight` (10.0), `dropout` (`False`: the student trains in eval mode) and `seed` (0: batch order)
-            of the distillation ([`DISTILL_DEFAULTS`]). Recorded with the steps in
+            `cosine_weight` (10.0), `relation_weight` (0.0), `dropout` (`False`: the student trains in eval mode) and
+            `seed` (0: batch order) of the distillation ([`DISTILL_DEFAULTS`]). Recorded with the steps in
             `config.drone_calibration["distillation"]`, hence on the model card.
+        distill_sentences (`Sequence[str]`, *optional*): Unlabeled text to distil on instead of the calibration
+            sentences (more text of the kind the model will embed lets more steps run without overfitting). It may
+            not share a sentence with the held-out ones. Needs `distill_steps > 0`.
         dtype (`torch.dtype` or `str`, *optional*): Deployment dtype, `float32`, `bfloat16` or `float16`, as in
             [`compress_model`]: statistics, factors and the distillation run in the model's dtype, then the encoder
             and the modules after it (e.g. `Dense`) are cast once; `save` writes them in that dtype and
@@ -568,6 +580,13 @@ def compress_sentence_transformer(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
     distillation = _check_distillation(distill_steps, distill_options)
+    if distill_sentences is not None:
+        distill_sentences = _check_sentences("distill_sentences", distill_sentences)
+        if distillation is None:
+            raise ValueError(
+                f"`distill_sentences` ({len(distill_sentences)} sentences) is given but `distill_steps` is 0; pass "
+                "`distill_steps > 0` to distil on them, or leave `distill_sentences` out."
+            )
     dtype, quantize = check_deployment(_transformer_module(model).auto_model, dtype, quantize)
     if heldout_sentences is not None:
         heldout = _check_sentences("heldout_sentences", heldout_sentences)
@@ -581,6 +600,14 @@ def compress_sentence_transformer(
             "The budget cannot be met: min_cosine_similarity=1.0 allows no change to the embeddings, and every "
             "compression changes them; pass a value below 1 (e.g. 0.99)."
         )
+    if distill_sentences is not None:
+        shared = set(distill_sentences) & set(heldout)
+        if shared:
+            raise ValueError(
+                f"`distill_sentences` shares {len(shared)} sentence(s) with the held-out sentences (e.g. "
+                f"{next(iter(shared))!r}); the held-out cosine would then measure text the student was trained on. "
+                "Remove them from one of the two."
+            )
     if budget == "min_cosine_similarity" and len(heldout) < MIN_HELDOUT_SENTENCES:
         source = (
             "`heldout_sentences` has"
@@ -643,14 +670,22 @@ def compress_sentence_transformer(
     head = sentence_embedding_head(new)
     dense_heldout = _heldout_embeddings(encoder, heldout_batches, head) if heldout_batches else None
     if distillation is not None:
+        distill_text = calibration if distill_sentences is None else distill_sentences
         report["distillation"] = _distill(
             compressed,
             encoder,
             new,
-            calibration_batches,
+            calibration_batches if distill_sentences is None else sentence_batches(new, distill_text, batch_size),
             heldout_batches,
             dense_heldout,
-            {**distillation, "batch_size": batch_size, "sentences": len(calibration)},
+            {
+                **distillation,
+                "batch_size": batch_size,
+                "sentences": len(distill_text),
+                "data": "the calibration sentences"
+                if distill_sentences is None
+                else f"{len(distill_text)} sentences given as distill_sentences",
+            },
             show_progress,
         )
         if (
@@ -712,9 +747,15 @@ def _distill(student, teacher, model, batches, heldout_batches, dense_heldout, s
     }
     provenance = {
         "steps": settings["steps"],
-        "data": "the calibration sentences",
+        "data": settings["data"],
         "loss": f"{settings['hidden_weight']:g} x last-hidden-state MSE + {settings['cosine_weight']:g} x "
-        "(1 - cosine) of the sentence embeddings, teacher: the dense model",
+        "(1 - cosine) of the sentence embeddings"
+        + (
+            f" + {settings['relation_weight']:g} x MSE of their in-batch cosine matrices"
+            if settings["relation_weight"]
+            else ""
+        )
+        + ", teacher: the dense model",
         **{key: settings[key] for key in ("lr", "batch_size", "dropout", "seed")},
     }
     student.config.drone_calibration = {**(student.config.drone_calibration or {}), "distillation": provenance}

@@ -371,6 +371,75 @@ def test_distillation_trains_on_the_calibration_sentences_only(bert_dense, monke
     assert report["distillation"]["sentences"] == len(calibration) == 96
 
 
+def test_distillation_on_distill_sentences_trains_on_those_only(bert_dense, monkeypatch):
+    """`distill_sentences` replaces the calibration sentences as the distillation's data (every row of them seen,
+    nothing else), is recorded as such, and may not share a sentence with the held-out ones."""
+    seen: list = []
+    original_distill = st_module._distill_encoder
+
+    def spy_distill(student, teacher, head, batches, settings, show_progress):
+        seen.extend(batches)
+        return original_distill(student, teacher, head, batches, settings, show_progress)
+
+    monkeypatch.setattr(st_module, "_distill_encoder", spy_distill)
+    calibration, heldout = SENTENCES[:64], SENTENCES[64:96]
+    extra = _sentences(80, seed=7)
+    batches = sentence_batches(bert_dense, extra, batch_size=32)
+    report: dict = {}
+    small = drone_hf.compress_sentence_transformer(
+        bert_dense,
+        calibration,
+        heldout_sentences=heldout,
+        rank=8,
+        distill_steps=len(batches),
+        distill_sentences=extra,
+        allocation_report=report,
+    )
+
+    def rows(batch_list):
+        return sorted(
+            tuple(ids[mask.bool()].tolist())
+            for batch in batch_list
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"])
+        )
+
+    assert rows(seen) == rows(batches) != rows(sentence_batches(bert_dense, calibration))
+    assert report["distillation"]["sentences"] == 80
+    provenance = small[0].auto_model.config.drone_calibration["distillation"]
+    assert provenance["data"] == "80 sentences given as distill_sentences"
+    with pytest.raises(ValueError, match=r"`distill_sentences` shares 1 sentence\(s\) with the held-out"):
+        drone_hf.compress_sentence_transformer(
+            bert_dense, calibration, heldout_sentences=heldout, rank=8, distill_steps=1,
+            distill_sentences=[*extra, heldout[3]],
+        )  # fmt: skip
+
+
+def test_relation_term_is_the_mean_squared_difference_of_the_cosine_matrices():
+    """The relation term, against a loop over every pair; it ignores what the pair scores ignore (a rotation of the
+    embedding space, the embeddings' norms), which the per-sentence cosine term does not."""
+    from drone_hf.distillation_losses import embedding_distillation_loss
+
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(6, 5, generator=generator), torch.randn(6, 5, generator=generator)
+    hidden = torch.zeros(6, 2, 3)
+    _, parts = embedding_distillation_loss(hidden, hidden, student, teacher, hidden_weight=0, relation_weight=1.0)
+
+    def cos(a, b):
+        return float(a @ b / (a.norm() * b.norm()))
+
+    expected = np.mean(
+        [(cos(student[i], student[j]) - cos(teacher[i], teacher[j])) ** 2 for i in range(6) for j in range(6)]
+    )
+    assert float(parts["relation"]) == pytest.approx(expected, rel=1e-5) and expected > 1e-3
+    rotation = torch.linalg.qr(torch.randn(5, 5, generator=generator))[0]
+    scaled = (teacher @ rotation) * torch.arange(1.0, 7.0)[:, None]
+    total, parts = embedding_distillation_loss(hidden, hidden, scaled, teacher, hidden_weight=0, relation_weight=1.0)
+    assert float(parts["relation"]) < 1e-10 and float(parts["cosine"]) > 0.1
+    total, parts = embedding_distillation_loss(hidden, hidden, scaled, teacher, hidden_weight=0, cosine_weight=0,
+                                               relation_weight=2.0)  # fmt: skip
+    assert set(parts) == {"relation"} and float(total) < 1e-9
+
+
 def test_input_is_untouched_by_distillation(bert_dense):
     """With distillation the input keeps its weights, modes, hooks and `requires_grad` flags, the distillation draws
     nothing from the caller's random state (it leaves it as the compression alone does), and the returned model is in
@@ -539,8 +608,24 @@ def _static_embedding_model():
         (
             {"rank": 8, "distill_steps": 2, "distill_options": {"hidden_weight": 0, "cosine_weight": 0}},
             ValueError,
-            r"both `hidden_weight` and `cosine_weight` to 0",
+            r"sets all of \['hidden_weight', 'cosine_weight', 'relation_weight'\] to 0",
         ),
+        (
+            {"rank": 8, "distill_steps": 2, "distill_options": {"relation_weight": "big"}},
+            ValueError,
+            r"`distill_options\['relation_weight'\]` must be a number >= 0.*got 'big'",
+        ),
+        (
+            {"rank": 8, "distill_sentences": ["a sentence"]},
+            ValueError,
+            r"`distill_sentences` \(1 sentences\) is given but `distill_steps` is 0",
+        ),
+        (
+            {"rank": 8, "distill_steps": 2, "distill_sentences": ["a sentence", 3]},
+            TypeError,
+            r"`distill_sentences\[1\]` must be a str, got int 3",
+        ),
+        ({"rank": 8, "distill_steps": 2, "distill_sentences": []}, ValueError, r"`distill_sentences` is empty"),
         (
             {"rank": 8, "distill_steps": 2, "distill_options": {"seed": -1}},
             ValueError,
@@ -569,7 +654,8 @@ def test_bad_arguments_are_refused_clearly(bert_dense, kwargs, error, match, mon
     def expensive(*args, **kwargs):
         raise AssertionError("calibration started before the arguments were checked")
 
-    if {"distill_steps", "distill_options", "dtype", "quantize"} & set(kwargs):  # checked before any calibration
+    checked_first = {"distill_steps", "distill_options", "distill_sentences", "dtype", "quantize"}
+    if checked_first & set(kwargs):  # checked before any calibration
         monkeypatch.setattr(st_module, "sentence_batches", expensive)
     with pytest.raises(error, match=match):
         drone_hf.compress_sentence_transformer(bert_dense, **{"sentences": SENTENCES, **kwargs})
@@ -783,6 +869,11 @@ def test_roc_auc_matches_the_pairwise_definition():
         (["--rank", "8", "--distill-steps", "-1"], r"argument --distill-steps: must be an integer >= 0, got -1"),
         (["--rank", "8", "--distill-steps", "3", "--distill-lr", "0"], r"argument --distill-lr: must be a finite"),
         (["--rank", "8", "--distill-lr", "1e-4"], r"`--distill-lr 0.0001` needs `--distill-steps N`"),
+        (["--rank", "8", "--distill-sentences", "SHORT"], r"`--distill-sentences .*short.txt` needs `--distill-steps"),
+        (
+            ["--rank", "8", "--distill-steps", "2", "--distill-sentences", "/nonexistent.txt"],
+            r"`--distill-sentences` '/nonexistent.txt' is not a file",
+        ),
         (["--rank", "8", "--quantize", "int4"], r"argument --quantize: invalid choice: 'int4'"),
         (["--rank", "8", "--dtype", "float64"], r"argument --dtype: invalid choice: 'float64'"),
         (["--rank", "8", "--quantize", "int8", "--dtype", "float16"], r"`quantize='int8'` cannot be combined"),
