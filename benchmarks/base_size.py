@@ -28,8 +28,9 @@ complete: a rerun skips what is finished, and a crash leaves no half-written ent
 A smoke run writes its report into its cache folder, not benchmarks/results. Set $DRONE_HF_CACHE to share teachers
 with another checkout (e.g. the all-mpnet-base-v2 SST-2 teacher of mpnet_glue.py has this script's SST-2 settings).
 Not done: the teacher's hidden states are recomputed at every distillation step (`DroneDistillationTrainer` has no
-cached-teacher input), and `drone_hf.distill` with `DroneDistillationArguments` sets gradient accumulation to 1, so
-this script drives `DroneDistillationTrainer` itself; one process only (not under `accelerate launch`).
+cached-teacher input). This script drives `DroneDistillationTrainer` itself (written when `drone_hf.distill` pinned
+gradient accumulation to 1; `DroneDistillationArguments(gradient_accumulation_steps=...)` now exists); one process
+only (not under `accelerate launch`).
 """
 
 from __future__ import annotations
