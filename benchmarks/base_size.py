@@ -965,7 +965,21 @@ def stage_report(run: Run) -> None:
     print(f"Wrote {path} and {png}")
 
 
+def check_one_process() -> None:
+    """Exits (`SystemExit`) under a multi-process launch (`WORLD_SIZE` > 1: `accelerate launch`, `torchrun`), where
+    every process would build and write the same cache entries."""
+    world_size = os.environ.get("WORLD_SIZE", "").strip()
+    if world_size.isdigit() and int(world_size) > 1:
+        raise SystemExit(
+            f"benchmarks/base_size.py runs in one process, but WORLD_SIZE={world_size} says this is one of "
+            f"{world_size} launched processes (`accelerate launch` / `torchrun`), which would all write the same "
+            "cache entries. Run it directly: `python benchmarks/base_size.py --model ... --task ...` (it fine-tunes "
+            "and distils on one GPU when one is present, see --device)."
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    check_one_process()
     args = parse_args(argv)
     set_threads(args.threads)
     run = Run.create(args)
