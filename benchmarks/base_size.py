@@ -28,8 +28,9 @@ complete: a rerun skips what is finished, and a crash leaves no half-written ent
 A smoke run writes its report into its cache folder, not benchmarks/results. Set $DRONE_HF_CACHE to share teachers
 with another checkout (e.g. the all-mpnet-base-v2 SST-2 teacher of mpnet_glue.py has this script's SST-2 settings).
 Not done: the teacher's hidden states are recomputed at every distillation step (`DroneDistillationTrainer` has no
-cached-teacher input), and `drone_hf.distill` with `DroneDistillationArguments` sets gradient accumulation to 1, so
-this script drives `DroneDistillationTrainer` itself; one process only (not under `accelerate launch`).
+cached-teacher input). This script drives `DroneDistillationTrainer` itself (written when `drone_hf.distill` pinned
+gradient accumulation to 1; `DroneDistillationArguments(gradient_accumulation_steps=...)` now exists); one process
+only (not under `accelerate launch`).
 """
 
 from __future__ import annotations
@@ -964,7 +965,21 @@ def stage_report(run: Run) -> None:
     print(f"Wrote {path} and {png}")
 
 
+def check_one_process() -> None:
+    """Exits (`SystemExit`) under a multi-process launch (`WORLD_SIZE` > 1: `accelerate launch`, `torchrun`), where
+    every process would build and write the same cache entries."""
+    world_size = os.environ.get("WORLD_SIZE", "").strip()
+    if world_size.isdigit() and int(world_size) > 1:
+        raise SystemExit(
+            f"benchmarks/base_size.py runs in one process, but WORLD_SIZE={world_size} says this is one of "
+            f"{world_size} launched processes (`accelerate launch` / `torchrun`), which would all write the same "
+            "cache entries. Run it directly: `python benchmarks/base_size.py --model ... --task ...` (it fine-tunes "
+            "and distils on one GPU when one is present, see --device)."
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    check_one_process()
     args = parse_args(argv)
     set_threads(args.threads)
     run = Run.create(args)

@@ -339,6 +339,9 @@ class DroneDistillationArguments:
         max_steps (`int`, *optional*, defaults to 300): Optimiser steps.
         learning_rate (`float`, *optional*, defaults to 5e-5): Peak learning rate.
         per_device_train_batch_size (`int`, *optional*, defaults to 32): Batch size per process.
+        gradient_accumulation_steps (`int`, *optional*, defaults to 1): Batches whose gradients are summed into one
+            optimiser step (the loss is a per-batch mean, divided by this), so an optimiser step sees
+            `per_device_train_batch_size * gradient_accumulation_steps` rows per process.
         warmup_steps (`float`, *optional*, defaults to 0.1): Warm-up steps (a float < 1 is a fraction of
             `max_steps`, as in `TrainingArguments`).
         weight_decay (`float`, *optional*, defaults to 0.0): AdamW weight decay.
@@ -369,6 +372,9 @@ class DroneDistillationArguments:
     max_steps: int = field(default=300, metadata={"help": "Distillation optimiser steps."})
     learning_rate: float = field(default=5e-5, metadata={"help": "Distillation peak learning rate."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Distillation batch size per process."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Batches accumulated into one distillation optimiser step."}
+    )
     warmup_steps: float = field(default=0.1, metadata={"help": "Warm-up steps (< 1: fraction of max_steps)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "Learning-rate scheduler."})
@@ -400,6 +406,7 @@ class DroneDistillationArguments:
             self.hidden_layers = sorted(set(self.hidden_layers))
         _check_int("max_steps", self.max_steps, minimum=1)
         _check_int("per_device_train_batch_size", self.per_device_train_batch_size, minimum=1)
+        _check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, minimum=1)
         _check_int("logging_steps", self.logging_steps, minimum=1)
         _check_int("seed", self.seed, minimum=0)
 
@@ -414,6 +421,7 @@ class DroneDistillationArguments:
             "max_steps",
             "learning_rate",
             "per_device_train_batch_size",
+            "gradient_accumulation_steps",
             "warmup_steps",
             "weight_decay",
             "lr_scheduler_type",

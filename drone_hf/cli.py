@@ -734,7 +734,14 @@ def _compress(args) -> int:
         batch_size=args.batch_size,
     )
     card = card_inputs(
-        task, results, comparison, reference="dense", compressed=args.method, base_model=args.base_model or args.model
+        task,
+        results,
+        comparison,
+        reference="dense",
+        compressed=args.method,
+        base_model=args.base_model or args.model,
+        dtype=args.dtype,
+        quantize=args.quantize,
     )
     logger.info(f"Saving to {args.output}")
     summary = {

@@ -136,6 +136,15 @@ def print_table(results: Mapping[str, Mapping], task: TaskData, dev_size: int, c
         print(comparison.note())
 
 
+def timed_forms(dtype: str | None, quantize: str | None) -> str:
+    """The forms the card's speed-up compares, in [`~deployment.describe_deployment`]'s words: `"float32"`, or the
+    compressed model's form against the float32 dense reference (`"compressed in bfloat16, dense in float32"`)."""
+    from .deployment import describe_deployment
+
+    form = describe_deployment(dtype, quantize)
+    return form if form == "float32" else f"compressed in {form}, dense in float32"
+
+
 def card_inputs(
     task: TaskData,
     results: Mapping[str, Mapping],
@@ -144,16 +153,20 @@ def card_inputs(
     reference: str,
     compressed: str,
     base_model: str | None,
+    dtype: str | None = None,
+    quantize: str | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments of `create_or_update_model_card` (and `push_compressed_to_hub(card_kwargs=...)`) with
     everything the command measured: base model, dataset, dense and compressed metrics, and the speed (withheld, with
-    the reason, when it was flagged)."""
+    the reason, when it was flagged). `dtype` / `quantize` are the compressed model's deployment form (`--dtype`,
+    `--quantize`), named in the speed's setting ([`timed_forms`]); the `reference` is timed in float32."""
     metrics = {"dense": dict(results[reference]["metrics"]), "compressed": dict(results[compressed]["metrics"])}
     speed = None
     if comparison is not None:
         seq_len = results[compressed]["seq_len"]
-        speed = comparison.card_speed(compressed, hardware(), f"batch {TIMING_BATCH} x {seq_len} tokens, fp32")
+        setting = f"batch {TIMING_BATCH} x {seq_len} tokens, {timed_forms(dtype, quantize)}"
+        speed = comparison.card_speed(compressed, hardware(), setting)
     return {"base_model": base_model, "dataset": task.card_dataset, "metrics": metrics, "speed": speed}
 
 
-__all__ = ["card_inputs", "hardware", "measure_models", "print_table", "timing_inputs"]
+__all__ = ["card_inputs", "hardware", "measure_models", "print_table", "timed_forms", "timing_inputs"]

@@ -42,7 +42,6 @@ _INNER_STAGE = {
     "do_eval": False,
     "do_predict": False,
     "resume_from_checkpoint": None,
-    "gradient_accumulation_steps": 1,
 }
 
 

@@ -107,6 +107,29 @@ def unprefixed(values, cls: type, prefix: str):
     return cls(**{name: value for name, value in kwargs.items() if value is not None})
 
 
+def compresses(compression_cli, run_args: DroneRunArguments) -> bool:
+    """Whether a `--drone_*` budget (`_BUDGETS`) is given, i.e. whether the run compresses.
+
+    Raises:
+        `ValueError`: naming the other `--drone_*` options given (set to other than their defaults) when no budget is:
+            without one nothing is compressed, and they would be ignored.
+    """
+    if any(getattr(compression_cli, f"drone_{name}") is not None for name in _BUDGETS):
+        return True
+    given = [
+        f"--{f.name}" for f in dataclasses.fields(compression_cli) if getattr(compression_cli, f.name) != f.default
+    ]
+    given += ["--drone_output_dir"] * (run_args.drone_output_dir is not None)
+    if given:
+        budgets = ", ".join(f"--drone_{name}" for name in _BUDGETS)
+        raise ValueError(
+            f"{', '.join(given)} given without a compression budget: nothing would be compressed and "
+            f"{'they' if len(given) > 1 else 'it'} would be ignored. Pass one of {budgets} (e.g. --drone_rank 64), "
+            "or drop the `--drone_` options to only fine-tune."
+        )
+    return False
+
+
 def _names(value: str | None) -> tuple[str, ...] | None:
     return tuple(item.strip() for item in value.split(",") if item.strip()) if value else None
 
@@ -150,12 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         label_column=data_args.label_column_name,
         metrics=_names(data_args.metric_name),
     )
-    compress = any(getattr(compression_cli, f"drone_{name}") is not None for name in _BUDGETS)
-    deployment = [f"--drone_{name}" for name in ("dtype", "quantize") if getattr(compression_cli, f"drone_{name}")]
-    if deployment and not compress:
-        raise ValueError(
-            f"{deployment} set the form of the compressed model: pass a `--drone_*` budget (e.g. --drone_rank)."
-        )
+    compress = compresses(compression_cli, run_args)
     if run_args.do_distill and not compress:
         raise ValueError("`--do_distill` distils the compressed model: pass a `--drone_*` budget (e.g. --drone_rank).")
     if compress and not training_args.do_train:

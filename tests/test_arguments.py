@@ -130,6 +130,8 @@ def test_validate_for_model_rejects_an_unsupported_family():
         ({"hidden_layers": [0, -1]}, r"`hidden_layers` must be 'all' or a non-empty list of ints >= 0"),
         ({"max_steps": 0}, r"`max_steps` must be an int >= 1, got 0"),
         ({"per_device_train_batch_size": 0}, r"`per_device_train_batch_size` must be an int >= 1"),
+        ({"gradient_accumulation_steps": 0}, r"`gradient_accumulation_steps` must be an int >= 1, got 0\."),
+        ({"gradient_accumulation_steps": 2.5}, r"`gradient_accumulation_steps` must be an int >= 1, got 2\.5\."),
         ({"warmup_steps": -0.1}, r"`warmup_steps` must be a finite number >= 0"),
     ],
 )
@@ -150,6 +152,11 @@ def test_distillation_arguments_split_into_loss_and_schedule():
     }
     overrides = args.training_overrides()
     assert overrides["max_steps"] == 7 and overrides["report_to"] == "none"
+    assert overrides["gradient_accumulation_steps"] == 1
+    assert (
+        DroneDistillationArguments(gradient_accumulation_steps=4).training_overrides()["gradient_accumulation_steps"]
+        == 4
+    )
     assert DroneDistillationArguments(report_to="tensorboard").training_overrides()["report_to"] == "tensorboard"
 
 

@@ -1,4 +1,5 @@
-"""benchmarks/base_size.py's bookkeeping: the stage cache (keys, atomic entries, resume) and the Pareto front."""
+"""benchmarks/base_size.py's bookkeeping: the stage cache (keys, atomic entries, resume), the Pareto front, and the
+refusal of a multi-process launch."""
 
 import importlib
 import json
@@ -86,3 +87,22 @@ def test_headline_picks_the_fastest_row_within_each_budget(base_size):
     assert best["no_retraining_within_1"]["name"] == "a"
     assert best["no_retraining_within_1.5"]["name"] == "b"
     assert best["distilled_within_1"] is None
+
+
+def test_main_refuses_a_multi_process_launch_before_any_work(base_size, monkeypatch):
+    """Under `accelerate launch` / `torchrun` (`WORLD_SIZE` > 1) every rank would write the same cache entries: main()
+    exits before it even parses its arguments; `WORLD_SIZE=1` (one process) goes on."""
+
+    def parse_args(argv):
+        raise LookupError("parse_args reached")
+
+    monkeypatch.setattr(base_size, "parse_args", parse_args)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exited:
+        base_size.main(["--model", "minilm", "--task", "mrpc", "--smoke"])
+    message = str(exited.value.code)
+    assert message.startswith("benchmarks/base_size.py runs in one process, but WORLD_SIZE=2")
+    assert "Run it directly: `python benchmarks/base_size.py" in message
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(LookupError, match="parse_args reached"):
+        base_size.main(["--model", "minilm", "--task", "mrpc", "--smoke"])

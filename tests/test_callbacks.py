@@ -361,6 +361,35 @@ def test_run_glue_example_rejects_bad_options_before_loading_anything(tmp_path, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra, given",
+    [
+        (["--drone_dtype", "bfloat16"], "--drone_dtype given"),
+        (["--drone_quantize", "int8"], "--drone_quantize given"),
+        (
+            ["--drone_method", "svd", "--drone_num_calibration_samples", "64"],
+            "--drone_method, --drone_num_calibration",
+        ),
+        (
+            ["--drone_attention", "false", "--drone_output_dir", "out/small"],
+            "--drone_attention, --drone_output_dir given",
+        ),
+    ],
+)
+def test_run_glue_example_refuses_drone_options_without_a_budget(tmp_path, monkeypatch, extra, given):
+    """Without a budget nothing is compressed: `--drone_*` options would be ignored, so the run stops before loading
+    the model (an absent folder here) or training, naming them and the budget options."""
+    run_glue = _run_glue_module(monkeypatch)
+    argv = ["--model_name_or_path", str(tmp_path / "absent"), "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(ValueError) as error:
+        run_glue.main([*argv, "--task_name", "sst2", "--do_train", *extra])
+    message = str(error.value)
+    assert given in message and "without a compression budget" in message
+    budgets = "--drone_rank, --drone_ranks, --drone_param_ratio, --drone_attention_rank, --drone_max_accuracy_drop, "
+    assert f"Pass one of {budgets}--drone_target_speedup" in message
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_glue_example_on_real_minilm_and_sst2(tmp_path, monkeypatch):
     from drone_hf.evaluation import evaluate_glue
     from drone_hf.glue import load_glue

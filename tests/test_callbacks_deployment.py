@@ -161,7 +161,7 @@ def test_compress_model_takes_the_deployment_form_from_settings():
 @pytest.mark.parametrize(
     "extra, match",
     [
-        (["--drone_dtype", "bfloat16"], r"\['--drone_dtype'\] set the form of the compressed model: pass a"),
+        (["--drone_dtype", "bfloat16"], r"--drone_dtype given without a compression budget: nothing would be"),
         (["--drone_rank", "4", "--drone_quantize", "int4"], r"`quantize` must be one of \['int8'\]"),
     ],
 )

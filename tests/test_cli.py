@@ -23,6 +23,13 @@ def workspace(tmp_path_factory):
     return root
 
 
+def _speed_setting(folder) -> str:
+    """The `setting` of the speed in the model card `drone-hf compress` wrote (its metadata)."""
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(folder / "README.md").data["drone_hf"]["speed"]["setting"]
+
+
 def _compress(workspace, out, *budget, extra=()):
     return main(
         [
@@ -60,6 +67,8 @@ def test_compress_with_rank_saves_a_reloadable_model_and_prints_the_table(worksp
     summary = json.loads((tmp_path / "out" / "drone_results.json").read_text())
     assert summary["results"]["drone"]["flop_bound"] > 1.0 and summary["budget"] == {"rank": 8}
     assert (tmp_path / "out" / "tokenizer.json").is_file() or (tmp_path / "out" / "vocab.txt").is_file()
+    setting = _speed_setting(tmp_path / "out")
+    assert setting.startswith("batch 8 x ") and "tokens, float32," in setting and "compressed in" not in setting
 
 
 def test_compress_with_target_speedup_factors_attention(workspace, tmp_path):
@@ -199,6 +208,18 @@ def test_compress_in_a_deployment_form_saves_it_and_times_dense_in_it_too(
         assert summary["allocation"]["kernel_costs"]["description"].startswith("seconds measured in bfloat16")
     else:
         assert reloaded.config.drone_quantization["method"] == "int8-dynamic" and summary["quantize"] == "int8"
+    form = "bfloat16" if form[0] == "--dtype" else "int8 dynamic (float32 activations)"
+    assert f"tokens, compressed in {form}, dense in float32," in _speed_setting(tmp_path / "out")
+
+
+def test_the_card_speed_names_the_deployment_form_timed(workspace, tmp_path):
+    """`--rank` (no kernel timing, so no budget that can fail) with `--dtype bfloat16`: the compressed model is timed
+    in bfloat16 against dense float32, and the card's speed setting says so rather than "fp32"."""
+    assert _compress(workspace, tmp_path / "out", "--rank", "8", extra=["--dtype", "bfloat16"]) == 0
+    setting = _speed_setting(tmp_path / "out")
+    assert "tokens, compressed in bfloat16, dense in float32," in setting and "fp32" not in setting
+    body = (tmp_path / "out" / "README.md").read_text().split("\n---\n", 1)[1]  # the text after the metadata
+    assert f"({setting})" in body
 
 
 def test_compress_refuses_an_unknown_dtype(workspace, tmp_path, capsys):

@@ -226,6 +226,63 @@ def test_distill_copies_training_arguments_into_a_subfolder(tmp_path):
     assert recorded["max_steps"] == 1 and recorded["output_dir"].endswith("distillation")
 
 
+def _equal_length_rows(num_rows: int = 8, length: int = 6):
+    import datasets
+
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, 99, (num_rows, length), generator=generator).tolist()
+    return datasets.Dataset.from_dict(
+        {"input_ids": ids, "attention_mask": [[1] * length] * num_rows, "labels": [i % 3 for i in range(num_rows)]}
+    )
+
+
+def test_gradient_accumulation_steps_reach_the_trainer_and_equal_one_larger_batch(tmp_path):
+    """One optimiser step on the same 8 rows: batch 4 x 2 accumulated batches gives the weights of batch 8 x 1.
+
+    Exact because every term of the loss is a per-batch mean over equally many items: the hidden-state MSE over the
+    non-padding tokens of the batch (the rows all have 6 tokens and no padding, so each batch of 4 holds half of the
+    tokens), the KL over rows (`batchmean`); Trainer divides each batch's loss by the accumulation steps. Dropout is
+    off (it would draw differently), the learning rate is constant from step 1, and SGD (not AdamW, whose first step is
+    ~`lr * sign(grad)`) makes the update proportional to the gradient. 8 rows are one epoch, so both runs see all of
+    them in their one step, whatever the shuffled order; batch 4 without accumulation (half the rows) differs.
+    """
+    teacher = tiny_teacher(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    student = compress_model(teacher, None, method="svd", rank=2).eval()
+    rows = _equal_length_rows()
+    recorded = []
+
+    class Recorder(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            recorded.append(args.gradient_accumulation_steps)
+
+    def one_step(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+        settings = DroneDistillationArguments(
+            max_steps=1,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            learning_rate=0.5,
+            warmup_steps=0,
+            lr_scheduler_type="constant",
+        )
+        trained = distill(
+            copy.deepcopy(student),
+            teacher,
+            rows,
+            settings,
+            training_args=_args(tmp_path, optim="sgd"),
+            processing_class=tiny_tokenizer(),
+            callbacks=[Recorder()],
+        )
+        return trained.state_dict()
+
+    accumulated, large, half = one_step(4, 2), one_step(8, 1), one_step(4, 1)
+    assert recorded == [2, 1, 1]
+    assert any(not torch.equal(value, student.state_dict()[name]) for name, value in large.items())
+    for name, value in large.items():
+        torch.testing.assert_close(accumulated[name], value, rtol=1e-5, atol=1e-7, msg=name)
+    assert any(not torch.allclose(half[name], value, rtol=1e-3, atol=1e-5) for name, value in large.items())
+
+
 def test_distillation_trainer_evaluates_with_logits_only(tmp_path):
     teacher, student = _pair()
     trainer = DroneDistillationTrainer(
