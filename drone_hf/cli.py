@@ -324,6 +324,7 @@ def _read_sentences(path: str, option: str) -> list[str]:
 def _compress_embeddings(args) -> int:
     import torch
 
+    from .cli_report import timed_forms
     from .profiling import checkpoint_size_mb, count_parameters, cpu_name, flop_speedup_bound
     from .sentence_embeddings import (
         MIN_HELDOUT_SENTENCES,
@@ -423,7 +424,8 @@ def _compress_embeddings(args) -> int:
         }
         if pairs:
             results[name]["pair_auc"] = 100 * pair_auc(m, *pairs, batch_size=args.batch_size)
-    speed = comparison.card_speed(args.method, hardware, f"encode() of {len(timing)} sentences, batch 32")
+    setting = f"encode() of {len(timing)} sentences, batch 32, {timed_forms(args.dtype, args.quantize)}"
+    speed = comparison.card_speed(args.method, hardware, setting)
     budget = {
         "min_cosine_similarity": args.min_cosine_similarity,
         "target_speedup": args.target_speedup,

@@ -769,7 +769,7 @@ def test_cli_compress_embeddings(bert_dense, sentences_file, tmp_path, capsys, b
     reloaded = SentenceTransformer(str(tmp_path / "out"))
     assert type(reloaded[0].auto_model).__name__ == "DroneBertModel"
     card = ModelCard.load(tmp_path / "out" / "README.md")
-    assert card.data["drone_hf"]["speed"]["setting"].startswith("encode() of 128 sentences, batch 32")
+    assert card.data["drone_hf"]["speed"]["setting"].startswith("encode() of 128 sentences, batch 32, float32,")
 
 
 def test_cli_compress_embeddings_scores_labelled_pairs(bert_dense, sentences_file, tmp_path, capsys):
@@ -822,6 +822,9 @@ def test_cli_compress_embeddings_distills_and_deploys(bert_dense, sentences_file
         "int8" if name == "int8" else None
     )
     assert set(results["results"]) == {"dense", f"dense-{name}", "drone"} and f"| dense-{name} |" in printed
+    form = "int8 dynamic (float32 activations)" if name == "int8" else name
+    setting = ModelCard.load(tmp_path / "out" / "README.md").data["drone_hf"]["speed"]["setting"]
+    assert setting.startswith(f"encode() of 128 sentences, batch 32, compressed in {form}, dense in float32,")
     reloaded = SentenceTransformer(str(tmp_path / "out"))
     encoder = reloaded[0].auto_model
     assert encoder.config.drone_calibration["distillation"]["steps"] == 3
