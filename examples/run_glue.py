@@ -176,6 +176,17 @@ def main(argv: list[str] | None = None) -> dict:
     compress = compresses(compression_cli, run_args)
     if run_args.do_distill and not compress:
         raise ValueError("`--do_distill` distils the compressed model: pass a `--drone_*` budget (e.g. --drone_rank).")
+    distill_given = [  # None: an absent option HfArgumentParser leaves unset (a list option has no default there)
+        f"--{f.name}"
+        for f in dataclasses.fields(distillation_cli)
+        if getattr(distillation_cli, f.name) not in (None, f.default)
+    ]
+    if distill_given and not run_args.do_distill:
+        raise ValueError(
+            f"{', '.join(distill_given)} given without `--do_distill`: nothing would be distilled and "
+            f"{'they' if len(distill_given) > 1 else 'it'} would be ignored. Add `--do_distill` (with a `--drone_*` "
+            "budget), or drop the `--distill_` options."
+        )
     if compress and not training_args.do_train:
         raise ValueError(
             "Compression runs when training ends: pass `--do_train`, or compress an already fine-tuned model with "

@@ -352,6 +352,24 @@ def _run_glue_module(monkeypatch):
             ["--task_name", "sst2", "--do_train", "--drone_rank", "64", "--drone_param_ratio", "0.5"],
             r"Pass one budget",
         ),
+        (
+            ["--task_name", "sst2", "--do_train", "--drone_rank", "64", "--distill_max_steps", "500"],
+            r"--distill_max_steps given without `--do_distill`: nothing would be distilled",
+        ),
+        (
+            [
+                "--task_name",
+                "sst2",
+                "--do_train",
+                "--drone_rank",
+                "8",
+                "--distill_alpha_kl",
+                "0",
+                "--distill_seed",
+                "3",
+            ],  # noqa: E501
+            r"--distill_alpha_kl, --distill_seed given without `--do_distill`",
+        ),
     ],
 )
 def test_run_glue_example_rejects_bad_options_before_loading_anything(tmp_path, monkeypatch, extra, match):
