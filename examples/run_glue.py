@@ -107,6 +107,13 @@ def unprefixed(values, cls: type, prefix: str):
     return cls(**{name: value for name, value in kwargs.items() if value is not None})
 
 
+def _given(values) -> list[str]:
+    """The options of a [`prefixed`] instance set to other than their defaults, as `--name`s. `None` counts as unset:
+    it is what `HfArgumentParser` leaves for an absent option whose default it cannot pass on
+    (`--distill_hidden_layers`), and what [`unprefixed`] drops."""
+    return [f"--{f.name}" for f in dataclasses.fields(values) if getattr(values, f.name) not in (None, f.default)]
+
+
 def compresses(compression_cli, run_args: DroneRunArguments) -> bool:
     """Whether a `--drone_*` budget (`_BUDGETS`) is given, i.e. whether the run compresses.
 
@@ -116,9 +123,7 @@ def compresses(compression_cli, run_args: DroneRunArguments) -> bool:
     """
     if any(getattr(compression_cli, f"drone_{name}") is not None for name in _BUDGETS):
         return True
-    given = [
-        f"--{f.name}" for f in dataclasses.fields(compression_cli) if getattr(compression_cli, f.name) != f.default
-    ]
+    given = _given(compression_cli)
     given += ["--drone_output_dir"] * (run_args.drone_output_dir is not None)
     if given:
         budgets = ", ".join(f"--drone_{name}" for name in _BUDGETS)
@@ -176,11 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     compress = compresses(compression_cli, run_args)
     if run_args.do_distill and not compress:
         raise ValueError("`--do_distill` distils the compressed model: pass a `--drone_*` budget (e.g. --drone_rank).")
-    distill_given = [  # None: an absent option HfArgumentParser leaves unset (a list option has no default there)
-        f"--{f.name}"
-        for f in dataclasses.fields(distillation_cli)
-        if getattr(distillation_cli, f.name) not in (None, f.default)
-    ]
+    distill_given = _given(distillation_cli)
     if distill_given and not run_args.do_distill:
         raise ValueError(
             f"{', '.join(distill_given)} given without `--do_distill`: nothing would be distilled and "
