@@ -241,8 +241,8 @@ def _add_embeddings_parser(commands) -> None:
         type=count(0),
         default=0,
         help="after compression, train the compressed encoder for this many AdamW steps to match the dense model "
-        "(last hidden state MSE + 10 x (1 - cosine) of the embeddings) on the calibration sentences (never the "
-        "held-out ones); default 0: no training",
+        "(last hidden state MSE + 10 x (1 - cosine) of the embeddings) on the calibration sentences, or on "
+        "--distill-sentences (never the held-out ones); default 0: no training",
     )
     sub.add_argument(
         "--distill-lr",
