@@ -8,6 +8,8 @@ the same ranks; `sentence_embeddings.py` times them). One JSON line per run is a
     python benchmarks/sentence_embedding_distill_variants.py --steps 2000 --distill-text qnli-rest --also-glue-text
     python benchmarks/sentence_embedding_distill_variants.py --steps 300 --relation-weight 100
     python benchmarks/sentence_embedding_distill_variants.py --steps 2000 --distill-text qnli-rest --no-attention
+    python benchmarks/sentence_embedding_distill_variants.py --steps 2000 --distill-text qnli-rest --lr 2e-4 \
+        --lr-schedule linear
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def _parser():
     parser.add_argument("--target-speedup", type=float, default=2.0)
     parser.add_argument("--steps", type=int, default=300, help="distillation steps (0: none)")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr-schedule", choices=["constant", "linear"], default="constant")
     parser.add_argument("--hidden-weight", type=float, default=1.0)
     parser.add_argument("--cosine-weight", type=float, default=10.0)
     parser.add_argument("--relation-weight", type=float, default=0.0)
@@ -74,6 +77,7 @@ def main() -> None:
         distill_options=(
             {
                 "lr": args.lr,
+                "lr_schedule": args.lr_schedule,
                 "hidden_weight": args.hidden_weight,
                 "cosine_weight": args.cosine_weight,
                 "relation_weight": args.relation_weight,

@@ -98,6 +98,12 @@ def _parser():
     )
     parser.add_argument("--distill-lr", type=float, default=1e-4, help="learning rate of the distillation")
     parser.add_argument(
+        "--distill-lr-schedule",
+        choices=["constant", "linear"],
+        default="constant",
+        help="distill_options['lr_schedule']: constant, or decayed linearly to 0 at the last step",
+    )
+    parser.add_argument(
         "--distill-text",
         choices=["calibration", "qnli-rest"],
         default="calibration",
@@ -234,6 +240,8 @@ def _compressed(args, dense, data, name: str, budget: dict, method: str, distill
         setting += f"-qnli{data['qnli_pairs_loaded']}-split{QNLI_SPLIT_SEED}"  # the pairs the halves were cut from
     if distill_steps:
         setting += f"-distill{distill_steps}-lr{args.distill_lr:g}"
+        if args.distill_lr_schedule != "constant":
+            setting += f"-{args.distill_lr_schedule}"
         if args.distill_text != "calibration":
             setting += f"-{args.distill_text}"
         if args.relation_weight:
@@ -259,7 +267,13 @@ def _compressed(args, dense, data, name: str, budget: dict, method: str, distill
             allocation_report=report,
             distill_steps=distill_steps,
             distill_options=(
-                {"lr": args.distill_lr, "relation_weight": args.relation_weight} if distill_steps else None
+                {
+                    "lr": args.distill_lr,
+                    "lr_schedule": args.distill_lr_schedule,
+                    "relation_weight": args.relation_weight,
+                }
+                if distill_steps
+                else None
             ),
             distill_sentences=data["distill"] if distill_steps else None,
             **budget,
@@ -311,7 +325,9 @@ def _data_text(args, data) -> dict[str, str]:
         }
     if args.distill_steps:
         texts["distillation"] = (
-            f"+distill {args.distill_steps}: {args.distill_steps} AdamW steps (lr {args.distill_lr:g}, batch "
+            f"+distill {args.distill_steps}: {args.distill_steps} AdamW steps (lr {args.distill_lr:g}"
+            + (", decayed linearly to 0" if args.distill_lr_schedule == "linear" else ", constant")
+            + f", batch "
             f"{args.batch_size}) of last-hidden-state MSE + 10 x (1 - cosine) of the embeddings"
             + (f" + {args.relation_weight:g} x MSE of the in-batch cosine matrices" if args.relation_weight else "")
             + " to the dense model, on "
@@ -440,6 +456,8 @@ def main() -> None:
     )
     if args.distill_steps and args.distill_text != "calibration":
         suffix += f"_{args.distill_text.replace('-', '')}"
+    if args.distill_steps and args.distill_lr_schedule != "constant":
+        suffix += f"_{args.distill_lr_schedule}"
     path = write_json(
         f"sentence_embeddings_{args.model}{suffix}",
         {

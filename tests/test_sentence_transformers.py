@@ -491,6 +491,23 @@ def test_distillation_is_recorded_in_the_config_and_card_and_changes_only_the_en
     assert np.array_equal(_encode(SentenceTransformer(str(tmp_path / "small"))), _encode(small))
 
 
+@pytest.mark.parametrize("schedule, factors", [("constant", [1, 1, 1, 1]), ("linear", [1, 0.75, 0.5, 0.25])])
+def test_distillation_steps_at_the_scheduled_learning_rate(bert_dense, monkeypatch, schedule, factors):
+    rates = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    small = drone_hf.compress_sentence_transformer(
+        bert_dense, SENTENCES, rank=8, distill_steps=4, distill_options={"lr": 2e-3, "lr_schedule": schedule}
+    )
+    assert rates == pytest.approx([2e-3 * factor for factor in factors])
+    assert small[0].auto_model.config.drone_calibration["distillation"]["lr_schedule"] == schedule
+
+
 def test_zero_distill_steps_is_the_plain_compression(bert_dense):
     plain = drone_hf.compress_sentence_transformer(bert_dense, SENTENCES, rank=8)
     again = drone_hf.compress_sentence_transformer(bert_dense, SENTENCES, rank=8, distill_steps=0)
@@ -630,6 +647,11 @@ def _static_embedding_model():
             {"rank": 8, "distill_steps": 2, "distill_options": {"seed": -1}},
             ValueError,
             r"`distill_options\['seed'\]` must be an int >= 0, got -1",
+        ),
+        (
+            {"rank": 8, "distill_steps": 2, "distill_options": {"lr_schedule": "cosine"}},
+            ValueError,
+            r"`distill_options\['lr_schedule'\]` must be one of \['constant', 'linear'\], got 'cosine'",
         ),
         (
             {"rank": 8, "distill_steps": 2, "distill_options": {"dropout": "yes"}},
