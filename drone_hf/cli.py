@@ -8,8 +8,8 @@ drone-hf compress --model DIR_OR_HUB_ID (--task sst2 [--data-dir GLUE_DIR] | --t
 drone-hf evaluate --model DIR (--task sst2 | --validation-file dev.csv | --dataset-name HUB_ID) [--baseline DENSE_DIR]
 drone-hf compress-embeddings --model SENTENCE_TRANSFORMER --sentences FILE
     (--min-cosine-similarity C | --target-speedup X | --param-ratio P | --rank K) [--method drone|drone-bc|svd]
-    [--distill-steps N [--distill-lr LR] [--distill-sentences FILE]] [--dtype D] [--quantize int8]
-    --output DIR [--overwrite]
+    [--distill-steps N [--distill-lr LR] [--distill-lr-schedule linear] [--distill-sentences FILE]]
+    [--dtype D] [--quantize int8] --output DIR [--overwrite]
 drone-hf export --model DIR --onnx --output DIR [--optimize] [--quantize int8] [--opset 17] [--overwrite]
 
 --output is written whole or not at all, never into (or around) --model; a folder drone-hf did not write needs
@@ -250,6 +250,11 @@ def _add_embeddings_parser(commands) -> None:
         help="learning rate of --distill-steps (default: 1e-4)",
     )
     sub.add_argument(
+        "--distill-lr-schedule",
+        choices=["constant", "linear"],
+        help="learning-rate schedule of --distill-steps: constant (default), or linear decay to 0 at the last step",
+    )
+    sub.add_argument(
         "--distill-sentences",
         help="text file, one sentence per line: distil on these instead of the calibration sentences (more text of "
         "the kind the model will embed; none of it may be a held-out sentence)",
@@ -357,6 +362,11 @@ def _compress_embeddings(args) -> int:
         )
     if args.distill_lr is not None and not args.distill_steps:
         raise ValueError(f"`--distill-lr {args.distill_lr:g}` needs `--distill-steps N` (N > 0): nothing is trained.")
+    if args.distill_lr_schedule is not None and not args.distill_steps:
+        raise ValueError(
+            f"`--distill-lr-schedule {args.distill_lr_schedule}` needs `--distill-steps N` (N > 0): nothing is "
+            "trained."
+        )
     if args.distill_sentences and not args.distill_steps:
         raise ValueError(
             f"`--distill-sentences {args.distill_sentences}` needs `--distill-steps N` (N > 0): nothing is trained."
@@ -394,7 +404,12 @@ def _compress_embeddings(args) -> int:
         ),
         allocation_report=report,
         distill_steps=args.distill_steps,
-        distill_options={"lr": args.distill_lr} if args.distill_lr is not None else None,
+        distill_options={
+            name: value
+            for name, value in (("lr", args.distill_lr), ("lr_schedule", args.distill_lr_schedule))
+            if value is not None
+        }
+        or None,
         distill_sentences=distill_sentences,
         dtype=args.dtype,
         quantize=args.quantize,
@@ -506,7 +521,9 @@ def _compress_embeddings(args) -> int:
         d = distillation
         data = f"the {d['sentences']} calibration sentences" if d["data"] == "the calibration sentences" else d["data"]
         print(
-            f"Distillation: {d['steps']} steps (lr {d['lr']:g}, batch {d['batch_size']}) on {data} "
+            f"Distillation: {d['steps']} steps (lr {d['lr']:g}"
+            + (", decayed linearly to 0" if d["lr_schedule"] == "linear" else "")
+            + f", batch {d['batch_size']}) on {data} "
             f"in {d['seconds']:.0f} s; loss {d['loss_first']:.4g} -> {d['loss_last']:.4g}; "
             f"held-out mean cosine {d['heldout_cosine_before']:.4f} before, {d['heldout_cosine_after']:.4f} after "
             "(the cosine column: after, in the deployment form)."

@@ -831,14 +831,17 @@ def test_cli_target_speedup_prints_a_flop_bound_at_the_target(bert_dense, senten
 def test_cli_compress_embeddings_distills_and_deploys(bert_dense, sentences_file, tmp_path, capsys, form):
     bert_dense.save(str(tmp_path / "dense"))
     argv = ["compress-embeddings", "--model", str(tmp_path / "dense"), "--sentences", str(sentences_file)]
-    argv += ["--rank", "8", "--distill-steps", "3", "--distill-lr", "2e-4", *form]
+    argv += ["--rank", "8", "--distill-steps", "3", "--distill-lr", "2e-4", "--distill-lr-schedule", "linear", *form]
     assert main([*argv, "--latency-repeats", "1", "--output", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     results = json.loads((tmp_path / "out" / "drone_results.json").read_text())
     distillation = results["distillation"]
     assert distillation["steps"] == 3 and distillation["lr"] == 2e-4 and distillation["sentences"] == 96
+    assert distillation["lr_schedule"] == "linear"
     assert distillation["heldout_cosine_after"] is not None
-    assert "Distillation: 3 steps (lr 0.0002, batch 32) on the 96 calibration sentences" in printed
+    assert (
+        "Distillation: 3 steps (lr 0.0002, decayed linearly to 0, batch 32) on the 96 calibration sentences" in printed
+    )
     name = form[1]
     assert results["dtype"] == ("float32" if name == "int8" else name) and results["quantize"] == (
         "int8" if name == "int8" else None
@@ -894,6 +897,14 @@ def test_roc_auc_matches_the_pairwise_definition():
         (["--rank", "8", "--distill-steps", "-1"], r"argument --distill-steps: must be an integer >= 0, got -1"),
         (["--rank", "8", "--distill-steps", "3", "--distill-lr", "0"], r"argument --distill-lr: must be a finite"),
         (["--rank", "8", "--distill-lr", "1e-4"], r"`--distill-lr 0.0001` needs `--distill-steps N`"),
+        (
+            ["--rank", "8", "--distill-lr-schedule", "linear"],
+            r"`--distill-lr-schedule linear` needs `--distill-steps N`",
+        ),
+        (
+            ["--rank", "8", "--distill-steps", "2", "--distill-lr-schedule", "cosine"],
+            r"argument --distill-lr-schedule: invalid choice: 'cosine'",
+        ),
         (["--rank", "8", "--distill-sentences", "SHORT"], r"`--distill-sentences .*short.txt` needs `--distill-steps"),
         (
             ["--rank", "8", "--distill-steps", "2", "--distill-sentences", "/nonexistent.txt"],
