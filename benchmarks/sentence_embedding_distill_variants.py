@@ -32,6 +32,7 @@ def _parser():
     parser.add_argument("--steps", type=int, default=300, help="distillation steps (0: none)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--lr-schedule", choices=["constant", "linear"], default="constant")
+    parser.add_argument("--seed", type=int, default=0, help="distill_options['seed']: batch order")
     parser.add_argument("--hidden-weight", type=float, default=1.0)
     parser.add_argument("--cosine-weight", type=float, default=10.0)
     parser.add_argument("--relation-weight", type=float, default=0.0)
@@ -78,6 +79,7 @@ def main() -> None:
             {
                 "lr": args.lr,
                 "lr_schedule": args.lr_schedule,
+                "seed": args.seed,
                 "hidden_weight": args.hidden_weight,
                 "cosine_weight": args.cosine_weight,
                 "relation_weight": args.relation_weight,
