@@ -1,11 +1,11 @@
 """Where a forward pass's CPU time goes, dense vs DRONE, and what `torch.compile` changes (issue 15).
 
-    python benchmarks/cpu_time_breakdown.py [--threads 2] [--repeats 20] [--no-compile]
+    python benchmarks/cpu_time_breakdown.py [--threads 2] [--repeats 20] [--no-compile] [--dtype bfloat16]
 
 Speed on a CPU depends on the shapes (ranks), not on the values of the factors, so the models are the report's
 MiniLM-L6 architectures (`benchmarks/results/report.json`, SST-2: dense and DRONE at the 1.5x, 2x and 3x FLOP
 budgets), rebuilt from their configurations with random weights (`benchmarks/report_gpu.py`). For batch 8 x 128 and
-batch 1 x 32 tokens (full length, fp32) it
+batch 1 x 32 tokens (full length, fp32 or `--dtype`) it
 
 1. profiles five forward passes of each model with `torch.profiler` (the median pass is shown) and sums the self
    CPU time of every op into categories (matrix products, GELU, attention (SDPA), LayerNorm, element-wise adds,
@@ -144,15 +144,24 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="batch x tokens, e.g. 8x128 (others kept)")
     parser.add_argument("--passes", type=int, default=5, help="profiled passes per model (the median is shown)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile timings")
-    parser.add_argument("--output", default=str(RESULTS / "cpu_time_breakdown.json"))
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="the models' dtype (cast once)"
+    )
+    parser.add_argument("--output", help="default: benchmarks/results/cpu_time_breakdown[_bfloat16].json")
     args = parser.parse_args(argv)
     set_threads(args.threads)
+    suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
+    args.output = args.output or str(RESULTS / f"cpu_time_breakdown{suffix}.json")
+    dtype = getattr(torch, args.dtype)
     report = json.loads((RESULTS / "report.json").read_text())
     dense_config = json.loads(DENSE_CONFIG.read_text())
     rows = [r for r in report["tasks"]["sst2"]["rows"] if r["family"] in ("dense", "DRONE")]
-    models = {("dense" if r["family"] == "dense" else r["name"]): build(row_config(dense_config, r)) for r in rows}
+    models = {
+        ("dense" if r["family"] == "dense" else r["name"]): build(row_config(dense_config, r)).to(dtype) for r in rows
+    }
     dense = models["dense"]
-    out = {"machine": machine_description(), "threads": args.threads, "repeats": args.repeats, "shapes": {}}
+    out = {"machine": machine_description(), "dtype": args.dtype, "threads": args.threads, "repeats": args.repeats}
+    out["shapes"] = {}
     if Path(args.output).exists():  # shapes not run now are kept from the earlier run
         out["shapes"] = json.loads(Path(args.output).read_text()).get("shapes", {})
     for shape in args.shapes:
@@ -186,7 +195,7 @@ def main(argv=None) -> None:
             torch._dynamo.reset()
         out["shapes"][f"{batch}x{tokens}"] = entry
         labels = [*CATEGORIES, "other"]
-        print(f"\n### batch {batch} x {tokens} tokens, fp32, {args.threads} threads: self CPU ms per op category")
+        print(f"\n### batch {batch} x {tokens} tokens, {args.dtype}, {args.threads} threads: self CPU ms per op type")
         print("| model | " + " | ".join(labels) + " | total | matmul share |")
         print("|---|" + "---:|" * (len(labels) + 2))
         for name, parts in entry["breakdown_ms"].items():
