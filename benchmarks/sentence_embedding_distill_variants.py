@@ -22,6 +22,7 @@ import sentence_embeddings as se
 from common import RESULTS, add_threads_argument, command_line, glue_data_dir, minilm_path, set_threads
 
 import drone_hf
+from drone_hf.defaults import DISTILL_LR_SCHEDULES
 from drone_hf.glue import load_glue_split
 from drone_hf.profiling import flop_speedup_bound
 
@@ -31,7 +32,7 @@ def _parser():
     parser.add_argument("--target-speedup", type=float, default=2.0)
     parser.add_argument("--steps", type=int, default=300, help="distillation steps (0: none)")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--lr-schedule", choices=["constant", "linear"], default="constant")
+    parser.add_argument("--lr-schedule", choices=list(DISTILL_LR_SCHEDULES), default="constant")
     parser.add_argument("--seed", type=int, default=0, help="distill_options['seed']: batch order")
     parser.add_argument("--hidden-weight", type=float, default=1.0)
     parser.add_argument("--cosine-weight", type=float, default=10.0)

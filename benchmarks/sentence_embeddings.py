@@ -51,6 +51,7 @@ from common import (
 )
 
 import drone_hf
+from drone_hf.defaults import DISTILL_LR_SCHEDULES
 from drone_hf.glue import load_glue_split
 from drone_hf.profiling import checkpoint_size_mb, count_parameters, flop_speedup_bound
 from drone_hf.sentence_embeddings import measure_encode_latency, roc_auc
@@ -106,7 +107,7 @@ def _parser():
     parser.add_argument("--distill-lr", type=float, default=1e-4, help="learning rate of the distillation")
     parser.add_argument(
         "--distill-lr-schedule",
-        choices=["constant", "linear"],
+        choices=list(DISTILL_LR_SCHEDULES),
         default="constant",
         help="distill_options['lr_schedule']: constant, or decayed linearly to 0 at the last step",
     )

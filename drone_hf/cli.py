@@ -40,7 +40,7 @@ from .cli_checks import number as _number
 from .cli_export import add_export_parser, run_export
 from .cli_setup import error_text, progress_lines, require_extra, set_openmp_wait_policy, start_command
 from .data_arguments import add_data_arguments
-from .defaults import BUILTIN_METHODS, DEFAULT_METHOD
+from .defaults import BUILTIN_METHODS, DEFAULT_METHOD, DISTILL_LR_SCHEDULES
 
 
 # The stdlib logger that transformers' `logging.get_logger` returns, without importing transformers (kept out of
@@ -251,7 +251,7 @@ def _add_embeddings_parser(commands) -> None:
     )
     sub.add_argument(
         "--distill-lr-schedule",
-        choices=["constant", "linear"],
+        choices=list(DISTILL_LR_SCHEDULES),
         help="learning-rate schedule of --distill-steps: constant (default), or linear decay to 0 at the last step",
     )
     sub.add_argument(

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
+from .defaults import DISTILL_LR_SCHEDULES
+
 
 logger = logging.get_logger(__name__)
 
@@ -303,10 +305,6 @@ matches a deterministic teacher; on MiniLM with QNLI text, FLOP 2x, 300 steps, d
 seed of the batch order (and dropout)."""
 
 
-LR_SCHEDULES = ("constant", "linear")
-"""The values of `distill_options["lr_schedule"]`."""
-
-
 def _check_distillation(steps: Any, options: Mapping | None) -> dict | None:
     """`distill_steps` / `distill_options` checked; the settings (`DISTILL_DEFAULTS` updated, plus `steps`), or None
     for `distill_steps=0`."""
@@ -333,9 +331,10 @@ def _check_distillation(steps: Any, options: Mapping | None) -> dict | None:
         _check_number(f"distill_options[{name!r}]", settings[name], "a number >= 0 (a loss weight)", lambda v: v >= 0)
     if all(settings[name] == 0 for name in weights):
         raise ValueError(f"`distill_options` sets all of {list(weights)} to 0: the loss would be 0; keep one > 0.")
-    if settings["lr_schedule"] not in LR_SCHEDULES:
+    if settings["lr_schedule"] not in DISTILL_LR_SCHEDULES:
         raise ValueError(
-            f"`distill_options['lr_schedule']` must be one of {list(LR_SCHEDULES)}, got {settings['lr_schedule']!r}."
+            f"`distill_options['lr_schedule']` must be one of {list(DISTILL_LR_SCHEDULES)}, got "
+            f"{settings['lr_schedule']!r}."
         )
     if not isinstance(settings["dropout"], bool):
         raise ValueError(f"`distill_options['dropout']` must be True or False, got {settings['dropout']!r}.")
@@ -372,9 +371,9 @@ def _distill_encoder(student, teacher, head: Callable, batches: Sequence[Mapping
     """Trains `student` (a compressed encoder, all its parameters) for `settings["steps"]` AdamW steps to match the
     dense `teacher` (eval mode, `no_grad`) on `batches` (tokenizer batches of the distillation text, taken in a
     seeded random order, each once per pass), at `settings["lr"]` under `settings["lr_schedule"]`:
-    [`embedding_distillation_loss`] of the last hidden states and of the
-    sentence embeddings `head` makes of them. The student trains in eval mode (no dropout: it matches a deterministic
-    teacher; `settings["dropout"]` turns dropout on) and returns in eval mode. The teacher's outputs of a batch are
+    [`embedding_distillation_loss`] of the last hidden states and of the sentence embeddings `head` makes of them.
+    The student trains in eval mode (no dropout: it matches a deterministic teacher; `settings["dropout"]` turns
+    dropout on) and returns in eval mode. The teacher's outputs of a batch are
     computed once and kept (up to `TEACHER_CACHE_BYTES`), as the teacher does not change. Returns the losses:
     `loss_first` / `loss_last`, the mean total loss of the first and last `min(10, steps)` steps, and the unweighted
     parts of the last ones."""
@@ -529,8 +528,7 @@ def compress_sentence_transformer(
             are any: after distillation and in the deployment dtype / int8), the number of calibration and held-out
             sentences and, with `distill_steps`, `distillation`: `{"steps", "seconds", "lr", "lr_schedule",
             "hidden_weight", "cosine_weight", "relation_weight", "seed", "batch_size", "sentences", "loss_first",
-            "loss_last",
-            "loss_hidden_last", "loss_cosine_last", "heldout_cosine_before", "heldout_cosine_after"}` (and
+            "loss_last", "loss_hidden_last", "loss_cosine_last", "heldout_cosine_before", "heldout_cosine_after"}` (and
             `"loss_relation_last"` with a relation term) (the two cosines in float32, `None`
             without held-out sentences).
         distill_steps (`int`, *optional*, defaults to 0): AdamW steps of embedding distillation after compression
