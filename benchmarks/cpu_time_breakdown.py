@@ -160,8 +160,13 @@ def main(argv=None) -> None:
         ("dense" if r["family"] == "dense" else r["name"]): build(row_config(dense_config, r)).to(dtype) for r in rows
     }
     dense = models["dense"]
-    out = {"machine": machine_description(), "dtype": args.dtype, "threads": args.threads, "repeats": args.repeats}
-    out["shapes"] = {}
+    out = {
+        "machine": machine_description(),
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "shapes": {},
+    }
     if Path(args.output).exists():  # shapes not run now are kept from the earlier run
         out["shapes"] = json.loads(Path(args.output).read_text()).get("shapes", {})
     for shape in args.shapes:

@@ -367,7 +367,7 @@ def _run_glue_module(monkeypatch):
                 "0",
                 "--distill_seed",
                 "3",
-            ],  # noqa: E501
+            ],
             r"--distill_alpha_kl, --distill_seed given without `--do_distill`",
         ),
     ],
