@@ -25,6 +25,10 @@ complete: a rerun skips what is finished, and a crash leaves no half-written ent
     flock /tmp/drone_heavy.lock python benchmarks/base_size.py --model mpnet --task mrpc --stages budget distill
     flock /tmp/drone_heavy.lock python benchmarks/base_size.py --model mpnet --task mrpc --stages time report
 
+On a CPU with AMX-bf16 tiles, `--teacher-bf16` and `--distill-bf16` train in bf16 mixed precision (float32 weights;
+`TrainingArguments(bf16=True)`): MPNet at batch 32 on MRPC rows takes 2.2 s per step against 5.2 s in fp32 on 2
+threads. Each is part of its entries' keys.
+
 A smoke run writes its report into its cache folder, not benchmarks/results. Set $DRONE_HF_CACHE to share teachers
 with another checkout (e.g. the all-mpnet-base-v2 SST-2 teacher of mpnet_glue.py has this script's SST-2 settings).
 Not done: the teacher's hidden states are recomputed at every distillation step (`DroneDistillationTrainer` has no
@@ -199,6 +203,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--teacher-batch-size", type=int, help="default 32")
     group.add_argument("--teacher-lr", type=float)
     group.add_argument("--teacher-max-length", type=int)
+    group.add_argument(
+        "--teacher-bf16",
+        action="store_true",
+        help="fine-tune in bf16 mixed precision (float32 weights; MPNet, MRPC, batch 32: 2.2 s per step against 5.2 "
+        "in fp32 on a 2-core AMX-bf16 Xeon)",
+    )
     group = parser.add_argument_group("budget: drone-hf compress --max-accuracy-drop")
     group.add_argument("--budgets", type=float, nargs="+", help="metric points (default 1.0 1.5; smoke: 1.0)")
     group.add_argument("--methods", nargs="+", choices=list(METHOD_LABELS), default=list(METHOD_LABELS))
@@ -218,6 +228,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default 2: batch 32)")
     group.add_argument("--distill-lr", type=float, default=1e-4)
     group.add_argument("--distill-max-length", type=int, default=128)
+    group.add_argument(
+        "--distill-bf16",
+        action="store_true",
+        help="distil in bf16 mixed precision (float32 weights; see --teacher-bf16)",
+    )
     group.add_argument("--alpha-hidden", type=float, default=1.0)
     group.add_argument("--alpha-kl", type=float, default=1.0)
     group.add_argument("--alpha-task", type=float, default=0.0)
@@ -276,6 +291,7 @@ class Run:
             "max_length": a.teacher_max_length,
             "seed": a.seed,
             "dev_rows": a.dev_rows,
+            **({"bf16": True} if a.teacher_bf16 else {}),  # absent when off: older entries keep their keys
         }
 
     def teacher_entry(self) -> Path:
@@ -331,6 +347,7 @@ class Run:
                 "curve_points": a.curve_points,
                 "dev_rows": a.dev_rows,
                 "seed": a.seed,
+                **({"bf16": True} if a.distill_bf16 else {}),  # absent when off: older entries keep their keys
             }
             name = f"{a.distill_method}-{speedup:g}x-distilled"
             entries.append((name, speedup, steps, entry_path(self.root, "distill", name, settings), settings))
@@ -398,6 +415,7 @@ def stage_teacher(run: Run) -> None:
         max_length=a.teacher_max_length,
         seed=a.seed,
         device=a.device,
+        bf16=a.teacher_bf16,
     )
     with building(path, settings) as (_, result):
         teacher, tokenizer, folder, seconds, trained = load_teacher(
@@ -556,6 +574,7 @@ def _distil(run: Run, student, teacher, train, curve_rows, tokenizer, steps: int
             output_dir=tmp,
             **settings.training_overrides(),
             gradient_accumulation_steps=a.grad_accum,
+            bf16=a.distill_bf16,
             save_strategy="no",
             use_cpu=a.device == "cpu",
             disable_tqdm=True,

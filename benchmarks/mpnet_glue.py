@@ -198,10 +198,12 @@ def load_teacher(args, model_path: str, name: str, info, *, step: str = "[1/5]")
     """Step 1: the fine-tuned teacher (cached), with the wall time of the run that fine-tuned it; on `args.device`
     (`"cpu"`/`"cuda"`) if `args` has one, else on CUDA when it is there."""
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = getattr(args, "bf16", False)
     print(
         f"{step} fine-tuning {name} on {info.name}: {args.steps} steps, batch {args.batch_size}, lr {args.lr:g} "
         f"(linear decay, 10% warm-up, weight decay 0.01), max_length {args.max_length} with dynamic padding, "
-        f"seed {args.seed}, {'CUDA' if device == 'cuda' else f'CPU, {torch.get_num_threads()} threads'} "
+        f"seed {args.seed}, {'bf16 mixed precision, ' if bf16 else ''}"
+        f"{'CUDA' if device == 'cuda' else f'CPU, {torch.get_num_threads()} threads'} "
         "(cached after the first run)",
         flush=True,
     )
@@ -215,6 +217,7 @@ def load_teacher(args, model_path: str, name: str, info, *, step: str = "[1/5]")
         model_path=model_path,
         name=name,
         device=device,
+        bf16=bf16,
     )
     record = path / TEACHER_INFO
     if seconds:
