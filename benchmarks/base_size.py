@@ -217,6 +217,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--heldout-samples", type=int, help="train rows for the joint checks (default 2048)")
     group.add_argument("--screening-samples", type=int, help="of those, rows for per-module probes (default 512)")
     group.add_argument("--refine-steps", type=int, help="the CLI's --refine-steps (default: its own; smoke: 0)")
+    group.add_argument(
+        "--screening-dtype",
+        choices=["bfloat16", "float16"],
+        help="the CLI's --screening-dtype: per-module probes under autocast (default: float32)",
+    )
     group.add_argument("--cli-latency-repeats", type=int, help="the CLI's own timing rounds (default 3)")
     group = parser.add_argument_group("distill: FLOP budgets + feature distillation")
     group.add_argument("--speedups", type=float, nargs="+", default=[2.0, 3.0, 4.0], help="target_speedup values")
@@ -322,8 +327,10 @@ class Run:
                     "refine_steps": a.refine_steps,
                     "dev_rows": a.dev_rows,
                     "seed": a.seed,
+                    **({"screening_dtype": a.screening_dtype} if a.screening_dtype else {}),  # absent: older keys
                 }
-                name = f"{method}-drop{budget:g}-{a.allocation_search}"
+                screening = f"-screen-{a.screening_dtype}" if a.screening_dtype else ""
+                name = f"{method}-drop{budget:g}-{a.allocation_search}{screening}"
                 entries.append((name, method, budget, entry_path(self.root, "budget", name, settings), settings))
         return entries
 
@@ -449,6 +456,7 @@ def _compress_command(run: Run, teacher: dict, method: str, budget: float, outpu
         "--calibration-samples": a.calibration_samples,
         "--heldout-samples": a.heldout_samples,
         "--screening-samples": a.screening_samples,
+        "--screening-dtype": a.screening_dtype,
         "--refine-steps": a.refine_steps,
         "--max-eval-samples": a.dev_rows,
         "--latency-repeats": a.cli_latency_repeats,
@@ -478,6 +486,8 @@ def _budget_summary(record: dict, method: str) -> dict:
                 "evaluation_seconds",
                 "heldout_examples",
                 "screening_examples",
+                "screening_dtype",
+                "heldout_row_passes",
                 "heldout_drop",
                 "heldout_standard_error",
                 "safety_margin",

@@ -187,6 +187,7 @@ def allocate_ranks(
     rank_multiple: int = 8,
     bias_correction: bool | None = None,
     screening_samples: int | None = 512,
+    screening_dtype: torch.dtype | str | None = None,
     safety_margin: float = 1.0,
     refine_steps: int | None = None,
     search: str = DEFAULT_SEARCH,
@@ -262,6 +263,11 @@ def allocate_ranks(
         screening_samples (`int`, *optional*, defaults to 512): Held-out rows (whole batches, spread evenly over
             `eval_dataloader`) for the per-module curves or probes; `None` uses every row. The joint checks always
             use all rows.
+        screening_dtype (`torch.dtype` or `str`, *optional*): Score the screening rows (and the dense reference
+            they are compared with) under `torch.autocast` in this dtype (`"bfloat16"`, `"float16"`; `None` or
+            `"float32"`: the model's own dtype). On a CPU with AMX-bf16 tiles `"bfloat16"` makes the per-module
+            probes several times cheaper; the joint checks, which alone decide that the budget holds, still run in
+            the model's own dtype on all rows. On a CPU without bf16 matrix units it is slower: measure first.
         safety_margin (`float`, *optional*, defaults to 1.0): Paired standard errors of the held-out drop added to it
             before comparing with `max_accuracy_drop` (`0` compares the raw held-out drop).
         refine_steps (`int`, *optional*): Joint checks spent after the search's main stage on moving single modules
@@ -316,10 +322,16 @@ def allocate_ranks(
     if report is not None and not isinstance(report, MutableMapping):
         raise TypeError(f"`report` must be a dict to fill (or None), got {type(report).__name__}.")
     check_search(search)
+    screening_dtype = _screening_dtype(screening_dtype)
     if max_accuracy_drop is not None:
         _check_screening(screening_samples, safety_margin, refine_steps)
     else:
-        evaluation_only = {"eval_dataloader": eval_dataloader, "metric_fn": metric_fn, "rows_fn": rows_fn}
+        evaluation_only = {
+            "eval_dataloader": eval_dataloader,
+            "metric_fn": metric_fn,
+            "rows_fn": rows_fn,
+            "screening_dtype": screening_dtype,
+        }
         unused = [key for key, value in evaluation_only.items() if value is not None]
         if unused:
             logger.warning(
@@ -362,6 +374,7 @@ def allocate_ranks(
         options = {
             "metric_fn": metric_fn,
             "screening_samples": screening_samples,
+            "screening_dtype": screening_dtype,
             "safety_margin": safety_margin,
             "refine_steps": refine_steps,
             "search": search,
@@ -376,6 +389,18 @@ def allocate_ranks(
     report["seconds"] = time.perf_counter() - started
     logger.info(f"Allocated ranks for {len(chosen)} of {len(candidates.names)} modules in {report['seconds']:.1f}s.")
     return chosen
+
+
+def _screening_dtype(screening_dtype) -> torch.dtype | None:
+    """The autocast dtype of the screening evaluations: None for `None` or float32 (the model's own dtype).
+
+    Raises:
+        `ValueError`: naming `screening_dtype`, the value and the allowed dtypes.
+    """
+    from .deployment import resolve_dtype
+
+    resolved = resolve_dtype(screening_dtype, "screening_dtype")
+    return None if resolved in (None, torch.float32) else resolved
 
 
 def _kernel_costs(model, dtype, quantize, kernel_costs, seq_len):

@@ -166,8 +166,13 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
     _check_labels(joint_evaluator, problem_type, num_labels)
     if _row_quantised(options["metric_fn"], problem_type, joint_evaluator.kind):
         _check_resolution(budget, len(joint_evaluator.labels), joint_evaluator.kind)
-    # Per-module drops: cheap, smooth score on the screening rows.
-    evaluator = joint_evaluator if len(screening) == len(batches) else LayerwiseEvaluator(working, screening, rows_fn)
+    # Per-module drops: cheap, smooth score on the screening rows (under autocast with a `screening_dtype`; the joint
+    # checks, which alone decide that the budget holds, always run in the model's own dtype).
+    screening_dtype = options.get("screening_dtype")
+    if len(screening) == len(batches) and screening_dtype is None:
+        evaluator = joint_evaluator
+    else:
+        evaluator = LayerwiseEvaluator(working, screening, rows_fn, autocast_dtype=screening_dtype)
     raw_metric = options["metric_fn"] or default_metric_fn(problem_type, evaluator.kind)
     metric_fn = _checked_metric(raw_metric)
     if search == "fast":
@@ -198,6 +203,7 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
         joint_check_count=len(joint.entries),
         heldout_examples=int(len(joint_evaluator.labels)),
         screening_examples=int(len(evaluator.labels)),
+        screening_dtype=str(screening_dtype).removeprefix("torch.") if screening_dtype is not None else None,
         heldout_base_metric=joint.base_metric,
         heldout_drop=refined["drop"],
         heldout_standard_error=refined["standard_error"],

@@ -107,6 +107,7 @@ _COMPRESS_ARGUMENTS = (
 _ALLOCATION_OPTIONS = (
     "metric_fn",
     "screening_samples",
+    "screening_dtype",
     "safety_margin",
     "refine_steps",
     "search",

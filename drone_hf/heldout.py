@@ -54,10 +54,20 @@ class LayerwiseEvaluator:
             `start_positions`/`end_positions` for question answering).
         rows_fn (`Callable`, *optional*): `(model outputs, batch) -> (rows, labels, kind)`; defaults to the task head's
             rows ([`~heads.head_rows`]); [`~heads.embedding_rows`] scores a bare encoder by its pooled embeddings.
+        autocast_dtype (`torch.dtype`, *optional*): Run every forward (the first, dense one included, so that the
+            reference rows share it) under `torch.autocast` in this dtype, e.g. `torch.bfloat16` on a CPU with AMX
+            tiles; `None` runs the model in its own dtype.
     """
 
-    def __init__(self, model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], rows_fn: Callable = head_rows):
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Iterable[Mapping[str, torch.Tensor]],
+        rows_fn: Callable = head_rows,
+        autocast_dtype: torch.dtype | None = None,
+    ):
         self.model = model.eval()
+        self.autocast_dtype = autocast_dtype
         spec = get_architecture(model)
         self.layer_names = layer_names(model) if spec.layerwise else []
         self.device = next(model.parameters()).device
@@ -83,7 +93,11 @@ class LayerwiseEvaluator:
         self.row_passes = 0.0  # rows times the fraction of the encoder's layers run: a cost that no clock blurs
 
     def _forward(self, batch):
-        return self.model(**{k: v.to(self.device) for k, v in batch.items()})
+        inputs = {k: v.to(self.device) for k, v in batch.items()}
+        if self.autocast_dtype is None:
+            return self.model(**inputs)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+            return self.model(**inputs)
 
     def _run(self, start: int, capture: int | None = None) -> list:
         """Runs every batch with layers `< start` replayed from the cache; returns the model outputs, or, with

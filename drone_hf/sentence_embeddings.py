@@ -255,6 +255,7 @@ def sentence_embedding_rows(model) -> Callable:
 
 _ST_ALLOCATION_OPTIONS = (
     "screening_samples",
+    "screening_dtype",
     "safety_margin",
     "refine_steps",
     "search",

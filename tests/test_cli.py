@@ -91,6 +91,14 @@ def test_compress_with_accuracy_budget_reports_allocation(workspace, tmp_path, c
     assert ("probes" in allocation) == (allocation["search"] == "fast") != ("curves" in allocation)
 
 
+def test_compress_screens_in_bfloat16_when_asked(workspace, tmp_path, capsys):
+    extra = ["--screening-samples", "16", "--allocation-search", "fast", "--screening-dtype", "bfloat16"]
+    assert _compress(workspace, tmp_path / "out", "--max-accuracy-drop", "100", extra=extra) == 0
+    assert "screening in bfloat16 / 32 joint-check train rows)" in capsys.readouterr().out
+    allocation = json.loads((tmp_path / "out" / "drone_results.json").read_text())["allocation"]
+    assert allocation["screening_dtype"] == "bfloat16" and allocation["heldout_drop"] <= 100
+
+
 def test_compress_refuses_an_unknown_allocation_search(workspace, tmp_path, capsys):
     with pytest.raises(SystemExit):
         _compress(workspace, tmp_path / "out", "--max-accuracy-drop", "100", extra=["--allocation-search", "quick"])
