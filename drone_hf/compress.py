@@ -211,7 +211,8 @@ def compress_model(
         rank_grid (`Sequence[int]`, *optional*), attention (`bool`, *optional*, defaults to `True`),
         allocation_report (`dict`, *optional*): Passed to [`allocate_ranks`] as `report`.
         allocation_options (`Mapping`, *optional*): Further keyword arguments of [`allocate_ranks`] (`metric_fn`,
-            `screening_samples`, `screening_dtype`, `safety_margin`, `refine_steps`, `search`, `seq_len`, `show_progress`).
+            `screening_samples`, `screening_dtype`, `safety_margin`, `refine_steps`, `search`, `seq_len`,
+            `show_progress`).
         bias_correction (`bool`, *optional*): drone_hf 0.1's switch: `True` selects `method="drone-bc"`.
         rank_multiple (`int`, *optional*, defaults to 8): Granularity of the ranks budgets choose.
         calibration_info (`Mapping`, *optional*): Provenance (dataset, split, samples, seed) saved in the config.

@@ -523,7 +523,7 @@ def compress_sentence_transformer(
         attention (`bool`, *optional*, defaults to `True`): Let budgets also factor the attention score product
             (DRONE attention) where the family allows it.
         allocation_options (`Mapping`, *optional*): Further options of [`allocate_ranks`] (`safety_margin`,
-            `refine_steps`, `search`, `screening_samples`, `seq_len`, ...).
+            `refine_steps`, `search`, `screening_samples`, `screening_dtype`, `seq_len`, ...).
         allocation_report (`dict`, *optional*): Filled with what was done: the allocation's report, `heldout_cosine`
             (mean cosine of the returned model's embeddings to the dense ones on the held-out sentences, when there
             are any: after distillation and in the deployment dtype / int8), the number of calibration and held-out
