@@ -15,7 +15,7 @@ from drone_hf.heldout import (
 )
 from drone_hf.profiling import encoder_macs, flop_speedup_bound
 
-from .testing_utils import tiny_batches, tiny_teacher
+from .testing_utils import self_labelled_case, tiny_batches, tiny_teacher
 
 
 @pytest.fixture(scope="module")
@@ -274,19 +274,7 @@ def test_soft_change_is_never_negative_and_zero_without_change():
 
 
 def test_refinement_only_compresses_further_and_keeps_the_budget():
-    model = tiny_teacher(hidden_size=64, intermediate_size=128)
-    batches = tiny_batches(num_rows=32, seq_len=10, batch_size=8)
-    with torch.no_grad():
-        reference = torch.cat(
-            [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
-        )
-    for batch, labels in zip(batches, reference.argmax(-1).split(8)):
-        batch["labels"] = labels
-    reference = reference.numpy()
-
-    def logit_metric(logits, labels):  # a metric that sees every small change, so the budget binds on a tiny model
-        return -100.0 * float(abs(logits - reference).mean())
-
+    model, batches, _, logit_metric = self_labelled_case()  # the budget binds on a tiny model
     stats = collect_activation_stats(model, batches)
     report = {}
     ranks = allocate_ranks(

@@ -4,45 +4,21 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from drone_hf import DroneCompressionArguments, allocate_ranks, budget_path, collect_activation_stats, compress_model
 from drone_hf.budget_path import assignment, bisect_path, predicted_drops, probe_rank, share_path
 from drone_hf.budget_search import _select
-from drone_hf.heldout import paired_standard_error, spread_subset
+from drone_hf.heldout import spread_subset
 
-from .testing_utils import tiny_batches, tiny_teacher
+from .testing_utils import measured_drop, self_labelled_case
 
 
 @pytest.fixture(scope="module")
 def case():
     """A tiny teacher whose labels are its own predictions, and a metric that sees every small change of the
     logits (so that a budget of a few hundredths of a point binds on a tiny model)."""
-    model = tiny_teacher(hidden_size=64, intermediate_size=128)
-    batches = tiny_batches(num_rows=32, seq_len=10, batch_size=8)
-    with torch.no_grad():
-        reference = torch.cat(
-            [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
-        )
-    for batch, labels in zip(batches, reference.argmax(-1).split(8)):
-        batch["labels"] = labels
-    reference = reference.numpy()
-
-    def logit_metric(logits, labels):
-        return -100.0 * float(abs(logits - reference).mean())
-
+    model, batches, reference, logit_metric = self_labelled_case()
     return model, batches, collect_activation_stats(model, batches), logit_metric, reference
-
-
-def _measured(model, stats, batches, ranks, metric, base):
-    compressed = compress_model(model, stats, ranks=ranks)
-    with torch.no_grad():
-        logits = torch.cat(
-            [compressed(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
-        ).numpy()
-    labels = torch.cat([b["labels"] for b in batches]).numpy()
-    drop = metric(base, labels) - metric(logits, labels)
-    return drop, paired_standard_error(metric, base, logits, labels)
 
 
 def test_bisection_finds_the_last_fitting_step_within_log2_checks():
@@ -112,7 +88,7 @@ def test_fast_search_keeps_the_budget_on_the_held_out_rows(case, budget):
         model, stats, eval_dataloader=batches, max_accuracy_drop=budget, metric_fn=metric, search="fast", report=report
     )
     assert report["search"] == "fast" and ranks
-    drop, error = _measured(model, stats, batches, ranks, metric, base)
+    drop, error = measured_drop(model, stats, batches, ranks, metric, base)
     assert drop == pytest.approx(report["heldout_drop"], abs=1e-5)
     assert drop + error <= budget + 1e-9  # the final joint check with its one-standard-error margin holds
     # Bounded cost: one probe per module, the bisection of the path (each step at most one screening and one joint
@@ -152,7 +128,7 @@ def test_bisection_steps_clearly_past_the_budget_exit_on_the_screening_rows(case
     assert all(entry["step"] > report["path_step"] for entry in screened)  # only steps past the one returned
     checked = {entry["step"] for entry in report["joint_checks"] if entry.get("step") is not None}
     assert not checked & {entry["step"] for entry in screened}  # a screened step costs no joint check
-    drop, error = _measured(model, stats, batches, ranks, metric, base)
+    drop, error = measured_drop(model, stats, batches, ranks, metric, base)
     assert drop + error <= 0.005 + 1e-9
 
 
@@ -171,7 +147,7 @@ def test_a_wrong_predictor_costs_speed_never_the_budget(case, monkeypatch):
     ranks = allocate_ranks(
         model, stats, eval_dataloader=batches, max_accuracy_drop=0.01, metric_fn=metric, search="fast", report=report
     )
-    drop, error = _measured(model, stats, batches, ranks, metric, base)
+    drop, error = measured_drop(model, stats, batches, ranks, metric, base)
     assert drop + error <= 0.01 + 1e-9 and drop == pytest.approx(report["heldout_drop"], abs=1e-5)
     assert any(not entry["drop"] + entry["standard_error"] <= 0.01 for entry in report["joint_checks"])
     tiny = allocate_ranks(

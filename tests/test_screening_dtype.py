@@ -7,28 +7,16 @@ import pytest
 import torch
 
 from drone_hf import allocate_ranks, collect_activation_stats, compress_model
-from drone_hf.heldout import LayerwiseEvaluator, paired_standard_error
+from drone_hf.heldout import LayerwiseEvaluator
 
-from .testing_utils import tiny_batches, tiny_teacher
+from .testing_utils import measured_drop, self_labelled_case
 
 
 @pytest.fixture(scope="module")
 def case():
     """A tiny teacher whose labels are its own predictions and a metric that sees every small change of the logits
     (as in test_budget_path), so that the budget binds on a tiny model."""
-    model = tiny_teacher(hidden_size=64, intermediate_size=128)
-    batches = tiny_batches(num_rows=32, seq_len=10, batch_size=8)
-    with torch.no_grad():
-        reference = torch.cat(
-            [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
-        )
-    for batch, labels in zip(batches, reference.argmax(-1).split(8)):
-        batch["labels"] = labels
-    reference = reference.numpy()
-
-    def logit_metric(logits, labels):
-        return -100.0 * float(abs(logits - reference).mean())
-
+    model, batches, reference, logit_metric = self_labelled_case()
     return model, batches, collect_activation_stats(model, batches), logit_metric, reference
 
 
@@ -65,16 +53,10 @@ def test_bf16_screening_keeps_the_budget_checked_in_float32(case, search):
         report=report,
     )
     assert ranks and report["screening_dtype"] == "bfloat16"
-    compressed = compress_model(model, stats, ranks=ranks)
-    with torch.no_grad():
-        logits = torch.cat(
-            [compressed(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
-        ).numpy()
-    labels = torch.cat([b["labels"] for b in batches]).numpy()
-    drop = metric(base, labels) - metric(logits, labels)
+    drop, error = measured_drop(model, stats, batches, ranks, metric, base)
     # The reported drop is the float32 one (a bf16 joint check would be off by the rounding, ~1e-3 of a logit).
     assert drop == pytest.approx(report["heldout_drop"], abs=1e-5)
-    assert drop + paired_standard_error(metric, base, logits, labels) <= 0.01 + 1e-9
+    assert drop + error <= 0.01 + 1e-9
 
 
 def test_float32_screening_is_the_default(case):

@@ -68,6 +68,42 @@ def tiny_batches(num_rows: int = 13, seq_len: int = 7, batch_size: int = 4, voca
     ]
 
 
+def self_labelled_case():
+    """A tiny teacher (hidden 64, FFN 128), 32 rows of 10 tokens in batches of 8 labelled with its own predictions,
+    the dense logits, and a metric that sees every small change of the logits, so that an accuracy budget of a few
+    hundredths of a point binds on a tiny model: `(model, batches, reference logits, metric)`."""
+    model = tiny_teacher(hidden_size=64, intermediate_size=128)
+    batches = tiny_batches(num_rows=32, seq_len=10, batch_size=8)
+    with torch.no_grad():
+        reference = torch.cat(
+            [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
+        )
+    for batch, labels in zip(batches, reference.argmax(-1).split(8)):
+        batch["labels"] = labels
+    reference = reference.numpy()
+
+    def logit_metric(logits, labels):
+        return -100.0 * float(abs(logits - reference).mean())
+
+    return model, batches, reference, logit_metric
+
+
+def measured_drop(model, stats, batches, ranks, metric, base) -> tuple[float, float]:
+    """`(drop, paired standard error)` of `metric` on `batches` for `model` compressed at `ranks`, against the dense
+    logits `base`: what an accuracy budget's final joint check should have reported."""
+    from drone_hf import compress_model
+    from drone_hf.heldout import paired_standard_error
+
+    compressed = compress_model(model, stats, ranks=ranks)
+    with torch.no_grad():
+        logits = torch.cat(
+            [compressed(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
+        ).numpy()
+    labels = torch.cat([b["labels"] for b in batches]).numpy()
+    drop = metric(base, labels) - metric(logits, labels)
+    return drop, paired_standard_error(metric, base, logits, labels)
+
+
 def tiny_tokenizer(vocab_size: int = 99, offset: int = 0) -> BertTokenizer:
     """A WordPiece tokenizer whose vocabulary matches the tiny models' (`offset` shuffles the word ids)."""
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
