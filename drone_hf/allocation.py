@@ -265,9 +265,10 @@ def allocate_ranks(
             use all rows.
         screening_dtype (`torch.dtype` or `str`, *optional*): Score the screening rows (and the dense reference
             they are compared with) under `torch.autocast` in this dtype (`"bfloat16"`, `"float16"`; `None` or
-            `"float32"`: the model's own dtype). On a CPU with AMX-bf16 tiles `"bfloat16"` makes the per-module
-            probes several times cheaper; the joint checks, which alone decide that the budget holds, still run in
-            the model's own dtype on all rows. On a CPU without bf16 matrix units it is slower: measure first.
+            `"float32"`: the model's own dtype). On a CPU with AMX-bf16 tiles `"bfloat16"` made the per-module
+            probes about 2.5x cheaper (all-mpnet-base-v2 on MRPC); the joint checks, which alone decide that the
+            budget holds, still run in the model's own dtype on all rows. On a CPU without bf16 matrix units it is
+            slower: measure first.
         safety_margin (`float`, *optional*, defaults to 1.0): Paired standard errors of the held-out drop added to it
             before comparing with `max_accuracy_drop` (`0` compares the raw held-out drop).
         refine_steps (`int`, *optional*): Joint checks spent after the search's main stage on moving single modules
