@@ -575,6 +575,7 @@ def _distil(run: Run, student, teacher, train, curve_rows, tokenizer, steps: int
         max_steps=steps,
         learning_rate=a.distill_lr,
         per_device_train_batch_size=a.distill_batch_size,
+        gradient_accumulation_steps=a.grad_accum,
         logging_steps=every,
         seed=a.seed,
     )
@@ -583,7 +584,6 @@ def _distil(run: Run, student, teacher, train, curve_rows, tokenizer, steps: int
         training = TrainingArguments(
             output_dir=tmp,
             **settings.training_overrides(),
-            gradient_accumulation_steps=a.grad_accum,
             bf16=a.distill_bf16,
             save_strategy="no",
             use_cpu=a.device == "cpu",
