@@ -40,7 +40,7 @@ from .cli_checks import number as _number
 from .cli_export import add_export_parser, run_export
 from .cli_setup import error_text, progress_lines, require_extra, set_openmp_wait_policy, start_command
 from .data_arguments import add_data_arguments
-from .defaults import BUILTIN_METHODS, DEFAULT_METHOD, DISTILL_LR_SCHEDULES
+from .defaults import BUILTIN_METHODS, DEFAULT_METHOD, DEPLOYMENT_DTYPE_NAMES, DISTILL_LR_SCHEDULES
 
 
 # The stdlib logger that transformers' `logging.get_logger` returns, without importing transformers (kept out of
@@ -120,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     compress.add_argument(
         "--screening-dtype",
-        choices=["float32", "bfloat16", "float16"],
+        choices=list(DEPLOYMENT_DTYPE_NAMES),
         help="score the screening rows under torch.autocast in this dtype (bfloat16: about 2.5x cheaper probes "
         "on a CPU with AMX tiles, slower on one without); the joint checks stay in the model's dtype",
     )
@@ -185,7 +185,7 @@ def _add_deployment(sub) -> None:
     """`--dtype` and `--quantize`, as `compress_model(dtype=, quantize=)` takes them."""
     sub.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
+        choices=list(DEPLOYMENT_DTYPE_NAMES),
         help="deployment dtype: the result is cast, saved and reloads in it; budgets keep only ranks measured faster "
         "than the dense layer in this dtype on this machine",
     )

@@ -17,10 +17,21 @@ ONNX_OPSET = 17
 ONNX_OPSETS = range(14, 21)
 """Opsets the TorchScript exporter writes and ONNX Runtime's transformer fusions read."""
 
+DEPLOYMENT_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+"""The dtypes a compressed model can be deployed in (`compress_model(dtype=)`, `--dtype`), also those the accuracy
+budget's screening can run in (`screening_dtype`, `--screening-dtype`)."""
+
 DISTILL_LR_SCHEDULES = ("constant", "linear")
 """The learning-rate schedules of sentence-embedding distillation (`distill_options["lr_schedule"]` of
 `compress_sentence_transformer`, `drone-hf compress-embeddings --distill-lr-schedule`): constant, or decayed linearly
 to 0 at the last step."""
 
 
-__all__ = ["BUILTIN_METHODS", "DEFAULT_METHOD", "DISTILL_LR_SCHEDULES", "ONNX_OPSET", "ONNX_OPSETS"]
+__all__ = [
+    "BUILTIN_METHODS",
+    "DEFAULT_METHOD",
+    "DEPLOYMENT_DTYPE_NAMES",
+    "DISTILL_LR_SCHEDULES",
+    "ONNX_OPSET",
+    "ONNX_OPSETS",
+]

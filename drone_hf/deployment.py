@@ -16,11 +16,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .defaults import DEPLOYMENT_DTYPE_NAMES
 from .int8 import INT8_METHOD, DroneInt8Linear, DroneInt8QKLinear, replace_linear_with_int8
 from .layers import DroneQKLinear
 
 
-DEPLOYMENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEPLOYMENT_DTYPES = {name: getattr(torch, name) for name in DEPLOYMENT_DTYPE_NAMES}
 """The dtypes a compressed model can be deployed in (name -> torch dtype)."""
 
 QUANTIZE_METHODS = {"int8": INT8_METHOD}
