@@ -71,6 +71,7 @@ from mpnet_glue import describe, flop_bound, load_teacher, model_name, mpnet_pat
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback, TrainingArguments
 
 import drone_hf
+from drone_hf.budget_search import SEARCH_REVISION
 from drone_hf.evaluation import evaluate_glue
 from drone_hf.glue import get_glue_task, load_glue
 from drone_hf.profiling import count_parameters, cpu_name, load_average
@@ -328,6 +329,7 @@ class Run:
                     "dev_rows": a.dev_rows,
                     "seed": a.seed,
                     **({"screening_dtype": a.screening_dtype} if a.screening_dtype else {}),  # absent: older keys
+                    **({"search_revision": SEARCH_REVISION} if SEARCH_REVISION > 1 else {}),  # the same
                 }
                 screening = f"-screen-{a.screening_dtype}" if a.screening_dtype else ""
                 name = f"{method}-drop{budget:g}-{a.allocation_search}{screening}"
@@ -561,11 +563,13 @@ class CurveCallback(TrainerCallback):
             self._record(state.global_step, model)
 
 
-def _distil(run: Run, student, teacher, train, curve_rows, tokenizer, steps: int) -> dict:
-    """Distils `student` in place for `steps` optimiser steps; returns the curve, wall time and loss log."""
-    from drone_hf import DroneDistillationArguments, DroneDistillationTrainer
+def distillation_arguments(args: argparse.Namespace, steps: int, output_dir: str):
+    """The distillation stage's `(DroneDistillationArguments, TrainingArguments)` for `steps` optimiser steps: the
+    loss weights, batch, gradient accumulation and learning rate of `args`, bf16 with `--distill-bf16`, no
+    checkpoints, logging at each curve point."""
+    from drone_hf import DroneDistillationArguments
 
-    a = run.args
+    a = args
     every = max(1, steps // a.curve_points)
     settings = DroneDistillationArguments(
         alpha_hidden=a.alpha_hidden,
@@ -579,16 +583,25 @@ def _distil(run: Run, student, teacher, train, curve_rows, tokenizer, steps: int
         logging_steps=every,
         seed=a.seed,
     )
-    curve = CurveCallback(lambda model: points(evaluate_glue(model, curve_rows, tokenizer, run.info.name)), every)
+    training = TrainingArguments(
+        output_dir=output_dir,
+        **settings.training_overrides(),
+        bf16=a.distill_bf16,
+        save_strategy="no",
+        use_cpu=a.device == "cpu",
+        disable_tqdm=True,
+    )
+    return settings, training
+
+
+def _distil(run: Run, student, teacher, train, curve_rows, tokenizer, steps: int) -> dict:
+    """Distils `student` in place for `steps` optimiser steps; returns the curve, wall time and loss log."""
+    from drone_hf import DroneDistillationTrainer
+
     with tempfile.TemporaryDirectory() as tmp:
-        training = TrainingArguments(
-            output_dir=tmp,
-            **settings.training_overrides(),
-            bf16=a.distill_bf16,
-            save_strategy="no",
-            use_cpu=a.device == "cpu",
-            disable_tqdm=True,
-        )
+        settings, training = distillation_arguments(run.args, steps, tmp)
+        every = training.logging_steps
+        curve = CurveCallback(lambda model: points(evaluate_glue(model, curve_rows, tokenizer, run.info.name)), every)
         trainer = DroneDistillationTrainer(
             model=student,
             args=training,

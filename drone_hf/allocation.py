@@ -212,10 +212,11 @@ def allocate_ranks(
       `search="fast"`: each module's drop at every grid rank is predicted from the closed form's relative
       residual energy (free), calibrated by one evaluation per module at the middle of its grid; every single-module
       move is ordered by the global scale at which the exhaustive search's cost-share rule (below) allows it on the
-      predicted drops, the number of moves taken is bisected with joint checks (`ceil(log2(moves + 1))` of them; a step
-      clearly past the budget on the screening rows is rejected there, without its joint check), then up to
-      `refine_steps` (default 8) further moves are each kept only if the joint check still passes. About
-      `modules + log2(moves) + refine_steps` evaluations ([`~drone_hf.budget_path`]).
+      predicted drops, the number of moves taken is bisected (`ceil(log2(moves + 1))` steps; a step clearly past, or
+      clearly within, the budget on the screening rows is settled there, the others by a joint check; the step found
+      is always joint-checked), then up to `refine_steps` (default 6) joint checks try the next moves in groups that
+      double while they fit and halve when they do not. About `modules + log2(moves) + refine_steps` evaluations
+      ([`~drone_hf.budget_path`]).
 
       `search="exhaustive"` (default; the DRONE appendix recipe, the only search before the fast one): each module is
       compressed alone at each grid rank (largest first, stopping early once its drop exceeds the whole budget). The
@@ -271,9 +272,10 @@ def allocate_ranks(
             slower: measure first.
         safety_margin (`float`, *optional*, defaults to 1.0): Paired standard errors of the held-out drop added to it
             before comparing with `max_accuracy_drop` (`0` compares the raw held-out drop).
-        refine_steps (`int`, *optional*): Joint checks spent after the search's main stage on moving single modules
-            further down, each kept only if the whole assignment still fits; `None` is the search's default (8 for
-            `"fast"`, 48 for `"exhaustive"`); `0` keeps the bisection's (or the paper's time-share) allocation as is.
+        refine_steps (`int`, *optional*): Joint checks spent after the search's main stage on moving modules further
+            down, each move kept only if the whole assignment still fits; `None` is the search's default (6 for
+            `"fast"`, whose moves go in growing groups; 48 single moves for `"exhaustive"`); `0` keeps the
+            bisection's (or the paper's time-share) allocation as is.
         search (`str`, *optional*, defaults to `"exhaustive"`): How `max_accuracy_drop` searches: `"exhaustive"`
             (measured per-module curves) or `"fast"` (predicted per-module drops, bisection of one scale: about 4x
             fewer held-out evaluations, a smaller speed-up for the same budget on MiniLM; see above).

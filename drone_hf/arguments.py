@@ -83,10 +83,14 @@ class DroneCompressionArguments:
         safety_margin (`float`, *optional*, defaults to 1.0): Paired standard errors added to the held-out drop
             before comparing it with `max_accuracy_drop`.
         refine_steps (`int`, *optional*): Joint checks `max_accuracy_drop` spends after its search on lowering one
-            module's rank at a time ([`allocate_ranks`]); `None`: 8 for the fast search, 48 for the exhaustive one.
+            module's rank at a time, or a group of them ([`allocate_ranks`]); `None`: 6 for the fast search, 48 for the
+            exhaustive one.
         allocation_search (`str`, *optional*, defaults to `"exhaustive"`): How `max_accuracy_drop` searches:
             `"exhaustive"` (a measured drop curve per module) or `"fast"` (per-module drops predicted from the
             residual energy, bisection of one scale by joint checks) ([`allocate_ranks`]'s `search`).
+        screening_dtype (`str`, *optional*): `"bfloat16"` (or `"float16"`) runs `max_accuracy_drop`'s per-module
+            screening under `torch.autocast` in that dtype ([`allocate_ranks`]); the joint checks that decide the
+            budget stay in the model's dtype. Stored as its name; `None` or `"float32"`: the model's own dtype.
         bias_correction (`bool`, *optional*, defaults to `False`): Factor DRONE linears on the centred statistics
             and fold the mean into the bias ([`compress_model`]); the `drone-hf` command line turns it on.
         calibration_batch_size (`int`, *optional*, defaults to 32): Rows per calibration batch.
@@ -136,12 +140,16 @@ class DroneCompressionArguments:
     refine_steps: int | None = field(
         default=None,
         metadata={
-            "help": "Joint checks spent lowering single ranks after the search (default: 8 fast, 48 exhaustive)."
+            "help": "Joint checks spent lowering ranks after the search (default: 6 fast, 48 exhaustive)."
         },
     )
     allocation_search: str = field(
         default="exhaustive",
         metadata={"help": "How max_accuracy_drop searches: `exhaustive` or `fast` (predicted drops, bisection)."},
+    )
+    screening_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Autocast dtype of max_accuracy_drop's per-module screening (bfloat16 on AMX CPUs)."},
     )
     bias_correction: bool = field(
         default=False, metadata={"help": "DRONE on centred statistics, the mean folded into the bias."}
@@ -225,6 +233,10 @@ class DroneCompressionArguments:
 
         if self.allocation_search not in SEARCHES:
             raise ValueError(f"`allocation_search` must be one of {list(SEARCHES)}, got {self.allocation_search!r}.")
+        if self.screening_dtype is not None:
+            from .deployment import resolve_dtype
+
+            self.screening_dtype = str(resolve_dtype(self.screening_dtype, "screening_dtype")).removeprefix("torch.")
         if not isinstance(self.bias_correction, bool):
             raise ValueError(f"`bias_correction` must be True or False, got {self.bias_correction!r}.")
         if self.bias_correction and self.method not in ("drone", "drone-bc"):
@@ -265,6 +277,8 @@ class DroneCompressionArguments:
                 "refine_steps": self.refine_steps,
                 "search": self.allocation_search,
             }
+            if self.screening_dtype not in (None, "float32"):
+                kwargs["allocation_options"]["screening_dtype"] = self.screening_dtype
             if task is not None:
                 from .glue_metrics import glue_metric_points
 

@@ -27,10 +27,10 @@ module's discarded output energy is the squared size of the change it makes; to 
 the size of the change, its square root."""
 
 
-SCREEN_REJECT_Z = 2.0
-"""A bisection step is rejected without its joint check when its drop on the screening rows (real metric) exceeds the
-budget by more than this many of their paired standard errors: a cheap early exit for the steps far past the budget.
-Acceptance always needs the full joint check."""
+SCREEN_Z = 2.0
+"""A bisection step is settled on the screening rows (real metric) without its joint check when its drop there is
+more than this many of their paired standard errors past the budget (rejected), or within the budget by this many
+plus the joint check's own margin (accepted for the bisection). The assignment returned is always joint-checked."""
 
 
 def probe_rank(grid: list[int]) -> int:
@@ -79,10 +79,10 @@ def assignment(path: list[tuple[str, int]], step: int) -> dict[str, int]:
     return dict(path[:step])
 
 
-def bisect_path(fits: Callable[[int], bool], length: int) -> int:
-    """The largest `step` in `[0, length]` that `fits`, by bisection, assuming that `step = 0` (dense) fits and that
-    what fits is a prefix of the steps. `fits` is called at most `ceil(log2(length + 1))` times."""
-    low, high = 0, length + 1  # `low` fits; `high` does not (length + 1: past the end)
+def bisect_path(fits: Callable[[int], bool], length: int, low: int = 0) -> int:
+    """The largest `step` in `[low, length]` that `fits`, by bisection, assuming that `step = low` fits (`0`: dense)
+    and that what fits is a prefix of the steps. `fits` is called at most `ceil(log2(length - low + 1))` times."""
+    high = length + 1  # `low` fits; `high` does not (length + 1: past the end)
     while high - low > 1:
         middle = (low + high) // 2
         if fits(middle):
@@ -116,7 +116,7 @@ def probe_modules(working, candidates, evaluator, problem_type, show_progress) -
     """Each candidate compressed alone at its probe rank and scored by [`soft_change`] on the screening rows,
     re-running only the layers from the candidate's on: one evaluation per candidate. Returns the probes (name ->
     `(rank, drop)`) and the dense model's rows on the screening rows."""
-    reference = evaluator.logits(0)
+    reference = evaluator.initial_rows  # nothing is swapped in yet
     probes = {}
     with tqdm(total=len(candidates.names), desc="Probing modules", disable=not show_progress) as progress:
         for layer in sorted({candidates.layer[name] for name in candidates.names}):
@@ -129,17 +129,22 @@ def probe_modules(working, candidates, evaluator, problem_type, show_progress) -
 
 
 class _Screen:
-    """The early exit of the bisection: scores an assignment on the screening rows with the real metric and says
-    whether it is clearly past the budget ([`SCREEN_REJECT_Z`])."""
+    """The shortcut of the bisection: scores an assignment on the screening rows with the real metric and settles
+    the steps that are clearly past or clearly within the budget ([`SCREEN_Z`]) without a joint check."""
 
     def __init__(self, joint, evaluator, reference):
         self.joint, self.evaluator, self.reference = joint, evaluator, reference
+        # A joint check's standard error is about the screening one times this (the paired error falls as 1/sqrt(n)).
+        self.error_ratio = math.sqrt(len(evaluator.labels) / len(joint.labels))
         self.rejected: list[dict] = []
+        self.accepted: list[dict] = []
 
-    def rejects(self, ranks, step) -> bool:
+    def verdict(self, ranks, step) -> bool | None:
+        """`False`: clearly past the budget; `True`: clearly within it, the joint check's margin included; `None`:
+        undecided (or already joint-checked), the joint check decides."""
         joint = self.joint
         if tuple(sorted(ranks.items())) in joint.entries:
-            return False  # already scored on all rows
+            return None
         originals = apply_ranks(joint.working, joint.candidates, ranks)
         try:
             logits = self.evaluator.logits(0)
@@ -148,54 +153,86 @@ class _Screen:
         labels = self.evaluator.labels
         drop = joint.raw_metric(self.reference, labels) - joint.raw_metric(logits, labels)
         error = paired_standard_error(joint.raw_metric, self.reference, logits, labels)
-        clearly_past = math.isfinite(drop) and drop - SCREEN_REJECT_Z * error > joint.budget
-        if clearly_past:
-            self.rejected.append({"step": step, "drop": float(drop), "standard_error": error})
-        return clearly_past
+        if not math.isfinite(drop):
+            return None
+        entry = {"step": step, "drop": float(drop), "standard_error": error}
+        if drop - SCREEN_Z * error > joint.budget:
+            self.rejected.append(entry)
+            return False
+        if drop + (SCREEN_Z + joint.margin * self.error_ratio) * error <= joint.budget:
+            self.accepted.append(entry)
+            return True
+        return None
+
+
+def _bisect(joint, path, screen) -> int:
+    """The last step of `path` whose assignment passes the joint check: bisection with the steps the screening rows
+    settle (`screen`), then the joint check of the step found; when it refuses a step the screen accepted, the
+    bisection starts again below it, from the last step the joint checks accepted, on joint checks alone."""
+
+    def joint_fits(step):
+        return joint.fits(assignment(path, step), step=step, stage="bisect")
+
+    def fits(step):
+        verdict = None if screen is None else screen.verdict(assignment(path, step), step)
+        return joint_fits(step) if verdict is None else verdict
+
+    step = bisect_path(fits, len(path))
+    while step and not joint_fits(step):
+        known = [e["step"] for e in joint.entries.values() if e.get("step", step) < step and joint.accepts(e)]
+        step = bisect_path(joint_fits, step - 1, low=max(known, default=0))
+    return step
+
+
+def _refine(joint, path, step, ranks, accepted, refine_steps) -> tuple[dict, dict, int]:
+    """Up to `refine_steps` joint checks on the moves of `path` after `step`, taken in groups: the next `size`
+    moves of modules not yet blocked are tried together; a group that fits is kept and the next group is twice as
+    large, one that does not is halved (a single move that does not fit blocks its module). Returns the ranks, their
+    joint-check entry and the number of checks run."""
+    tried, size, blocked, position = 0, 1, set(), step
+    while tried < refine_steps:
+        group, index = [], position
+        while index < len(path) and len(group) < size:
+            if path[index][0] not in blocked:
+                group.append(path[index])
+            index += 1
+        if not group:
+            break
+        trial = {**ranks, **dict(group)}
+        fresh = tuple(sorted(trial.items())) not in joint.entries
+        entry = joint.score(trial, stage="refine", moves=len(group))
+        tried += fresh
+        if joint.accepts(entry):
+            ranks, accepted, position, size = trial, entry, index, size * 2
+        elif len(group) > 1:
+            size = max(1, len(group) // 2)
+        else:
+            blocked.add(group[0][0])
+            position = index
+    return ranks, accepted, tried
 
 
 def path_search(joint, candidates, evaluator, problem_type, shares, refine_steps: int, show_progress=False):
     """Ranks for the budget of `joint` (a `budget_search._JointCheck`): probes, predicted drops, the path of one
-    global scale over the cost `shares` ([`share_path`]), bisection of its length by joint checks, then up to
-    `refine_steps` further joint checks trying the next moves of the path one at a time (a module whose move fails
-    moves no further). Returns the accepted entry (ranks, drop, standard error) and what to report. A bisection step
-    clearly past the budget on the screening rows is rejected without its joint check (`_Screen`). At most
-    `len(candidates.names) + 1 + ceil(log2(moves + 1))` screening evaluations and `ceil(log2(moves + 1)) +
-    refine_steps` joint checks."""
+    global scale over the cost `shares` ([`share_path`]), bisection of its length ([`_bisect`]: steps clearly past
+    or within the budget on the screening rows are settled there, `_Screen`), then up to `refine_steps` further
+    joint checks on the next moves of the path, in growing groups ([`_refine`]). Returns the accepted entry (ranks,
+    drop, standard error) and what to report. Only joint checks accept what is returned. At most
+    `len(candidates.names) + ceil(log2(moves + 1))` screening evaluations and, unless the joint check refuses a step
+    the screening rows accepted, `ceil(log2(moves + 1)) + 1 + refine_steps` joint checks."""
     probes, reference = probe_modules(joint.working, candidates, evaluator, problem_type, show_progress)
     screen = _Screen(joint, evaluator, reference) if evaluator is not joint.evaluator else None
     tails = {name: candidates.energy_loss(name) for name in candidates.names}
     grids = {name: list(candidates.grid[name]) for name in candidates.names}
     drops = predicted_drops(tails, grids, probes)
     path = share_path(drops, shares)
-    bisection_checks = math.ceil(math.log2(len(path) + 1))
     if joint.progress is not None:
-        joint.progress.total = bisection_checks + refine_steps
+        joint.progress.total = math.ceil(math.log2(len(path) + 1)) + 1 + refine_steps
         joint.progress.refresh()
-
-    def fits(step):
-        ranks = assignment(path, step)
-        if screen is not None and screen.rejects(ranks, step):
-            return False
-        return joint.fits(ranks, step=step, stage="bisect")
-
-    step = bisect_path(fits, len(path))
+    step = _bisect(joint, path, screen)
     ranks = assignment(path, step)
     accepted = joint.score(ranks, step=step, stage="bisect") if ranks else {"drop": 0.0, "standard_error": 0.0}
-    tried, blocked = 0, set()
-    for name, rank in path[step:]:
-        if tried >= refine_steps:
-            break
-        if name in blocked:
-            continue
-        trial = {**ranks, name: rank}
-        fresh = tuple(sorted(trial.items())) not in joint.entries
-        entry = joint.score(trial, stage="refine")
-        tried += fresh
-        if joint.accepts(entry):
-            ranks, accepted = trial, entry
-        else:
-            blocked.add(name)
+    ranks, accepted, tried = _refine(joint, path, step, ranks, accepted, refine_steps)
     details = {
         "probes": {name: {"rank": rank, "drop": drop} for name, (rank, drop) in probes.items()},
         "energy_exponent": ENERGY_EXPONENT,
@@ -204,12 +241,14 @@ def path_search(joint, candidates, evaluator, problem_type, shares, refine_steps
         "path": [[name, rank] for name, rank in path],
         "path_step": step,
         "screened_rejections": [] if screen is None else screen.rejected,
+        "screened_acceptances": [] if screen is None else screen.accepted,
     }
     return {**accepted, "ranks": ranks, "steps": tried}, details
 
 
 __all__ = [
     "ENERGY_EXPONENT",
+    "SCREEN_Z",
     "assignment",
     "bisect_path",
     "path_search",

@@ -132,8 +132,13 @@ SEARCHES = ("fast", "exhaustive")
 """The searches of an accuracy budget: `"fast"` ([`~drone_hf.budget_path`]: per-module drops predicted from the closed
 form's residual energy, one probe per module, bisection of one global scale by joint checks) and `"exhaustive"` (the
 DRONE appendix: a drop curve per module by evaluation, the budget split by cost shares, then joint checks)."""
-REFINE_STEPS = {"fast": 8, "exhaustive": 48}
+REFINE_STEPS = {"fast": 6, "exhaustive": 48}
 """Default `refine_steps` of each search."""
+
+SEARCH_REVISION = 2
+"""Raised whenever a search can choose other ranks for the same inputs (1: bisection on joint checks and single-move
+refinement; 2: screened acceptance in the bisection, refinement in growing groups, 6 checks): benchmarks key their
+cached results by it."""
 
 
 def check_search(search) -> str:
@@ -254,7 +259,7 @@ def _exhaustive_search(working, joint, candidates, evaluator, problem_type, refi
 def _module_curves(working, candidates, evaluator, problem_type, budget, show_progress) -> dict[str, dict[int, float]]:
     """Each candidate compressed alone at each grid rank (largest first; early exit past the whole budget), scored by
     [`soft_change`] on the screening rows, re-running only the layers from the candidate's on."""
-    reference = evaluator.logits(0)
+    reference = evaluator.initial_rows  # nothing is swapped in yet
     curves: dict[str, dict[int, float]] = {name: {} for name in candidates.names}
     total_steps = sum(len(candidates.grid[name]) for name in candidates.names)
     with tqdm(total=total_steps, desc="Allocating ranks", disable=not show_progress) as progress:
@@ -281,7 +286,7 @@ class _JointCheck:
         self.metric_fn, self.budget, self.margin = metric_fn, budget, margin
         self.raw_metric = raw_metric or metric_fn  # for bootstrap resamples, where a NaN is only dropped
         self.labels = evaluator.labels
-        self.base_logits = evaluator.logits(0)
+        self.base_logits = evaluator.initial_rows  # built just before, on the unchanged model
         self.base_metric = metric_fn(self.base_logits, self.labels)
         self.entries: dict[tuple, dict] = {}
 
@@ -343,4 +348,12 @@ def _refine(joint: _JointCheck, candidates, curves, start: dict, steps: int) -> 
     return {**current, "ranks": ranks, "steps": tried}
 
 
-__all__ = ["MIN_BUDGET_ROWS", "REFINE_STEPS", "SEARCHES", "allocate_by_accuracy", "check_search", "min_heldout_rows"]
+__all__ = [
+    "MIN_BUDGET_ROWS",
+    "REFINE_STEPS",
+    "SEARCHES",
+    "SEARCH_REVISION",
+    "allocate_by_accuracy",
+    "check_search",
+    "min_heldout_rows",
+]

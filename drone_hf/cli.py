@@ -133,8 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--refine-steps",
         type=count(0),
-        help="joint checks spent moving single modules further down after the search (default: 8 for the fast "
-        "search, 48 for the exhaustive one)",
+        help="joint checks spent moving modules further down after the search (default: 6 for the fast search, "
+        "in growing groups of moves; 48 single moves for the exhaustive one)",
     )
     _add_search(compress)
     _add_deployment(compress)
@@ -239,7 +239,7 @@ def _add_embeddings_parser(commands) -> None:
     sub.add_argument(
         "--refine-steps",
         type=count(0),
-        help="joint checks spent moving single modules down (default: 8 fast, 48 exhaustive)",
+        help="joint checks spent moving modules further down (default: 6 fast, 48 exhaustive)",
     )
     _add_search(sub)
     sub.add_argument(

@@ -57,6 +57,10 @@ class LayerwiseEvaluator:
         autocast_dtype (`torch.dtype`, *optional*): Run every forward (the first, dense one included, so that the
             reference rows share it) under `torch.autocast` in this dtype, e.g. `torch.bfloat16` on a CPU with AMX
             tiles; `None` runs the model in its own dtype.
+
+    Attributes:
+        initial_rows (`np.ndarray`): The rows of the model as it was when the evaluator was built (the pass that
+            reads the labels); what `logits(0)` returns until a module is swapped, without running the model again.
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class LayerwiseEvaluator:
             for batch, labelled in zip(self._batches, self._labelled):
                 rows.append(rows_fn(self._forward(batch), labelled))
         self.labels = concat_rows([labels for _, labels, _ in rows])
+        self.initial_rows = concat_rows([values for values, _, _ in rows])  # the model as it was when built
         self.kind = rows[0][2]
         self.num_outputs = max(int(logits.shape[-1]) for logits, _, _ in rows)  # classes, or span positions
         self._cache: list | None = None

@@ -89,6 +89,11 @@ def test_layerwise_evaluator_equals_full_forward_after_a_swap(setup):
     model, batches, _ = setup
     model = compress_model(model, None, method="svd", ranks={"bert.encoder.layer.1.output.dense": 8})  # a copy
     evaluator = LayerwiseEvaluator(model, batches)
+    with torch.no_grad():
+        before = torch.cat(
+            [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
+        )
+    torch.testing.assert_close(torch.from_numpy(evaluator.initial_rows), before, rtol=1e-5, atol=1e-5)  # no swap yet
     evaluator.advance_to(1)
     name = "bert.encoder.layer.1.intermediate.dense"
     model.set_submodule(name, DroneLinear.from_linear(model.get_submodule(name), 4))

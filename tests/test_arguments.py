@@ -25,6 +25,10 @@ from .testing_utils import tiny_teacher, unsupported_classifier
         ({"max_accuracy_drop": 1.0, "screening_samples": 0}, r"`screening_samples` must be an int >= 1, got 0"),
         ({"max_accuracy_drop": 1.0, "safety_margin": -1.0}, r"`safety_margin` must be a number >= 0"),
         ({"max_accuracy_drop": 1.0, "refine_steps": -1}, r"`refine_steps` must be an int >= 0 or None, got -1"),
+        (
+            {"max_accuracy_drop": 1.0, "screening_dtype": "int8"},
+            r"`screening_dtype` must be one of \['float32', 'bfloat16', 'float16'\].*got 'int8'",
+        ),
         ({"rank": 4, "bias_correction": "yes"}, r"`bias_correction` must be True or False, got 'yes'"),
         ({"rank": 4, "method": "svd", "bias_correction": True}, r"`bias_correction=True` needs `method='drone'`"),
         ({"rank": 4, "num_calibration_samples": 0}, r"`num_calibration_samples` must be an int >= 1, got 0"),
@@ -67,6 +71,11 @@ def test_accuracy_budget_kwargs_carry_the_search_options_and_the_task_metric():
         "refine_steps": 3,
         "search": "exhaustive",
     }
+    assert "screening_dtype" not in args.compress_kwargs()["allocation_options"]  # the model's own dtype
+    for dtype in ("bfloat16", torch.bfloat16):
+        bf16 = DroneCompressionArguments(max_accuracy_drop=1.0, screening_dtype=dtype)
+        assert bf16.screening_dtype == "bfloat16"  # stored by name: the arguments stay JSON-serialisable
+        assert bf16.compress_kwargs()["allocation_options"]["screening_dtype"] == "bfloat16"
     metric = args.compress_kwargs("cola")["allocation_options"]["metric_fn"]
     logits, labels = [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]], [0, 1, 1, 0]
     # CoLA's Matthews correlation, not accuracy (75): tp=2, tn=1, fp=1, fn=0 -> (2*1 - 1*0) / sqrt(3*2*1*2).

@@ -106,3 +106,33 @@ def test_main_refuses_a_multi_process_launch_before_any_work(base_size, monkeypa
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(LookupError, match="parse_args reached"):
         base_size.main(["--model", "minilm", "--task", "mrpc", "--smoke"])
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_distillation_stage_arguments_build_and_carry_the_options(base_size, tmp_path, bf16):
+    """The distill stage's arguments, built without training (the stage passed `gradient_accumulation_steps` twice
+    once `DroneDistillationArguments` gained it, and crashed before its first step)."""
+    argv = [
+        "--model",
+        "minilm",
+        "--stages",
+        "distill",
+        "--device",
+        "cpu",
+        "--grad-accum",
+        "4",
+        "--distill-steps",
+        "90",
+    ]
+    args = base_size.parse_args(
+        argv + ["--curve-points", "3", "--distill-batch-size", "8"] + (["--distill-bf16"] if bf16 else [])
+    )
+    settings, training = base_size.distillation_arguments(args, 90, str(tmp_path))
+    assert (training.max_steps, training.per_device_train_batch_size, training.gradient_accumulation_steps) == (
+        90,
+        8,
+        4,
+    )
+    assert training.bf16 is bf16 and training.learning_rate == args.distill_lr and training.logging_steps == 30
+    assert training.save_strategy == "no" and training.use_cpu
+    assert (settings.alpha_hidden, settings.alpha_kl, settings.temperature) == (1.0, 1.0, 2.0)

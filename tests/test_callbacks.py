@@ -204,7 +204,12 @@ def test_max_accuracy_drop_is_measured_on_the_tasks_main_metric(tmp_path):
     # MRPC is judged by F1: with `task="mrpc"` the budget is spent on held-out F1, as in `drone-hf compress`.
     train = tiny_dataset(40, num_labels=2)
     settings = DroneCompressionArguments(
-        max_accuracy_drop=50.0, num_calibration_samples=16, heldout_samples=24, screening_samples=8, refine_steps=2
+        max_accuracy_drop=50.0,
+        num_calibration_samples=16,
+        heldout_samples=24,
+        screening_samples=8,
+        refine_steps=2,
+        screening_dtype="bfloat16",
     )
     drone = DroneCompressionCallback(settings, train_dataset=train, task="mrpc", measure_speed=False)
     trainer = _trainer(tmp_path, [drone], model=tiny_teacher(num_labels=2), train=train)
@@ -216,6 +221,7 @@ def test_max_accuracy_drop_is_measured_on_the_tasks_main_metric(tmp_path):
     assert abs(f1 - accuracy) > 1.0  # the two metrics differ here, so the check below tells them apart
     assert drone.allocation_report["heldout_base_metric"] == pytest.approx(f1, abs=1e-6)
     assert drone.allocation_report["refined_steps"] <= 2
+    assert drone.allocation_report["screening_dtype"] == "bfloat16"  # the screening option reached the search
 
 
 def test_on_train_end_runs_after_the_best_model_is_loaded(tmp_path, monkeypatch):
