@@ -329,7 +329,12 @@ class Run:
                     "dev_rows": a.dev_rows,
                     "seed": a.seed,
                     **({"screening_dtype": a.screening_dtype} if a.screening_dtype else {}),  # absent: older keys
-                    **({"search_revision": SEARCH_REVISION} if SEARCH_REVISION > 1 else {}),  # the same
+                    # the fast search's revision (absent for revision 1 and for the exhaustive search: older keys)
+                    **(
+                        {"search_revision": SEARCH_REVISION}
+                        if a.allocation_search == "fast" and SEARCH_REVISION > 1
+                        else {}
+                    ),
                 }
                 screening = f"-screen-{a.screening_dtype}" if a.screening_dtype else ""
                 name = f"{method}-drop{budget:g}-{a.allocation_search}{screening}"

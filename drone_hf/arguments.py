@@ -139,9 +139,7 @@ class DroneCompressionArguments:
     )
     refine_steps: int | None = field(
         default=None,
-        metadata={
-            "help": "Joint checks spent lowering ranks after the search (default: 6 fast, 48 exhaustive)."
-        },
+        metadata={"help": "Joint checks spent lowering ranks after the search (default: 6 fast, 48 exhaustive)."},
     )
     allocation_search: str = field(
         default="exhaustive",

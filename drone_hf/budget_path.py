@@ -5,8 +5,9 @@ every rank is *predicted* from the closed form's relative residual energy (free:
 calibrated by one held-out evaluation per module at a probe rank. The predicted drops then order every single-module
 move by the one global scale at which the DRONE appendix's time-share rule allows it (each module the smallest rank
 whose drop fits its share of the cost, multiply-adds or seconds measured in a deployment form, times the scale), so a
-prefix of that ordering is the time-share allocation at some scale. The length of the prefix is bisected with real
-joint checks, then a few more moves along the ordering are tried one by one. Only the joint checks decide what is
+prefix of that ordering is the time-share allocation at some scale. The length of the prefix is bisected (steps
+clearly past or within the budget on the screening rows settled there, the others and the step found by real joint
+checks), then a few more moves along the ordering are tried in growing groups. Only the joint checks decide what is
 returned, so a wrong prediction costs speed, never the budget. Nothing here reads a clock."""
 
 from __future__ import annotations
@@ -132,10 +133,13 @@ class _Screen:
     """The shortcut of the bisection: scores an assignment on the screening rows with the real metric and settles
     the steps that are clearly past or clearly within the budget ([`SCREEN_Z`]) without a joint check."""
 
-    def __init__(self, joint, evaluator, reference):
+    def __init__(self, joint, evaluator, reference, min_error: float = 0.0):
         self.joint, self.evaluator, self.reference = joint, evaluator, reference
         # A joint check's standard error is about the screening one times this (the paired error falls as 1/sqrt(n)).
         self.error_ratio = math.sqrt(len(evaluator.labels) / len(joint.labels))
+        # An acceptance counts at least this error (one screening row's worth for a per-row metric): a step that
+        # changes no screening row has a zero bootstrap error, and is not thereby known to be within the budget.
+        self.min_error = min_error
         self.rejected: list[dict] = []
         self.accepted: list[dict] = []
 
@@ -159,7 +163,7 @@ class _Screen:
         if drop - SCREEN_Z * error > joint.budget:
             self.rejected.append(entry)
             return False
-        if drop + (SCREEN_Z + joint.margin * self.error_ratio) * error <= joint.budget:
+        if drop + (SCREEN_Z + joint.margin * self.error_ratio) * max(error, self.min_error) <= joint.budget:
             self.accepted.append(entry)
             return True
         return None
@@ -212,16 +216,27 @@ def _refine(joint, path, step, ranks, accepted, refine_steps) -> tuple[dict, dic
     return ranks, accepted, tried
 
 
-def path_search(joint, candidates, evaluator, problem_type, shares, refine_steps: int, show_progress=False):
+def screens(joint, evaluator) -> bool:
+    """Whether the bisection can settle steps on the screening rows: they are a true subset of the held-out rows,
+    and the metric scores any rows (not one tied to the full held-out set, such as entity F1 over its sentences or
+    SQuAD F1 over its examples, whose `bootstrap_sample` resamples its own units)."""
+    return evaluator is not joint.evaluator and not hasattr(joint.raw_metric, "bootstrap_sample")
+
+
+def path_search(
+    joint, candidates, evaluator, problem_type, shares, refine_steps: int, show_progress=False, row_quantised=False
+):
     """Ranks for the budget of `joint` (a `budget_search._JointCheck`): probes, predicted drops, the path of one
     global scale over the cost `shares` ([`share_path`]), bisection of its length ([`_bisect`]: steps clearly past
     or within the budget on the screening rows are settled there, `_Screen`), then up to `refine_steps` further
     joint checks on the next moves of the path, in growing groups ([`_refine`]). Returns the accepted entry (ranks,
     drop, standard error) and what to report. Only joint checks accept what is returned. At most
     `len(candidates.names) + ceil(log2(moves + 1))` screening evaluations and, unless the joint check refuses a step
-    the screening rows accepted, `ceil(log2(moves + 1)) + 1 + refine_steps` joint checks."""
+    the screening rows accepted, `ceil(log2(moves + 1)) + 1 + refine_steps` joint checks. `row_quantised`: the metric
+    moves by `100 / n` points per row (accuracy, F1), the least error a screened acceptance assumes."""
     probes, reference = probe_modules(joint.working, candidates, evaluator, problem_type, show_progress)
-    screen = _Screen(joint, evaluator, reference) if evaluator is not joint.evaluator else None
+    min_error = 100.0 / len(evaluator.labels) if row_quantised else 0.0
+    screen = _Screen(joint, evaluator, reference, min_error) if screens(joint, evaluator) else None
     tails = {name: candidates.energy_loss(name) for name in candidates.names}
     grids = {name: list(candidates.grid[name]) for name in candidates.names}
     drops = predicted_drops(tails, grids, probes)

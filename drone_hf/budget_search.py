@@ -136,9 +136,9 @@ REFINE_STEPS = {"fast": 6, "exhaustive": 48}
 """Default `refine_steps` of each search."""
 
 SEARCH_REVISION = 2
-"""Raised whenever a search can choose other ranks for the same inputs (1: bisection on joint checks and single-move
-refinement; 2: screened acceptance in the bisection, refinement in growing groups, 6 checks): benchmarks key their
-cached results by it."""
+"""Raised whenever the fast search can choose other ranks for the same inputs (1: bisection on joint checks and
+single-move refinement; 2: screened acceptance in the bisection, refinement in growing groups, 6 checks): benchmarks
+key their cached results by it."""
 
 
 def check_search(search) -> str:
@@ -186,7 +186,10 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
             working, candidates, joint_evaluator, metric_fn, budget, options["safety_margin"], raw_metric, bar
         )
         shares = cost_shares(candidates)
-        refined, details = path_search(joint, candidates, evaluator, problem_type, shares, refine_steps, show_progress)
+        quantised = _row_quantised(options["metric_fn"], problem_type, joint_evaluator.kind)
+        refined, details = path_search(
+            joint, candidates, evaluator, problem_type, shares, refine_steps, show_progress, quantised
+        )
         details["shares"] = shares
     else:
         # At most 8 + 5 scale checks and `refine_steps` refinement checks, each a pass over all held-out rows.

@@ -4,10 +4,20 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from drone_hf import DroneCompressionArguments, allocate_ranks, budget_path, collect_activation_stats, compress_model
-from drone_hf.budget_path import _refine, _Screen, assignment, bisect_path, predicted_drops, probe_rank, share_path
-from drone_hf.budget_search import _select
+from drone_hf.budget_path import (
+    _bisect,
+    _refine,
+    _Screen,
+    assignment,
+    bisect_path,
+    predicted_drops,
+    probe_rank,
+    share_path,
+)
+from drone_hf.budget_search import REFINE_STEPS, _select
 from drone_hf.heldout import spread_subset
 
 from .testing_utils import measured_drop, self_labelled_case
@@ -94,8 +104,8 @@ def test_fast_search_keeps_the_budget_on_the_held_out_rows(case, budget):
     # Bounded cost: one probe per module, the bisection of the path (each step at most one screening and one joint
     # evaluation), the joint check of the step found and the refinement; the dense reference rows cost no run.
     modules, bisection = report["candidates"], math.ceil(math.log2(report["path_moves"] + 1))
-    assert report["joint_check_count"] <= bisection + 1 + 8
-    assert report["evaluations"] <= modules + 2 * bisection + 1 + 8
+    assert report["joint_check_count"] <= bisection + 1 + REFINE_STEPS["fast"] and REFINE_STEPS["fast"] == 6
+    assert report["evaluations"] <= modules + 2 * bisection + 1 + REFINE_STEPS["fast"]
 
 
 def _metric_on_any_rows(case, screening_samples=16):
@@ -153,8 +163,10 @@ def test_steps_clearly_within_the_budget_on_the_screening_rows_cost_no_joint_che
     margin = math.sqrt(16 / 32)  # the joint check's one-standard-error margin, scaled to the screening rows
     assert accepted and all(e["drop"] + (2 + margin) * e["standard_error"] <= 0.02 for e in accepted)
     checked = {entry["step"] for entry in report["joint_checks"] if entry.get("step") is not None}
-    assert not checked & {entry["step"] for entry in accepted}  # none of them was joint-checked...
-    assert report["path_step"] in checked  # ...but the step returned always is
+    assert report["path_step"] in checked  # the step returned is always joint-checked...
+    screened_only = {entry["step"] for entry in accepted} - {report["path_step"]}
+    assert screened_only and not checked & screened_only  # ...the other screened acceptances never are
+    assert len(checked) < math.ceil(math.log2(report["path_moves"] + 1))  # fewer than one per bisection step
     drop, error = measured_drop(model, stats, batches, ranks, metric, base)
     assert drop + error <= 0.02 + 1e-9
 
@@ -181,18 +193,60 @@ def test_a_screened_acceptance_that_the_joint_check_refuses_is_bisected_again(ca
 
 
 class _CountingJoint:
-    """A stand-in for the joint check: an assignment fits unless it moves a module of `bad`."""
+    """A stand-in for the joint check: an assignment fits unless it moves a module of `bad`, or takes a rank below
+    `floor` (module -> rank)."""
 
-    def __init__(self, bad):
-        self.bad, self.entries = set(bad), {}
+    def __init__(self, bad=(), floor=None):
+        self.bad, self.floor, self.entries = set(bad), floor or {}, {}
 
     def score(self, ranks, **extra):
         key = tuple(sorted(ranks.items()))
-        self.entries.setdefault(key, {"drop": float(bool(self.bad & set(ranks))), "standard_error": 0.0, **extra})
+        refused = self.bad & set(ranks) or any(rank < self.floor.get(name, 0) for name, rank in ranks.items())
+        self.entries.setdefault(key, {"drop": float(bool(refused)), "standard_error": 0.0, "ranks": ranks, **extra})
         return self.entries[key]
+
+    def fits(self, ranks, **extra):
+        return self.accepts(self.score(ranks, **extra))
 
     def accepts(self, entry):
         return entry["drop"] == 0.0
+
+
+class _FixedScreen:
+    """A stand-in for `_Screen`: the verdict of each step from a table (`None` where the joint check decides)."""
+
+    def __init__(self, verdicts):
+        self.verdicts = verdicts
+
+    def verdict(self, ranks, step):
+        return self.verdicts.get(step)
+
+
+def test_a_refused_screened_step_is_bisected_again_from_the_last_joint_accepted_step():
+    """Steps 1..40 fit the joint check. The screen leaves step 32 to a joint check (accepted there) and wrongly
+    accepts every other step; the joint check of the step found (64) refuses it, and the second bisection spends
+    joint checks only above 32."""
+    path = [(f"m{i}", 8) for i in range(64)]
+    joint = _CountingJoint(bad={f"m{i}" for i in range(40, 64)})
+    screen = _FixedScreen({step: True for step in range(1, 65) if step != 32})
+    assert _bisect(joint, path, screen) == 40
+    checked = sorted(len(e["ranks"]) for e in joint.entries.values())
+    assert 32 in checked and 64 in checked  # the screen's undecided step, then the refused end of the path
+    second = [step for step in checked if step not in (32, 64)]
+    assert second and all(32 < step < 64 for step in second) and len(second) <= math.ceil(math.log2(64 - 32))
+
+
+def test_refinement_skips_the_moves_of_blocked_modules_and_reuses_cached_checks():
+    """From step 2 of a path with two moves per module: `c` may take 16 but not 8; its move to 8 is refused once
+    (cached before the refinement starts), blocks `c`, and `d`'s moves go on in a group."""
+    path = [("a", 16), ("b", 16), ("c", 16), ("c", 8), ("d", 16), ("d", 8), ("e", 16)]
+    joint = _CountingJoint(floor={"c": 16})
+    start = assignment(path, 2)
+    joint.score(assignment(path, 4))  # refused: c at 8 (a check of the bisection, say)
+    ranks, entry, tried = _refine(joint, path, 2, start, joint.score(start), refine_steps=6)
+    assert ranks == {"a": 16, "b": 16, "c": 16, "d": 8, "e": 16} and entry["ranks"] == ranks
+    # c 16 (1 move), c 8 + d 16 (2: refused), c 8 (1: cached, refused, c blocked), d 16 (1), d 8 + e 16 (2).
+    assert tried == 4
 
 
 def test_refinement_tries_the_next_moves_in_growing_groups_and_blocks_a_module_that_does_not_fit():
@@ -287,3 +341,53 @@ def test_bad_search_options_are_refused(case):
         DroneCompressionArguments(max_accuracy_drop=1.0, allocation_search="x")
     kwargs = DroneCompressionArguments(max_accuracy_drop=1.0, allocation_search="exhaustive").compress_kwargs()
     assert kwargs["allocation_options"]["search"] == "exhaustive"
+
+
+def test_a_screen_that_changes_no_row_is_not_taken_as_within_the_budget(monkeypatch):
+    """A step whose screening rows are all unchanged has a zero bootstrap error: it is accepted on the screen only
+    while the least error a per-row metric assumes (one row's worth) still leaves it within the budget."""
+    monkeypatch.setattr(budget_path, "apply_ranks", lambda *args: {})
+    monkeypatch.setattr(budget_path, "restore_modules", lambda *args: None)
+    reference = np.eye(2)[np.arange(100) % 2]
+    evaluator = type("Evaluator", (), {"labels": np.arange(100) % 2, "logits": lambda self, start: reference})()
+    accuracy = lambda logits, labels: 100.0 * float((logits.argmax(-1) == labels).mean())  # noqa: E731
+    joint = type("Joint", (), {})()
+    joint.working = joint.candidates = None
+    joint.entries, joint.labels, joint.raw_metric, joint.margin = {}, np.zeros(400), accuracy, 1.0
+    joint.budget = 1.0
+    assert _Screen(joint, evaluator, reference).verdict({"m": 8}, 3) is True  # drop 0, error 0
+    # one row's worth (1 point on 100 rows): 0 + (2 + 1 * sqrt(100 / 400)) * 1 > 1 -> undecided, joint check
+    assert _Screen(joint, evaluator, reference, min_error=1.0).verdict({"m": 8}, 3) is None
+    joint.budget = 3.0
+    assert _Screen(joint, evaluator, reference, min_error=1.0).verdict({"m": 8}, 3) is True
+
+
+def test_fast_search_with_a_metric_of_the_whole_held_out_set_takes_no_screen_shortcut():
+    """Entity F1 scores the held-out sentences it was built from, and only them: the bisection then settles every
+    step by a joint check instead of scoring the screening rows with it (which raised before)."""
+    import transformers
+
+    from drone_hf.token_metrics import EntityF1Points
+
+    from .testing_utils import tiny_config, tiny_family_batches
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForTokenClassification.from_config(tiny_config("bert", num_labels=2)).eval()
+    batches = [{**b, "labels": b["token_labels"]} for b in tiny_family_batches("bert")]
+    inputs = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches]
+    stats = collect_activation_stats(model, inputs)
+    metric = EntityF1Points.from_batches(batches, ["O", "B-PER"])
+    report = {}
+    allocate_ranks(
+        model,
+        stats,
+        eval_dataloader=batches,
+        max_accuracy_drop=60.0,
+        metric_fn=metric,
+        screening_samples=4,
+        search="fast",
+        report=report,
+    )
+    assert report["screening_examples"] < report["heldout_examples"]  # a real screening subset...
+    assert report["screened_rejections"] == [] and report["screened_acceptances"] == []  # ...never used to settle
+    assert report["heldout_drop"] + report["heldout_standard_error"] <= 60.0
