@@ -129,7 +129,8 @@ def row(record: dict, layers: int) -> dict:
     }
 
 
-def table() -> None:
+def table(name: str = "allocation_cost") -> None:
+    """Prints the table of every finished run and writes it to `benchmarks/results/<name>.json`."""
     records = [
         (json.loads(p.read_text()), json.loads((p.parent / "config.json").read_text())["num_hidden_layers"])
         for p in sorted(RUNS.glob("*/drone_results.json"))
@@ -140,7 +141,7 @@ def table() -> None:
     )
     text = print_table(rows, COLUMNS)
     payload = {"command": command_line(), "machine": machine_description(), "rows": rows, "table": text}
-    print(f"Wrote {write_json('allocation_cost', payload)}")
+    print(f"Wrote {write_json(name, payload)}")
 
 
 def main() -> None:
@@ -155,6 +156,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `drone-hf compress` options")
     parser.add_argument("--finetune-mrpc", action="store_true", help="fine-tune (or find) the MiniLM MRPC teacher")
+    parser.add_argument(
+        "--json-name", default="allocation_cost", help="the table's JSON: benchmarks/results/<name>.json"
+    )
     args = parser.parse_args()
     if args.finetune_mrpc:
         _, _, path, seconds = finetune("mrpc", steps=350, max_length=128)
@@ -164,7 +168,7 @@ def main() -> None:
             parser.error("--run needs --model")
         run(args.run, args.model, args.task, args.budget, args.search, args.threads, args.extra)
     else:
-        table()
+        table(args.json_name)
 
 
 if __name__ == "__main__":
