@@ -169,7 +169,8 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
     rows_fn = options.get("rows_fn") or head_rows
     joint_evaluator = LayerwiseEvaluator(working, batches, rows_fn)  # the joint checks: all rows, the real metric
     _check_labels(joint_evaluator, problem_type, num_labels)
-    if _row_quantised(options["metric_fn"], problem_type, joint_evaluator.kind):
+    quantised = _row_quantised(options["metric_fn"], problem_type, joint_evaluator.kind)
+    if quantised:
         _check_resolution(budget, len(joint_evaluator.labels), joint_evaluator.kind)
     # Per-module drops: cheap, smooth score on the screening rows (under autocast with a `screening_dtype`; the joint
     # checks, which alone decide that the budget holds, always run in the model's own dtype).
@@ -186,7 +187,6 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
             working, candidates, joint_evaluator, metric_fn, budget, options["safety_margin"], raw_metric, bar
         )
         shares = cost_shares(candidates)
-        quantised = _row_quantised(options["metric_fn"], problem_type, joint_evaluator.kind)
         refined, details = path_search(
             joint, candidates, evaluator, problem_type, shares, refine_steps, show_progress, quantised
         )
