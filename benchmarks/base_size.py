@@ -239,6 +239,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="distil in bf16 mixed precision (float32 weights; see --teacher-bf16)",
     )
+    group.add_argument(
+        "--distill-rows",
+        type=int,
+        help="a seeded subset of the train rows (after the curve rows) to distil on (default: all); with "
+        "--cache-teacher on SST-2 (67k rows) this bounds the cache's memory",
+    )
+    group.add_argument(
+        "--cache-teacher",
+        action="store_true",
+        help="run the teacher once over the distillation rows and reuse its outputs "
+        "(DroneDistillationArguments(cache_teacher_outputs=True))",
+    )
+    group.add_argument(
+        "--teacher-cache-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="storage dtype of the cached hidden states (with --cache-teacher)",
+    )
     group.add_argument("--alpha-hidden", type=float, default=1.0)
     group.add_argument("--alpha-kl", type=float, default=1.0)
     group.add_argument("--alpha-task", type=float, default=0.0)
@@ -258,6 +276,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.distill_steps = args.distill_steps * len(args.speedups)
     if len(args.distill_steps) != len(args.speedups):
         parser.error(f"--distill-steps: one value or one per --speedups {args.speedups}, got {args.distill_steps}.")
+    if args.distill_rows is not None and args.distill_rows < 1:
+        parser.error(f"--distill-rows must be >= 1, got {args.distill_rows}.")
     if min(args.speedups) <= 1 or min(args.budgets) <= 0:
         parser.error("--speedups must be > 1 and --budgets > 0.")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -362,6 +382,9 @@ class Run:
                 "dev_rows": a.dev_rows,
                 "seed": a.seed,
                 **({"bf16": True} if a.distill_bf16 else {}),  # absent when off: older entries keep their keys
+                # the cache changes how long it takes, not what is learnt; keyed all the same, as the run it names
+                **({"teacher_cache": a.teacher_cache_dtype} if a.cache_teacher else {}),
+                **({"distill_rows": a.distill_rows} if a.distill_rows else {}),
             }
             name = f"{a.distill_method}-{speedup:g}x-distilled"
             entries.append((name, speedup, steps, entry_path(self.root, "distill", name, settings), settings))
@@ -558,6 +581,8 @@ class CurveCallback(TrainerCallback):
         metrics = self.evaluate(model)
         self.eval_seconds += time.perf_counter() - now
         self.points.append({"step": step, "train_seconds": train_seconds, **metrics})
+        shown = ", ".join(f"{key} {value:.2f}" for key, value in metrics.items())
+        print(f"[distill]   step {step}: {shown} ({train_seconds / 60:.1f} min training)", flush=True)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.start = time.perf_counter()
@@ -587,6 +612,8 @@ def distillation_arguments(args: argparse.Namespace, steps: int, output_dir: str
         gradient_accumulation_steps=a.grad_accum,
         logging_steps=every,
         seed=a.seed,
+        cache_teacher_outputs=a.cache_teacher,
+        teacher_cache_dtype=a.teacher_cache_dtype,
     )
     training = TrainingArguments(
         output_dir=output_dir,
@@ -619,7 +646,11 @@ def _distil(run: Run, student, teacher, train, curve_rows, tokenizer, steps: int
         started = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - started
+    cache = trainer.teacher_cache
     return {
+        "teacher_cache": None
+        if cache is None
+        else {"rows": len(cache), "mib": cache.nbytes / 2**20, "seconds": trainer.teacher_cache_seconds},
         "curve": curve.points,
         "wall_seconds": wall,
         "train_seconds": wall - curve.eval_seconds,
@@ -643,6 +674,8 @@ def stage_distill(run: Run) -> None:
         info.name, tokenizer, split="train", data_dir=glue_data_dir(info.name), max_length=a.distill_max_length
     ).shuffle(seed=a.seed)
     curve_rows, train = rows.select(range(a.curve_rows)), rows.select(range(a.curve_rows, len(rows)))
+    if a.distill_rows:
+        train = train.select(range(min(a.distill_rows, len(train))))
     dev = run.dev(tokenizer)
     print(f"[distill] calibrating on {a.calibration_samples} train rows (CPU)", flush=True)
     stats = drone_hf.collect_activation_stats(

@@ -361,6 +361,13 @@ class DroneDistillationArguments:
         logging_steps (`int`, *optional*, defaults to 50): Log every this many steps.
         seed (`int`, *optional*, defaults to 0): Seed of the data order.
         report_to (`str` or `list[str]`, *optional*): Integrations to report to; `None` means `"none"`.
+        cache_teacher_outputs (`bool`, *optional*, defaults to `False`): Run the teacher once over the training rows
+            before the first step and read its logits and hidden states from that cache afterwards
+            (`drone_hf.teacher_cache`), instead of a teacher forward pass per batch. Cheaper when distillation sees
+            each row more than once (several epochs); the cache holds each row's real tokens of every matched hidden
+            state (`rows x tokens x (layers + 1) x hidden_size` values) in memory.
+        teacher_cache_dtype (`str`, *optional*, defaults to `"float32"`): Storage dtype of the cached hidden states:
+            `"float32"`, `"bfloat16"` (half the memory) or `"float16"`.
 
     Raises:
         `ValueError`: naming the field, the value received and what is allowed.
@@ -393,6 +400,13 @@ class DroneDistillationArguments:
     logging_steps: int = field(default=50, metadata={"help": "Log every this many steps."})
     seed: int = field(default=0, metadata={"help": "Seed of the distillation data order."})
     report_to: str | None = field(default=None, metadata={"help": "Integrations to report to (default: none)."})
+    cache_teacher_outputs: bool = field(
+        default=False, metadata={"help": "Run the teacher once over the training rows and reuse its outputs."}
+    )
+    teacher_cache_dtype: str = field(
+        default="float32",
+        metadata={"help": "Cached teacher hidden states: float32, bfloat16 or float16."},
+    )
 
     def __post_init__(self):
         for name in ("alpha_hidden", "alpha_kl", "alpha_task", "weight_decay", "warmup_steps"):
@@ -421,6 +435,13 @@ class DroneDistillationArguments:
         _check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, minimum=1)
         _check_int("logging_steps", self.logging_steps, minimum=1)
         _check_int("seed", self.seed, minimum=0)
+        if not isinstance(self.cache_teacher_outputs, bool):
+            raise ValueError(f"`cache_teacher_outputs` must be True or False, got {self.cache_teacher_outputs!r}.")
+        if self.teacher_cache_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(
+                "`teacher_cache_dtype` must be one of ['float32', 'bfloat16', 'float16'], got "
+                f"{self.teacher_cache_dtype!r}."
+            )
 
     def loss_kwargs(self) -> dict[str, Any]:
         """The loss settings (for [`distillation_loss`] / [`DroneDistillationTrainer`])."""

@@ -12,20 +12,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
-from transformers.utils import logging
+from transformers.utils import is_datasets_available, logging
 
 from .arguments import DroneDistillationArguments
 from .distillation_losses import distillation_loss, hidden_state_mse
 from .model_state import restore_training_modes, training_modes
+from .teacher_cache import TeacherOutputCache
 
+
+if is_datasets_available():
+    import datasets
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -166,6 +172,40 @@ class DroneDistillationTrainer(Trainer):
         self._regression = model.config.num_labels == 1
         self._loss_sums: dict[str, float] = defaultdict(float)
         self._loss_batches = 0
+        self.teacher_cache: TeacherOutputCache | None = None
+        self.teacher_cache_seconds: float | None = None
+
+    def build_teacher_cache(self) -> TeacherOutputCache:
+        """Runs the teacher once over every training row (the trainer's collator, unused columns removed, no
+        sharding: each process caches every row) and keeps its outputs ([`TeacherOutputCache`]); `train` calls this
+        when `distillation_args.cache_teacher_outputs` is set."""
+        settings = self.distillation_args
+        dataset, collator = self.train_dataset, self.data_collator
+        if is_datasets_available() and isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description="teacher cache")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="teacher cache")
+        batches = DataLoader(dataset, batch_size=self.args.per_device_train_batch_size, collate_fn=collator)
+        started = time.perf_counter()
+        cache = TeacherOutputCache.build(
+            self.teacher_model,
+            batches,
+            layers=settings.hidden_layers if settings.alpha_hidden > 0 else None,
+            dtype=settings.teacher_cache_dtype,
+            device=self.args.device,
+        )
+        self.teacher_cache_seconds = time.perf_counter() - started
+        logger.info(
+            f"Cached the teacher's outputs on {len(cache)} training rows in {self.teacher_cache_seconds:.1f} s "
+            f"({cache.nbytes / 2**20:.0f} MiB)."
+        )
+        return cache
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, after building the teacher cache when `distillation_args.cache_teacher_outputs`."""
+        if self.distillation_args.cache_teacher_outputs and self.teacher_cache is None:
+            self.teacher_cache = self.build_teacher_cache()
+        return super().train(*args, **kwargs)
 
     def compute_loss(
         self,
@@ -183,9 +223,12 @@ class DroneDistillationTrainer(Trainer):
         need_hidden = settings.alpha_hidden > 0
         student_inputs = {**inputs, "labels": labels} if settings.alpha_task > 0 else inputs
         outputs = model(**student_inputs, output_hidden_states=need_hidden)
-        self.teacher_model.eval()
-        with torch.no_grad():
-            teacher_outputs = self.teacher_model(**inputs, output_hidden_states=need_hidden)
+        if self.teacher_cache is not None:
+            teacher_outputs = self.teacher_cache.lookup(inputs)
+        else:
+            self.teacher_model.eval()
+            with torch.no_grad():
+                teacher_outputs = self.teacher_model(**inputs, output_hidden_states=need_hidden)
         loss, parts = distillation_loss(
             outputs.logits,
             teacher_outputs.logits,

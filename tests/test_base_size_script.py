@@ -108,7 +108,7 @@ def test_main_refuses_a_multi_process_launch_before_any_work(base_size, monkeypa
         base_size.main(["--model", "minilm", "--task", "mrpc", "--smoke"])
 
 
-@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("bf16", [False, True])  # with bf16: the teacher cache in bf16 too
 def test_distillation_stage_arguments_build_and_carry_the_options(base_size, tmp_path, bf16):
     """The distill stage's arguments, built without training (the stage passed `gradient_accumulation_steps` twice
     once `DroneDistillationArguments` gained it, and crashed before its first step)."""
@@ -125,7 +125,13 @@ def test_distillation_stage_arguments_build_and_carry_the_options(base_size, tmp
         "90",
     ]
     args = base_size.parse_args(
-        argv + ["--curve-points", "3", "--distill-batch-size", "8"] + (["--distill-bf16"] if bf16 else [])
+        argv
+        + ["--curve-points", "3", "--distill-batch-size", "8"]
+        + (
+            ["--distill-bf16", "--cache-teacher", "--teacher-cache-dtype", "bfloat16", "--distill-rows", "100"]
+            if bf16
+            else []
+        )
     )
     settings, training = base_size.distillation_arguments(args, 90, str(tmp_path))
     assert (training.max_steps, training.per_device_train_batch_size, training.gradient_accumulation_steps) == (
@@ -136,3 +142,8 @@ def test_distillation_stage_arguments_build_and_carry_the_options(base_size, tmp
     assert training.bf16 is bf16 and training.learning_rate == args.distill_lr and training.logging_steps == 30
     assert training.save_strategy == "no" and training.use_cpu
     assert (settings.alpha_hidden, settings.alpha_kl, settings.temperature) == (1.0, 1.0, 2.0)
+    assert settings.cache_teacher_outputs is bf16
+    assert settings.teacher_cache_dtype == ("bfloat16" if bf16 else "float32")
+    entry_settings = base_size.Run.create(args).distill_entries()[0][4]
+    assert entry_settings.get("teacher_cache") == ("bfloat16" if bf16 else None)
+    assert entry_settings.get("distill_rows") == (100 if bf16 else None)
