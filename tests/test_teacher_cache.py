@@ -187,3 +187,23 @@ def test_distill_passes_the_cache_setting_through(tmp_path):
     )
     counter.handle.remove()
     assert counter.calls == 2  # the two cache batches; four steps read the cache
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_the_teacher_runs_under_the_trainings_mixed_precision(tmp_path, cache):
+    """`bf16=True`: the teacher's linears compute in bf16 as the student's do (the teacher is not prepared by
+    accelerate, so without the autocast it ran in float32), per batch or once for the cache."""
+    teacher, student = _pair()
+    dtypes = set()
+    handle = teacher.classifier.register_forward_hook(lambda module, args, output: dtypes.add(output.dtype))
+    settings = DroneDistillationArguments(max_steps=2, per_device_train_batch_size=8, cache_teacher_outputs=cache)
+    distill(
+        student,
+        teacher,
+        tiny_dataset(num_rows=16),
+        settings,
+        training_args=_args(tmp_path, bf16=True),
+        processing_class=tiny_tokenizer(),
+    )
+    handle.remove()
+    assert dtypes == {torch.bfloat16}
