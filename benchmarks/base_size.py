@@ -385,6 +385,7 @@ class Run:
                 # the cache changes how long it takes, not what is learnt; keyed all the same, as the run it names
                 **({"teacher_cache": a.teacher_cache_dtype} if a.cache_teacher else {}),
                 **({"distill_rows": a.distill_rows} if a.distill_rows else {}),
+                "balanced_factors": True,  # DroneDistillationArguments.balance_factors (default since it exists)
             }
             name = f"{a.distill_method}-{speedup:g}x-distilled"
             entries.append((name, speedup, steps, entry_path(self.root, "distill", name, settings), settings))

@@ -26,6 +26,7 @@ from transformers.utils import is_datasets_available, logging
 
 from .arguments import DroneDistillationArguments
 from .distillation_losses import distillation_loss, hidden_state_mse
+from .layers import DroneLinear
 from .model_state import restore_training_modes, training_modes
 from .teacher_cache import TeacherOutputCache
 
@@ -113,8 +114,10 @@ class DroneDistillationTrainer(Trainer):
 
     The teacher is frozen (`requires_grad=False`), kept in eval mode, moved to the training device and run under
     `torch.no_grad()` and the training's mixed precision (`bf16=True` / `fp16=True` autocast, as the student); with
-    `distillation_args.cache_teacher_outputs` it runs once, before the first step (`drone_hf.teacher_cache`). Use
-    [`distill`] for the common case; it also restores the teacher's flags afterwards.
+    `distillation_args.cache_teacher_outputs` it runs once, before the first step (`drone_hf.teacher_cache`). With
+    `distillation_args.balance_factors` (the default) the student's factor pairs are balanced in place first
+    ([`DroneLinear.balance_`]: the same function, factors that train evenly). Use [`distill`] for the common case; it
+    also restores the teacher's flags afterwards.
 
     Args:
         model (`PreTrainedModel`): The student (e.g. from [`compress_model`]).
@@ -164,6 +167,10 @@ class DroneDistillationTrainer(Trainer):
             student_tokenizer=kwargs.get("processing_class"),
             teacher_tokenizer=teacher_processing_class,
         )
+        if settings.balance_factors:  # before the optimiser exists; the student computes the same function
+            for module in model.modules():
+                if isinstance(module, DroneLinear):
+                    module.balance_()
         super().__init__(model=model, args=args, **kwargs)
         self.distillation_args = settings
         teacher_model.requires_grad_(False)

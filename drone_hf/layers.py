@@ -54,6 +54,21 @@ class DroneLinear(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(hidden_states))
 
+    @torch.no_grad()
+    def balance_(self) -> DroneLinear:
+        """Rescales each rank component in place so that its row of `down` and its column of `up` have the same
+        norm; `up @ down` is unchanged (to rounding). DRONE's factors carry the input's scale in `up` and its inverse
+        in `down` (entries up to ~100 against ~0.1 in a base-size FFN), so an optimiser step of about `lr` per entry
+        (Adam) moves `down` a thousand times more, relative to its size, than `up`; balanced factors train like
+        SVD's. Components with a zero factor are left alone."""
+        down, up = self.down.weight, self.up.weight
+        down_norms, up_norms = down.double().norm(dim=1), up.double().norm(dim=0)
+        usable = (down_norms > 0) & (up_norms > 0)
+        scale = torch.where(usable, (up_norms / down_norms.clamp_min(1e-300)).sqrt(), torch.ones_like(up_norms))
+        down.copy_((down.double() * scale[:, None]).to(down.dtype))
+        up.copy_((up.double() / scale[None, :]).to(up.dtype))
+        return self
+
     @classmethod
     def from_factors(cls, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None = None) -> DroneLinear:
         """Builds the layer from `down` (`rank x in`), `up` (`out x rank`) and an optional `bias` (`out`)."""

@@ -352,3 +352,31 @@ def test_distill_without_training_rows_raises(tmp_path, dataset, match):
     teacher, student = _pair()
     with pytest.raises(ValueError, match=match):
         distill(student, teacher, dataset, DroneDistillationArguments(), training_args=_args(tmp_path))
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_the_trainer_balances_the_students_factors_without_changing_its_function(tmp_path, balance):
+    teacher, student = _pair()
+    with torch.no_grad():  # unbalance every factor pair as DRONE's are: up x 100, down / 100
+        for module in student.modules():
+            if hasattr(module, "balance_"):
+                module.up.weight.mul_(100.0)
+                module.down.weight.div_(100.0)
+    batch = next(iter(tiny_batches()))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        before = student(**inputs).logits
+    DroneDistillationTrainer(
+        model=student,
+        args=_args(tmp_path),
+        teacher_model=teacher,
+        distillation_args=DroneDistillationArguments(balance_factors=balance),
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(student(**inputs).logits, before, rtol=1e-5, atol=1e-5)
+    pairs = [m for m in student.modules() if hasattr(m, "balance_")]
+    ratios = torch.cat([m.up.weight.norm(dim=0) / m.down.weight.norm(dim=1) for m in pairs])
+    if balance:
+        torch.testing.assert_close(ratios, torch.ones_like(ratios), rtol=1e-4, atol=0)
+    else:
+        assert ratios.min() > 100

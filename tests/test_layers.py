@@ -54,3 +54,19 @@ def test_bad_factor_shapes():
         DroneLinear.from_factors(torch.randn(3, 10), torch.randn(8, 4))
     with pytest.raises(ValueError, match=r"`bias` must have shape \(8,\)"):
         DroneLinear.from_factors(torch.randn(3, 10), torch.randn(8, 3), torch.randn(7))
+
+
+def test_balance_keeps_the_product_and_equalises_each_components_norms():
+    """Factors scaled as DRONE's are (`up` ~ the data's scale, `down` ~ its inverse); one component is zero."""
+    generator = torch.Generator().manual_seed(0)
+    down = torch.randn(4, 6, generator=generator) * torch.tensor([1e-3, 1e-2, 1.0, 0.0])[:, None]
+    up = torch.randn(5, 4, generator=generator) * torch.tensor([1e3, 1e2, 1.0, 3.0])[None, :]
+    layer = DroneLinear.from_factors(down, up, torch.randn(5, generator=generator))
+    before = layer.to_dense().weight.detach().clone()
+    assert layer.balance_() is layer
+    torch.testing.assert_close(layer.to_dense().weight, before, rtol=1e-6, atol=1e-6)
+    down_norms, up_norms = layer.down.weight.norm(dim=1), layer.up.weight.norm(dim=0)
+    torch.testing.assert_close(down_norms[:3], up_norms[:3], rtol=1e-5, atol=0)
+    assert down_norms[3] == 0 and torch.equal(layer.up.weight[:, 3], up[:, 3])  # a zero component is left alone
+    unbalanced = torch.tensor([down[i].norm() / up[:, i].norm() for i in range(2)])
+    assert unbalanced.max() < 1e-2  # the first two were far from balanced
