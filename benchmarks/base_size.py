@@ -31,8 +31,10 @@ threads. Each is part of its entries' keys.
 
 A smoke run writes its report into its cache folder, not benchmarks/results. Set $DRONE_HF_CACHE to share teachers
 with another checkout (e.g. the all-mpnet-base-v2 SST-2 teacher of mpnet_glue.py has this script's SST-2 settings).
-Not done: the teacher's hidden states are recomputed at every distillation step (`DroneDistillationTrainer` has no
-cached-teacher input). This script drives `DroneDistillationTrainer` itself (written when `drone_hf.distill` pinned
+`--cache-teacher` runs the teacher once over the distillation rows and reuses its outputs
+(`DroneDistillationArguments(cache_teacher_outputs=True)`; MPNet on MRPC's 3156 rows: 6.5 GB in float32, 141 s to
+build, against about 1.5 s per step for the teacher's bf16 forward). `--distill-rows` bounds the rows (and the
+cache) on SST-2. This script drives `DroneDistillationTrainer` itself (written when `drone_hf.distill` pinned
 gradient accumulation to 1; `DroneDistillationArguments(gradient_accumulation_steps=...)` now exists); one process
 only (not under `accelerate launch`).
 """
