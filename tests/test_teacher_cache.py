@@ -2,29 +2,13 @@ import copy
 
 import pytest
 import torch
-from transformers import DataCollatorWithPadding, TrainingArguments
+from transformers import DataCollatorWithPadding
 
 from drone_hf import DroneDistillationArguments, DroneDistillationTrainer, compress_model, distill
 from drone_hf.teacher_cache import TeacherOutputCache
 
-from .testing_utils import tiny_dataset, tiny_teacher, tiny_tokenizer, torch_threads
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
-
-
-def _args(tmp_path, **overrides) -> TrainingArguments:
-    defaults = {
-        "output_dir": str(tmp_path / "out"),
-        "use_cpu": True,
-        "report_to": "none",
-        "save_strategy": "no",
-        "disable_tqdm": True,
-    }
-    return TrainingArguments(**{**defaults, **overrides})
+from .test_distillation import _args, _one_thread  # noqa: F401  (the module's one-thread fixture, the arguments)
+from .testing_utils import tiny_dataset, tiny_teacher, tiny_tokenizer
 
 
 def _pair():
