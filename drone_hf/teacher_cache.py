@@ -51,11 +51,17 @@ def real_tokens(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return mask
 
 
-def row_keys(inputs: Mapping[str, torch.Tensor]) -> list[bytes]:
+def row_keys(inputs: Mapping[str, torch.Tensor], mask: torch.Tensor | None = None) -> list[bytes]:
     """One key per row of a batch: the row's `input_ids` (and `token_type_ids`) at its real tokens (attention mask
-    1), so the same row gets the same key however far its batch is padded (on the right: [`real_tokens`])."""
+    1), so the same row gets the same key however far its batch is padded (on the right: [`real_tokens`]).
+
+    Args:
+        inputs (`Mapping[str, torch.Tensor]`): The batch.
+        mask (`torch.Tensor`, *optional*): `real_tokens(inputs)` when the caller has it already (it is checked and
+            computed here otherwise).
+    """
     ids = inputs["input_ids"]
-    mask = real_tokens(inputs)
+    mask = real_tokens(inputs) if mask is None else mask
     types = inputs.get("token_type_ids")
     keys = []
     for row in range(ids.shape[0]):
@@ -147,7 +153,7 @@ class TeacherOutputCache:
                     count = len(hidden_states)
                     chosen = list(range(count)) if layers == "all" else list(layers)
                 mask = real_tokens(inputs)
-                for row, key in enumerate(row_keys(inputs)):
+                for row, key in enumerate(row_keys(inputs, mask)):
                     logits = outputs.logits[row].detach().float().cpu()
                     hidden = None
                     if hidden_states is not None:
@@ -172,7 +178,7 @@ class TeacherOutputCache:
         device = ids.device if device is None else device
         mask = real_tokens(inputs)
         rows = []
-        for key in row_keys(inputs):
+        for key in row_keys(inputs, mask):
             entry = self.entries.get(key)
             if entry is None:
                 raise KeyError(
