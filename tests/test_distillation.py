@@ -3,31 +3,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 from drone_hf import DroneDistillationArguments, DroneDistillationTrainer, compress_model, distill, distillation_loss
 
-from .testing_utils import tiny_batches, tiny_dataset, tiny_teacher, tiny_tokenizer, torch_threads
+from .testing_utils import tiny_batches, tiny_dataset, tiny_teacher, tiny_tokenizer, training_args
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a loaded CPU the thread hand-offs cost ~100x.
-    with torch_threads(1):
-        yield
-
-
-def _args(tmp_path, **overrides) -> TrainingArguments:
-    defaults = {
-        "output_dir": str(tmp_path / "out"),
-        "use_cpu": True,
-        "report_to": "none",
-        "save_strategy": "no",
-        "max_steps": 2,
-        "per_device_train_batch_size": 4,
-        "disable_tqdm": True,
-    }
-    return TrainingArguments(**{**defaults, **overrides})
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(num_labels: int = 3):
@@ -44,7 +27,7 @@ def _pair(num_labels: int = 3):
 def _loss(tmp_path, teacher, student, batch, **weights):
     trainer = DroneDistillationTrainer(
         model=student,
-        args=_args(tmp_path),
+        args=training_args(tmp_path),
         teacher_model=teacher,
         distillation_args=DroneDistillationArguments(**weights),
     )
@@ -133,7 +116,7 @@ def test_regression_replaces_kl_by_logit_mse(tmp_path):
         teacher,
         tiny_dataset(num_labels=1),
         settings,
-        training_args=_args(tmp_path),
+        training_args=training_args(tmp_path),
         processing_class=tiny_tokenizer(),
     )
     assert not torch.equal(before["classifier.weight"], student.classifier.weight)
@@ -167,7 +150,7 @@ def test_distill_trains_the_student_and_leaves_the_teacher_unchanged(tmp_path):
         teacher,
         tiny_dataset(),
         settings,
-        training_args=_args(tmp_path),
+        training_args=training_args(tmp_path),
         processing_class=tiny_tokenizer(),
         callbacks=[Spy()],
     )
@@ -196,7 +179,7 @@ def test_distill_copies_training_arguments_into_a_subfolder(tmp_path):
         def on_log(self, args, state, control, logs=None, **kwargs):
             recorded.setdefault("logs", []).append(dict(logs))
 
-    base = _args(tmp_path, max_steps=50, learning_rate=1e-3, save_strategy="steps", save_steps=1)
+    base = training_args(tmp_path, max_steps=50, learning_rate=1e-3, save_strategy="steps", save_steps=1)
     settings = DroneDistillationArguments(max_steps=2, learning_rate=3e-5, logging_steps=1)
     distill(
         student,
@@ -219,7 +202,7 @@ def test_distill_copies_training_arguments_into_a_subfolder(tmp_path):
         student,
         teacher,
         tiny_dataset(),
-        _args(tmp_path, max_steps=1),
+        training_args(tmp_path, max_steps=1),
         processing_class=tiny_tokenizer(),
         callbacks=[Recorder()],
     )
@@ -269,7 +252,7 @@ def test_gradient_accumulation_steps_reach_the_trainer_and_equal_one_larger_batc
             teacher,
             rows,
             settings,
-            training_args=_args(tmp_path, optim="sgd"),
+            training_args=training_args(tmp_path, optim="sgd"),
             processing_class=tiny_tokenizer(),
             callbacks=[Recorder()],
         )
@@ -287,7 +270,7 @@ def test_distillation_trainer_evaluates_with_logits_only(tmp_path):
     teacher, student = _pair()
     trainer = DroneDistillationTrainer(
         model=student,
-        args=_args(tmp_path),
+        args=training_args(tmp_path),
         teacher_model=teacher,
         processing_class=tiny_tokenizer(),
         eval_dataset=tiny_dataset(8),
@@ -318,7 +301,7 @@ def test_incompatible_teacher_raises(tmp_path, teacher_overrides, weights, match
     with pytest.raises(ValueError, match=match):
         DroneDistillationTrainer(
             model=student,
-            args=_args(tmp_path),
+            args=training_args(tmp_path),
             teacher_model=tiny_teacher(**teacher_overrides),
             distillation_args=DroneDistillationArguments(**weights),
         )
@@ -328,7 +311,12 @@ def test_logit_only_distillation_accepts_another_shape(tmp_path):
     student, teacher = tiny_teacher(), tiny_teacher(num_hidden_layers=3)
     settings = DroneDistillationArguments(alpha_hidden=0.0, max_steps=1, per_device_train_batch_size=4)
     distill(
-        student, teacher, tiny_dataset(8), settings, training_args=_args(tmp_path), processing_class=tiny_tokenizer()
+        student,
+        teacher,
+        tiny_dataset(8),
+        settings,
+        training_args=training_args(tmp_path),
+        processing_class=tiny_tokenizer(),
     )
 
 
@@ -337,7 +325,7 @@ def test_teacher_with_another_tokenizer_raises(tmp_path):
     one_step = DroneDistillationArguments(max_steps=1)
 
     def distill_one_step(model, **kwargs):
-        distill(model, teacher, tiny_dataset(), one_step, training_args=_args(tmp_path), **kwargs)
+        distill(model, teacher, tiny_dataset(), one_step, training_args=training_args(tmp_path), **kwargs)
 
     with pytest.raises(ValueError, match=r"different vocabularies \(99 vs 99 tokens\)"):
         distill_one_step(student, processing_class=tiny_tokenizer(), teacher_processing_class=tiny_tokenizer(offset=7))
@@ -351,7 +339,7 @@ def test_teacher_with_another_tokenizer_raises(tmp_path):
 def test_distill_without_training_rows_raises(tmp_path, dataset, match):
     teacher, student = _pair()
     with pytest.raises(ValueError, match=match):
-        distill(student, teacher, dataset, DroneDistillationArguments(), training_args=_args(tmp_path))
+        distill(student, teacher, dataset, DroneDistillationArguments(), training_args=training_args(tmp_path))
 
 
 @pytest.mark.parametrize("balance", [True, False])
@@ -368,7 +356,7 @@ def test_the_trainer_balances_the_students_factors_without_changing_its_function
         before = student(**inputs).logits
     DroneDistillationTrainer(
         model=student,
-        args=_args(tmp_path),
+        args=training_args(tmp_path),
         teacher_model=teacher,
         distillation_args=DroneDistillationArguments(balance_factors=balance),
     )

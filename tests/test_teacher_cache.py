@@ -7,8 +7,10 @@ from transformers import DataCollatorWithPadding
 from drone_hf import DroneDistillationArguments, DroneDistillationTrainer, compress_model, distill
 from drone_hf.teacher_cache import TeacherOutputCache
 
-from .test_distillation import _args, _one_thread  # noqa: F401  (the module's one-thread fixture, the arguments)
-from .testing_utils import tiny_dataset, tiny_teacher, tiny_tokenizer
+from .testing_utils import tiny_dataset, tiny_teacher, tiny_tokenizer, training_args
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair():
@@ -137,7 +139,7 @@ def test_cached_distillation_trains_the_same_student_without_teacher_forwards(tm
         )
         trainer = DroneDistillationTrainer(
             model=copy.deepcopy(student),
-            args=_args(tmp_path, optim="sgd", **settings.training_overrides()),
+            args=training_args(tmp_path, optim="sgd", **settings.training_overrides()),
             teacher_model=teacher,
             distillation_args=settings,
             train_dataset=rows,
@@ -166,7 +168,7 @@ def test_distill_passes_the_cache_setting_through(tmp_path):
         teacher,
         tiny_dataset(num_rows=16),
         settings,
-        training_args=_args(tmp_path),
+        training_args=training_args(tmp_path),
         processing_class=tiny_tokenizer(),
     )
     counter.handle.remove()
@@ -186,7 +188,7 @@ def test_the_teacher_runs_under_the_trainings_mixed_precision(tmp_path, cache):
         teacher,
         tiny_dataset(num_rows=16),
         settings,
-        training_args=_args(tmp_path, bf16=True),
+        training_args=training_args(tmp_path, bf16=True),
         processing_class=tiny_tokenizer(),
     )
     handle.remove()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizer, TrainingArguments
 
 
 if TYPE_CHECKING:
@@ -136,6 +136,20 @@ def torch_threads(num_threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def training_args(tmp_path: Path, **overrides) -> TrainingArguments:
+    """Quiet CPU `TrainingArguments` for tiny runs (2 steps of batch 4, no saving, no reporting), with `overrides`."""
+    defaults = {
+        "output_dir": str(tmp_path / "out"),
+        "use_cpu": True,
+        "report_to": "none",
+        "save_strategy": "no",
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "disable_tqdm": True,
+    }
+    return TrainingArguments(**{**defaults, **overrides})
 
 
 @contextlib.contextmanager
