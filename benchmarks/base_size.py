@@ -81,7 +81,12 @@ from drone_hf.profiling import count_parameters, cpu_name, load_average
 
 STAGES = ("teacher", "budget", "distill", "time", "report")
 RESULT = "result.json"  # written last into an entry's scratch folder: an entry without it does not exist
-METHOD_LABELS = {"drone": "DRONE", "drone-bc": "DRONE (bias-corrected)", "svd": "SVD"}
+METHOD_LABELS = {
+    "drone": "DRONE",
+    "drone-bc": "DRONE (bias-corrected)",
+    "svd": "SVD",
+    "drone-seq": "DRONE + sequential refit",  # `drone-hf compress --method drone --sequential`
+}
 # Per (model, task): the teachers already cached by mpnet_glue.py (MPNet SST-2), common.py (MiniLM SST-2) and
 # allocation_cost.py (MiniLM MRPC); MPNet MRPC: 3 epochs of its 3668 rows at batch 32. Batch 32, seed 0 for all.
 TEACHER_DEFAULTS = {
@@ -226,6 +231,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the CLI's --screening-dtype: per-module probes under autocast (default: float32)",
     )
     group.add_argument("--cli-latency-repeats", type=int, help="the CLI's own timing rounds (default 3)")
+    group.add_argument(
+        "--sequential-checks",
+        type=int,
+        default=4,
+        help="method drone-seq: the CLI's --sequential-checks (refitted joint checks after the fast search's result)",
+    )
     group = parser.add_argument_group("distill: FLOP budgets + feature distillation")
     group.add_argument("--speedups", type=float, nargs="+", default=[2.0, 3.0, 4.0], help="target_speedup values")
     group.add_argument(
@@ -351,6 +362,7 @@ class Run:
                     "dev_rows": a.dev_rows,
                     "seed": a.seed,
                     **({"screening_dtype": a.screening_dtype} if a.screening_dtype else {}),  # absent: older keys
+                    **({"sequential_checks": a.sequential_checks} if method.endswith("-seq") else {}),
                     # the fast search's revision (absent for revision 1 and for the exhaustive search: older keys)
                     **(
                         {"search_revision": SEARCH_REVISION}
@@ -479,12 +491,14 @@ def _compress_command(run: Run, teacher: dict, method: str, budget: float, outpu
     """`drone-hf compress` with an accuracy budget, this run's settings, and its output in `output`."""
     a, info = run.args, run.info
     data_dir = glue_data_dir(info.name)
+    sequential = method.endswith("-seq")
     options = {
         "--model": teacher["path"],
         "--task": info.name,
         "--data-dir": Path(data_dir) / info.local_dir if data_dir else None,
         "--max-accuracy-drop": f"{budget:g}",
-        "--method": method,
+        "--method": method.removesuffix("-seq"),
+        "--sequential-checks": a.sequential_checks if sequential else None,
         "--allocation-search": a.allocation_search,
         "--calibration-samples": a.calibration_samples,
         "--heldout-samples": a.heldout_samples,
@@ -498,7 +512,8 @@ def _compress_command(run: Run, teacher: dict, method: str, budget: float, outpu
         "--output": output,
     }
     given = [[option, str(value)] for option, value in options.items() if value is not None]
-    return [sys.executable, "-m", "drone_hf", "compress", *(word for pair in given for word in pair)]
+    flags = ["--sequential"] if sequential else []
+    return [sys.executable, "-m", "drone_hf", "compress", *(word for pair in given for word in pair), *flags]
 
 
 def _budget_summary(record: dict, method: str) -> dict:
@@ -524,6 +539,7 @@ def _budget_summary(record: dict, method: str) -> dict:
                 "heldout_drop",
                 "heldout_standard_error",
                 "safety_margin",
+                "sequential",
             )
         },
         "cli_speed": {key: results[method].get(key) for key in ("flop_bound", "speedup", "flags")},
@@ -552,7 +568,7 @@ def stage_budget(run: Run) -> None:
                 raise SystemExit(f"[budget] {name} failed (exit {code}); the end of {log}:\n{text[-3000:]}")
             else:
                 record = json.loads((scratch / "drone_results.json").read_text())
-                result.update(_budget_summary(record, method))
+                result.update(_budget_summary(record, method.removesuffix("-seq")))
             result.update(method=method, budget=budget, wall_seconds=time.perf_counter() - started)
             scratch.mkdir(parents=True, exist_ok=True)
             shutil.move(log, scratch / "compress.log")

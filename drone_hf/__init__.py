@@ -115,6 +115,7 @@ __all__ = [
     "quantize_model",
     "register_architecture",
     "register_drone_auto_classes",
+    "refit_sequential",
     "register_method",
     "resolve_target_modules",
     "save_activation_stats",

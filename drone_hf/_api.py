@@ -21,7 +21,7 @@ from .compress import compress_model
 from .configuration_drone import DRONE_FORMAT_VERSION, DroneConfig, drone_config_class
 from .deployment import quantize_model
 from .embedding import DroneEmbedding, replace_embedding_with_drone, token_frequencies
-from .factorize import data_weighted_error, drone_factorize, drone_spectrum, svd_factorize
+from .factorize import data_weighted_error, drone_factorize, drone_refit, drone_spectrum, svd_factorize
 from .hub import create_or_update_model_card, push_compressed_to_hub
 from .int8 import DroneInt8Linear, DroneInt8QKLinear
 from .kernel_costs import KernelCosts
@@ -30,6 +30,7 @@ from .methods import FactorizationMethod, register_method
 from .modeling_drone import DroneBertForSequenceClassification, DroneModelMixin, drone_model_class
 from .projective import ProjectiveClusteringResult, choose_kj, projective_clustering
 from .registration import register_drone_auto_classes
+from .sequential import refit_sequential
 from .stats import ActivationStats, load_activation_stats, save_activation_stats, split_stats
 from .structure import replace_attention_with_drone, replace_linear_with_drone
 from .targets import BERT_ROLES, resolve_ranks, resolve_target_modules
@@ -74,6 +75,7 @@ __all__ = [
     "data_weighted_error",
     "drone_config_class",
     "drone_factorize",
+    "drone_refit",
     "drone_model_class",
     "drone_spectrum",
     "get_architecture",
@@ -82,6 +84,7 @@ __all__ = [
     "push_compressed_to_hub",
     "quantize_model",
     "register_architecture",
+    "refit_sequential",
     "register_drone_auto_classes",
     "register_method",
     "replace_attention_with_drone",

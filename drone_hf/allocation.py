@@ -24,6 +24,7 @@ from .candidates import Candidates, breakeven_rank, relative_tail
 from .heads import MetricFn
 from .methods import DEFAULT_METHOD, get_method, resolve_method
 from .model_state import check_materialized
+from .sequential import make_refit
 from .stats import check_stats
 from .targets import as_int, check_supported_model
 
@@ -197,6 +198,8 @@ def allocate_ranks(
     dtype: torch.dtype | str | None = None,
     quantize: str | None = None,
     kernel_costs=None,
+    sequential_dataloader: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    sequential_checks: int = 4,
 ) -> dict[str, int]:
     r"""
     Allocates per-module ranks for a budget. Pass exactly one of `max_accuracy_drop`, `target_speedup`, `param_ratio`.
@@ -295,6 +298,15 @@ def allocate_ranks(
         quantize (`str`, *optional*): `"int8"`: measure them for dynamic int8 modules.
         kernel_costs ([`~drone_hf.kernel_costs.KernelCosts`], *optional*): A cost model to use (and fill) instead of
             one built from `dtype`/`quantize`, e.g. one shared between allocations, or with a given `seconds_fn`.
+        sequential_dataloader (`Iterable[dict]`, *optional*): Calibration batches for the sequential refit
+            ([`~drone_hf.sequential.refit_sequential`]), as with `compress_model(..., sequential=True)`: with
+            `max_accuracy_drop` and `search="fast"`, the search's result is refitted and joint-checked, then up to
+            `sequential_checks` further joint checks of refitted assignments bisect the moves after it (each check
+            costs one refit: about as much as a few passes over these batches). The ranks returned are those the
+            refitted model meets the budget with, so build it with `compress_model(..., sequential=True)` on the same
+            batches. Ignored (with a warning) by the closed-form budgets; with `search="exhaustive"` the joint
+            checks do not refit.
+        sequential_checks (`int`, *optional*, defaults to 4): Refitted joint checks after the search's result.
 
     Returns:
         `dict[str, int]`: linear name -> rank and attention block name (`...attention.self`) -> per-head rank, for
@@ -328,12 +340,15 @@ def allocate_ranks(
     screening_dtype = _screening_dtype(screening_dtype)
     if max_accuracy_drop is not None:
         _check_screening(screening_samples, safety_margin, refine_steps)
+        if isinstance(sequential_checks, bool) or not isinstance(sequential_checks, Integral) or sequential_checks < 0:
+            raise ValueError(f"`sequential_checks` must be an int >= 0, got {sequential_checks!r}.")
     else:
         evaluation_only = {
             "eval_dataloader": eval_dataloader,
             "metric_fn": metric_fn,
             "rows_fn": rows_fn,
             "screening_dtype": screening_dtype,
+            "sequential_dataloader": sequential_dataloader,
         }
         unused = [key for key, value in evaluation_only.items() if value is not None]
         if unused:
@@ -374,7 +389,17 @@ def allocate_ranks(
     if max_accuracy_drop is None:
         chosen = _allocate_closed_form(working, candidates, target_speedup, param_ratio, show_progress)
     else:
+        refit = None
+        if sequential_dataloader is not None and search == "fast":
+            refit = make_refit(model, sequential_dataloader)
+        elif sequential_dataloader is not None:
+            logger.warning(
+                "The exhaustive search's joint checks do not refit: the budget is checked on the model before the "
+                'sequential refit. Use `search="fast"` to check (and search with) the refitted model.'
+            )
         options = {
+            "refit": refit,
+            "sequential_checks": sequential_checks,
             "metric_fn": metric_fn,
             "screening_samples": screening_samples,
             "screening_dtype": screening_dtype,

@@ -261,8 +261,46 @@ def path_search(
     return {**accepted, "ranks": ranks, "steps": tried}, details
 
 
+def extend_sequential(joint, path, step: int, found: dict, checks: int) -> tuple[dict, dict]:
+    """The fast search's result taken further with the sequential refit (`joint.refit`, [`~drone_hf.sequential`]):
+    every assignment is refitted before its joint check, which then judges the model `compress_model(...,
+    sequential=True)` returns. The refitted search result (`found`, reached at `step` moves of `path`) is checked
+    first; then up to `checks` joint checks bisect the moves after it (each step adds the path's next moves to
+    `found`'s ranks). When the refitted result itself does not fit, the bisection runs below `step` instead. Returns
+    the accepted entry (`ranks`, `drop`, `standard_error`; no ranks when nothing fits) and what to report."""
+    ranks = dict(found["ranks"])
+
+    def trial(at: int) -> dict[str, int]:
+        return {**ranks, **dict(path[step:at])} if at >= step else assignment(path, at)
+
+    start = joint.score(ranks, step=step, stage="sequential") if ranks else None
+    if start is not None and joint.accepts(start):
+        low, high, best = step, len(path) + 1, start
+    else:
+        low, high, best = 0, step, {"drop": 0.0, "standard_error": 0.0, "ranks": {}}
+    tried = 0
+    while high - low > 1 and tried < checks:
+        middle = (low + high) // 2
+        entry = joint.score(trial(middle), step=middle, stage="sequential")
+        tried += 1
+        if joint.accepts(entry):
+            low, best = middle, entry
+        else:
+            high = middle
+    details = {
+        "start_step": step,
+        "start_drop": None if start is None else start["drop"],
+        "start_standard_error": None if start is None else start["standard_error"],
+        "step": low,
+        "checks": tried + (start is not None),
+        "open_interval": [low, high],
+    }
+    return {**best, "ranks": dict(best["ranks"]), "steps": found.get("steps", 0)}, details
+
+
 __all__ = [
     "ENERGY_EXPONENT",
+    "extend_sequential",
     "SCREEN_Z",
     "assignment",
     "bisect_path",

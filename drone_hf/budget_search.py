@@ -11,7 +11,7 @@ from numbers import Real
 import numpy as np
 from transformers.utils.logging import tqdm
 
-from .budget_path import module_drop, path_search
+from .budget_path import extend_sequential, module_drop, path_search
 from .calibration import check_batch, check_dataloader, vocab_size
 from .candidates import apply_ranks, restore_modules
 from .heads import default_metric_fn, head_rows
@@ -191,6 +191,27 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
             joint, candidates, evaluator, problem_type, shares, refine_steps, show_progress, quantised
         )
         details["shares"] = shares
+        if options.get("refit") is not None:
+            bar.total += options["sequential_checks"] + 1
+            sequential = _JointCheck(
+                working,
+                candidates,
+                joint_evaluator,
+                metric_fn,
+                budget,
+                options["safety_margin"],
+                raw_metric,
+                bar,
+                refit=options["refit"],
+            )
+            refined, details["sequential"] = extend_sequential(
+                sequential,
+                [tuple(move) for move in details["path"]],
+                details["path_step"],
+                refined,
+                options["sequential_checks"],
+            )
+            joint.entries.update({("sequential",) + key: entry for key, entry in sequential.entries.items()})
     else:
         # At most 8 + 5 scale checks and `refine_steps` refinement checks, each a pass over all held-out rows.
         bar = tqdm(total=13 + refine_steps, desc="Joint checks", disable=not show_progress)
@@ -283,8 +304,11 @@ class _JointCheck:
     """Scores whole rank assignments on all held-out rows with the real metric (cached by assignment). An assignment
     fits when its drop plus `margin` paired standard errors is within the budget."""
 
-    def __init__(self, working, candidates, evaluator, metric_fn, budget, margin, raw_metric=None, progress=None):
+    def __init__(
+        self, working, candidates, evaluator, metric_fn, budget, margin, raw_metric=None, progress=None, refit=None
+    ):
         self.working, self.candidates, self.evaluator = working, candidates, evaluator
+        self.refit = refit  # `working -> replaced modules`, run on each assignment before it is scored
         self.progress = progress
         self.metric_fn, self.budget, self.margin = metric_fn, budget, margin
         self.raw_metric = raw_metric or metric_fn  # for bootstrap resamples, where a NaN is only dropped
@@ -297,9 +321,13 @@ class _JointCheck:
         key = tuple(sorted(ranks.items()))
         if key not in self.entries:
             originals = apply_ranks(self.working, self.candidates, ranks)
+            refitted = {}
             try:
+                if self.refit is not None:
+                    refitted = self.refit(self.working)
                 logits = self.evaluator.logits(0)
             finally:
+                restore_modules(self.working, refitted)
                 restore_modules(self.working, originals)
             drop = self.base_metric - self.metric_fn(logits, self.labels)
             error = (

@@ -136,6 +136,19 @@ def _parser() -> argparse.ArgumentParser:
         help="joint checks spent moving modules further down after the search (default: 6 for the fast search, "
         "in growing groups of moves; 48 single moves for the exhaustive one)",
     )
+    compress.add_argument(
+        "--sequential",
+        action="store_true",
+        help="refit the factored linears layer after layer on the compressed model's own inputs (each layer also "
+        "corrects the error of those before it; docs/methods.md 1c); with --max-accuracy-drop and the fast search, "
+        "the joint checks judge refitted models and search further",
+    )
+    compress.add_argument(
+        "--sequential-checks",
+        type=count(0),
+        default=4,
+        help="with --sequential: refitted joint checks after the search's result (each costs one refit)",
+    )
     _add_search(compress)
     _add_deployment(compress)
     _add_output_arguments(compress)
@@ -728,6 +741,8 @@ def _compress(args) -> int:
             eval_dataloader=heldout_batches,
             dtype=args.dtype,
             quantize=args.quantize,
+            sequential_dataloader=batches if args.sequential and needs_heldout else None,
+            sequential_checks=args.sequential_checks,
             **budget,
         )
         if not ranks:
@@ -742,6 +757,8 @@ def _compress(args) -> int:
         bias_correction=args.bias_correction,
         dtype=args.dtype,
         quantize=args.quantize,
+        sequential=args.sequential,
+        calibration_dataloader=batches if args.sequential else None,
         show_progress=True,
     )
     seconds = time.perf_counter() - started

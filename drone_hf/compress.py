@@ -22,6 +22,7 @@ from .methods import DEFAULT_METHOD, get_method, resolve_method
 from .model_state import check_materialized, copy_training_modes
 from .modeling_drone import drone_model_class
 from .projective import choose_kj, embedding_parameter_count, projective_clustering, projective_clustering_cost
+from .sequential import refit_sequential
 from .stats import check_stats, split_stats
 from .structure import attention_geometry, qk_linear_names, validate_attention_ranks, validate_drone_ranks
 from .targets import (
@@ -115,6 +116,7 @@ _ALLOCATION_OPTIONS = (
     "show_progress",
     "rows_fn",
     "kernel_costs",
+    "sequential_checks",
 )
 
 
@@ -171,6 +173,8 @@ def compress_model(
     embedding_options: Mapping | None = None,
     dtype: torch.dtype | str | None = None,
     quantize: str | None = None,
+    sequential: bool = False,
+    calibration_dataloader: Iterable[Mapping[str, torch.Tensor]] | None = None,
     show_progress: bool = False,
 ):
     r"""
@@ -236,6 +240,13 @@ def compress_model(
             narrowed query/key projection ([`quantize_model`]), for CPU inference; listed in
             `config.drone_quantization`, saved as int8 weights + float32 per-channel scales. Budgets are measured for
             int8 kernels, as for `dtype`. Needs a CPU model and float32.
+        sequential (`bool`, *optional*, defaults to `False`): Refit the factored linears layer after layer on the
+            inputs the compressed model itself feeds them (docs/methods.md §1c, [`refit_sequential`]): each layer
+            then also corrects the error of the layers before it. Same ranks, speed and format; needs
+            `calibration_dataloader`. With `max_accuracy_drop` (fast search) the joint checks judge refitted models
+            and search further ranks (`allocation_options={"sequential_checks": 4}`).
+        calibration_dataloader (`Iterable[dict]`, *optional*): The calibration batches (token ids, attention masks)
+            for `sequential=True`, e.g. those `stats` were collected on.
         show_progress (`bool`, *optional*, defaults to `False`): Progress bars for the allocation and the
             factorisation (`transformers.utils.logging.tqdm`: `disable_progress_bar()` hides them).
 
@@ -295,6 +306,8 @@ def compress_model(
             attention_ranks=attention_ranks,
             dtype=dtype if dtype is not None else settings.dtype,
             quantize=quantize if quantize is not None else settings.quantize,
+            sequential=sequential,
+            calibration_dataloader=calibration_dataloader,
             show_progress=show_progress,
             **merged,
         )
@@ -308,6 +321,12 @@ def compress_model(
             f"'train', 'num_samples': 512}}), got {type(calibration_info).__name__} {calibration_info!r}."
         )
     embedding_args = _check_embedding_args(model, embedding, embedding_options)  # before any expensive work
+    if not isinstance(sequential, bool):
+        raise TypeError(f"`sequential` must be a bool, got {type(sequential).__name__} {sequential!r}.")
+    if sequential and calibration_dataloader is None:
+        raise ValueError("`sequential=True` needs `calibration_dataloader` (the calibration batches to refit on).")
+    if calibration_dataloader is not None and not sequential:
+        logger.warning("`calibration_dataloader` is only used with `sequential=True`; ignored.")
     if max_accuracy_drop is not None or target_speedup is not None or param_ratio is not None:
         explicit = {"rank": rank, "ranks": ranks, "attention_rank": attention_rank, "attention_ranks": attention_ranks}
         clashing = [key for key, value in explicit.items() if value is not None]
@@ -339,6 +358,7 @@ def compress_model(
             report=allocation_report,
             dtype=dtype,
             quantize=quantize,
+            sequential_dataloader=calibration_dataloader if sequential else None,
             **{"show_progress": show_progress, **_allocation_options(allocation_options)},
         )
         if not ranks:
@@ -399,6 +419,8 @@ def compress_model(
             attention_factors[block] = _factor_attention(model, factorizer, block, checked.get(queries[block]), k)
             bar.update(1)
     provenance = dict(calibration_info or {})
+    if sequential:
+        provenance["sequential_refit"] = True
     if checked:
         provenance.setdefault("num_tokens", int(split_stats(next(iter(checked.values())))[2]))
     embedding_factors = None
@@ -415,6 +437,8 @@ def compress_model(
         provenance or None,
         embedding=embedding_factors,
     )
+    if sequential:
+        refit_sequential(model, compressed, calibration_dataloader, show_progress=show_progress)
     return prepare_for_deployment(compressed, dtype, quantize)
 
 

@@ -179,6 +179,69 @@ def drone_factorize_affine(
     return down, up, shift.to(weight.dtype)
 
 
+def drone_refit(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cross: torch.Tensor,
+    stats: torch.Tensor,
+    rank: int | None,
+    *,
+    rtol: float = DEFAULT_RTOL,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    r"""
+    Sequential (error-compensating) DRONE: the layer's dense output on the dense model's inputs `X`, reproduced from
+    the inputs `X~` the *compressed* model feeds it. Minimises `||(W X + b) - (M X~ + b')||_F` over rank-`k` `M` and
+    any bias `b'`, for paired columns of `X` and `X~` (the same tokens through the dense and the compressed model).
+
+    With the centred scatter `C~ = X~c X~c^T = U S^2 U^T` and cross moment `K = Xc X~c^T`, the optimum is `M = B_k
+    S^{-1} U^T` with `B = W K U S^{-1}` and `B_k` its truncated SVD, and `b' = b + W mu - M mu~`. When `X~ = X` this
+    is [`drone_factorize_affine`] (DRONE with bias correction); with `rank=None` it is the least-squares full-rank
+    layer.
+
+    Args:
+        weight (`torch.Tensor`): `out x in` dense weight.
+        bias (`torch.Tensor`, *optional*): `out` dense bias.
+        cross (`torch.Tensor`): `(in+1) x (in+1)` sum over tokens of `[x; 1] [x~; 1]^T`.
+        stats (`torch.Tensor`): `(in+1) x (in+1)` sum over tokens of `[x~; 1] [x~; 1]^T`.
+        rank (`int`, *optional*): Target rank; `None` for an unconstrained (full-rank) refit.
+
+    Returns:
+        `tuple[Tensor, Tensor | None, Tensor]`: `down` (`rank x in`) and `up` (`out x rank`), or `None` and the full
+        `out x in` weight when `rank` is `None`, then the new bias; in the weight's dtype.
+    """
+    size = weight.shape[1] + 1
+    for name, value in (("cross", cross), ("stats", stats)):
+        if value.shape != (size, size):
+            raise ValueError(f"`{name}` must be ({size}, {size}) for this weight, got {tuple(value.shape)}.")
+    if rank is not None:
+        _check_rank(rank, weight)
+    cross, stats = cross.double(), stats.double()
+    count = float(stats[-1, -1])
+    if count <= 0 or float(cross[-1, -1]) != count:
+        raise ValueError(
+            f"`stats` and `cross` must count the same tokens (> 0), got {count} and {float(cross[-1, -1])}."
+        )
+    mean, mean_tilde = cross[:-1, -1] / count, stats[:-1, -1] / count
+    scatter = stats[:-1, :-1] - count * torch.outer(mean_tilde, mean_tilde)
+    moment = cross[:-1, :-1] - count * torch.outer(mean, mean_tilde)
+    scale = float(stats[:-1, :-1].diagonal().abs().max()) * scatter.shape[0]
+    basis, root = whiten(scatter, rtol=rtol, scale=scale)
+    w = weight.double()
+    inverse = basis / root  # U S^{-1}
+    target = w @ moment @ inverse  # B = W K U S^{-1}
+    if rank is None:
+        up, down = None, target @ inverse.T
+        approx = down
+    else:
+        left, sigma, right_t = torch.linalg.svd(target, full_matrices=False)
+        down, up = _balanced_split(left, sigma, right_t, rank)
+        down = down @ inverse.T
+        approx = up @ down
+    shift = w @ mean - approx @ mean_tilde
+    new_bias = shift if bias is None else bias.double() + shift
+    return down.to(weight.dtype), (None if up is None else up.to(weight.dtype)), new_bias.to(weight.dtype)
+
+
 def svd_factorize(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated SVD of `W` (the data-free baseline) with the balanced split `down = S^{1/2} V^T`, `up = U S^{1/2}`.
 
@@ -215,6 +278,7 @@ __all__ = [
     "data_weighted_error",
     "drone_factorize",
     "drone_factorize_affine",
+    "drone_refit",
     "drone_spectrum",
     "svd_factorize",
     "svd_spectrum",

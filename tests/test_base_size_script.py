@@ -140,3 +140,20 @@ def test_distillation_stage_arguments_build_and_carry_the_options(base_size, tmp
     entry_settings = base_size.Run.create(args).distill_entries()[0][4]
     assert entry_settings.get("teacher_cache") == ("bfloat16" if bf16 else None)
     assert entry_settings.get("distill_rows") == (100 if bf16 else None)
+
+
+def test_the_sequential_method_runs_the_cli_with_sequential_and_keys_its_checks(base_size):
+    """`--methods drone-seq` is `drone-hf compress --method drone --sequential --sequential-checks N`, its own cache
+    entry (keyed by N), read back from the CLI's `drone` results."""
+    args = base_size.parse_args(["--model", "minilm", "--methods", "drone", "drone-seq", "--sequential-checks", "2"])
+    run = base_size.Run.create(args)
+    entries = {name: settings for name, _, _, _, settings in run.budget_entries()}
+    assert (
+        "sequential_checks" not in entries["drone-drop1-fast"]
+        and entries["drone-seq-drop1-fast"]["sequential_checks"] == 2
+    )
+    command = base_size._compress_command(run, {"path": "teacher"}, "drone-seq", 1.0, "out")
+    assert command[command.index("--method") + 1] == "drone" and command[-1] == "--sequential"
+    assert command[command.index("--sequential-checks") + 1] == "2"
+    plain = base_size._compress_command(run, {"path": "teacher"}, "drone", 1.0, "out")
+    assert "--sequential" not in plain and "--sequential-checks" not in plain

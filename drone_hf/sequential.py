@@ -1,0 +1,247 @@
+"""Sequential refit of a compressed model (`sequential=True`; docs/methods.md §1c): module surgery around
+[`~factorize.drone_refit`].
+
+DRONE factors every linear on the inputs the *dense* model feeds it. In the compressed model those inputs have
+already been changed by the factored layers before it, and the errors add up layer after layer. The refit walks the
+encoder from the first layer to the last and, for each group of linears that read one input, refits them on the
+inputs the compressed model (as refitted so far) actually feeds them, to reproduce the dense layer's output on the
+dense model's inputs: each layer then also corrects the error of those before it. Ranks do not change, so neither do
+speed, size nor the checkpoint format."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from transformers.utils.logging import tqdm
+
+from .architecture import get_architecture, layer_names
+from .calibration import model_inputs
+from .factorize import drone_refit
+from .heldout import _Replay, _StopForward
+from .layers import DroneLinear
+from .model_state import restore_training_modes, training_modes
+from .structure import swap_module
+
+
+_TARGETS = ("labels", "start_positions", "end_positions")
+
+
+class _LayerStream:
+    """A model's forward on fixed batches, one encoder layer at a time: the output of the last finished layer is
+    cached per batch and replayed (`heldout._Replay`) so that running layer `i` costs one layer."""
+
+    def __init__(self, model: nn.Module, batches: list[dict]):
+        self.model, self.batches = model, batches
+        self.layer_names = layer_names(model)
+        self._cache: list | None = None
+        self._current = None
+        self.index = 0
+
+    def run(self, layer: int) -> list:
+        """Runs every batch up to and including `layer` (layers before `self.index` replayed); returns its outputs."""
+        replaced = {name: _Replay(self, self.model.get_submodule(name)) for name in self.layer_names[: self.index]}
+        originals = {name: swap_module(self.model, name, module) for name, module in replaced.items()}
+        captured: list = []
+
+        def stop(module, args, output):
+            captured.append(output)
+            raise _StopForward
+
+        handle = self.model.get_submodule(self.layer_names[layer]).register_forward_hook(stop)
+        try:
+            for index, batch in enumerate(self.batches):
+                self._current = self._cache[index] if self.index else None
+                try:
+                    self.model(**batch)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+            for name, module in originals.items():
+                swap_module(self.model, name, module)
+            self._current = None
+        return captured
+
+    def advance_to(self, layer: int) -> None:
+        """Caches the inputs of `layer` (every layer before it must be final)."""
+        if layer > self.index:
+            self._cache = self.run(layer - 1)
+            self.index = layer
+
+
+def _effective_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(weight, bias)` of the function a dense or factored linear computes."""
+    if isinstance(module, DroneLinear):
+        return module.up.weight @ module.down.weight, module.up.bias
+    return module.weight, module.bias
+
+
+def _inputs(module: nn.Module, stream: _LayerStream, layer: int) -> list[torch.Tensor]:
+    """The inputs of `module` in every batch when `stream` runs `layer`."""
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    try:
+        stream.run(layer)
+    finally:
+        handle.remove()
+    return seen
+
+
+def _augmented(rows: torch.Tensor) -> torch.Tensor:
+    """`[x; 1]` per token in float64: the products must be float64 too. After a LayerNorm the inputs have (nearly)
+    null directions that the pseudo-inverse must see as null; float32 products fill them with rounding noise that
+    `S^{-1}` then amplifies (a tiny BERT's refitted error was 31% larger with float32 products)."""
+    rows = rows.double()
+    return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+
+
+def _refitted(dense: nn.Module, current: nn.Module, cross, stats) -> nn.Module:
+    """A new module computing what `dense` computed, refitted on the compressed inputs (same rank as `current`)."""
+    weight, bias = _effective_linear(dense)
+    weight, bias = weight.detach().float(), None if bias is None else bias.detach().float()
+    if isinstance(current, DroneLinear):
+        down, up, new_bias = drone_refit(weight, bias, cross, stats, current.rank)
+        module = DroneLinear.from_factors(down, up, new_bias)
+    else:
+        full, _, new_bias = drone_refit(weight, bias, cross, stats, None)
+        module = nn.Linear(full.shape[1], full.shape[0], bias=True)
+        with torch.no_grad():
+            module.weight.copy_(full)
+            module.bias.copy_(new_bias)
+    return module.to(next(current.parameters()).device)
+
+
+@torch.no_grad()
+def refit_modules(
+    model: nn.Module,
+    compressed: nn.Module,
+    batches: list[dict],
+    *,
+    dense_linears: bool = False,
+    show_progress: bool = False,
+) -> dict[str, nn.Module]:
+    """Swaps refitted modules into `compressed`, layer by layer, and returns the modules they replaced (name ->
+    module), so that a caller can put them back (the rank search does). See [`refit_sequential`]."""
+    spec = get_architecture(model)
+    dense_stream, stream = _LayerStream(model, batches), _LayerStream(compressed, batches)
+    masks = [batch["attention_mask"].bool() if "attention_mask" in batch else None for batch in batches]
+    groups: dict[str, list[str]] = {}
+    for role in spec.linears:
+        groups.setdefault(spec.shared_inputs.get(role, role), []).append(role)
+    replaced: dict[str, nn.Module] = {}
+    layers = stream.layer_names
+    for index, layer in enumerate(tqdm(layers, desc="Sequential refit", disable=not show_progress)):
+        dense_stream.advance_to(index)
+        stream.advance_to(index)
+        for source, roles in groups.items():
+            names = [f"{layer}.{spec.linears[role]}" for role in roles]
+            todo = [
+                name
+                for name in names
+                if isinstance(compressed.get_submodule(name), DroneLinear)
+                or (dense_linears and type(compressed.get_submodule(name)) is nn.Linear)
+            ]
+            if not todo:
+                continue
+            source_name = f"{layer}.{spec.linears[source]}"
+            dense_inputs = _inputs(model.get_submodule(source_name), dense_stream, index)
+            compressed_inputs = _inputs(compressed.get_submodule(source_name), stream, index)
+            width = dense_inputs[0].shape[-1] + 1
+            cross = torch.zeros(width, width, dtype=torch.float64)
+            stats = torch.zeros(width, width, dtype=torch.float64)
+            for x, x_tilde, mask in zip(dense_inputs, compressed_inputs, masks):
+                x = _augmented(x[mask] if mask is not None else x.reshape(-1, x.shape[-1]))
+                x_tilde = _augmented(x_tilde[mask] if mask is not None else x_tilde.reshape(-1, x_tilde.shape[-1]))
+                cross += (x.T @ x_tilde).cpu()
+                stats += (x_tilde.T @ x_tilde).cpu()
+            for name in todo:
+                current = compressed.get_submodule(name)
+                module = _refitted(model.get_submodule(name), current, cross, stats)
+                replaced.setdefault(name, swap_module(compressed, name, module))
+    return replaced
+
+
+def refit_sequential(
+    model: nn.Module,
+    compressed: nn.Module,
+    dataloader: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    dense_linears: bool = False,
+    show_progress: bool = False,
+) -> nn.Module:
+    r"""
+    Refits the factored linears of `compressed` in place, layer after layer, on the inputs the compressed model
+    itself feeds them, so that each reproduces the dense layer's output on the dense model's inputs (docs/methods.md
+    §1c). Ranks, shapes and the checkpoint format do not change; the error of earlier layers is compensated by later
+    ones. `compress_model(..., sequential=True, calibration_dataloader=...)` calls it, also inside an accuracy
+    budget's joint checks.
+
+    Args:
+        model (`PreTrainedModel`): The dense model `compressed` was made from; run in eval mode, left as it was.
+        compressed (`PreTrainedModel`): Its compressed copy (same family and head), changed in place.
+        dataloader (`Iterable[dict]`): Calibration batches (token ids and attention masks; labels are ignored), e.g.
+            those the statistics were collected on.
+        dense_linears (`bool`, *optional*, defaults to `False`): Also refit the linears left dense (full-rank least
+            squares on the same statistics).
+        show_progress (`bool`, *optional*, defaults to `False`): A progress bar over the layers.
+
+    Returns:
+        `compressed`.
+
+    Raises:
+        `ValueError`: when `dataloader` yields no batch, or the two models are not of one family and depth.
+    """
+    if type(get_architecture(model)) is not type(get_architecture(compressed)) or len(layer_names(model)) != len(
+        layer_names(compressed)
+    ):
+        raise ValueError(
+            f"`compressed` ({type(compressed).__name__}) must be a compressed copy of `model` "
+            f"({type(model).__name__}): same family and number of layers."
+        )
+    batches = _prepare(model, dataloader)
+    modes = training_modes(model) + training_modes(compressed)
+    flags = {name: module.training for name, module in compressed.named_modules()}
+    replaced = {}
+    try:
+        model.eval()
+        compressed.eval()
+        replaced = refit_modules(model, compressed, batches, dense_linears=dense_linears, show_progress=show_progress)
+    finally:
+        restore_training_modes(modes)
+        for name in replaced:
+            compressed.get_submodule(name).train(flags[name])
+    return compressed
+
+
+def make_refit(
+    model: nn.Module, dataloader: Iterable[Mapping[str, torch.Tensor]], *, dense_linears: bool = False
+) -> Callable[[nn.Module], dict[str, nn.Module]]:
+    """`working -> replaced modules`: [`refit_modules`] of a scratch copy of `model` on `dataloader`'s batches
+    (prepared once), `model` in eval mode meanwhile and then as it was. What an accuracy budget's joint checks run
+    before they score an assignment, when `compress_model(..., sequential=True)`."""
+    batches = _prepare(model, dataloader)
+
+    def refit(working: nn.Module) -> dict[str, nn.Module]:
+        modes = training_modes(model)
+        try:
+            model.eval()
+            return refit_modules(model, working.eval(), batches, dense_linears=dense_linears)
+        finally:
+            restore_training_modes(modes)
+
+    return refit
+
+
+def _prepare(model: nn.Module, dataloader) -> list[dict]:
+    device = next(model.parameters()).device
+    batches = [
+        {k: v for k, v in model_inputs(model, batch, device).items() if k not in _TARGETS} for batch in dataloader
+    ]
+    if not batches:
+        raise ValueError("The calibration dataloader yielded no batch; the sequential refit needs some.")
+    return batches
+
+
+__all__ = ["make_refit", "refit_modules", "refit_sequential"]
