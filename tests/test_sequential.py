@@ -11,11 +11,10 @@ import drone_hf
 from drone_hf import collect_activation_stats, compress_model
 from drone_hf.cli import main
 from drone_hf.factorize import drone_factorize_affine, drone_refit
-from drone_hf.heldout import paired_standard_error
 from drone_hf.layers import DroneLinear
 from drone_hf.sequential import refit_sequential
 
-from .testing_utils import self_labelled_case, tiny_batches, tiny_teacher
+from .testing_utils import scored_drop, self_labelled_case, tiny_batches, tiny_teacher
 
 
 def _augmented(rows):
@@ -192,15 +191,9 @@ def test_an_accuracy_budget_with_sequential_judges_the_model_it_returns():
         calibration_dataloader=calibration,
     )
     sequential = report["sequential"]
-    assert sequential["checks"] <= 4 and sequential["step"] >= sequential["start_step"] - 0
-    with torch.no_grad():
-        logits = torch.cat(
-            [compressed(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
-        ).numpy()
-    labels = torch.cat([b["labels"] for b in batches]).numpy()
-    drop = metric(reference, labels) - metric(logits, labels)
+    assert sequential["checks"] <= 4 and sequential["step"] >= sequential["start_step"]
+    drop, error = scored_drop(compressed, batches, metric, reference)
     assert drop == pytest.approx(report["heldout_drop"], abs=1e-9)
-    error = paired_standard_error(metric, reference, logits, labels)
     assert drop + error <= 0.05 + 1e-12
     stages = [check["stage"] for check in report["joint_checks"]]
     assert stages.count("sequential") == sequential["checks"]

@@ -94,12 +94,17 @@ def measured_drop(model, stats, batches, ranks, metric, base) -> tuple[float, fl
     """`(drop, paired standard error)` of `metric` on `batches` for `model` compressed at `ranks`, against the dense
     logits `base`: what an accuracy budget's final joint check should have reported."""
     from drone_hf import compress_model
+
+    return scored_drop(compress_model(model, stats, ranks=ranks), batches, metric, base)
+
+
+def scored_drop(model, batches, metric, base) -> tuple[float, float]:
+    """`(drop, paired standard error)` of `metric` on `batches` for `model` against the dense logits `base`."""
     from drone_hf.heldout import paired_standard_error
 
-    compressed = compress_model(model, stats, ranks=ranks)
     with torch.no_grad():
         logits = torch.cat(
-            [compressed(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
+            [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
         ).numpy()
     labels = torch.cat([b["labels"] for b in batches]).numpy()
     drop = metric(base, labels) - metric(logits, labels)
