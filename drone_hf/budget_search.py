@@ -206,7 +206,7 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
             )
             refined, details["sequential"] = extend_sequential(
                 sequential,
-                [tuple(move) for move in details["path"]],
+                details["path"],
                 details["path_step"],
                 refined,
                 options["sequential_checks"],

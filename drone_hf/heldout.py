@@ -38,71 +38,19 @@ class _Replay(nn.Module):
         return self._refs[0]._current
 
 
-class LayerwiseEvaluator:
-    r"""
-    Evaluates a model with a task head on fixed held-out batches, re-running only the layers at and after the one
-    that changed.
+class LayerReplay:
+    """A model's forward on fixed batches in which the layers before `start` are replayed: the output of layer
+    `layer_index - 1` is cached per batch ([`advance_to`]) and stands in for those layers (`_Replay`), so that running
+    from layer `i` costs `L - i` layers. The held-out evaluator and the sequential refit share it."""
 
-    The output of the last unchanged layer is cached for every batch; while scoring, the layers before the changed
-    one are swapped for stand-ins that return that output, so the model's own forward (embeddings, masks, position
-    biases, final norm, pooler and head) runs unchanged for every family and head, and a change in layer `i` costs
-    `L - i` layers instead of `L`. Families whose layers are shared (ALBERT) are always run whole.
-
-    Args:
-        model (`PreTrainedModel`): Evaluated in eval mode; modules may be swapped between calls.
-        batches (`Iterable[Mapping[str, Tensor]]`): Held-out tokenizer batches **with** labels (`labels`, or
-            `start_positions`/`end_positions` for question answering).
-        rows_fn (`Callable`, *optional*): `(model outputs, batch) -> (rows, labels, kind)`; defaults to the task head's
-            rows ([`~heads.head_rows`]); [`~heads.embedding_rows`] scores a bare encoder by its pooled embeddings.
-        autocast_dtype (`torch.dtype`, *optional*): Run every forward (the first, dense one included, so that the
-            reference rows share it) under `torch.autocast` in this dtype, e.g. `torch.bfloat16` on a CPU with AMX
-            tiles; `None` runs the model in its own dtype.
-
-    Attributes:
-        initial_rows (`np.ndarray`): The rows of the model as it was when the evaluator was built (the pass that
-            reads the labels); what `logits(0)` returns until a module is swapped, without running the model again.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        batches: Iterable[Mapping[str, torch.Tensor]],
-        rows_fn: Callable = head_rows,
-        autocast_dtype: torch.dtype | None = None,
-    ):
-        self.model = model.eval()
-        self.autocast_dtype = autocast_dtype
-        spec = get_architecture(model)
-        self.layer_names = layer_names(model) if spec.layerwise else []
-        self.device = next(model.parameters()).device
-        batches = list(batches)
-        self._batches = [model_inputs(model, batch) for batch in batches]
-        self._labelled = batches
-        self._rows_fn = rows_fn
-        if not self._batches:
-            raise ValueError("`eval_dataloader` yielded no batch; rank allocation needs held-out data.")
-        rows = []
-        with torch.no_grad():
-            for batch, labelled in zip(self._batches, self._labelled):
-                rows.append(rows_fn(self._forward(batch), labelled))
-        self.labels = concat_rows([labels for _, labels, _ in rows])
-        self.initial_rows = concat_rows([values for values, _, _ in rows])  # the model as it was when built
-        self.kind = rows[0][2]
-        self.num_outputs = max(int(logits.shape[-1]) for logits, _, _ in rows)  # classes, or span positions
+    def __init__(self, model: nn.Module, batches: list, layer_names: list[str]):
+        self.model, self._batches, self.layer_names = model, batches, layer_names
         self._cache: list | None = None
         self._current = None
         self.layer_index = 0
-        self.evaluations = 0
-        self.seconds = 0.0
-        self.rows = sum(len(next(iter(batch.values()))) for batch in self._batches)
-        self.row_passes = 0.0  # rows times the fraction of the encoder's layers run: a cost that no clock blurs
 
     def _forward(self, batch):
-        inputs = {k: v.to(self.device) for k, v in batch.items()}
-        if self.autocast_dtype is None:
-            return self.model(**inputs)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-            return self.model(**inputs)
+        return self.model(**batch)
 
     def _run(self, start: int, capture: int | None = None) -> list:
         """Runs every batch with layers `< start` replayed from the cache; returns the model outputs, or, with
@@ -135,6 +83,80 @@ class LayerwiseEvaluator:
         return captured if capture is not None else outputs
 
     @torch.no_grad()
+    def advance_to(self, layer_index: int) -> None:
+        """Moves the cache forward to the inputs of `layer_index` (layers before it must be final by then)."""
+        if not self.layer_names or layer_index <= self.layer_index:
+            return
+        self._cache = self._run(self.layer_index, capture=layer_index - 1)
+        self._advanced(layer_index - self.layer_index)
+        self.layer_index = layer_index
+
+    def _advanced(self, layers: int) -> None:
+        """Called with the number of layers each [`advance_to`] ran."""
+
+
+class LayerwiseEvaluator(LayerReplay):
+    r"""
+    Evaluates a model with a task head on fixed held-out batches, re-running only the layers at and after the one
+    that changed.
+
+    The output of the last unchanged layer is cached for every batch; while scoring, the layers before the changed
+    one are swapped for stand-ins that return that output, so the model's own forward (embeddings, masks, position
+    biases, final norm, pooler and head) runs unchanged for every family and head, and a change in layer `i` costs
+    `L - i` layers instead of `L`. Families whose layers are shared (ALBERT) are always run whole.
+
+    Args:
+        model (`PreTrainedModel`): Evaluated in eval mode; modules may be swapped between calls.
+        batches (`Iterable[Mapping[str, Tensor]]`): Held-out tokenizer batches **with** labels (`labels`, or
+            `start_positions`/`end_positions` for question answering).
+        rows_fn (`Callable`, *optional*): `(model outputs, batch) -> (rows, labels, kind)`; defaults to the task head's
+            rows ([`~heads.head_rows`]); [`~heads.embedding_rows`] scores a bare encoder by its pooled embeddings.
+        autocast_dtype (`torch.dtype`, *optional*): Run every forward (the first, dense one included, so that the
+            reference rows share it) under `torch.autocast` in this dtype, e.g. `torch.bfloat16` on a CPU with AMX
+            tiles; `None` runs the model in its own dtype.
+
+    Attributes:
+        initial_rows (`np.ndarray`): The rows of the model as it was when the evaluator was built (the pass that
+            reads the labels); what `logits(0)` returns until a module is swapped, without running the model again.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Iterable[Mapping[str, torch.Tensor]],
+        rows_fn: Callable = head_rows,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        self.autocast_dtype = autocast_dtype
+        batches = list(batches)
+        names = layer_names(model) if get_architecture(model).layerwise else []
+        super().__init__(model.eval(), [model_inputs(model, batch) for batch in batches], names)
+        self.device = next(model.parameters()).device
+        self._labelled = batches
+        self._rows_fn = rows_fn
+        if not self._batches:
+            raise ValueError("`eval_dataloader` yielded no batch; rank allocation needs held-out data.")
+        rows = []
+        with torch.no_grad():
+            for batch, labelled in zip(self._batches, self._labelled):
+                rows.append(rows_fn(self._forward(batch), labelled))
+        self.labels = concat_rows([labels for _, labels, _ in rows])
+        self.initial_rows = concat_rows([values for values, _, _ in rows])  # the model as it was when built
+        self.kind = rows[0][2]
+        self.num_outputs = max(int(logits.shape[-1]) for logits, _, _ in rows)  # classes, or span positions
+        self.evaluations = 0
+        self.seconds = 0.0
+        self.rows = sum(len(next(iter(batch.values()))) for batch in self._batches)
+        self.row_passes = 0.0  # rows times the fraction of the encoder's layers run: a cost that no clock blurs
+
+    def _forward(self, batch):
+        inputs = {k: v.to(self.device) for k, v in batch.items()}
+        if self.autocast_dtype is None:
+            return self.model(**inputs)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+            return self.model(**inputs)
+
+    @torch.no_grad()
     def logits(self, start: int | None = None) -> np.ndarray:
         """Rows of logits of the current model (see `drone_hf.heads`), recomputed from layer `start` (default: the
         cached layer; a layer before it, e.g. `0`, recomputes everything)."""
@@ -147,14 +169,8 @@ class LayerwiseEvaluator:
         self.seconds += time.perf_counter() - begin
         return rows
 
-    @torch.no_grad()
-    def advance_to(self, layer_index: int) -> None:
-        """Moves the cache forward to the inputs of `layer_index` (layers before it must be final by then)."""
-        if not self.layer_names or layer_index <= self.layer_index:
-            return
-        self._cache = self._run(self.layer_index, capture=layer_index - 1)
-        self._count(layer_index - self.layer_index)
-        self.layer_index = layer_index
+    def _advanced(self, layers: int) -> None:
+        self._count(layers)
 
     def _count(self, layers: int) -> None:
         self.row_passes += self.rows * (layers / len(self.layer_names) if self.layer_names else 1.0)

@@ -19,7 +19,7 @@ from transformers.utils.logging import tqdm
 from .architecture import get_architecture, layer_names
 from .calibration import model_inputs
 from .factorize import drone_refit
-from .heldout import _Replay, _StopForward
+from .heldout import LayerReplay
 from .layers import DroneLinear
 from .model_state import restore_training_modes, training_modes
 from .structure import swap_module
@@ -28,62 +28,12 @@ from .structure import swap_module
 _TARGETS = ("labels", "start_positions", "end_positions")
 
 
-class _LayerStream:
-    """A model's forward on fixed batches, one encoder layer at a time: the output of the last finished layer is
-    cached per batch and replayed (`heldout._Replay`) so that running layer `i` costs one layer."""
-
-    def __init__(self, model: nn.Module, batches: list[dict]):
-        self.model, self.batches = model, batches
-        self.layer_names = layer_names(model)
-        self._cache: list | None = None
-        self._current = None
-        self.index = 0
-
-    def run(self, layer: int) -> list:
-        """Runs every batch up to and including `layer` (layers before `self.index` replayed); returns its outputs."""
-        replaced = {name: _Replay(self, self.model.get_submodule(name)) for name in self.layer_names[: self.index]}
-        originals = {name: swap_module(self.model, name, module) for name, module in replaced.items()}
-        captured: list = []
-
-        def stop(module, args, output):
-            captured.append(output)
-            raise _StopForward
-
-        handle = self.model.get_submodule(self.layer_names[layer]).register_forward_hook(stop)
-        try:
-            for index, batch in enumerate(self.batches):
-                self._current = self._cache[index] if self.index else None
-                try:
-                    self.model(**batch)
-                except _StopForward:
-                    pass
-        finally:
-            handle.remove()
-            for name, module in originals.items():
-                swap_module(self.model, name, module)
-            self._current = None
-        return captured
-
-    def advance_to(self, layer: int) -> None:
-        """Caches the inputs of `layer` (every layer before it must be final)."""
-        if layer > self.index:
-            self._cache = self.run(layer - 1)
-            self.index = layer
-
-
-def _effective_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`(weight, bias)` of the function a dense or factored linear computes."""
-    if isinstance(module, DroneLinear):
-        return module.up.weight @ module.down.weight, module.up.bias
-    return module.weight, module.bias
-
-
-def _inputs(module: nn.Module, stream: _LayerStream, layer: int) -> list[torch.Tensor]:
-    """The inputs of `module` in every batch when `stream` runs `layer`."""
+def _inputs(module: nn.Module, stream: LayerReplay, layer: int) -> list[torch.Tensor]:
+    """The inputs of `module` in every batch when `stream` runs up to `layer` (from its cached layer)."""
     seen: list[torch.Tensor] = []
     handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
     try:
-        stream.run(layer)
+        stream._run(stream.layer_index, capture=layer)
     finally:
         handle.remove()
     return seen
@@ -99,8 +49,8 @@ def _augmented(rows: torch.Tensor) -> torch.Tensor:
 
 def _refitted(dense: nn.Module, current: nn.Module, cross, stats) -> nn.Module:
     """A new module computing what `dense` computed, refitted on the compressed inputs (same rank as `current`)."""
-    weight, bias = _effective_linear(dense)
-    weight, bias = weight.detach().float(), None if bias is None else bias.detach().float()
+    dense = dense.to_dense() if isinstance(dense, DroneLinear) else dense
+    weight, bias = dense.weight.detach().float(), None if dense.bias is None else dense.bias.detach().float()
     if isinstance(current, DroneLinear):
         down, up, new_bias = drone_refit(weight, bias, cross, stats, current.rank)
         module = DroneLinear.from_factors(down, up, new_bias)
@@ -125,13 +75,13 @@ def refit_modules(
     """Swaps refitted modules into `compressed`, layer by layer, and returns the modules they replaced (name ->
     module), so that a caller can put them back (the rank search does). See [`refit_sequential`]."""
     spec = get_architecture(model)
-    dense_stream, stream = _LayerStream(model, batches), _LayerStream(compressed, batches)
+    layers = layer_names(model)
+    dense_stream, stream = LayerReplay(model, batches, layers), LayerReplay(compressed, batches, layers)
     masks = [batch["attention_mask"].bool() if "attention_mask" in batch else None for batch in batches]
     groups: dict[str, list[str]] = {}
     for role in spec.linears:
         groups.setdefault(spec.shared_inputs.get(role, role), []).append(role)
     replaced: dict[str, nn.Module] = {}
-    layers = stream.layer_names
     for index, layer in enumerate(tqdm(layers, desc="Sequential refit", disable=not show_progress)):
         dense_stream.advance_to(index)
         stream.advance_to(index)
@@ -200,14 +150,12 @@ def refit_sequential(
             f"`compressed` ({type(compressed).__name__}) must be a compressed copy of `model` "
             f"({type(model).__name__}): same family and number of layers."
         )
-    batches = _prepare(model, dataloader)
-    modes = training_modes(model) + training_modes(compressed)
+    refit = make_refit(model, dataloader, dense_linears=dense_linears, show_progress=show_progress)
+    modes = training_modes(compressed)
     flags = {name: module.training for name, module in compressed.named_modules()}
     replaced = {}
     try:
-        model.eval()
-        compressed.eval()
-        replaced = refit_modules(model, compressed, batches, dense_linears=dense_linears, show_progress=show_progress)
+        replaced = refit(compressed)
     finally:
         restore_training_modes(modes)
         for name in replaced:
@@ -216,18 +164,24 @@ def refit_sequential(
 
 
 def make_refit(
-    model: nn.Module, dataloader: Iterable[Mapping[str, torch.Tensor]], *, dense_linears: bool = False
+    model: nn.Module,
+    dataloader: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    dense_linears: bool = False,
+    show_progress: bool = False,
 ) -> Callable[[nn.Module], dict[str, nn.Module]]:
-    """`working -> replaced modules`: [`refit_modules`] of a scratch copy of `model` on `dataloader`'s batches
-    (prepared once), `model` in eval mode meanwhile and then as it was. What an accuracy budget's joint checks run
-    before they score an assignment, when `compress_model(..., sequential=True)`."""
+    """`working -> replaced modules`: [`refit_modules`] of a compressed copy of `model` (put in eval mode) on
+    `dataloader`'s batches (prepared once), `model` in eval mode meanwhile and then as it was. What an accuracy
+    budget's joint checks run before they score an assignment, and what [`refit_sequential`] runs once."""
     batches = _prepare(model, dataloader)
 
     def refit(working: nn.Module) -> dict[str, nn.Module]:
         modes = training_modes(model)
         try:
             model.eval()
-            return refit_modules(model, working.eval(), batches, dense_linears=dense_linears)
+            return refit_modules(
+                model, working.eval(), batches, dense_linears=dense_linears, show_progress=show_progress
+            )
         finally:
             restore_training_modes(modes)
 
