@@ -662,6 +662,7 @@ def _compress(args) -> int:
     from .data import label_config
     from .evaluation import iter_batches
     from .hub import create_or_update_model_card
+    from .sequential import check_sequential
 
     check_output(args.output, args.model, overwrite=args.overwrite)
     check_push(args.push_to_hub)
@@ -672,6 +673,8 @@ def _compress(args) -> int:
             "pass the dense fine-tuned model it was made from."
         )
     check_rank(model, args.rank)
+    if args.sequential:
+        check_sequential(model)  # before calibrating
     needs_heldout = args.max_accuracy_drop is not None
     total = args.calibration_samples + (args.heldout_samples if needs_heldout else 0)
     rows = task.load("train", tokenizer, max_length=args.max_length, max_samples=total, seed=args.seed).shuffle(

@@ -22,7 +22,7 @@ from .methods import DEFAULT_METHOD, get_method, resolve_method
 from .model_state import check_materialized, copy_training_modes
 from .modeling_drone import drone_model_class
 from .projective import choose_kj, embedding_parameter_count, projective_clustering, projective_clustering_cost
-from .sequential import refit_sequential
+from .sequential import check_sequential, refit_sequential
 from .stats import check_stats, split_stats
 from .structure import attention_geometry, qk_linear_names, validate_attention_ranks, validate_drone_ranks
 from .targets import (
@@ -325,6 +325,8 @@ def compress_model(
         raise TypeError(f"`sequential` must be a bool, got {type(sequential).__name__} {sequential!r}.")
     if sequential and calibration_dataloader is None:
         raise ValueError("`sequential=True` needs `calibration_dataloader` (the calibration batches to refit on).")
+    if sequential:
+        check_sequential(model)
     if calibration_dataloader is not None and not sequential:
         logger.warning("`calibration_dataloader` is only used with `sequential=True`; ignored.")
     if max_accuracy_drop is not None or target_speedup is not None or param_ratio is not None:
