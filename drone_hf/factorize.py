@@ -213,6 +213,9 @@ def drone_refit(
     for name, value in (("cross", cross), ("stats", stats)):
         if value.shape != (size, size):
             raise ValueError(f"`{name}` must be ({size}, {size}) for this weight, got {tuple(value.shape)}.")
+    for name, value in (("cross", cross), ("stats", stats)):
+        if not torch.isfinite(value).all():
+            raise ValueError(f"`{name}` contains NaN or Inf: the calibration forward of either model is not finite.")
     if rank is not None:
         _check_rank(rank, weight)
     cross, stats = cross.double(), stats.double()

@@ -100,6 +100,10 @@ def test_the_refit_refuses_mismatched_statistics(case):
         drone_refit(weight, bias, cross * 2, stats, 2)
     with pytest.raises(ValueError, match=r"`rank` must be an int in \[1, 6\]"):
         drone_refit(weight, bias, cross, stats, 9)
+    poisoned = cross.clone()
+    poisoned[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="`cross` contains NaN or Inf"):
+        drone_refit(weight, bias, poisoned, stats, 2)
 
 
 def _final_error(model, compressed, batches) -> float:
