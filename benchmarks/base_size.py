@@ -68,6 +68,7 @@ from common import (
     minilm_path,
     print_table,
     set_threads,
+    split_glue_train,
 )
 from mpnet_glue import describe, flop_bound, load_teacher, model_name, mpnet_path
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback, TrainingArguments
@@ -217,6 +218,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="fine-tune in bf16 mixed precision (float32 weights; MPNet, MRPC, batch 32: 2.2 s per step against 5.2 "
         "in fp32 on a 2-core AMX-bf16 Xeon)",
     )
+    group.add_argument(
+        "--teacher-holdout",
+        type=int,
+        default=0,
+        help="keep this many train rows (a seeded draw) out of the teacher's fine-tuning; the budget stage then "
+        "calibrates and checks on those rows only, which the teacher has never seen (default 0: the teacher trains "
+        "on every row, and the budget's held-out rows are rows it has learnt). Needs the local GLUE folder",
+    )
     group = parser.add_argument_group("budget: drone-hf compress --max-accuracy-drop")
     group.add_argument("--budgets", type=float, nargs="+", help="metric points (default 1.0 1.5; smoke: 1.0)")
     group.add_argument("--methods", nargs="+", choices=list(METHOD_LABELS), default=list(METHOD_LABELS))
@@ -281,6 +290,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--seq-len", type=int, default=128)
     group.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1])
     args = parser.parse_args(argv)
+    heldout_given = args.heldout_samples is not None
     defaults = {**TEACHER_DEFAULTS[args.model, args.task], **DEFAULTS, **(SMOKE if args.smoke else {})}
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -291,6 +301,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--distill-steps: one value or one per --speedups {args.speedups}, got {args.distill_steps}.")
     if args.distill_rows is not None and args.distill_rows < 1:
         parser.error(f"--distill-rows must be >= 1, got {args.distill_rows}.")
+    if args.teacher_holdout:
+        if args.teacher_holdout < 0 or glue_data_dir(args.task) is None:
+            parser.error(
+                f"--teacher-holdout {args.teacher_holdout}: must be >= 0, and > 0 needs the task's train.tsv in "
+                "../shared/glue (the local GLUE folder)."
+            )
+        spare = args.teacher_holdout - args.calibration_samples
+        if not heldout_given:
+            args.heldout_samples = spare  # every held-out row the calibration leaves
+        if spare < 64 or args.heldout_samples > spare:
+            parser.error(
+                f"--teacher-holdout {args.teacher_holdout} leaves {spare} rows after --calibration-samples "
+                f"{args.calibration_samples}; the budget needs >= 64 held-out rows and --heldout-samples "
+                f"({args.heldout_samples}) at most that."
+            )
     if min(args.speedups) <= 1 or min(args.budgets) <= 0:
         parser.error("--speedups must be > 1 and --budgets > 0.")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -331,7 +356,18 @@ class Run:
             "seed": a.seed,
             "dev_rows": a.dev_rows,
             **({"bf16": True} if a.teacher_bf16 else {}),  # absent when off: older entries keep their keys
+            **({"holdout": a.teacher_holdout} if a.teacher_holdout else {}),
         }
+
+    def data_dirs(self) -> tuple[str | None, str | None]:
+        """`(teacher's, budget's)` GLUE-layout folders: with `--teacher-holdout N`, the two halves of
+        `common.split_glue_train` (cached in this run's folder); else both the default (`glue_data_dir`)."""
+        a = self.args
+        if not a.teacher_holdout:
+            return glue_data_dir(a.task), glue_data_dir(a.task)
+        dest = self.root / "data" / f"holdout{a.teacher_holdout}-seed{a.seed}"
+        split_glue_train(a.task, glue_data_dir(a.task), a.teacher_holdout, a.seed, dest)
+        return str(dest / "teacher"), str(dest / "holdout")
 
     def teacher_entry(self) -> Path:
         return entry_path(self.root, "teacher", self.name, self.teacher_settings())
@@ -468,10 +504,12 @@ def stage_teacher(run: Run) -> None:
         seed=a.seed,
         device=a.device,
         bf16=a.teacher_bf16,
+        data_dir=run.data_dirs()[0],
     )
+    name = f"{run.name}-holdout{a.teacher_holdout}" if a.teacher_holdout else run.name
     with building(path, settings) as (_, result):
         teacher, tokenizer, folder, seconds, trained = load_teacher(
-            options, run.model_path, run.name, run.info, step="[teacher]"
+            options, run.model_path, name, run.info, step="[teacher]"
         )
         dev = run.dev(tokenizer)
         metrics = points(evaluate_glue(teacher.to(a.device), dev, tokenizer, run.info.name))
@@ -490,7 +528,7 @@ def stage_teacher(run: Run) -> None:
 def _compress_command(run: Run, teacher: dict, method: str, budget: float, output: Path) -> list[str]:
     """`drone-hf compress` with an accuracy budget, this run's settings, and its output in `output`."""
     a, info = run.args, run.info
-    data_dir = glue_data_dir(info.name)
+    data_dir = run.data_dirs()[1]
     sequential = method.endswith("-seq")
     options = {
         "--model": teacher["path"],
@@ -1009,7 +1047,12 @@ def stage_report(run: Run) -> None:
             f"model: {run.name} ({teacher['description']}), not BERT-base",
             f"hardware: {timing['cpu'] if timing else 'not timed'}, {threads} threads, wall-clock ratios",
             f"budget: measured on {a.heldout_samples} held-out TRAIN rows with a one-standard-error margin "
-            f"({a.allocation_search} search), the dev split read only for the final numbers",
+            f"({a.allocation_search} search), the dev split read only for the final numbers; "
+            + (
+                f"the teacher was fine-tuned without the {a.teacher_holdout} rows the budget calibrates and checks on"
+                if a.teacher_holdout
+                else "the teacher was fine-tuned on those rows too"
+            ),
             f"calibration: {a.calibration_samples} train rows",
             f"distillation: {a.distill_steps} steps at batch {a.distill_batch_size} x {a.grad_accum}",
         ],
@@ -1028,7 +1071,7 @@ def stage_report(run: Run) -> None:
         print(f"Ours, best {key.replace('_', ' ')}: {text}")
     out = RESULTS if not a.smoke else run.root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"base_size_{a.model}_{info.name}"
+    stem = f"base_size_{a.model}_{info.name}" + (f"_holdout{a.teacher_holdout}" if a.teacher_holdout else "")
     png = out / f"{stem}.png"
     plot(
         rows,

@@ -53,6 +53,47 @@ def glue_data_dir(task: str) -> str | None:
     return str(SHARED_GLUE) if (SHARED_GLUE / folder / "train.tsv").is_file() else None
 
 
+def split_glue_train(task: str, source: str | os.PathLike, holdout: int, seed: int, dest: str | os.PathLike) -> Path:
+    """Splits the local GLUE folder's `train.tsv` of `task` in two GLUE-layout folders under `dest`: `teacher/` with
+    every train row but `holdout` of them (a seeded draw), and `holdout/` with those `holdout` rows; both keep the
+    header line (byte for byte) and the dev files. So a teacher fine-tuned on `teacher/` has never seen the rows that
+    a compression run calibrates and checks on in `holdout/`. Built in a scratch folder, renamed when complete; an
+    existing split is reused.
+
+    Returns:
+        `dest`, with `teacher/<TASK>/` and `holdout/<TASK>/` inside.
+    """
+    import numpy as np
+
+    info = get_glue_task(task)
+    dest = Path(dest)
+    if (dest / "holdout" / info.local_dir / "train.tsv").is_file():
+        return dest
+    folder = Path(source) / info.local_dir
+    lines = (folder / "train.tsv").read_bytes().splitlines(keepends=True)
+    header, rows = (lines[:1], lines[1:]) if info.tsv_column_names is None else ([], lines)
+    if not 0 < holdout < len(rows):
+        raise ValueError(
+            f"`holdout` must be in [1, {len(rows) - 1}] for {task}'s {len(rows)} train rows, got {holdout}."
+        )
+    chosen = np.zeros(len(rows), dtype=bool)
+    chosen[np.random.RandomState(seed).permutation(len(rows))[:holdout]] = True
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp"))
+    for part, keep in (("teacher", ~chosen), ("holdout", chosen)):
+        out = scratch / part / info.local_dir
+        out.mkdir(parents=True)
+        body = [row for row, k in zip(rows, keep) if k]
+        if body and not body[-1].endswith(b"\n"):
+            body[-1] += b"\n"
+        (out / "train.tsv").write_bytes(b"".join(header + body))
+        for dev in folder.glob("dev*.tsv"):
+            shutil.copyfile(dev, out / dev.name)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(scratch, dest)
+    return dest
+
+
 def finetune(
     task: str,
     *,
@@ -65,6 +106,7 @@ def finetune(
     name: str = "minilm",
     device: str | None = None,
     bf16: bool = False,
+    data_dir: str | None = None,
 ):
     """Fine-tunes a pretrained encoder (default: the embedded MiniLM) on `task` with `Trainer`, cached under
     `.cache/finetuned/<name>-<task>-<settings>`.
@@ -76,6 +118,8 @@ def finetune(
         bf16: Mixed precision (`TrainingArguments(bf16=True)`: bfloat16 autocast, float32 weights and optimizer
             state); on a CPU with AMX-bf16 tiles it trains a base-size encoder about 2.4x faster. The cache folder
             name ends in `-bf16`.
+        data_dir: A GLUE-layout folder to train on (e.g. one half of `split_glue_train`; give it its own `name`);
+            `None` for `../shared/glue` when it holds the task, else the Hub.
 
     Returns:
         `(model, tokenizer, path, seconds)`: seconds is 0.0 when the cached model was reused.
@@ -88,7 +132,8 @@ def finetune(
     if (path / "config.json").is_file():
         return AutoModelForSequenceClassification.from_pretrained(path), tokenizer, path, 0.0
     info = get_glue_task(task)
-    train = load_glue(task, tokenizer, split="train", data_dir=glue_data_dir(task), max_length=max_length)
+    data_dir = glue_data_dir(task) if data_dir is None else str(data_dir)
+    train = load_glue(task, tokenizer, split="train", data_dir=data_dir, max_length=max_length)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path,

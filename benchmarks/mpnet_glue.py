@@ -218,6 +218,7 @@ def load_teacher(args, model_path: str, name: str, info, *, step: str = "[1/5]")
         name=name,
         device=device,
         bf16=bf16,
+        data_dir=getattr(args, "data_dir", None),
     )
     record = path / TEACHER_INFO
     if seconds:

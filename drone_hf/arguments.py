@@ -93,6 +93,14 @@ class DroneCompressionArguments:
             budget stay in the model's dtype. Stored as its name; `None` or `"float32"`: the model's own dtype.
         bias_correction (`bool`, *optional*, defaults to `False`): Factor DRONE linears on the centred statistics
             and fold the mean into the bias ([`compress_model`]); the `drone-hf` command line turns it on.
+        sequential (`bool`, *optional*, defaults to `False`): Refit the factored linears layer after layer on the
+            inputs the compressed model itself feeds them, to reproduce the dense layer's output ([`compress_model`]'s
+            `sequential`, docs/methods.md §1c); same ranks, so the same speed and format. With `max_accuracy_drop`
+            the joint checks score refitted models. Not for families that share layers (ALBERT). With several
+            processes, process zero refits on its own calibration rows (data-parallel distillation starts every
+            process from its weights: DDP copies them when it wraps the model).
+        sequential_checks (`int`, *optional*, defaults to 4): With `sequential` and `max_accuracy_drop`: refitted
+            joint checks spent past the search's result ([`allocate_ranks`]); each costs one refit.
         calibration_batch_size (`int`, *optional*, defaults to 32): Rows per calibration batch.
         seed (`int`, *optional*, defaults to 0): Seed of the random choice of calibration and held-out rows.
         dtype (`str` or `torch.dtype`, *optional*): Deployment dtype of the compressed model, `"float32"`,
@@ -152,6 +160,17 @@ class DroneCompressionArguments:
     bias_correction: bool = field(
         default=False, metadata={"help": "DRONE on centred statistics, the mean folded into the bias."}
     )
+    sequential: bool = field(
+        default=False,
+        metadata={
+            "help": "Refit the factored linears layer after layer on the inputs the compressed model itself feeds "
+            "them (docs/methods.md section 1c); max_accuracy_drop's joint checks then score refitted models."
+        },
+    )
+    sequential_checks: int = field(
+        default=4,
+        metadata={"help": "With sequential and max_accuracy_drop: refitted joint checks past the search's result."},
+    )
     calibration_batch_size: int = field(default=32, metadata={"help": "Rows per calibration batch."})
     seed: int = field(default=0, metadata={"help": "Seed of the choice of calibration / held-out rows."})
     dtype: str | None = field(
@@ -174,8 +193,11 @@ class DroneCompressionArguments:
         self.dtype = None if dtype is None else str(dtype).removeprefix("torch.")
         for name in ("rank", "attention_rank", "num_calibration_samples", "heldout_samples", "screening_samples"):
             setattr(self, name, _as_int(getattr(self, name)))
-        for name in ("refine_steps", "calibration_batch_size", "seed"):
+        for name in ("refine_steps", "calibration_batch_size", "seed", "sequential_checks"):
             setattr(self, name, _as_int(getattr(self, name)))
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"`sequential` must be a bool, got {type(self.sequential).__name__} {self.sequential!r}.")
+        _check_int("sequential_checks", self.sequential_checks, minimum=0, allow_none=False)
         self.ranks = _parse_json_mapping("ranks", self.ranks)
         for key, value in (self.ranks or {}).items():
             if not isinstance(key, str) or not _is_int(value) or value <= 0:
@@ -266,6 +288,8 @@ class DroneCompressionArguments:
         kwargs = {name: getattr(self, name) for name in ("method", "target_modules", *_BUDGETS)}
         if self.bias_correction:
             kwargs["bias_correction"] = True
+        if self.sequential:
+            kwargs["sequential"] = True  # the caller adds `calibration_dataloader`
         if self.max_accuracy_drop is not None or self.target_speedup is not None or self.param_ratio is not None:
             kwargs["attention"] = self.attention
         if self.max_accuracy_drop is not None:
@@ -277,6 +301,8 @@ class DroneCompressionArguments:
             }
             if self.screening_dtype not in (None, "float32"):
                 kwargs["allocation_options"]["screening_dtype"] = self.screening_dtype
+            if self.sequential:
+                kwargs["allocation_options"]["sequential_checks"] = self.sequential_checks
             if task is not None:
                 from .glue_metrics import glue_metric_points
 
@@ -296,6 +322,10 @@ class DroneCompressionArguments:
         from .targets import check_supported_model, resolve_ranks, resolve_target_modules
 
         check_supported_model(model)
+        if self.sequential:
+            from .sequential import check_sequential
+
+            check_sequential(model)
         targets = resolve_target_modules(model, self.target_modules)
         if not targets:
             raise ValueError(f"`target_modules={self.target_modules!r}` selects no dense encoder linear.")

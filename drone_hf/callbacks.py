@@ -284,6 +284,8 @@ class DroneCompressionCallback(TrainerCallback):
                 device = next(model.parameters()).device
                 costs = KernelCosts(settings.dtype or torch.float32, quantize=settings.quantize, device=device)
                 kwargs.setdefault("allocation_options", {})["kernel_costs"] = costs
+            if settings.sequential:  # process zero refits on its own calibration batches (statistics: summed)
+                kwargs["calibration_dataloader"] = calibration
             compressed = compress_model(
                 model,
                 stats,

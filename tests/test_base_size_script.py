@@ -2,6 +2,7 @@
 refusal of a multi-process launch."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -157,3 +158,38 @@ def test_the_sequential_method_runs_the_cli_with_sequential_and_keys_its_checks(
     assert command[command.index("--sequential-checks") + 1] == "2"
     plain = base_size._compress_command(run, {"path": "teacher"}, "drone", 1.0, "out")
     assert "--sequential" not in plain and "--sequential-checks" not in plain
+
+
+def test_teacher_holdout_splits_train_rows_the_teacher_never_sees(base_size, tmp_path):
+    """`common.split_glue_train`: the two halves partition the train rows (each row once, the header kept byte for
+    byte, the dev file copied), the draw is seeded, and the held-out half is what the budget's CLI reads."""
+    source = tmp_path / "glue" / "MRPC"
+    source.mkdir(parents=True)
+    header = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n".encode()
+    rows = [f"{i % 2}\t{i}\t{i + 1000}\tleft {i}\tright {i}\n".encode() for i in range(40)]
+    (source / "train.tsv").write_bytes(header + b"".join(rows))
+    (source / "dev.tsv").write_bytes(header + rows[0])
+    split = base_size.split_glue_train("mrpc", tmp_path / "glue", 12, 3, tmp_path / "split")
+    parts = {}
+    for part in ("teacher", "holdout"):
+        text = (split / part / "MRPC" / "train.tsv").read_bytes().splitlines(keepends=True)
+        assert text[0] == header and (split / part / "MRPC" / "dev.tsv").read_bytes() == header + rows[0]
+        parts[part] = text[1:]
+    assert len(parts["holdout"]) == 12 and sorted(parts["teacher"] + parts["holdout"]) == sorted(rows)
+    again = base_size.split_glue_train("mrpc", tmp_path / "glue", 12, 4, tmp_path / "other")
+    assert (again / "holdout" / "MRPC" / "train.tsv").read_bytes() != header + b"".join(parts["holdout"])
+    with pytest.raises(ValueError, match="holdout"):
+        base_size.split_glue_train("mrpc", tmp_path / "glue", 40, 0, tmp_path / "all")
+
+    args = base_size.parse_args(["--model", "minilm", "--teacher-holdout", "2048", "--methods", "drone"])
+    assert args.heldout_samples == 2048 - args.calibration_samples
+    run = base_size.Run.create(args)
+    assert run.teacher_settings()["holdout"] == 2048
+    assert "holdout" not in base_size.Run.create(base_size.parse_args(["--model", "minilm"])).teacher_settings()
+    run.root = tmp_path / "run"
+    command = base_size._compress_command(run, {"path": "teacher"}, "drone", 1.0, "out")
+    data = Path(command[command.index("--data-dir") + 1])
+    assert data == tmp_path / "run" / "data" / "holdout2048-seed0" / "holdout" / "MRPC"
+    assert len((data / "train.tsv").read_bytes().splitlines()) == 2048 + 1
+    with pytest.raises(SystemExit):
+        base_size.parse_args(["--model", "minilm", "--teacher-holdout", "520"])  # 8 rows after calibration

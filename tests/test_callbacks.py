@@ -185,6 +185,44 @@ def test_callback_calibrates_on_a_given_dataloader_or_the_trainer_dataloader(tmp
     assert drone.compressed_model.config.drone_calibration["num_samples"] == 6
 
 
+def test_callback_sequential_refits_on_its_calibration_rows(tmp_path):
+    """`DroneCompressionArguments(sequential=True)` gives what `compress_model(..., sequential=True)` gives on the same
+    calibration batches (a refit, not the plain factors), and the config records it."""
+    loader = tiny_batches(num_rows=12, batch_size=4)
+    drone = DroneCompressionCallback(
+        DroneCompressionArguments(rank=4, num_calibration_samples=12, sequential=True),
+        calibration_dataloader=loader,
+        output_dir=tmp_path / "given",
+        measure_speed=False,
+    )
+    trainer = _trainer(tmp_path, [drone])
+    trainer.train()
+    stats = collect_activation_stats(trainer.model, loader)
+    expected = compress_model(trainer.model, stats, rank=4, sequential=True, calibration_dataloader=loader)
+    torch.testing.assert_close(drone.compressed_model.state_dict(), expected.state_dict())
+    plain = compress_model(trainer.model, stats, rank=4).state_dict()
+    assert any(not torch.equal(v, plain[k]) for k, v in expected.state_dict().items())
+    assert drone.compressed_model.config.drone_calibration["sequential_refit"] is True
+    kwargs = DroneCompressionArguments(max_accuracy_drop=1.0, sequential=True, sequential_checks=2).compress_kwargs()
+    assert kwargs["sequential"] is True and kwargs["allocation_options"]["sequential_checks"] == 2
+    assert "sequential" not in DroneCompressionArguments(rank=4).compress_kwargs()
+
+
+def test_sequential_settings_are_checked():
+    with pytest.raises(ValueError, match=r"`sequential` must be a bool, got str 'yes'"):
+        DroneCompressionArguments(rank=4, sequential="yes")
+    with pytest.raises(ValueError, match=r"`sequential_checks` must be an int >= 0, got -1"):
+        DroneCompressionArguments(rank=4, sequential=True, sequential_checks=-1)
+    from transformers import AutoModelForSequenceClassification
+
+    from .testing_utils import tiny_config
+
+    albert = AutoModelForSequenceClassification.from_config(tiny_config("albert", num_labels=2))
+    with pytest.raises(ValueError, match="albert shares one layer module across its depth"):
+        DroneCompressionArguments(rank=4, sequential=True).validate_for_model(albert)
+    DroneCompressionArguments(rank=4).validate_for_model(albert)
+
+
 def test_max_accuracy_drop_uses_heldout_training_rows_disjoint_from_calibration(tmp_path):
     train = tiny_dataset(40)
     settings = DroneCompressionArguments(max_accuracy_drop=50.0, num_calibration_samples=16, heldout_samples=12)
