@@ -242,6 +242,12 @@ def _add_embeddings_parser(commands) -> None:
     budget.add_argument("--rank", type=count(1), help="one rank for every encoder linear")
     sub.add_argument("--method", default=DEFAULT_METHOD, help=_METHOD_HELP)
     sub.add_argument("--no-attention", action="store_true", help="do not factor the attention score product")
+    sub.add_argument(
+        "--sequential",
+        action="store_true",
+        help="refit the factored linears layer after layer on the calibration sentences as the compressed encoder "
+        "feeds them (docs/methods.md 1c); with --min-cosine-similarity the joint checks judge refitted encoders",
+    )
     sub.add_argument("--batch-size", type=count(1), default=32, help="sentences per calibration / held-out batch")
     sub.add_argument(
         "--safety-margin",
@@ -416,6 +422,7 @@ def _compress_embeddings(args) -> int:
         heldout_sentences=heldout,
         batch_size=args.batch_size,
         attention=not args.no_attention,
+        sequential=args.sequential,
         allocation_options=(
             {"safety_margin": args.safety_margin, "refine_steps": args.refine_steps, "search": args.allocation_search}
             if args.min_cosine_similarity is not None

@@ -258,6 +258,7 @@ _ST_ALLOCATION_OPTIONS = (
     "screening_dtype",
     "safety_margin",
     "refine_steps",
+    "sequential_checks",
     "search",
     "seq_len",
     "show_progress",
@@ -469,6 +470,7 @@ def compress_sentence_transformer(
     heldout_sentences: Sequence[str] | None = None,
     batch_size: int = 32,
     attention: bool = True,
+    sequential: bool = False,
     allocation_options: Mapping | None = None,
     allocation_report: dict | None = None,
     distill_steps: int = 0,
@@ -522,8 +524,13 @@ def compress_sentence_transformer(
         batch_size (`int`, *optional*, defaults to 32): Sentences per calibration / held-out batch.
         attention (`bool`, *optional*, defaults to `True`): Let budgets also factor the attention score product
             (DRONE attention) where the family allows it.
+        sequential (`bool`, *optional*, defaults to `False`): Refit the factored linears layer after layer on the
+            calibration sentences as the compressed encoder itself feeds them ([`compress_model`]'s `sequential`,
+            docs/methods.md §1c): same ranks, smaller error. With `min_cosine_similarity` the joint checks score
+            refitted encoders (`allocation_options={"sequential_checks": 4}` more past the search's result). Before
+            any distillation. Not for families that share layers (ALBERT).
         allocation_options (`Mapping`, *optional*): Further options of [`allocate_ranks`] (`safety_margin`,
-            `refine_steps`, `search`, `screening_samples`, `screening_dtype`, `seq_len`, ...).
+            `refine_steps`, `search`, `screening_samples`, `screening_dtype`, `seq_len`, `sequential_checks`, ...).
         allocation_report (`dict`, *optional*): Filled with what was done: the allocation's report, `heldout_cosine`
             (mean cosine of the returned model's embeddings to the dense ones on the held-out sentences, when there
             are any: after distillation and in the deployment dtype / int8), the number of calibration and held-out
@@ -580,6 +587,7 @@ def compress_sentence_transformer(
     from .allocation import allocate_ranks
     from .deployment import check_deployment, prepare_for_deployment
     from .methods import method_names
+    from .sequential import check_sequential
 
     _require_sentence_transformers()
     _transformer_module(model)
@@ -642,20 +650,24 @@ def compress_sentence_transformer(
     new.__class__ = _drone_sentence_transformer_class(type(model))
     new_transformer = list(new._modules.values())[0]
     encoder = new_transformer.auto_model
+    if not isinstance(sequential, bool):
+        raise TypeError(f"`sequential` must be a bool, got {type(sequential).__name__} {sequential!r}.")
+    if sequential:
+        check_sequential(encoder)
     modes = {name: module.training for name, module in new.named_modules()}  # the input's, module by module
     new.eval()
     report = allocation_report if allocation_report is not None else {}
     calibration_batches = sentence_batches(new, calibration, batch_size)
     heldout_batches = sentence_batches(new, heldout, batch_size) if heldout else []
+    tensors = [_tensor_inputs(b) for b in calibration_batches]
     stats = None
     if method != "svd":
-        stats = collect_activation_stats(
-            encoder, [_tensor_inputs(b) for b in calibration_batches], show_progress=show_progress
-        )
+        stats = collect_activation_stats(encoder, tensors, show_progress=show_progress)
     calibration_info = {"data": "unlabeled sentences", "num_samples": len(calibration)}
+    refit = {"sequential": True, "calibration_dataloader": tensors} if sequential else {}
     if budget in ("rank", "ranks"):
         compressed = compress_model(
-            encoder, stats, method=method, rank=rank, ranks=ranks, calibration_info=calibration_info
+            encoder, stats, method=method, rank=rank, ranks=ranks, calibration_info=calibration_info, **refit
         )
     else:
         options = dict(allocation_options)
@@ -673,6 +685,7 @@ def compress_sentence_transformer(
             param_ratio=param_ratio,
             max_accuracy_drop=None if min_cosine_similarity is None else 100.0 * (1.0 - min_cosine_similarity),
             eval_dataloader=heldout_batches if budget == "min_cosine_similarity" else None,
+            sequential_dataloader=tensors if sequential and budget == "min_cosine_similarity" else None,
             report=report,
             dtype=dtype,
             quantize=quantize,
@@ -684,7 +697,9 @@ def compress_sentence_transformer(
                 f"The budget cannot be met: no module can be compressed within {budget}={budgets[budget]!r}; "
                 f"loosen it{hint}."
             )
-        compressed = compress_model(encoder, stats, method=method, ranks=chosen, calibration_info=calibration_info)
+        compressed = compress_model(
+            encoder, stats, method=method, ranks=chosen, calibration_info=calibration_info, **refit
+        )
     head = sentence_embedding_head(new)
     dense_heldout = _heldout_embeddings(encoder, heldout_batches, head) if heldout_batches else None
     if distillation is not None:

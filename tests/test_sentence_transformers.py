@@ -277,6 +277,31 @@ def test_min_cosine_similarity_carves_heldout_sentences_from_the_input(bert_dens
     assert small[0].auto_model.config.drone_calibration["num_tokens"] == tokens
 
 
+def test_sequential_refit_brings_the_embeddings_closer_and_the_budget_judges_the_refitted_encoder(dense):
+    """`sequential=True` refits the factors on the compressed encoder's own inputs: at the same ranks the embeddings of
+    the calibration sentences move closer to the dense ones; under a cosine budget the reported held-out cosine is the
+    returned (refitted) model's own, and the config records the refit."""
+    plain = drone_hf.compress_sentence_transformer(dense, SENTENCES, rank=4, attention=False)
+    refit = drone_hf.compress_sentence_transformer(dense, SENTENCES, rank=4, attention=False, sequential=True)
+    assert 1 - cosine_fidelity(dense, refit, SENTENCES) < 0.9 * (1 - cosine_fidelity(dense, plain, SENTENCES))
+    assert refit[0].auto_model.config.drone_calibration["sequential_refit"] is True
+    assert "sequential_refit" not in plain[0].auto_model.config.drone_calibration
+    report: dict = {}
+    small = drone_hf.compress_sentence_transformer(
+        dense,
+        SENTENCES,
+        min_cosine_similarity=0.99,
+        heldout_sentences=HELDOUT,
+        sequential=True,
+        allocation_options={"search": "fast", "sequential_checks": 1},
+        allocation_report=report,
+    )
+    assert report["heldout_cosine"] == pytest.approx(cosine_fidelity(dense, small, HELDOUT), abs=1e-5)
+    assert report["heldout_cosine"] >= 0.99 - 1e-9 and small[0].auto_model.config.drone_calibration["sequential_refit"]
+    with pytest.raises(TypeError, match=r"`sequential` must be a bool, got int 1"):
+        drone_hf.compress_sentence_transformer(dense, SENTENCES, rank=4, sequential=1)
+
+
 def test_a_cosine_budget_no_compression_meets_is_refused(bert_dense):
     with pytest.raises(ValueError, match=r"budget cannot be met.*min_cosine_similarity=1\.0"):
         drone_hf.compress_sentence_transformer(bert_dense, SENTENCES, min_cosine_similarity=1.0)
@@ -776,7 +801,10 @@ def sentences_file(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("budget", [["--rank", "8"], ["--min-cosine-similarity", "0.999", "--refine-steps", "4"]])
+@pytest.mark.parametrize(
+    "budget",
+    [["--rank", "8"], ["--rank", "8", "--sequential"], ["--min-cosine-similarity", "0.999", "--refine-steps", "4"]],
+)
 def test_cli_compress_embeddings(bert_dense, sentences_file, tmp_path, capsys, budget):
     bert_dense.save(str(tmp_path / "dense"))
     argv = ["compress-embeddings", "--model", str(tmp_path / "dense"), "--sentences", str(sentences_file)]
@@ -790,6 +818,8 @@ def test_cli_compress_embeddings(bert_dense, sentences_file, tmp_path, capsys, b
         assert results["results"]["drone"]["heldout_cosine"] >= 0.999 and "Allocation:" in printed
     reloaded = SentenceTransformer(str(tmp_path / "out"))
     assert type(reloaded[0].auto_model).__name__ == "DroneBertModel"
+    calibration = reloaded[0].auto_model.config.drone_calibration
+    assert calibration.get("sequential_refit", False) is ("--sequential" in budget)
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data["drone_hf"]["speed"]["setting"].startswith("encode() of 128 sentences, batch 32, float32,")
 
