@@ -29,6 +29,11 @@ On a CPU with AMX-bf16 tiles, `--teacher-bf16` and `--distill-bf16` train in bf1
 `TrainingArguments(bf16=True)`): MPNet at batch 32 on MRPC rows takes 2.2 s per step against 5.2 s in fp32 on 2
 threads. Each is part of its entries' keys.
 
+`--teacher-holdout N` keeps N train rows (a seeded draw, `common.split_glue_train`) out of the teacher's fine-tuning;
+the budget stage then calibrates on the first `--calibration-samples` of them and checks the budget on the rest, rows
+the teacher has never seen (without it the held-out rows are rows the teacher learnt, on which a compressed model's
+drop is larger than on dev). Its teacher, entries and report (`..._holdout<N>.json`) are its own.
+
 A smoke run writes its report into its cache folder, not benchmarks/results. Set $DRONE_HF_CACHE to share teachers
 with another checkout (e.g. the all-mpnet-base-v2 SST-2 teacher of mpnet_glue.py has this script's SST-2 settings).
 `--cache-teacher` runs the teacher once over the distillation rows and reuses its outputs
