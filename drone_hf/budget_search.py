@@ -4,6 +4,7 @@ the same way. Nothing here reads a clock, so the same model, data and seed give 
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from numbers import Real
@@ -181,11 +182,13 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
         evaluator = LayerwiseEvaluator(working, screening, rows_fn, autocast_dtype=screening_dtype)
     raw_metric = options["metric_fn"] or default_metric_fn(problem_type, evaluator.kind)
     metric_fn = _checked_metric(raw_metric)
+    # Every joint check scores on all held-out rows against the same budget; only the progress bar and refit vary.
+    joint_check = functools.partial(
+        _JointCheck, working, candidates, joint_evaluator, metric_fn, budget, options["safety_margin"], raw_metric
+    )
     if search == "fast":
         bar = tqdm(total=1, desc="Joint checks", disable=not show_progress)
-        joint = _JointCheck(
-            working, candidates, joint_evaluator, metric_fn, budget, options["safety_margin"], raw_metric, bar
-        )
+        joint = joint_check(bar)
         shares = cost_shares(candidates)
         refined, details = path_search(
             joint, candidates, evaluator, problem_type, shares, refine_steps, show_progress, quantised
@@ -193,17 +196,7 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
         details["shares"] = shares
         if options.get("refit") is not None:
             bar.total += options["sequential_checks"] + 1
-            sequential = _JointCheck(
-                working,
-                candidates,
-                joint_evaluator,
-                metric_fn,
-                budget,
-                options["safety_margin"],
-                raw_metric,
-                bar,
-                refit=options["refit"],
-            )
+            sequential = joint_check(bar, refit=options["refit"])
             refined, details["sequential"] = extend_sequential(
                 sequential,
                 details["path"],
@@ -215,9 +208,7 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
     else:
         # At most 8 + 5 scale checks and `refine_steps` refinement checks, each a pass over all held-out rows.
         bar = tqdm(total=13 + refine_steps, desc="Joint checks", disable=not show_progress)
-        joint = _JointCheck(
-            working, candidates, joint_evaluator, metric_fn, budget, options["safety_margin"], raw_metric, bar
-        )
+        joint = joint_check(bar)
         refined, details = _exhaustive_search(
             working, joint, candidates, evaluator, problem_type, refine_steps, show_progress
         )

@@ -22,7 +22,7 @@ from .methods import DEFAULT_METHOD, get_method, resolve_method
 from .model_state import check_materialized, copy_training_modes
 from .modeling_drone import drone_model_class
 from .projective import choose_kj, embedding_parameter_count, projective_clustering, projective_clustering_cost
-from .sequential import check_sequential, refit_sequential
+from .sequential import check_sequential, check_sequential_flag, refit_sequential
 from .stats import check_stats, split_stats
 from .structure import attention_geometry, qk_linear_names, validate_attention_ranks, validate_drone_ranks
 from .targets import (
@@ -321,9 +321,7 @@ def compress_model(
             f"'train', 'num_samples': 512}}), got {type(calibration_info).__name__} {calibration_info!r}."
         )
     embedding_args = _check_embedding_args(model, embedding, embedding_options)  # before any expensive work
-    if not isinstance(sequential, bool):
-        raise TypeError(f"`sequential` must be a bool, got {type(sequential).__name__} {sequential!r}.")
-    if sequential and calibration_dataloader is None:
+    if check_sequential_flag(sequential) and calibration_dataloader is None:
         raise ValueError("`sequential=True` needs `calibration_dataloader` (the calibration batches to refit on).")
     if sequential:
         check_sequential(model)

@@ -206,14 +206,13 @@ def drone_refit(
         rank (`int`, *optional*): Target rank; `None` for an unconstrained (full-rank) refit.
 
     Returns:
-        `tuple[Tensor, Tensor | None, Tensor]`: `down` (`rank x in`) and `up` (`out x rank`), or `None` and the full
-        `out x in` weight when `rank` is `None`, then the new bias; in the weight's dtype.
+        `tuple[Tensor, Tensor | None, Tensor]`: `down` (`rank x in`) and `up` (`out x rank`), or, when `rank` is
+        `None`, the full `out x in` weight and `None`; then the new bias; in the weight's dtype.
     """
     size = weight.shape[1] + 1
     for name, value in (("cross", cross), ("stats", stats)):
         if value.shape != (size, size):
             raise ValueError(f"`{name}` must be ({size}, {size}) for this weight, got {tuple(value.shape)}.")
-    for name, value in (("cross", cross), ("stats", stats)):
         if not torch.isfinite(value).all():
             raise ValueError(f"`{name}` contains NaN or Inf: the calibration forward of either model is not finite.")
     if rank is not None:

@@ -587,7 +587,7 @@ def compress_sentence_transformer(
     from .allocation import allocate_ranks
     from .deployment import check_deployment, prepare_for_deployment
     from .methods import method_names
-    from .sequential import check_sequential
+    from .sequential import check_sequential, check_sequential_flag
 
     _require_sentence_transformers()
     _transformer_module(model)
@@ -650,9 +650,7 @@ def compress_sentence_transformer(
     new.__class__ = _drone_sentence_transformer_class(type(model))
     new_transformer = list(new._modules.values())[0]
     encoder = new_transformer.auto_model
-    if not isinstance(sequential, bool):
-        raise TypeError(f"`sequential` must be a bool, got {type(sequential).__name__} {sequential!r}.")
-    if sequential:
+    if check_sequential_flag(sequential):  # before calibrating (compress_model checks again)
         check_sequential(encoder)
     modes = {name: module.training for name, module in new.named_modules()}  # the input's, module by module
     new.eval()

@@ -164,6 +164,17 @@ def refit_sequential(
     return compressed
 
 
+def check_sequential_flag(sequential) -> bool:
+    """`sequential` itself, refused unless a bool (as `compress_model` and `compress_sentence_transformer` take it).
+
+    Raises:
+        `TypeError`: naming the value and its type.
+    """
+    if not isinstance(sequential, bool):
+        raise TypeError(f"`sequential` must be a bool, got {type(sequential).__name__} {sequential!r}.")
+    return sequential
+
+
 def check_sequential(model: nn.Module) -> None:
     """Refuses families whose layers are shared (ALBERT): one module runs at every depth there, so no single refit
     can match each layer's own inputs (measured on a tiny ALBERT: the final error grew 25-fold).
@@ -215,4 +226,4 @@ def _prepare(model: nn.Module, dataloader) -> list[dict]:
     return batches
 
 
-__all__ = ["check_sequential", "make_refit", "refit_modules", "refit_sequential"]
+__all__ = ["check_sequential", "check_sequential_flag", "make_refit", "refit_modules", "refit_sequential"]

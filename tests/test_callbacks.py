@@ -213,8 +213,6 @@ def test_sequential_settings_are_checked():
         DroneCompressionArguments(rank=4, sequential="yes")
     with pytest.raises(ValueError, match=r"`sequential_checks` must be an int >= 0, got -1"):
         DroneCompressionArguments(rank=4, sequential=True, sequential_checks=-1)
-    from transformers import AutoModelForSequenceClassification
-
     from .testing_utils import tiny_config
 
     albert = AutoModelForSequenceClassification.from_config(tiny_config("albert", num_labels=2))
