@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -244,6 +245,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=["bfloat16", "float16"],
         help="the CLI's --screening-dtype: per-module probes under autocast (default: float32)",
     )
+    group.add_argument(
+        "--budget-costs",
+        nargs="+",
+        choices=["flops", "float32"],
+        default=["flops"],
+        help="what a budget's time shares count: flops (multiply-adds) or float32 (the CLI's --dtype float32: kernels "
+        "timed on this machine, and only ranks measured faster than the dense layer); one entry each",
+    )
     group.add_argument("--cli-latency-repeats", type=int, help="the CLI's own timing rounds (default 3)")
     group.add_argument(
         "--sequential-checks",
@@ -386,34 +395,36 @@ class Run:
         return {**result, "entry": path.name}
 
     def budget_entries(self) -> list[tuple[str, str, float, Path, dict]]:
-        """`(name, method, budget, path, settings)` per budget and method."""
+        """`(name, method, budget, path, settings)` per budget, budget cost (`--budget-costs`) and method."""
         a, teacher = self.args, self.teacher_entry().name
         entries = []
-        for budget in a.budgets:
-            for method in a.methods:
-                settings = {
-                    "teacher": teacher,
-                    "method": method,
-                    "max_accuracy_drop": budget,
-                    "allocation_search": a.allocation_search,
-                    "calibration_samples": a.calibration_samples,
-                    "heldout_samples": a.heldout_samples,
-                    "screening_samples": a.screening_samples,
-                    "refine_steps": a.refine_steps,
-                    "dev_rows": a.dev_rows,
-                    "seed": a.seed,
-                    **({"screening_dtype": a.screening_dtype} if a.screening_dtype else {}),  # absent: older keys
-                    **({"sequential_checks": a.sequential_checks} if method.endswith("-seq") else {}),
-                    # the fast search's revision (absent for revision 1 and for the exhaustive search: older keys)
-                    **(
-                        {"search_revision": SEARCH_REVISION}
-                        if a.allocation_search == "fast" and SEARCH_REVISION > 1
-                        else {}
-                    ),
-                }
-                screening = f"-screen-{a.screening_dtype}" if a.screening_dtype else ""
-                name = f"{method}-drop{budget:g}-{a.allocation_search}{screening}"
-                entries.append((name, method, budget, entry_path(self.root, "budget", name, settings), settings))
+        for budget, cost, method in itertools.product(a.budgets, a.budget_costs, a.methods):
+            deployment_dtype = None if cost == "flops" else cost
+            settings = {
+                "teacher": teacher,
+                "method": method,
+                "max_accuracy_drop": budget,
+                "allocation_search": a.allocation_search,
+                "calibration_samples": a.calibration_samples,
+                "heldout_samples": a.heldout_samples,
+                "screening_samples": a.screening_samples,
+                "refine_steps": a.refine_steps,
+                "dev_rows": a.dev_rows,
+                "seed": a.seed,
+                **({"screening_dtype": a.screening_dtype} if a.screening_dtype else {}),  # absent: older keys
+                **({"deployment_dtype": deployment_dtype} if deployment_dtype else {}),
+                **({"sequential_checks": a.sequential_checks} if method.endswith("-seq") else {}),
+                # the fast search's revision (absent for revision 1 and for the exhaustive search: older keys)
+                **(
+                    {"search_revision": SEARCH_REVISION}
+                    if a.allocation_search == "fast" and SEARCH_REVISION > 1
+                    else {}
+                ),
+            }
+            screening = f"-screen-{a.screening_dtype}" if a.screening_dtype else ""
+            deployment = f"-timed-{deployment_dtype}" if deployment_dtype else ""
+            name = f"{method}-drop{budget:g}-{a.allocation_search}{screening}{deployment}"
+            entries.append((name, method, budget, entry_path(self.root, "budget", name, settings), settings))
         return entries
 
     def distill_entries(self) -> list[tuple[str, float, int, Path, dict]]:
@@ -530,8 +541,11 @@ def stage_teacher(run: Run) -> None:
     print(f"[teacher] {folder}: dev {run.info.main_metric} {metrics[run.info.main_metric]:.2f} -> {path}", flush=True)
 
 
-def _compress_command(run: Run, teacher: dict, method: str, budget: float, output: Path) -> list[str]:
-    """`drone-hf compress` with an accuracy budget, this run's settings, and its output in `output`."""
+def _compress_command(
+    run: Run, teacher: dict, method: str, budget: float, output: Path, dtype: str | None = None
+) -> list[str]:
+    """`drone-hf compress` with an accuracy budget, this run's settings, `--dtype dtype` (a budget timed in that
+    dtype) if given, and its output in `output`."""
     a, info = run.args, run.info
     data_dir = run.data_dirs()[1]
     sequential = method.endswith("-seq")
@@ -547,6 +561,7 @@ def _compress_command(run: Run, teacher: dict, method: str, budget: float, outpu
         "--heldout-samples": a.heldout_samples,
         "--screening-samples": a.screening_samples,
         "--screening-dtype": a.screening_dtype,
+        "--dtype": dtype,
         "--refine-steps": a.refine_steps,
         "--max-eval-samples": a.dev_rows,
         "--latency-repeats": a.cli_latency_repeats,
@@ -599,7 +614,7 @@ def stage_budget(run: Run) -> None:
         log = path.with_name(path.name + ".log")
         log.parent.mkdir(parents=True, exist_ok=True)
         with building(path, settings) as (scratch, result):
-            command = _compress_command(run, teacher, method, budget, scratch)
+            command = _compress_command(run, teacher, method, budget, scratch, settings.get("deployment_dtype"))
             print(f"[budget] {name}: {' '.join(command)} (log: {log})", flush=True)
             started = time.perf_counter()
             with open(log, "w") as out:
@@ -886,14 +901,15 @@ def report_rows(run: Run, teacher: dict, timing: dict | None) -> list[dict]:
     dense = teacher["dev"]
     rows = [{"name": "dense", "label": "dense", "kind": "dense", "retraining": "–", "dev": dense, "flop_bound": 1.0}]
     _speed_columns(rows[0], "dense", timing)
-    for name, method, budget, path, _ in run.budget_entries():
+    for name, method, budget, path, settings in run.budget_entries():
         entry = load_entry(path)
         if entry is None:
             continue
+        timed = f", {settings['deployment_dtype']} timed" if settings.get("deployment_dtype") else ""
         row = {
             "name": name,
-            "label": f"{METHOD_LABELS[method]} ≤{budget:g} pt",
-            "short": f"{method} ≤{budget:g}",
+            "label": f"{METHOD_LABELS[method]} ≤{budget:g} pt{timed}",
+            "short": f"{method} ≤{budget:g}{timed}",
             "kind": "budget",
             "retraining": "none",
             "budget": budget,
@@ -1011,7 +1027,8 @@ def plot(rows: list[dict], front: list[int], path: Path, title: str, xlabel: str
     if teacher is not None:
         curves.axhline(teacher, color="k", lw=0.8, label="teacher")
     curves.set(title="distillation curves", xlabel="optimiser step", ylabel=f"{metric} on held-out TRAIN rows")
-    curves.legend(fontsize=7)
+    if teacher is not None:  # the panel is empty without a distilled row
+        curves.legend(fontsize=7)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 

@@ -160,6 +160,26 @@ def test_the_sequential_method_runs_the_cli_with_sequential_and_keys_its_checks(
     assert "--sequential" not in plain and "--sequential-checks" not in plain
 
 
+def test_budget_costs_time_the_budget_in_an_entry_of_its_own(base_size):
+    """`--budget-costs flops float32`: one entry per cost; `float32` is the CLI's `--dtype float32` (a budget split by
+    measured time shares) under its own name and key, while the `flops` entry keeps the command and key it had before
+    the option (cached entries stay valid)."""
+    one = ["--model", "minilm", "--methods", "drone", "--budgets", "1"]
+    run = base_size.Run.create(base_size.parse_args([*one, "--budget-costs", "flops", "float32"]))
+    plain = base_size.Run.create(base_size.parse_args(one))
+    entries = {name: (path, settings) for name, _, _, path, settings in run.budget_entries()}
+    assert list(entries) == ["drone-drop1-fast", "drone-drop1-fast-timed-float32"]
+    (plain_name, _, _, plain_path, plain_settings), *_ = plain.budget_entries()
+    assert entries[plain_name] == (plain_path, plain_settings) and "deployment_dtype" not in plain_settings
+    timed_path, timed_settings = entries["drone-drop1-fast-timed-float32"]
+    assert timed_settings["deployment_dtype"] == "float32" and timed_path != plain_path
+    command = base_size._compress_command(run, {"path": "teacher"}, "drone", 1.0, "out", "float32")
+    assert command[command.index("--dtype") + 1] == "float32"
+    assert "--dtype" not in base_size._compress_command(plain, {"path": "teacher"}, "drone", 1.0, "out")
+    with pytest.raises(SystemExit):
+        base_size.parse_args(["--budget-costs", "bfloat16"])
+
+
 def test_teacher_holdout_splits_train_rows_the_teacher_never_sees(base_size, tmp_path):
     """`common.split_glue_train`: the two halves partition the train rows (each row once, the header kept byte for
     byte, the dev file copied), the draw is seeded, and the held-out half is what the budget's CLI reads."""
