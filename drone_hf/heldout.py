@@ -82,12 +82,17 @@ class LayerReplay:
             self._current = None
         return captured if capture is not None else outputs
 
+    def outputs_of(self, layer_index: int) -> list:
+        """The output of layer `layer_index` for every batch, run from the cached layer on (the forward stops after
+        that layer). Hooks on modules of the layers run see their inputs: the sequential refit reads them so."""
+        return self._run(self.layer_index, capture=layer_index)
+
     @torch.no_grad()
     def advance_to(self, layer_index: int) -> None:
         """Moves the cache forward to the inputs of `layer_index` (layers before it must be final by then)."""
         if not self.layer_names or layer_index <= self.layer_index:
             return
-        self._cache = self._run(self.layer_index, capture=layer_index - 1)
+        self._cache = self.outputs_of(layer_index - 1)
         self._advanced(layer_index - self.layer_index)
         self.layer_index = layer_index
 

@@ -33,7 +33,7 @@ def _inputs(module: nn.Module, stream: LayerReplay, layer: int) -> list[torch.Te
     seen: list[torch.Tensor] = []
     handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
     try:
-        stream._run(stream.layer_index, capture=layer)
+        stream.outputs_of(layer)
     finally:
         handle.remove()
     return seen

@@ -26,11 +26,11 @@ from drone_hf.glue import glue_metric_points
 from drone_hf.profiling import cpu_name
 
 from .testing_utils import (
+    one_torch_thread,
     tiny_batches,
     tiny_dataset,
     tiny_teacher,
     tiny_tokenizer,
-    torch_threads,
     unsupported_classifier,
 )
 
@@ -38,10 +38,7 @@ from .testing_utils import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+_one_thread = one_torch_thread()
 
 
 def _trainer(tmp_path, callbacks, *, model=None, train=None, eval_dataset=None, **overrides) -> Trainer:

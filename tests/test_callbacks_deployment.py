@@ -18,13 +18,10 @@ from drone_hf.int8 import DroneInt8Linear
 from drone_hf.layers import DroneLinear
 
 from .test_callbacks import _logits, _run_glue_module, _trainer
-from .testing_utils import tiny_batches, tiny_dataset, tiny_teacher, torch_threads
+from .testing_utils import one_torch_thread, tiny_batches, tiny_dataset, tiny_teacher
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
+_one_thread = one_torch_thread()
 
 
 def _reload(path):

@@ -18,14 +18,10 @@ from drone_hf.projective import (
     projective_clustering_cost,
 )
 
-from .testing_utils import minilm_path, torch_threads
+from .testing_utils import minilm_path, one_torch_thread
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Each op here is tiny: on shared CPUs, waiting for a second OpenMP thread costs more than the op (measured 30x).
-    with torch_threads(1):
-        yield
+_one_thread = one_torch_thread("function")
 
 
 def _matrix(n=300, d=12, seed=0, dtype=torch.float64):

@@ -29,10 +29,10 @@ from .test_hub import _FakeHub
 from .testing_utils import (
     SHARED_GLUE,
     minilm_path,
+    one_torch_thread,
     requires_shared_glue,
     tiny_config,
     tiny_tokenizer,
-    torch_threads,
 )
 
 
@@ -55,13 +55,7 @@ from drone_hf.sentence_embeddings import (  # noqa: E402
 FAMILIES = {"bert": BertModel, "mpnet": MPNetModel}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and on a busy machine extra threads make every small op
-    wait (on a loaded 2-core machine the MiniLM test's compression took about 5 min with one thread and had not
-    finished after 13 with two)."""
-    with torch_threads(1):
-        yield
+_one_thread = one_torch_thread()
 
 
 def _sentences(count: int, seed: int = 0) -> list[str]:
