@@ -266,6 +266,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--distill-steps", type=int, nargs="+", help="one per --speedups, or one for all (default 600 1200 2000)"
     )
     group.add_argument("--distill-method", choices=["drone", "drone-bc", "svd"], default="drone")
+    group.add_argument(
+        "--distill-ranks",
+        type=int,
+        nargs="+",
+        help="uniform ranks of every encoder linear instead of --speedups (one distilled model each; the "
+        "--distill-steps pair with these)",
+    )
+    group.add_argument(
+        "--distill-no-attention",
+        action="store_true",
+        help="allocate the FLOP budget over the linears only (compress_model(attention=False)): DRONE attention's "
+        "narrowed query/key are zero-padded back to the head size at run time, so the score product it removes from "
+        "the multiply-add count still runs",
+    )
     group.add_argument("--distill-batch-size", type=int, help="per device (default 16)")
     group.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default 2: batch 32)")
     group.add_argument("--distill-lr", type=float, default=1e-4)
@@ -309,10 +323,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    budgets = args.distill_ranks or args.speedups
     if len(args.distill_steps) == 1:
-        args.distill_steps = args.distill_steps * len(args.speedups)
-    if len(args.distill_steps) != len(args.speedups):
-        parser.error(f"--distill-steps: one value or one per --speedups {args.speedups}, got {args.distill_steps}.")
+        args.distill_steps = args.distill_steps * len(budgets)
+    if len(args.distill_steps) != len(budgets):
+        parser.error(f"--distill-steps: one value or one per distillation budget {budgets}, got {args.distill_steps}.")
+    if args.distill_ranks and min(args.distill_ranks) < 1:
+        parser.error(f"--distill-ranks must be >= 1, got {args.distill_ranks}.")
     if args.distill_rows is not None and args.distill_rows < 1:
         parser.error(f"--distill-rows must be >= 1, got {args.distill_rows}.")
     if args.teacher_holdout:
@@ -428,14 +445,17 @@ class Run:
         return entries
 
     def distill_entries(self) -> list[tuple[str, float, int, Path, dict]]:
-        """`(name, speedup, steps, path, settings)` per FLOP budget."""
+        """`(name, budget label, steps, path, settings)` per FLOP budget (or uniform rank, `--distill-ranks`)."""
         a, teacher = self.args, self.teacher_entry().name
         entries = []
-        for speedup, steps in zip(a.speedups, a.distill_steps):
+        budgets = (
+            [("rank", r) for r in a.distill_ranks] if a.distill_ranks else [("target_speedup", s) for s in a.speedups]
+        )
+        for (kind, value), steps in zip(budgets, a.distill_steps):
             settings = {
                 "teacher": teacher,
                 "method": a.distill_method,
-                "target_speedup": speedup,
+                kind: value,
                 "calibration_samples": a.calibration_samples,
                 "steps": steps,
                 "batch_size": a.distill_batch_size,
@@ -451,10 +471,13 @@ class Run:
                 # the cache changes how long it takes, not what is learnt; keyed all the same, as the run it names
                 **({"teacher_cache": a.teacher_cache_dtype} if a.cache_teacher else {}),
                 **({"distill_rows": a.distill_rows} if a.distill_rows else {}),
+                **({"attention": False} if a.distill_no_attention else {}),  # absent when on: older keys
                 "balanced_factors": True,  # DroneDistillationArguments.balance_factors (default since it exists)
             }
-            name = f"{a.distill_method}-{speedup:g}x-distilled"
-            entries.append((name, speedup, steps, entry_path(self.root, "distill", name, settings), settings))
+            linears = "-linears" if a.distill_no_attention else ""
+            tag, label = (f"rank{value}", f"rank {value}") if kind == "rank" else (f"{value:g}x", f"{value:g}× FLOPs")
+            name = f"{a.distill_method}-{tag}{linears}-distilled"
+            entries.append((name, label, steps, entry_path(self.root, "distill", name, settings), settings))
         return entries
 
     def finished_models(self) -> dict[str, Path]:
@@ -760,14 +783,16 @@ def stage_distill(run: Run) -> None:
     )
     provenance = {"dataset": f"glue/{info.name}", "split": "train", "num_samples": a.calibration_samples}
     curve_dense = points(evaluate_glue(teacher, curve_rows, tokenizer, info.name))  # the curve's ceiling
-    for name, speedup, steps, path, settings in todo:
+    for name, _, steps, path, settings in todo:
         with building(path, settings) as (scratch, result):
             teacher.to("cpu")
+            kind = "rank" if "rank" in settings else "target_speedup"
             student = drone_hf.compress_model(
                 teacher,
                 None if a.distill_method == "svd" else stats,
                 method=a.distill_method,
-                target_speedup=speedup,
+                **{kind: settings[kind]},
+                attention=not a.distill_no_attention,
                 calibration_info=provenance,
             )
             bound = flop_bound(teacher, student, a.seq_len)
@@ -784,7 +809,8 @@ def stage_distill(run: Run) -> None:
             tokenizer.save_pretrained(scratch)
             result.update(
                 trained,
-                speedup_target=speedup,
+                speedup_target=settings.get("target_speedup"),
+                rank=settings.get("rank"),
                 flop_bound=bound,
                 steps=steps,
                 batch_size=a.distill_batch_size,
@@ -931,14 +957,15 @@ def report_rows(run: Run, teacher: dict, timing: dict | None) -> list[dict]:
         if timing and name in timing["flop_bounds"]:
             row["flop_bound"] = timing["flop_bounds"][name]
         rows.append(row)
-    for name, speedup, steps, path, _ in run.distill_entries():
+    for name, budget, steps, path, _ in run.distill_entries():
         entry = load_entry(path)
         if entry is None:
             continue
         method = METHOD_LABELS[run.args.distill_method]
+        scope = ", linears only" if run.args.distill_no_attention else ""
         before = {
             "name": f"{name}:before",
-            "label": f"{method} {speedup:g}× FLOPs",
+            "label": f"{method} {budget}{scope}",
             "kind": "flop",
             "retraining": "none",
             "dev": entry["dev_before"],
@@ -948,13 +975,13 @@ def report_rows(run: Run, teacher: dict, timing: dict | None) -> list[dict]:
         }
         after = {
             "name": name,
-            "label": f"{method} {speedup:g}× FLOPs",
+            "label": f"{method} {budget}{scope}",
             "kind": "distilled",
             "retraining": f"distilled {steps} steps",
             "dev": entry["dev"],
             "flop_bound": entry["flop_bound"],
             "cost": f"distillation {entry['train_seconds'] / 60:.1f} min ({entry['device']})",
-            "short": f"{speedup:g}× +KD",
+            "short": f"{budget} +KD",
             "curve": entry["curve"],
             "curve_dense": entry["curve_dense"],
             "steps": steps,

@@ -180,6 +180,29 @@ def test_budget_costs_time_the_budget_in_an_entry_of_its_own(base_size):
         base_size.parse_args(["--budget-costs", "bfloat16"])
 
 
+def test_distillation_at_uniform_ranks_over_the_linears_only(base_size):
+    """`--distill-ranks R ...` distils one model per uniform rank instead of per FLOP target, and
+    `--distill-no-attention` allocates over the linears only; both are part of the entry's name and key, and the
+    FLOP-target entries keep the names and keys they had (cached entries stay valid)."""
+    ranked = base_size.parse_args(
+        ["--model", "minilm", "--distill-ranks", "32", "48", "--distill-steps", "100", "--distill-no-attention"]
+    )
+    entries = base_size.Run.create(ranked).distill_entries()
+    assert [(name, label, steps) for name, label, steps, _, _ in entries] == [
+        ("drone-rank32-linears-distilled", "rank 32", 100),
+        ("drone-rank48-linears-distilled", "rank 48", 100),
+    ]
+    settings = entries[0][4]
+    assert settings["rank"] == 32 and "target_speedup" not in settings and settings["attention"] is False
+    default = base_size.Run.create(base_size.parse_args(["--model", "minilm"]))
+    (name, label, _, _, plain), *_ = default.distill_entries()
+    assert (name, label) == ("drone-2x-distilled", "2× FLOPs")
+    assert plain["target_speedup"] == 2.0 and "rank" not in plain and "attention" not in plain
+    for bad in (["--distill-ranks", "32", "48", "--distill-steps", "1", "2", "3"], ["--distill-ranks", "0"]):
+        with pytest.raises(SystemExit):
+            base_size.parse_args(["--model", "minilm", *bad])
+
+
 def test_teacher_holdout_splits_train_rows_the_teacher_never_sees(base_size, tmp_path):
     """`common.split_glue_train`: the two halves partition the train rows (each row once, the header kept byte for
     byte, the dev file copied), the draw is seeded, and the held-out half is what the budget's CLI reads."""
