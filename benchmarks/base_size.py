@@ -444,7 +444,7 @@ class Run:
             entries.append((name, method, budget, entry_path(self.root, "budget", name, settings), settings))
         return entries
 
-    def distill_entries(self) -> list[tuple[str, float, int, Path, dict]]:
+    def distill_entries(self) -> list[tuple[str, str, int, Path, dict]]:
         """`(name, budget label, steps, path, settings)` per FLOP budget (or uniform rank, `--distill-ranks`)."""
         a, teacher = self.args, self.teacher_entry().name
         entries = []
@@ -474,9 +474,10 @@ class Run:
                 **({"attention": False} if a.distill_no_attention else {}),  # absent when on: older keys
                 "balanced_factors": True,  # DroneDistillationArguments.balance_factors (default since it exists)
             }
-            linears = "-linears" if a.distill_no_attention else ""
             tag, label = (f"rank{value}", f"rank {value}") if kind == "rank" else (f"{value:g}x", f"{value:g}× FLOPs")
-            name = f"{a.distill_method}-{tag}{linears}-distilled"
+            if a.distill_no_attention:
+                tag, label = f"{tag}-linears", f"{label}, linears only"
+            name = f"{a.distill_method}-{tag}-distilled"
             entries.append((name, label, steps, entry_path(self.root, "distill", name, settings), settings))
         return entries
 
@@ -962,10 +963,9 @@ def report_rows(run: Run, teacher: dict, timing: dict | None) -> list[dict]:
         if entry is None:
             continue
         method = METHOD_LABELS[run.args.distill_method]
-        scope = ", linears only" if run.args.distill_no_attention else ""
         before = {
             "name": f"{name}:before",
-            "label": f"{method} {budget}{scope}",
+            "label": f"{method} {budget}",
             "kind": "flop",
             "retraining": "none",
             "dev": entry["dev_before"],
@@ -975,7 +975,7 @@ def report_rows(run: Run, teacher: dict, timing: dict | None) -> list[dict]:
         }
         after = {
             "name": name,
-            "label": f"{method} {budget}{scope}",
+            "label": f"{method} {budget}",
             "kind": "distilled",
             "retraining": f"distilled {steps} steps",
             "dev": entry["dev"],

@@ -189,8 +189,8 @@ def test_distillation_at_uniform_ranks_over_the_linears_only(base_size):
     )
     entries = base_size.Run.create(ranked).distill_entries()
     assert [(name, label, steps) for name, label, steps, _, _ in entries] == [
-        ("drone-rank32-linears-distilled", "rank 32", 100),
-        ("drone-rank48-linears-distilled", "rank 48", 100),
+        ("drone-rank32-linears-distilled", "rank 32, linears only", 100),
+        ("drone-rank48-linears-distilled", "rank 48, linears only", 100),
     ]
     settings = entries[0][4]
     assert settings["rank"] == 32 and "target_speedup" not in settings and settings["attention"] is False
