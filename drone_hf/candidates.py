@@ -145,11 +145,11 @@ class Candidates:
         return out_f * in_f if rank is None else rank * (out_f + in_f)
 
     def macs(self, name, rank) -> int:
-        """Multiply-adds per sequence of `seq_len` tokens (attention blocks: Q/K projections and scores)."""
+        """Multiply-adds per sequence of `seq_len` tokens (attention blocks: Q/K projections and scores; the scores
+        at the full head width at any rank, as [`DroneQKLinear`] pads each head back and they run at that width)."""
         if name in self.blocks:
             _, _, num_heads, head = attention_geometry(self.model, name)
-            width = num_heads * (head if rank is None else rank)
-            return self.seq_len * self.params(name, rank) + self.seq_len**2 * width
+            return self.seq_len * self.params(name, rank) + self.seq_len**2 * num_heads * head
         return self.seq_len * self.params(name, rank)
 
     def dense_cost(self, name) -> float:

@@ -33,12 +33,13 @@ def model_macs(model: nn.Module, seq_len: int = 128) -> int:
     are).
 
     Counts every linear of every layer per token (a layer that runs several times, as ALBERT's shared one, once per
-    run) and the attention products: `n^2` times the query/key width for the scores (narrowed by DRONE attention) and
-    `n^2` times the value width for the context. Linears outside the layers (pooler, classifier, heads) count once
+    run) and the attention products: `n^2` times the head width for the scores and `n^2` times the value width for
+    the context. DRONE attention narrows the query/key *projections* (counted at their rank), but [`DroneQKLinear`]
+    zero-pads each head back to the head size so that the family's own attention runs unchanged: the score product
+    runs, and is counted, at the full width. Linears outside the layers (pooler, classifier, heads) count once
     per sequence. Embedding lookups, softmax, LayerNorm and activations are not counted: they are not matrix products.
     """
     from .architecture import get_architecture, layer_names
-    from .layers import DroneQKLinear
     from .structure import attention_blocks, attention_geometry
 
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
@@ -51,9 +52,8 @@ def model_macs(model: nn.Module, seq_len: int = 128) -> int:
         per_layer += seq_len * sum(_linear_macs(m) for m in _linear_kinds(model.get_submodule(layer)))
         block = next((b for b in blocks if b.startswith(f"{layer}.")), None)
         if block is not None:
-            query, _, num_heads, head = attention_geometry(model, block)
-            width = num_heads * (query.rank if isinstance(query, DroneQKLinear) else head)
-            per_layer += seq_len * seq_len * (width + num_heads * head)
+            _, _, num_heads, head = attention_geometry(model, block)
+            per_layer += 2 * seq_len * seq_len * num_heads * head  # scores (padded back to `head`) and context
         else:  # scores and context at the full width (e.g. ModernBERT's fused projection)
             per_layer += 2 * seq_len * seq_len * model.config.hidden_size
     layer_ids = {id(model.get_submodule(layer)) for layer in layers}

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from drone_hf import DroneQKLinear, collect_activation_stats, compress_model
-from drone_hf.profiling import encoder_macs
+from drone_hf.profiling import encoder_macs, model_macs
 
 from .testing_utils import tiny_batches, tiny_teacher
 
@@ -87,6 +87,17 @@ def test_ranks_mapping_accepts_attention_blocks_and_flops_drop():
     assert compressed.config.drone_attention_ranks == {BLOCK: 2}
     assert compressed.config.drone_ranks == {"bert.encoder.layer.0.output.dense": 4}
     assert encoder_macs(compressed.config, 16) < encoder_macs(model.config, 16)
+
+
+def test_macs_count_the_narrowed_projections_and_the_scores_at_the_width_that_runs():
+    # DroneQKLinear pads each head back to d_h = 8, so only the two projections get cheaper: per token,
+    # 2 x (hidden 32) x (4 heads) x (8 - 2) multiply-adds in the one narrowed block; the scores run (and count) at 8.
+    model = tiny_teacher()
+    compressed = compress_model(model, None, method="svd", ranks={BLOCK: 2})
+    seq_len = 16
+    saved = 2 * seq_len * 32 * 4 * (8 - 2)
+    assert encoder_macs(model.config, seq_len) - encoder_macs(compressed.config, seq_len) == saved
+    assert model_macs(model, seq_len) - model_macs(compressed, seq_len) == saved
 
 
 @pytest.mark.parametrize(
