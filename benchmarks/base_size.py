@@ -88,6 +88,10 @@ from drone_hf.profiling import count_parameters, cpu_name, load_average
 
 STAGES = ("teacher", "budget", "distill", "time", "report")
 RESULT = "result.json"  # written last into an entry's scratch folder: an entry without it does not exist
+ROWS_TEXT = {  # --timing-rows
+    "padded": "train rows padded to that length",
+    "full": "full-length rows: train text concatenated, no padding",
+}
 METHOD_LABELS = {
     "drone": "DRONE",
     "drone-bc": "DRONE (bias-corrected)",
@@ -317,6 +321,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--latency-repeats", type=int, help="timed rounds (default 20)")
     group.add_argument("--seq-len", type=int, default=128)
     group.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1])
+    group.add_argument(
+        "--timing-rows",
+        choices=["padded", "full"],
+        default="padded",
+        help="padded: the first train rows padded to --seq-len (the default, as before); full: sequences of exactly "
+        "--seq-len real tokens (train text concatenated, no padding, all-ones mask); a timing and report of its own",
+    )
     args = parser.parse_args(argv)
     heldout_given = args.heldout_samples is not None
     defaults = {**TEACHER_DEFAULTS[args.model, args.task], **DEFAULTS, **(SMOKE if args.smoke else {})}
@@ -501,6 +512,7 @@ class Run:
             "threads": torch.get_num_threads(),
             "seq_len": a.seq_len,
             "batch_sizes": a.batch_sizes,
+            **({"rows": a.timing_rows} if a.timing_rows != "padded" else {}),  # the padded entries keep their keys
         }
         return entry_path(self.root, "time", "cpu", settings), settings
 
@@ -850,7 +862,8 @@ def stage_time(run: Run) -> None:
         split="train",
         data_dir=glue_data_dir(run.info.name),
         max_length=a.seq_len,
-        max_samples=max(a.batch_sizes),
+        # full rows: enough text for the largest batch even if every row held one token
+        max_samples=max(a.batch_sizes) * (a.seq_len if a.timing_rows == "full" else 1),
         seed=a.seed,
     )
     bounds = {name: flop_bound(models["dense"], model, a.seq_len) for name, model in models.items()}
@@ -859,7 +872,8 @@ def stage_time(run: Run) -> None:
         speeds, loads = {}, [load_average()]
         for batch in a.batch_sizes:
             print(
-                f"[time] {len(models)} models round-robin on the CPU, batch {batch} x {a.seq_len} tokens, "
+                f"[time] {len(models)} models round-robin on the CPU, batch {batch} x {a.seq_len} tokens "
+                f"({ROWS_TEXT[a.timing_rows]}), "
                 f"{threads} threads, median of {a.latency_repeats}",
                 flush=True,
             )
@@ -871,6 +885,7 @@ def stage_time(run: Run) -> None:
                 repeats=a.latency_repeats,
                 flop_bounds=bounds,
                 batch_size=batch,
+                rows=a.timing_rows,
             )
             loads.append(load_average())
         result.update(
@@ -1075,7 +1090,7 @@ def stage_report(run: Run) -> None:
     threads = timing["threads"] if timing else None
     speed = (
         f"speed-up = dense / model median latency, round-robin in one process, {timing['cpu']}, {threads} threads, "
-        f"{a.latency_repeats} rounds, batch 8 x {a.seq_len} and 1 x {a.seq_len} tokens"
+        f"{a.latency_repeats} rounds, batch 8 x {a.seq_len} and 1 x {a.seq_len} tokens ({ROWS_TEXT[a.timing_rows]})"
         if timing
         else "not timed: run `--stages time` (for this set of finished models)"
     )
@@ -1121,6 +1136,7 @@ def stage_report(run: Run) -> None:
     out = RESULTS if not a.smoke else run.root / "report"
     out.mkdir(parents=True, exist_ok=True)
     stem = f"base_size_{a.model}_{info.name}" + (f"_holdout{a.teacher_holdout}" if a.teacher_holdout else "")
+    stem += "_fullrows" if a.timing_rows == "full" else ""
     png = out / f"{stem}.png"
     plot(
         rows,
@@ -1128,7 +1144,7 @@ def stage_report(run: Run) -> None:
         png,
         f"{run.name} on {info.name}: dev {main} ({dev_rows} rows) vs CPU speed-up"
         + (" (smoke: numbers meaningless)" if a.smoke else ""),
-        f"CPU speed-up vs dense (measured, batch 8 x {a.seq_len}, {threads} threads)",
+        f"CPU speed-up vs dense (measured, batch 8 x {a.seq_len}, {a.timing_rows} rows, {threads} threads)",
         main,
     )
     payload = {

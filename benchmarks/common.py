@@ -234,6 +234,42 @@ def latency_inputs(tokenizer, dataset, *, batch_size: int = 8, seq_len: int = 12
     return dict(tokenizer.pad(rows, padding="max_length", max_length=seq_len, return_tensors="pt"))
 
 
+def full_length_inputs(tokenizer, dataset, *, batch_size: int = 8, seq_len: int = 128) -> dict[str, torch.Tensor]:
+    """`batch_size` sequences of exactly `seq_len` real tokens, no padding: the token ids of consecutive rows of
+    `dataset` (tokenized; their special tokens dropped) concatenated, cut into pieces and each wrapped in the
+    tokenizer's special tokens, with an all-ones attention mask. The timing input for "`seq_len` tokens" as a
+    workload of full sequences (a padded short row also runs `seq_len` positions, but through the masked attention
+    path)."""
+    # The tokenizer's own wrapping of one sequence, read off a one-word example: its special tokens before the text
+    # and after it (transformers 5's tokenizers have no `build_inputs_with_special_tokens`).
+    example = tokenizer("a")["input_ids"]
+    text_positions = [
+        i for i, s in enumerate(tokenizer.get_special_tokens_mask(example, already_has_special_tokens=True)) if not s
+    ]
+    prefix, suffix = example[: text_positions[0]], example[text_positions[-1] + 1 :]
+    body = seq_len - len(prefix) - len(suffix)
+    if body <= 0:
+        raise ValueError(f"`seq_len` must leave room for text after the special tokens, got {seq_len}.")
+    stream: list[int] = []
+    for row in dataset:
+        ids = list(row["input_ids"])
+        special = tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True)
+        stream.extend(token for token, is_special in zip(ids, special) if not is_special)
+        if len(stream) >= batch_size * body:
+            break
+    else:
+        raise ValueError(f"{len(dataset)} rows hold {len(stream)} text tokens, fewer than {batch_size} x {body}.")
+    rows = [prefix + stream[i * body : (i + 1) * body] + suffix for i in range(batch_size)]
+    input_ids = torch.tensor(rows)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if "token_type_ids" in tokenizer.model_input_names:
+        inputs["token_type_ids"] = torch.zeros_like(input_ids)
+    return inputs
+
+
+TIMING_ROWS = {"padded": latency_inputs, "full": full_length_inputs}
+
+
 def measure_speedups(
     models: dict,
     tokenizer,
@@ -243,17 +279,21 @@ def measure_speedups(
     repeats: int,
     flop_bounds: dict | None = None,
     batch_size: int = 8,
+    rows: str = "padded",
 ) -> dict[str, dict]:
-    """Times `models` round-robin, in a shuffled order every round, on the batch of [`latency_inputs`]
-    (`batch_size` x `seq_len` tokens), with `drone_hf.speed.compare_speed` against the model named `"dense"`, and
-    prints how it timed (threads, load average) and any speed-up it withholds.
+    """Times `models` round-robin, in a shuffled order every round, on one batch of `batch_size` x `seq_len` tokens
+    (`rows="padded"`: [`latency_inputs`], `dataset`'s first rows padded; `"full"`: [`full_length_inputs`], full
+    sequences of its text), with `drone_hf.speed.compare_speed` against the model named `"dense"`, and prints how it
+    timed (threads, load average) and any speed-up it withholds.
 
     Returns:
         `dict[str, dict]`: per model name, `latency_ms`, `cpu_ms`, `speedup` (wall clock; `None` when flagged),
         `speedup_measured`, `cpu_speedup` (CPU time) and `flags` (why a speed-up is withheld: above its FLOP bound,
         a wide spread, wall clock and CPU time disagreeing).
     """
-    inputs = latency_inputs(tokenizer, dataset, batch_size=batch_size, seq_len=seq_len)
+    if rows not in TIMING_ROWS:
+        raise ValueError(f"`rows` must be one of {sorted(TIMING_ROWS)}, got {rows!r}.")
+    inputs = TIMING_ROWS[rows](tokenizer, dataset, batch_size=batch_size, seq_len=seq_len)
     comparison = compare_speed(models, inputs, reference="dense", flop_bounds=flop_bounds, repeats=repeats)
     print(comparison.note(), flush=True)
     speeds = {}

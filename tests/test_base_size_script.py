@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .testing_utils import benchmark_module
+from .testing_utils import benchmark_module, minilm_path
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +201,33 @@ def test_distillation_at_uniform_ranks_over_the_linears_only(base_size):
     for bad in (["--distill-ranks", "32", "48", "--distill-steps", "1", "2", "3"], ["--distill-ranks", "0"]):
         with pytest.raises(SystemExit):
             base_size.parse_args(["--model", "minilm", *bad])
+
+
+def test_full_length_timing_rows_are_the_text_unpadded(base_size):
+    """`--timing-rows full` times sequences of exactly `seq_len` real tokens: the rows' text tokens in order, cut into
+    pieces, each wrapped in the special tokens, no padding; its timing has a key of its own and the padded timing
+    keeps the key it had (cached timings stay valid)."""
+    from transformers import AutoTokenizer
+
+    with benchmark_module("common") as common:
+        full_length_inputs = common.full_length_inputs
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    texts = ["a short row", "the second row is a little longer than the first", "and a third one to spare"]
+    rows = [tokenizer(text) for text in texts]
+    inputs = full_length_inputs(tokenizer, rows, batch_size=2, seq_len=8)
+    assert inputs["input_ids"].shape == (2, 8) and bool(inputs["attention_mask"].all())
+    assert not (inputs["input_ids"] == tokenizer.pad_token_id).any()
+    stream = [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    for i, row in enumerate(inputs["input_ids"].tolist()):
+        assert row == [tokenizer.cls_token_id, *stream[6 * i : 6 * (i + 1)], tokenizer.sep_token_id]
+    with pytest.raises(ValueError, match="fewer than 8 x 6"):
+        full_length_inputs(tokenizer, rows[:1], batch_size=8, seq_len=8)
+    padded = base_size.Run.create(base_size.parse_args(["--model", "minilm"]))
+    full = base_size.Run.create(base_size.parse_args(["--model", "minilm", "--timing-rows", "full"]))
+    models = {"m": Path("m")}
+    (padded_path, padded_settings), (full_path, full_settings) = padded.time_entry(models), full.time_entry(models)
+    assert "rows" not in padded_settings and full_settings == {**padded_settings, "rows": "full"}
+    assert padded_path != full_path
 
 
 def test_teacher_holdout_splits_train_rows_the_teacher_never_sees(base_size, tmp_path):
