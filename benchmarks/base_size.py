@@ -66,6 +66,7 @@ from common import (
     CACHE,
     REPO,
     RESULTS,
+    TIMING_ROWS,
     calibration_batches,
     command_line,
     glue_data_dir,
@@ -88,7 +89,7 @@ from drone_hf.profiling import count_parameters, cpu_name, load_average
 
 STAGES = ("teacher", "budget", "distill", "time", "report")
 RESULT = "result.json"  # written last into an entry's scratch folder: an entry without it does not exist
-ROWS_TEXT = {  # --timing-rows
+ROWS_TEXT = {  # --timing-rows: how each of common.TIMING_ROWS builds its batch
     "padded": "train rows padded to that length",
     "full": "full-length rows: train text concatenated, no padding",
 }
@@ -323,7 +324,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1])
     group.add_argument(
         "--timing-rows",
-        choices=["padded", "full"],
+        choices=list(TIMING_ROWS),
         default="padded",
         help="padded: the first train rows padded to --seq-len (the default, as before); full: sequences of exactly "
         "--seq-len real tokens (train text concatenated, no padding, all-ones mask); a timing and report of its own",
