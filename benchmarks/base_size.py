@@ -53,6 +53,7 @@ import itertools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,7 @@ from drone_hf.budget_search import SEARCH_REVISION
 from drone_hf.evaluation import evaluate_glue
 from drone_hf.glue import get_glue_task, load_glue
 from drone_hf.profiling import count_parameters, cpu_name, load_average
+from drone_hf.speed import speed_flags
 
 
 STAGES = ("teacher", "budget", "distill", "time", "report")
@@ -329,6 +331,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="padded: the first train rows padded to --seq-len (the default, as before); full: sequences of exactly "
         "--seq-len real tokens (train text concatenated, no padding, all-ones mask); a timing and report of its own",
     )
+    group.add_argument(
+        "--timing-processes",
+        type=int,
+        default=1,
+        help="time in this many fresh processes, one after the other, and report the median of their speed-ups "
+        "(each process's own round-robin ratio; its spread across processes beside it): the ratio moves by ~10%% "
+        "from one process to the next on a shared VM, more than within one; default 1: this process",
+    )
     args = parser.parse_args(argv)
     heldout_given = args.heldout_samples is not None
     defaults = {**TEACHER_DEFAULTS[args.model, args.task], **DEFAULTS, **(SMOKE if args.smoke else {})}
@@ -340,6 +350,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.distill_steps = args.distill_steps * len(budgets)
     if len(args.distill_steps) != len(budgets):
         parser.error(f"--distill-steps: one value or one per distillation budget {budgets}, got {args.distill_steps}.")
+    if args.timing_processes < 1:
+        parser.error(f"--timing-processes must be >= 1, got {args.timing_processes}.")
     if args.distill_ranks and min(args.distill_ranks) < 1:
         parser.error(f"--distill-ranks must be >= 1, got {args.distill_ranks}.")
     if args.distill_rows is not None and args.distill_rows < 1:
@@ -514,6 +526,8 @@ class Run:
             "seq_len": a.seq_len,
             "batch_sizes": a.batch_sizes,
             **({"rows": a.timing_rows} if a.timing_rows != "padded" else {}),  # the padded entries keep their keys
+            **({"processes": a.timing_processes} if a.timing_processes > 1 else {}),  # absent for one: older keys
+            **({"env": env} if (env := timing_environment()) else {}),
         }
         return entry_path(self.root, "time", "cpu", settings), settings
 
@@ -846,6 +860,126 @@ def stage_distill(run: Run) -> None:
         )
 
 
+# Environment variables that change how the allocator or the threads behave, and so the timings: recorded with them.
+TIMING_ENV = (
+    "GLIBC_TUNABLES",
+    "LD_PRELOAD",
+    "MALLOC_ARENA_MAX",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "OMP_WAIT_POLICY",
+)
+# What common.py sets unless told otherwise (before torch loads): not recorded, so that older timings keep their keys.
+BENCHMARK_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def timing_environment() -> dict[str, str]:
+    """The `TIMING_ENV` variables of this process that differ from the benchmarks' own default (`BENCHMARK_ENV`),
+    e.g. `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` or `OMP_WAIT_POLICY=ACTIVE`."""
+    return {
+        name: os.environ[name]
+        for name in TIMING_ENV
+        if os.environ.get(name) and os.environ[name] != BENCHMARK_ENV.get(name)
+    }
+
+
+def time_models(spec: dict) -> dict:
+    """One process's timing: loads the dense teacher and the finished models of `spec` (folders as strings, so that
+    it can run in a fresh process) and times them round-robin against the dense one at each batch size.
+
+    Returns:
+        `dict`: `speeds` (batch -> name -> [`measure_speedups`]'s entry), `flop_bounds`, `load_average`, `threads`.
+    """
+    set_threads(spec["threads"])
+    models = {"dense": load_model(spec["teacher"])}
+    models.update({name: load_model(folder) for name, folder in spec["models"].items()})
+    tokenizer = AutoTokenizer.from_pretrained(spec["teacher"])
+    full = spec["rows"] == "full"
+    rows = load_glue(
+        spec["task"],
+        tokenizer,
+        split="train",
+        data_dir=glue_data_dir(spec["task"]),
+        max_length=spec["seq_len"],
+        # full rows: enough text for the largest batch even if every row held one token
+        max_samples=max(spec["batch_sizes"]) * (spec["seq_len"] if full else 1),
+        seed=spec["seed"],
+    )
+    bounds = {name: flop_bound(models["dense"], model, spec["seq_len"]) for name, model in models.items()}
+    speeds, loads = {}, [load_average()]
+    for batch in spec["batch_sizes"]:
+        print(
+            f"[time] {len(models)} models round-robin on the CPU, batch {batch} x {spec['seq_len']} tokens "
+            f"({ROWS_TEXT[spec['rows']]}), {torch.get_num_threads()} threads, median of {spec['repeats']}",
+            flush=True,
+        )
+        speeds[str(batch)] = measure_speedups(
+            models,
+            tokenizer,
+            rows,
+            seq_len=spec["seq_len"],
+            repeats=spec["repeats"],
+            flop_bounds=bounds,
+            batch_size=batch,
+            rows=spec["rows"],
+        )
+        loads.append(load_average())
+    return {"speeds": speeds, "flop_bounds": bounds, "load_average": loads, "threads": torch.get_num_threads()}
+
+
+TIME_WORKER = "--time-worker"  # `base_size.py --time-worker SPEC.json OUT.json`: one process of --timing-processes
+
+
+def time_in_fresh_process(spec: dict) -> dict:
+    """[`time_models`] in a new interpreter (`python base_size.py --time-worker SPEC OUT`, this one waiting), started
+    as a plain `python` run starts, with this process's environment (allocator and OpenMP variables included)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), TIME_WORKER, str(spec_path), str(out_path)], check=True
+        )
+        return json.loads(out_path.read_text())
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def combine_processes(runs: Sequence[dict]) -> dict[str, dict]:
+    """Batch -> name -> entry over several processes' [`time_models`] results: the medians of their latencies and
+    speed-ups, each process's speed-up (`processes`), and the flags of `drone_hf.speed.speed_flags` for the median
+    speed-up (against the FLOP bound, with the median within-process spread)."""
+    combined = {}
+    for batch in runs[0]["speeds"]:
+        combined[batch] = {}
+        for name in runs[0]["speeds"][batch]:
+            entries = [run["speeds"][batch][name] for run in runs]
+            entry = {
+                "latency_ms": _median([e["latency_ms"] for e in entries]),
+                "cpu_ms": _median([e.get("cpu_ms") for e in entries]),
+                "processes": [e["speedup_measured"] for e in entries],
+            }
+            if name == "dense":
+                entry.update(speedup=1.0, speedup_measured=1.0, cpu_speedup=1.0, flags=[])
+            else:
+                measured = _median(entry["processes"])
+                cpu_speedup = _median([e.get("cpu_speedup") for e in entries])
+                spread = _median([e.get("spread") or 0.0 for e in entries])
+                flags = speed_flags(measured, runs[0]["flop_bounds"].get(name), cpu_speedup=cpu_speedup, spread=spread)
+                entry.update(
+                    speedup=None if flags else measured,
+                    speedup_measured=measured,
+                    cpu_speedup=cpu_speedup,
+                    spread=spread,
+                    process_range=[min(entry["processes"]), max(entry["processes"])],
+                    flags=flags,
+                )
+            combined[batch][name] = entry
+    return combined
+
+
 def stage_time(run: Run) -> None:
     a = run.args
     teacher_entry = run.teacher()
@@ -854,49 +988,43 @@ def stage_time(run: Run) -> None:
     if load_entry(path) is not None:
         print(f"[time] finished for these {len(found)} models: {path}", flush=True)
         return
-    models = {"dense": load_model(teacher_entry["path"])}
-    models.update({name: load_model(folder) for name, folder in found.items()})
-    tokenizer = AutoTokenizer.from_pretrained(teacher_entry["path"])
-    rows = load_glue(
-        run.info.name,
-        tokenizer,
-        split="train",
-        data_dir=glue_data_dir(run.info.name),
-        max_length=a.seq_len,
-        # full rows: enough text for the largest batch even if every row held one token
-        max_samples=max(a.batch_sizes) * (a.seq_len if a.timing_rows == "full" else 1),
-        seed=a.seed,
-    )
-    bounds = {name: flop_bound(models["dense"], model, a.seq_len) for name, model in models.items()}
-    threads = torch.get_num_threads()
+    spec = {
+        "teacher": str(teacher_entry["path"]),
+        "models": {name: str(folder) for name, folder in found.items()},
+        "task": run.info.name,
+        "seq_len": a.seq_len,
+        "batch_sizes": a.batch_sizes,
+        "repeats": a.latency_repeats,
+        "rows": a.timing_rows,
+        "threads": torch.get_num_threads(),
+        "seed": a.seed,
+    }
     with building(path, settings) as (_, result):
-        speeds, loads = {}, [load_average()]
-        for batch in a.batch_sizes:
-            print(
-                f"[time] {len(models)} models round-robin on the CPU, batch {batch} x {a.seq_len} tokens "
-                f"({ROWS_TEXT[a.timing_rows]}), "
-                f"{threads} threads, median of {a.latency_repeats}",
-                flush=True,
-            )
-            speeds[str(batch)] = measure_speedups(
-                models,
-                tokenizer,
-                rows,
-                seq_len=a.seq_len,
-                repeats=a.latency_repeats,
-                flop_bounds=bounds,
-                batch_size=batch,
-                rows=a.timing_rows,
-            )
-            loads.append(load_average())
+        if a.timing_processes == 1:
+            timing = time_models(spec)
+            speeds = timing["speeds"]
+        else:
+            runs = []
+            for i in range(a.timing_processes):
+                print(f"[time] process {i + 1} of {a.timing_processes}", flush=True)
+                runs.append(time_in_fresh_process(spec))
+            timing, speeds = runs[0], combine_processes(runs)
+            for batch, entries in speeds.items():
+                for name, entry in entries.items():
+                    if name != "dense":
+                        per = ", ".join(f"{value:.2f}" for value in entry["processes"])
+                        print(f"[time] batch {batch}, {name}: median {entry['speedup_measured']:.2f}x ({per})")
+            result["processes"] = [{"speeds": r["speeds"], "load_average": r["load_average"]} for r in runs]
         result.update(
             models={name: folder.name for name, folder in found.items()},
             speeds=speeds,
-            flop_bounds=bounds,
-            threads=threads,
+            flop_bounds=timing["flop_bounds"],
+            threads=timing["threads"],
             cpu=cpu_name(),
-            load_average=loads,
+            load_average=timing["load_average"],
             machine=machine_description(),
+            processes_count=a.timing_processes,
+            env=timing_environment(),
         )
     print(f"[time] -> {path}", flush=True)
 
@@ -936,6 +1064,8 @@ def _speed_columns(row: dict, name: str, timing: dict | None) -> None:
         row[f"speedup_b{batch}_measured"] = entry["speedup_measured"]
         row[f"latency_b{batch}_ms"] = entry["latency_ms"]
         row[f"flags_b{batch}"] = entry["flags"]
+        if "processes" in entry:  # --timing-processes: each process's own speed-up
+            row[f"speedup_b{batch}_processes"] = entry["processes"]
 
 
 def report_rows(run: Run, teacher: dict, timing: dict | None) -> list[dict]:
@@ -1076,6 +1206,18 @@ def plot(rows: list[dict], front: list[int], path: Path, title: str, xlabel: str
     plt.close(fig)
 
 
+def timing_text(timing: dict) -> str:
+    """How a time entry's speed-ups were measured, in words (its processes and environment)."""
+    processes = timing.get("processes_count", 1)
+    text = (
+        "dense / model median latency, round-robin in one process"
+        if processes == 1
+        else f"median over {processes} fresh processes of dense / model median latency, round-robin within each"
+    )
+    env = timing.get("env") or {}
+    return text + "".join(f", {name}={value}" for name, value in env.items())
+
+
 def stage_report(run: Run) -> None:
     a, info = run.args, run.info
     teacher = run.teacher()
@@ -1090,8 +1232,8 @@ def stage_report(run: Run) -> None:
     main = info.main_metric
     threads = timing["threads"] if timing else None
     speed = (
-        f"speed-up = dense / model median latency, round-robin in one process, {timing['cpu']}, {threads} threads, "
-        f"{a.latency_repeats} rounds, batch 8 x {a.seq_len} and 1 x {a.seq_len} tokens ({ROWS_TEXT[a.timing_rows]})"
+        f"speed-up = {timing_text(timing)}, {timing['cpu']}, {threads} threads, {a.latency_repeats} rounds, batch 8 x "
+        f"{a.seq_len} and 1 x {a.seq_len} tokens ({ROWS_TEXT[a.timing_rows]})"
         if timing
         else "not timed: run `--stages time` (for this set of finished models)"
     )
@@ -1187,6 +1329,12 @@ def check_one_process() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [TIME_WORKER]:  # one timing process of --timing-processes (time_in_fresh_process)
+        spec_path, out_path = argv[1:3]
+        timing = time_models(json.loads(Path(spec_path).read_text()))
+        Path(out_path).write_text(json.dumps(timing, default=str))
+        return
     check_one_process()
     args = parse_args(argv)
     set_threads(args.threads)

@@ -263,3 +263,50 @@ def test_teacher_holdout_splits_train_rows_the_teacher_never_sees(base_size, tmp
     assert len((data / "train.tsv").read_bytes().splitlines()) == 2048 + 1
     with pytest.raises(SystemExit):
         base_size.parse_args(["--model", "minilm", "--teacher-holdout", "520"])  # 8 rows after calibration
+
+
+def test_timing_in_several_processes_reports_their_median_and_keys_it_apart(base_size, monkeypatch):
+    """`--timing-processes N`: the speed-up is the median of the processes' own round-robin ratios, each one kept;
+    the flags are those of the median (here above its FLOP bound); the dense row stays 1; the entry has a key of its
+    own, as does a timing under an allocator variable (`GLIBC_TUNABLES`), and one process keeps the key it had."""
+
+    def run(dense_ms, model_ms, spread):
+        ratio = dense_ms / model_ms
+        return {
+            "speeds": {
+                "8": {
+                    "dense": {"latency_ms": dense_ms, "cpu_ms": 2 * dense_ms, "speedup_measured": 1.0},
+                    "m": {
+                        "latency_ms": model_ms,
+                        "cpu_ms": 2 * model_ms,
+                        "speedup_measured": ratio,
+                        "cpu_speedup": ratio,
+                        "spread": spread,
+                    },
+                }
+            },
+            "flop_bounds": {"dense": 1.0, "m": 3.0},
+        }
+
+    combined = base_size.combine_processes([run(180, 60, 0.1), run(200, 80, 0.3), run(190, 50, 0.05)])["8"]
+    assert combined["dense"]["speedup"] == 1.0 and combined["dense"]["latency_ms"] == 190
+    entry = combined["m"]
+    assert entry["processes"] == [3.0, 2.5, 3.8]
+    assert entry["speedup_measured"] == entry["speedup"] == 3.0 and entry["process_range"] == [2.5, 3.8]
+    assert entry["latency_ms"] == 60 and entry["spread"] == 0.1 and entry["flags"] == []
+    above = base_size.combine_processes([run(180, 40, 0.1), run(200, 40, 0.1), run(190, 80, 0.1)])["8"]["m"]
+    assert above["speedup"] is None and "above its FLOP bound" in above["flags"][0]
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    models = {"m": Path("m")}
+    one = base_size.Run.create(base_size.parse_args(["--model", "minilm"]))
+    five = base_size.Run.create(base_size.parse_args(["--model", "minilm", "--timing-processes", "5"]))
+    (one_path, one_settings), (five_path, five_settings) = one.time_entry(models), five.time_entry(models)
+    assert "processes" not in one_settings and five_settings == {**one_settings, "processes": 5}
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    tuned_path, tuned_settings = one.time_entry(models)
+    assert tuned_settings["env"] == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert len({one_path, five_path, tuned_path}) == 3
+    assert "3 fresh processes" in base_size.timing_text({"processes_count": 3, "env": tuned_settings["env"]})
+    with pytest.raises(SystemExit):
+        base_size.parse_args(["--timing-processes", "0"])

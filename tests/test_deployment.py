@@ -19,7 +19,7 @@ from drone_hf.int8 import DroneInt8Linear, DroneInt8QKLinear
 from drone_hf.layers import DroneLinear
 from drone_hf.profiling import model_macs
 
-from .testing_utils import tiny_config, tiny_family_batches
+from .testing_utils import benchmark_module, tiny_config, tiny_family_batches
 
 
 FAMILIES = ["bert", "mpnet", "roberta"]
@@ -247,3 +247,24 @@ def test_int8_without_the_quantized_engine_falls_back_to_the_dequantised_weights
         slow = layer(inputs)
     expected = torch.nn.functional.linear(inputs, layer.weight.float() * layer.weight_scale[:, None], layer.bias)
     assert torch.allclose(slow, expected, atol=1e-6) and torch.allclose(fast, slow, atol=0.05)
+
+
+def test_deployment_table_names_budget_and_distilled_models_by_what_they_are(tmp_path):
+    """`benchmarks/deployment.py --budget-model DIR`: a `drone-hf compress` budget reads "drone 1-pt budget (fast)",
+    a `base_size.py` distillation entry "drone rank 16 + 3000 steps distilled", anything else its folder name."""
+    folders = {name: tmp_path / name for name in ("budget", "ranked", "flops", "other")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["budget"] / "drone_results.json").write_text(
+        json.dumps({"budget": {"max_accuracy_drop": 1.0}, "allocation": {"search": "fast"}})
+    )
+    (folders["ranked"] / "result.json").write_text(json.dumps({"rank": 16, "speedup_target": None, "steps": 3000}))
+    (folders["flops"] / "result.json").write_text(json.dumps({"rank": None, "speedup_target": 4.0, "steps": 600}))
+    with benchmark_module("deployment") as deployment:
+        labels = {name: deployment._budget_label(folder) for name, folder in folders.items()}
+    assert labels == {
+        "budget": "drone 1-pt budget (fast)",
+        "ranked": "drone rank 16 + 3000 steps distilled",
+        "flops": "drone 4x FLOPs + 600 steps distilled",
+        "other": "drone other",
+    }
