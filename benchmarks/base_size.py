@@ -17,7 +17,9 @@ complete: a rerun skips what is finished, and a crash leaves no half-written ent
            present); the curve (metric vs steps) on a slice of TRAIN rows held out of the distillation, the dev
            metric once before and once after
   time     every finished model against the dense one, round-robin in one process, on the CPU, batch 8 x 128 and
-           batch 1 x 128 tokens (`--threads`)
+           batch 1 x 128 tokens (`--threads`); `--timing-processes N`: in N fresh processes, the median of their
+           ratios (allocator and OpenMP variables such as `GLIBC_TUNABLES` and `OMP_WAIT_POLICY=ACTIVE` are part of
+           the timing's key: common.py sets PASSIVE otherwise, which slows small factored models at batch 1)
   report   the table, benchmarks/results/base_size_<model>_<task>.json and .png, the paper's numbers beside ours
 
     python benchmarks/base_size.py --model minilm --task mrpc --smoke     # every stage on tiny settings (CPU)
