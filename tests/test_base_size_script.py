@@ -310,3 +310,42 @@ def test_timing_in_several_processes_reports_their_median_and_keys_it_apart(base
     assert "3 fresh processes" in base_size.timing_text({"processes_count": 3, "env": tuned_settings["env"]})
     with pytest.raises(SystemExit):
         base_size.parse_args(["--timing-processes", "0"])
+
+
+def test_a_timing_process_loads_the_models_and_times_them_against_the_dense_one(base_size, tmp_path):
+    """`time_in_fresh_process`: a new `python base_size.py --time-worker SPEC OUT` loads the saved dense and
+    compressed models, times them round-robin on SST-2 train text and returns per-batch entries with the FLOP
+    bounds; `combine_processes` takes such results as they come back."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import drone_hf
+
+    from .testing_utils import tiny_config
+
+    if base_size.glue_data_dir("sst2") is None:
+        pytest.skip("needs ../shared/glue/SST-2")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    dense = AutoModelForSequenceClassification.from_config(
+        tiny_config("bert", vocab_size=tokenizer.vocab_size, num_labels=2)
+    ).eval()
+    dense.save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    drone_hf.compress_model(dense, None, method="svd", rank=2).save_pretrained(tmp_path / "m")
+    spec = {
+        "teacher": str(tmp_path / "dense"),
+        "models": {"m": str(tmp_path / "m")},
+        "task": "sst2",
+        "seq_len": 16,
+        "batch_sizes": [2, 1],
+        "repeats": 2,
+        "rows": "full",
+        "threads": 1,
+        "seed": 0,
+    }
+    timing = base_size.time_in_fresh_process(spec)
+    assert list(timing["speeds"]) == ["2", "1"] and timing["threads"] == 1
+    assert timing["flop_bounds"]["dense"] == 1.0 and timing["flop_bounds"]["m"] > 1.0
+    for speeds in timing["speeds"].values():
+        assert speeds["dense"]["speedup"] == 1.0 and speeds["m"]["latency_ms"] > 0
+    combined = base_size.combine_processes([timing, timing])
+    assert combined["1"]["m"]["processes"] == [timing["speeds"]["1"]["m"]["speedup_measured"]] * 2
