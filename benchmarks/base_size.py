@@ -66,6 +66,7 @@ from pathlib import Path
 
 import torch
 from common import (
+    BENCHMARK_ENV,
     CACHE,
     REPO,
     RESULTS,
@@ -871,13 +872,12 @@ TIMING_ENV = (
     "MALLOC_TRIM_THRESHOLD_",
     "OMP_WAIT_POLICY",
 )
-# What common.py sets unless told otherwise (before torch loads): not recorded, so that older timings keep their keys.
-BENCHMARK_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def timing_environment() -> dict[str, str]:
-    """The `TIMING_ENV` variables of this process that differ from the benchmarks' own default (`BENCHMARK_ENV`),
-    e.g. `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` or `OMP_WAIT_POLICY=ACTIVE`."""
+    """The `TIMING_ENV` variables of this process that differ from what common.py sets unless told otherwise
+    (`common.BENCHMARK_ENV`: not recorded, so that older timings keep their keys), e.g.
+    `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` or `OMP_WAIT_POLICY=ACTIVE`."""
     return {
         name: os.environ[name]
         for name in TIMING_ENV

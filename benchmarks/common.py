@@ -15,7 +15,10 @@ from pathlib import Path
 
 # libgomp spin-waits by default, which makes oversubscribed 2-thread runs several times slower and their timings
 # meaningless; it reads the policy when torch loads it, so this must run before torch is imported (see the README).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# An explicit value wins (`OMP_WAIT_POLICY=ACTIVE` for timing on a machine that runs nothing else).
+BENCHMARK_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+for _name, _value in BENCHMARK_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 import torch  # noqa: E402
 from transformers import (  # noqa: E402

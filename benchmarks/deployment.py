@@ -130,21 +130,19 @@ def _sweep(costs: dict[str, KernelCosts], shapes, multiple: int) -> dict:
 def _budget_label(folder: Path) -> str:
     """ "drone 1.0-pt <search>" from a `drone-hf compress` output's `drone_results.json`, "drone rank R + N steps
     distilled" from a `benchmarks/base_size.py` distillation entry's `result.json` (else the folder name)."""
-    results = folder / "drone_results.json"
-    distilled = folder / "result.json"
-    if not results.is_file() and distilled.is_file():
+    results, distilled = folder / "drone_results.json", folder / "result.json"
+    if results.is_file():
+        saved = json.loads(results.read_text())
+        budget = saved.get("budget") or {}
+        drop, search = budget.get("max_accuracy_drop"), (saved.get("allocation") or {}).get("search")
+        if drop is not None:
+            return f"drone {drop:g}-pt budget" + (f" ({search})" if search else "")
+    elif distilled.is_file():
         saved = json.loads(distilled.read_text())
         if saved.get("steps") and (saved.get("rank") or saved.get("speedup_target")):
             budget = f"rank {saved['rank']}" if saved.get("rank") else f"{saved['speedup_target']:g}x FLOPs"
             return f"drone {budget} + {saved['steps']} steps distilled"
-    if not results.is_file():
-        return f"drone {folder.name}"
-    saved = json.loads(results.read_text())
-    budget = saved.get("budget") or {}
-    drop, search = budget.get("max_accuracy_drop"), (saved.get("allocation") or {}).get("search")
-    if drop is None:
-        return f"drone {folder.name}"
-    return f"drone {drop:g}-pt budget" + (f" ({search})" if search else "")
+    return f"drone {folder.name}"
 
 
 def _in_form(model, options):
