@@ -9,7 +9,7 @@ the same ranks; `sentence_embeddings.py` times them). One JSON line per run is a
     python benchmarks/sentence_embedding_distill_variants.py --steps 300 --relation-weight 100
     python benchmarks/sentence_embedding_distill_variants.py --steps 2000 --distill-text qnli-rest --no-attention
     python benchmarks/sentence_embedding_distill_variants.py --steps 2000 --distill-text qnli-rest --lr 2e-4 \
-        --lr-schedule linear
+        --lr-schedule linear [--no-balance]
 """
 
 from __future__ import annotations
@@ -44,6 +44,12 @@ def _parser():
         help="add the MRPC training sentences and 8000 seeded SST-2 training sentences to the distillation text",
     )
     parser.add_argument("--no-attention", action="store_true", help="do not factor the attention scores")
+    parser.add_argument(
+        "--no-balance",
+        action="store_true",
+        help="distill_options['balance_factors']=False: train DRONE's factor pairs as they come (the default before "
+        "balancing existed)",
+    )
     add_threads_argument(parser)
     return parser
 
@@ -84,6 +90,7 @@ def main() -> None:
                 "hidden_weight": args.hidden_weight,
                 "cosine_weight": args.cosine_weight,
                 "relation_weight": args.relation_weight,
+                "balance_factors": not args.no_balance,
             }
             if args.steps
             else None

@@ -298,13 +298,16 @@ DISTILL_DEFAULTS = {
     "dropout": False,
     "seed": 0,
     "lr_schedule": "constant",
+    "balance_factors": True,
 }
 """`distill_options` of [`compress_sentence_transformer`] and their defaults: AdamW learning rate (no weight decay) and
 its schedule over the steps (`"constant"`, or `"linear"`: decayed linearly to 0 at the last step, as `Trainer`'s
 default), the weights of the last-hidden-state MSE, of the embedding cosine distance and of the in-batch cosine-matrix
 MSE ([`~drone_hf.distillation_losses.embedding_distillation_loss`]), whether the student trains with dropout (off: it
-matches a deterministic teacher; on MiniLM with QNLI text, FLOP 2x, 300 steps, dropout cost 0.9 MRR points), and the
-seed of the batch order (and dropout)."""
+matches a deterministic teacher; on MiniLM with QNLI text, FLOP 2x, 300 steps, dropout cost 0.9 MRR points), the
+seed of the batch order (and dropout), and whether each factored linear's pair is balanced before the first step
+([`DroneLinear.balance_`], as `DroneDistillationArguments(balance_factors=True)` does for `Trainer` distillation: the
+same function, factors that Adam moves evenly)."""
 
 
 def _check_distillation(steps: Any, options: Mapping | None) -> dict | None:
@@ -338,8 +341,9 @@ def _check_distillation(steps: Any, options: Mapping | None) -> dict | None:
             f"`distill_options['lr_schedule']` must be one of {list(DISTILL_LR_SCHEDULES)}, got "
             f"{settings['lr_schedule']!r}."
         )
-    if not isinstance(settings["dropout"], bool):
-        raise ValueError(f"`distill_options['dropout']` must be True or False, got {settings['dropout']!r}.")
+    for name in ("dropout", "balance_factors"):
+        if not isinstance(settings[name], bool):
+            raise ValueError(f"`distill_options[{name!r}]` must be True or False, got {settings[name]!r}.")
     seed = settings["seed"]
     if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
         raise ValueError(f"`distill_options['seed']` must be an int >= 0, got {seed!r}.")
@@ -375,7 +379,8 @@ def _distill_encoder(student, teacher, head: Callable, batches: Sequence[Mapping
     seeded random order, each once per pass), at `settings["lr"]` under `settings["lr_schedule"]`:
     [`embedding_distillation_loss`] of the last hidden states and of the sentence embeddings `head` makes of them.
     The student trains in eval mode (no dropout: it matches a deterministic teacher; `settings["dropout"]` turns
-    dropout on) and returns in eval mode. The teacher's outputs of a batch are
+    dropout on) and returns in eval mode. With `settings["balance_factors"]` every [`DroneLinear`] of `student` is
+    balanced in place first (the same function). The teacher's outputs of a batch are
     computed once and kept (up to `TEACHER_CACHE_BYTES`), as the teacher does not change. Returns the losses:
     `loss_first` / `loss_last`, the mean total loss of the first and last `min(10, steps)` steps, and the unweighted
     parts of the last ones."""
@@ -383,8 +388,13 @@ def _distill_encoder(student, teacher, head: Callable, batches: Sequence[Mapping
 
     from .calibration import model_inputs
     from .distillation_losses import embedding_distillation_loss
+    from .layers import DroneLinear
 
     device = next(student.parameters()).device
+    if settings["balance_factors"]:  # before the optimiser's state exists
+        for module in student.modules():
+            if isinstance(module, DroneLinear):
+                module.balance_()
     optimizer = torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad], lr=settings["lr"], weight_decay=0.0
     )
@@ -535,16 +545,17 @@ def compress_sentence_transformer(
             (mean cosine of the returned model's embeddings to the dense ones on the held-out sentences, when there
             are any: after distillation and in the deployment dtype / int8), the number of calibration and held-out
             sentences and, with `distill_steps`, `distillation`: `{"steps", "seconds", "lr", "lr_schedule",
-            "hidden_weight", "cosine_weight", "relation_weight", "seed", "batch_size", "sentences", "loss_first",
-            "loss_last", "loss_hidden_last", "loss_cosine_last", "heldout_cosine_before", "heldout_cosine_after"}` (and
-            `"loss_relation_last"` with a relation term) (the two cosines in float32, `None`
-            without held-out sentences).
+            "hidden_weight", "cosine_weight", "relation_weight", "seed", "balance_factors", "batch_size", "sentences",
+            "loss_first", "loss_last", "loss_hidden_last", "loss_cosine_last", "heldout_cosine_before",
+            "heldout_cosine_after"}` (and `"loss_relation_last"` with a relation term) (the two cosines in float32,
+            `None` without held-out sentences).
         distill_steps (`int`, *optional*, defaults to 0): AdamW steps of embedding distillation after compression
             (see above); 0 trains nothing.
         distill_options (`Mapping`, *optional*): `lr` (default `1e-4`), `lr_schedule` (`"constant"`, or
             `"linear"`: decayed to 0 at the last step), `hidden_weight` (1.0),
-            `cosine_weight` (10.0), `relation_weight` (0.0), `dropout` (`False`: the student trains in eval mode) and
-            `seed` (0: batch order) of the distillation ([`DISTILL_DEFAULTS`]). Recorded with the steps in
+            `cosine_weight` (10.0), `relation_weight` (0.0), `dropout` (`False`: the student trains in eval mode),
+            `seed` (0: batch order) and `balance_factors` (`True`: each factor pair rescaled to equal norms before
+            the first step, the same function) of the distillation ([`DISTILL_DEFAULTS`]). Recorded with the steps in
             `config.drone_calibration["distillation"]`, hence on the model card.
         distill_sentences (`Sequence[str]`, *optional*): Unlabeled text to distil on instead of the calibration
             sentences (more text of the kind the model will embed lets more steps run without overfitting). It may
@@ -788,7 +799,7 @@ def _distill(student, teacher, model, batches, heldout_batches, dense_heldout, s
             else ""
         )
         + ", teacher: the dense model",
-        **{key: settings[key] for key in ("lr", "lr_schedule", "batch_size", "dropout", "seed")},
+        **{key: settings[key] for key in ("lr", "lr_schedule", "batch_size", "dropout", "seed", "balance_factors")},
     }
     student.config.drone_calibration = {**(student.config.drone_calibration or {}), "distillation": provenance}
     return entry

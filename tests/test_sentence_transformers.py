@@ -527,6 +527,30 @@ def test_distillation_steps_at_the_scheduled_learning_rate(bert_dense, monkeypat
     assert small[0].auto_model.config.drone_calibration["distillation"]["lr_schedule"] == schedule
 
 
+@pytest.mark.parametrize("balance", [True, False])
+def test_distillation_balances_the_factor_pairs_first_unless_told_not_to(bert_dense, balance):
+    # A learning rate too small to move the weights: whatever differs from the plain compression is the balancing.
+    options = {"lr": 1e-30} if balance else {"lr": 1e-30, "balance_factors": False}
+    plain = drone_hf.compress_sentence_transformer(bert_dense, SENTENCES, rank=8)
+    small = drone_hf.compress_sentence_transformer(
+        bert_dense, SENTENCES, rank=8, distill_steps=1, distill_options=options
+    )
+    pairs = [
+        (a, b)
+        for a, b in zip(plain[0].auto_model.modules(), small[0].auto_model.modules())
+        if isinstance(a, drone_hf.DroneLinear)
+    ]
+    assert pairs
+    for before, after in pairs:
+        down, up = after.down.weight.double(), after.up.weight.double()
+        balanced = torch.allclose(down.norm(dim=1), up.norm(dim=0), rtol=1e-4)
+        assert balanced == balance
+        assert not balance or not torch.allclose(before.down.weight, after.down.weight)  # DRONE's are unbalanced
+        torch.testing.assert_close(up @ down, before.up.weight.double() @ before.down.weight.double())
+    np.testing.assert_allclose(_encode(small), _encode(plain), atol=1e-5)
+    assert small[0].auto_model.config.drone_calibration["distillation"]["balance_factors"] is balance
+
+
 def test_zero_distill_steps_is_the_plain_compression(bert_dense):
     plain = drone_hf.compress_sentence_transformer(bert_dense, SENTENCES, rank=8)
     again = drone_hf.compress_sentence_transformer(bert_dense, SENTENCES, rank=8, distill_steps=0)
@@ -676,6 +700,11 @@ def _static_embedding_model():
             {"rank": 8, "distill_steps": 2, "distill_options": {"dropout": "yes"}},
             ValueError,
             r"`distill_options\['dropout'\]` must be True or False, got 'yes'",
+        ),
+        (
+            {"rank": 8, "distill_steps": 2, "distill_options": {"balance_factors": 1}},
+            ValueError,
+            r"`distill_options\['balance_factors'\]` must be True or False, got 1",
         ),
         (
             {"rank": 8, "distill_steps": 2, "distill_options": [1e-4]},
