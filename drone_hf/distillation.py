@@ -26,7 +26,7 @@ from transformers.utils import is_datasets_available, logging
 
 from .arguments import DroneDistillationArguments
 from .distillation_losses import distillation_loss, hidden_state_mse
-from .layers import DroneLinear
+from .layers import balance_factor_pairs_
 from .model_state import restore_training_modes, training_modes
 from .teacher_cache import TeacherOutputCache
 
@@ -168,9 +168,7 @@ class DroneDistillationTrainer(Trainer):
             teacher_tokenizer=teacher_processing_class,
         )
         if settings.balance_factors:  # before the optimiser exists; the student computes the same function
-            for module in model.modules():
-                if isinstance(module, DroneLinear):
-                    module.balance_()
+            balance_factor_pairs_(model)
         super().__init__(model=model, args=args, **kwargs)
         self.distillation_args = settings
         teacher_model.requires_grad_(False)

@@ -109,6 +109,15 @@ class DroneLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+def balance_factor_pairs_(model: nn.Module) -> nn.Module:
+    """[`DroneLinear.balance_`] on every factored linear of `model`, in place (the same function); the step both
+    distillation paths take before their optimiser exists. Returns `model`."""
+    for module in model.modules():
+        if isinstance(module, DroneLinear):
+            module.balance_()
+    return model
+
+
 class DroneQKLinear(nn.Module):
     r"""
     The query (or key) projection of a DRONE-factored attention block: `num_heads * rank` outputs, each head's `rank`

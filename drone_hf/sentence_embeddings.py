@@ -388,13 +388,11 @@ def _distill_encoder(student, teacher, head: Callable, batches: Sequence[Mapping
 
     from .calibration import model_inputs
     from .distillation_losses import embedding_distillation_loss
-    from .layers import DroneLinear
+    from .layers import balance_factor_pairs_
 
     device = next(student.parameters()).device
     if settings["balance_factors"]:  # before the optimiser's state exists
-        for module in student.modules():
-            if isinstance(module, DroneLinear):
-                module.balance_()
+        balance_factor_pairs_(student)
     optimizer = torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad], lr=settings["lr"], weight_decay=0.0
     )
