@@ -41,9 +41,12 @@ with another checkout (e.g. the all-mpnet-base-v2 SST-2 teacher of mpnet_glue.py
 `--cache-teacher` runs the teacher once over the distillation rows and reuses its outputs
 (`DroneDistillationArguments(cache_teacher_outputs=True)`; MPNet on MRPC's 3156 rows: 6.5 GB in float32, 141 s to
 build, against about 1.5 s per step for the teacher's bf16 forward). `--distill-rows` bounds the rows (and the
-cache) on SST-2. This script drives `DroneDistillationTrainer` itself (written when `drone_hf.distill` pinned
-gradient accumulation to 1; `DroneDistillationArguments(gradient_accumulation_steps=...)` now exists); one process
-only (not under `accelerate launch`).
+cache) on SST-2. `--distill-augment COPIES` adds COPIES word-replaced copies of each distillation row that the teacher
+alone teaches (augment.py: TinyBERT's augmentation, candidates from the teacher's embedding neighbours; with it the
+teacher runs at every step, as caching 10x MRPC would take 65 GB). This script drives `DroneDistillationTrainer`
+itself (written when `drone_hf.distill` pinned gradient accumulation to 1;
+`DroneDistillationArguments(gradient_accumulation_steps=...)` now exists); one process only (not under `accelerate
+launch`).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import augment
 import torch
 from common import (
     BENCHMARK_ENV,
@@ -306,6 +310,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--cache-teacher on SST-2 (67k rows) this bounds the cache's memory",
     )
     group.add_argument(
+        "--distill-augment",
+        type=int,
+        default=0,
+        metavar="COPIES",
+        help="add COPIES word-replaced copies of each distillation row, taught by the teacher alone (augment.py: "
+        "TinyBERT's augmentation with the teacher's embedding neighbours as candidates); default 0: none",
+    )
+    group.add_argument(
+        "--augment-prob", type=float, default=0.4, help="probability of replacing each word (TinyBERT's 0.4)"
+    )
+    group.add_argument("--augment-neighbours", type=int, default=15, help="candidates per word (TinyBERT's K = 15)")
+    group.add_argument(
         "--cache-teacher",
         action="store_true",
         help="run the teacher once over the distillation rows and reuse its outputs "
@@ -359,6 +375,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--distill-ranks must be >= 1, got {args.distill_ranks}.")
     if args.distill_rows is not None and args.distill_rows < 1:
         parser.error(f"--distill-rows must be >= 1, got {args.distill_rows}.")
+    if args.distill_augment < 0:
+        parser.error(f"--distill-augment must be >= 0 (copies per row), got {args.distill_augment}.")
+    if not 0.0 < args.augment_prob <= 1.0:
+        parser.error(f"--augment-prob must be in (0, 1], got {args.augment_prob}.")
+    if args.augment_neighbours < 1:
+        parser.error(f"--augment-neighbours must be >= 1, got {args.augment_neighbours}.")
     if args.teacher_holdout:
         if args.teacher_holdout < 0 or glue_data_dir(args.task) is None:
             parser.error(
@@ -499,11 +521,16 @@ class Run:
                 **({"teacher_cache": a.teacher_cache_dtype} if a.cache_teacher else {}),
                 **({"distill_rows": a.distill_rows} if a.distill_rows else {}),
                 **({"attention": False} if a.distill_no_attention else {}),  # absent when on: older keys
+                **(
+                    {"augment": [a.distill_augment, a.augment_prob, a.augment_neighbours]} if a.distill_augment else {}
+                ),
                 "balanced_factors": True,  # DroneDistillationArguments.balance_factors (default since it exists)
             }
             tag, label = (f"rank{value}", f"rank {value}") if kind == "rank" else (f"{value:g}x", f"{value:g}× FLOPs")
             if a.distill_no_attention:
                 tag, label = f"{tag}-linears", f"{label}, linears only"
+            if a.distill_augment:
+                tag, label = f"{tag}-aug{a.distill_augment}", f"{label}, augmented ×{a.distill_augment + 1}"
             name = f"{a.distill_method}-{tag}-distilled"
             entries.append((name, label, steps, entry_path(self.root, "distill", name, settings), settings))
         return entries
@@ -790,6 +817,25 @@ def _distil(run: Run, student, teacher, train, curve_rows, tokenizer, steps: int
     }
 
 
+def augmented(train, teacher, tokenizer, a: argparse.Namespace):
+    """`train` and `--distill-augment` word-replaced copies of each row (augment.py), the candidates being the
+    `--augment-neighbours` nearest words in the teacher's input embeddings."""
+    started = time.perf_counter()
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    words = augment.word_ids(tokens, tokenizer.all_special_ids)
+    seen = {token for row in train["input_ids"] for token in row}
+    table = augment.neighbour_table(teacher.get_input_embeddings().weight, words, seen, a.augment_neighbours)
+    rows = augment.augment(
+        train, table, augment.continuation_ids(tokens), a.distill_augment, a.augment_prob, seed=a.seed
+    )
+    print(
+        f"[distill] augmented {len(train)} rows to {len(rows)} (x{a.distill_augment + 1}, p {a.augment_prob}, "
+        f"K {a.augment_neighbours}) in {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
+    return rows
+
+
 def stage_distill(run: Run) -> None:
     a, info = run.args, run.info
     todo = [entry for entry in run.distill_entries() if load_entry(entry[3]) is None]
@@ -807,6 +853,9 @@ def stage_distill(run: Run) -> None:
     curve_rows, train = rows.select(range(a.curve_rows)), rows.select(range(a.curve_rows, len(rows)))
     if a.distill_rows:
         train = train.select(range(min(a.distill_rows, len(train))))
+    real_rows = len(train)
+    if a.distill_augment:
+        train = augmented(train, teacher, tokenizer, a)
     dev = run.dev(tokenizer)
     print(f"[distill] calibrating on {a.calibration_samples} train rows (CPU)", flush=True)
     stats = drone_hf.collect_activation_stats(
@@ -848,6 +897,7 @@ def stage_distill(run: Run) -> None:
                 grad_accum=a.grad_accum,
                 effective_batch=a.distill_batch_size * a.grad_accum,
                 train_rows=len(train),
+                **({"real_train_rows": real_rows} if a.distill_augment else {}),
                 curve_rows=len(curve_rows),
                 curve_dense=curve_dense,
                 device=a.device,

@@ -374,7 +374,8 @@ class DroneDistillationArguments:
     Args:
         alpha_hidden (`float`, *optional*, defaults to 1.0): Weight of the hidden-state MSE.
         alpha_kl (`float`, *optional*, defaults to 1.0): Weight of the softened-logit KL divergence.
-        alpha_task (`float`, *optional*, defaults to 0.0): Weight of the task loss (needs labels when > 0).
+        alpha_task (`float`, *optional*, defaults to 0.0): Weight of the task loss (needs labels when > 0; for class
+            labels, rows labelled -100, e.g. augmented text, take no task term: the teacher alone teaches them).
         temperature (`float`, *optional*, defaults to 2.0): Softmax temperature `T` of the KL term.
         hidden_layers (`str` or `list[int]`, *optional*, defaults to `"all"`): Hidden-state indices to match
             (`0` = embeddings, `L` = last layer) or `"all"` (`None` means `"all"`).

@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 
 logger = logging.get_logger(__name__)
 
+# The label of a training row that only the teacher teaches (e.g. augmented text): it takes no task term. The same
+# value as `torch.nn.CrossEntropyLoss`'s `ignore_index` and the collators' padding label.
+UNLABELLED = -100
+
 # A copied base TrainingArguments must not evaluate, checkpoint, push or resume: distillation is one inner stage.
 _INNER_STAGE = {
     "save_strategy": "no",
@@ -229,8 +233,22 @@ class DroneDistillationTrainer(Trainer):
         if settings.alpha_task > 0 and labels is None:
             raise ValueError("`alpha_task` > 0 needs `labels` in the training batches; without labels use 0.")
         need_hidden = settings.alpha_hidden > 0
-        student_inputs = {**inputs, "labels": labels} if settings.alpha_task > 0 else inputs
+        # Sequence-level class labels with unlabelled rows: the task term is the cross-entropy of the labelled rows
+        # only (the model's own loss would be NaN for a batch of unlabelled rows), 0 for a batch without any.
+        mixed = (
+            settings.alpha_task > 0
+            and not self._regression
+            and labels.dim() == 1
+            and not labels.is_floating_point()
+            and bool((labels == UNLABELLED).any())
+        )
+        student_inputs = {**inputs, "labels": labels} if settings.alpha_task > 0 and not mixed else inputs
         outputs = model(**student_inputs, output_hidden_states=need_hidden)
+        task_loss = None
+        if mixed:
+            task_loss = _labelled_cross_entropy(outputs.logits, labels)
+        elif settings.alpha_task > 0:
+            task_loss = outputs.loss
         if self.teacher_cache is not None:
             teacher_outputs = self.teacher_cache.lookup(inputs)
         else:
@@ -245,7 +263,7 @@ class DroneDistillationTrainer(Trainer):
             student_hidden_states=outputs.hidden_states,
             teacher_hidden_states=teacher_outputs.hidden_states,
             attention_mask=inputs.get("attention_mask"),
-            task_loss=outputs.loss if settings.alpha_task > 0 else None,
+            task_loss=task_loss,
             regression=self._regression,
             **settings.loss_kwargs(),
         )
@@ -266,6 +284,14 @@ class DroneDistillationTrainer(Trainer):
             self._loss_sums.clear()
             self._loss_batches = 0
         super().log(logs, start_time)
+
+
+def _labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the rows whose label is not `UNLABELLED`; a zero that keeps the graph when none is."""
+    labelled = labels != UNLABELLED
+    if not labelled.any():
+        return logits.sum() * 0.0
+    return nn.functional.cross_entropy(logits[labelled], labels[labelled])
 
 
 def _training_arguments(args, training_args: TrainingArguments | None):
@@ -312,7 +338,8 @@ def distill(
     Args:
         student (`PreTrainedModel`): The model to train (e.g. from [`compress_model`]).
         teacher (`PreTrainedModel`): The dense model; frozen during distillation.
-        train_dataset: Training rows (labels are needed only when `alpha_task > 0`).
+        train_dataset: Training rows (labels are needed only when `alpha_task > 0`; a class label of -100 marks a row
+            that the teacher alone teaches).
         args ([`DroneDistillationArguments`] or `TrainingArguments`): See above.
         training_args (`TrainingArguments`, *optional*): Base to copy when `args` is a [`DroneDistillationArguments`].
         data_collator (*optional*): Defaults to `Trainer`'s (padding with `processing_class` when given).

@@ -203,6 +203,23 @@ def test_distillation_at_uniform_ranks_over_the_linears_only(base_size):
             base_size.parse_args(["--model", "minilm", *bad])
 
 
+def test_augmented_distillation_is_named_and_keyed_apart(base_size):
+    """`--distill-augment COPIES` adds word-replaced copies (augment.py): the entry's name, label and key say so and
+    carry the probability and candidate count; without it the entry keeps its name and key."""
+    argv = ["--model", "minilm", "--distill-ranks", "32", "--distill-steps", "100", "--distill-no-attention"]
+    (plain_name, _, _, plain_path, plain), *_ = base_size.Run.create(base_size.parse_args(argv)).distill_entries()
+    args = base_size.parse_args([*argv, "--distill-augment", "9", "--augment-prob", "0.3"])
+    (name, label, _, path, settings), *_ = base_size.Run.create(args).distill_entries()
+    assert (name, label) == ("drone-rank32-linears-aug9-distilled", "rank 32, linears only, augmented ×10")
+    assert settings["augment"] == [9, 0.3, 15] and "augment" not in plain
+    assert plain_name == "drone-rank32-linears-distilled" and path != plain_path
+    for bad in (["--distill-augment", "-1"], ["--augment-prob", "0"], ["--augment-prob", "1.5"]):
+        with pytest.raises(SystemExit):
+            base_size.parse_args([*argv, *bad])
+    with pytest.raises(SystemExit):
+        base_size.parse_args([*argv, "--augment-neighbours", "0"])
+
+
 def test_full_length_timing_rows_are_the_text_unpadded(base_size):
     """`--timing-rows full` times sequences of exactly `seq_len` real tokens: the rows' text tokens in order, cut into
     pieces, each wrapped in the special tokens, no padding; its timing has a key of its own and the padded timing

@@ -279,6 +279,27 @@ def test_distillation_trainer_evaluates_with_logits_only(tmp_path):
     assert predictions.predictions.shape == (8, 3) and predictions.metrics["test_loss"] > 0
 
 
+def test_unlabelled_rows_take_no_task_term_and_only_the_teacher_teaches_them(tmp_path):
+    teacher, student = _pair()
+    batch = dict(tiny_batches()[0])
+    labels = batch["labels"].clone()
+    labels[::2] = -100  # every other row unlabelled (e.g. augmented text)
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labelled = labels != -100
+    task = _loss(tmp_path, teacher, student, {**batch, "labels": labels}, **ONLY_TASK)
+    torch.testing.assert_close(task, F.cross_entropy(logits[labelled], labels[labelled]))
+    assert not torch.isclose(task, F.cross_entropy(logits, batch["labels"]))  # the unlabelled rows did not count
+    # A batch of unlabelled rows only: no task term (the model's own loss would be NaN), the KL term unchanged.
+    none = torch.full_like(labels, -100)
+    assert _loss(tmp_path, teacher, student, {**batch, "labels": none}, **ONLY_TASK).item() == 0.0
+    both = {"alpha_hidden": 0.0, "alpha_kl": 1.0, "alpha_task": 1.0}
+    kl = _loss(tmp_path, teacher, student, batch, **ONLY_KL)
+    torch.testing.assert_close(_loss(tmp_path, teacher, student, {**batch, "labels": none}, **both), kl)
+    mixed = _loss(tmp_path, teacher, student, {**batch, "labels": labels}, **both)
+    torch.testing.assert_close(mixed, kl + task)
+
+
 def test_task_term_without_labels_raises(tmp_path):
     teacher, student = _pair()
     batch = {k: v for k, v in tiny_batches()[0].items() if k != "labels"}
