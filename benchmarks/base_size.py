@@ -1032,6 +1032,12 @@ def combine_processes(runs: Sequence[dict]) -> dict[str, dict]:
     return combined
 
 
+def load_over(runs: Sequence[dict]) -> list[float]:
+    """The load average before the first of several timing processes and after the last (each process's own pair
+    stays in the entry's `processes`)."""
+    return [runs[0]["load_average"][0], runs[-1]["load_average"][-1]]
+
+
 def stage_time(run: Run) -> None:
     a = run.args
     teacher_entry = run.teacher()
@@ -1060,7 +1066,7 @@ def stage_time(run: Run) -> None:
             for i in range(a.timing_processes):
                 print(f"[time] process {i + 1} of {a.timing_processes}", flush=True)
                 runs.append(time_in_fresh_process(spec))
-            timing, speeds = runs[0], combine_processes(runs)
+            timing, speeds = {**runs[0], "load_average": load_over(runs)}, combine_processes(runs)
             for batch, entries in speeds.items():
                 for name, entry in entries.items():
                     if name != "dense":

@@ -313,6 +313,8 @@ def test_timing_in_several_processes_reports_their_median_and_keys_it_apart(base
     assert entry["latency_ms"] == 60 and entry["spread"] == 0.1 and entry["flags"] == []
     above = base_size.combine_processes([run(180, 40, 0.1), run(200, 40, 0.1), run(190, 80, 0.1)])["8"]["m"]
     assert above["speedup"] is None and "above its FLOP bound" in above["flags"][0]
+    loads = [{"load_average": [0.5, 1.9]}, {"load_average": [1.8, 2.0]}, {"load_average": [1.7, 2.1]}]
+    assert base_size.load_over(loads) == [0.5, 2.1]  # before the first process, after the last
 
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     models = {"m": Path("m")}
