@@ -16,8 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-
-UNLABELLED = -100
+from drone_hf.distillation import UNLABELLED  # the label DroneDistillationTrainer gives no task term
 
 
 def word_ids(tokens: Sequence[str], special_ids: Sequence[int]) -> torch.Tensor:
