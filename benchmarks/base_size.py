@@ -294,6 +294,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "narrowed query/key are zero-padded back to the head size at run time, so the score product it removes from "
         "the multiply-add count still runs",
     )
+    group.add_argument(
+        "--distill-sequential",
+        action="store_true",
+        help="start distillation from the sequentially refitted student (compress_model(sequential=True) on the "
+        "calibration rows): each factored layer refitted on the inputs the compressed model itself feeds it (its "
+        "factors are much larger than plain DRONE's; the MPNet MRPC rank-112 student collapsed under the default "
+        "recipe: README)",
+    )
     group.add_argument("--distill-batch-size", type=int, help="per device (default 16)")
     group.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default 2: batch 32)")
     group.add_argument("--distill-lr", type=float, default=1e-4)
@@ -525,12 +533,15 @@ class Run:
                     {"augment": [a.distill_augment, a.augment_prob, a.augment_neighbours]} if a.distill_augment else {}
                 ),
                 "balanced_factors": True,  # DroneDistillationArguments.balance_factors (default since it exists)
+                **({"sequential": True} if a.distill_sequential else {}),  # absent when off: older keys
             }
             tag, label = (f"rank{value}", f"rank {value}") if kind == "rank" else (f"{value:g}x", f"{value:g}× FLOPs")
             if a.distill_no_attention:
                 tag, label = f"{tag}-linears", f"{label}, linears only"
             if a.distill_augment:
                 tag, label = f"{tag}-aug{a.distill_augment}", f"{label}, augmented ×{a.distill_augment + 1}"
+            if a.distill_sequential:
+                tag, label = f"{tag}-seq", f"{label}, refitted"
             name = f"{a.distill_method}-{tag}-distilled"
             entries.append((name, label, steps, entry_path(self.root, "distill", name, settings), settings))
         return entries
@@ -858,9 +869,8 @@ def stage_distill(run: Run) -> None:
         train = augmented(train, teacher, tokenizer, a)
     dev = run.dev(tokenizer)
     print(f"[distill] calibrating on {a.calibration_samples} train rows (CPU)", flush=True)
-    stats = drone_hf.collect_activation_stats(
-        teacher, calibration_batches(info.name, tokenizer, num_samples=a.calibration_samples, seed=a.seed)
-    )
+    calibration = calibration_batches(info.name, tokenizer, num_samples=a.calibration_samples, seed=a.seed)
+    stats = drone_hf.collect_activation_stats(teacher, calibration)
     provenance = {"dataset": f"glue/{info.name}", "split": "train", "num_samples": a.calibration_samples}
     curve_dense = points(evaluate_glue(teacher, curve_rows, tokenizer, info.name))  # the curve's ceiling
     for name, _, steps, path, settings in todo:
@@ -874,6 +884,7 @@ def stage_distill(run: Run) -> None:
                 **{kind: settings[kind]},
                 attention=not a.distill_no_attention,
                 calibration_info=provenance,
+                **({"sequential": True, "calibration_dataloader": calibration} if a.distill_sequential else {}),
             )
             bound = flop_bound(teacher, student, a.seq_len)
             before = points(evaluate_glue(student.to(a.device), dev, tokenizer, info.name))

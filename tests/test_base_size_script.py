@@ -220,6 +220,18 @@ def test_augmented_distillation_is_named_and_keyed_apart(base_size):
         base_size.parse_args([*argv, "--augment-neighbours", "0"])
 
 
+def test_refitted_distillation_is_named_and_keyed_apart(base_size):
+    """`--distill-sequential` starts distillation from the sequentially refitted student: the entry's name, label and
+    key say so; without it the entry keeps its name and key (finished students stay found)."""
+    argv = ["--model", "minilm", "--distill-ranks", "32", "--distill-steps", "100", "--distill-no-attention"]
+    (plain_name, _, _, plain_path, plain), *_ = base_size.Run.create(base_size.parse_args(argv)).distill_entries()
+    args = base_size.parse_args([*argv, "--distill-sequential"])
+    (name, label, _, path, settings), *_ = base_size.Run.create(args).distill_entries()
+    assert (name, label) == ("drone-rank32-linears-seq-distilled", "rank 32, linears only, refitted")
+    assert settings["sequential"] is True and "sequential" not in plain
+    assert plain_name == "drone-rank32-linears-distilled" and path != plain_path
+
+
 def test_full_length_timing_rows_are_the_text_unpadded(base_size):
     """`--timing-rows full` times sequences of exactly `seq_len` real tokens: the rows' text tokens in order, cut into
     pieces, each wrapped in the special tokens, no padding; its timing has a key of its own and the padded timing
