@@ -302,6 +302,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "factors are much larger than plain DRONE's; the MPNet MRPC rank-112 student collapsed under the default "
         "recipe: README)",
     )
+    group.add_argument(
+        "--distill-dense-weight",
+        type=float,
+        default=0.0,
+        help="with --distill-sequential: the anchored refit (compress_model(sequential_dense_weight=...)): the dense "
+        "model's own inputs join each refit with this weight, which bounds the refitted factors; default 0: none",
+    )
     group.add_argument("--distill-batch-size", type=int, help="per device (default 16)")
     group.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default 2: batch 32)")
     group.add_argument("--distill-lr", type=float, default=1e-4)
@@ -383,6 +390,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--distill-ranks must be >= 1, got {args.distill_ranks}.")
     if args.distill_rows is not None and args.distill_rows < 1:
         parser.error(f"--distill-rows must be >= 1, got {args.distill_rows}.")
+    if args.distill_dense_weight and not args.distill_sequential:
+        parser.error(f"--distill-dense-weight {args.distill_dense_weight:g} needs --distill-sequential.")
+    if not 0.0 <= args.distill_dense_weight < float("inf"):
+        parser.error(f"--distill-dense-weight must be a finite number >= 0, got {args.distill_dense_weight}.")
     if args.distill_augment < 0:
         parser.error(f"--distill-augment must be >= 0 (copies per row), got {args.distill_augment}.")
     if not 0.0 < args.augment_prob <= 1.0:
@@ -534,6 +545,7 @@ class Run:
                 ),
                 "balanced_factors": True,  # DroneDistillationArguments.balance_factors (default since it exists)
                 **({"sequential": True} if a.distill_sequential else {}),  # absent when off: older keys
+                **({"sequential_dense_weight": a.distill_dense_weight} if a.distill_dense_weight else {}),
             }
             tag, label = (f"rank{value}", f"rank {value}") if kind == "rank" else (f"{value:g}x", f"{value:g}× FLOPs")
             if a.distill_no_attention:
@@ -542,6 +554,11 @@ class Run:
                 tag, label = f"{tag}-aug{a.distill_augment}", f"{label}, augmented ×{a.distill_augment + 1}"
             if a.distill_sequential:
                 tag, label = f"{tag}-seq", f"{label}, refitted"
+            if a.distill_dense_weight:
+                tag, label = (
+                    f"{tag}-dw{a.distill_dense_weight:g}",
+                    f"{label} (dense weight {a.distill_dense_weight:g})",
+                )
             name = f"{a.distill_method}-{tag}-distilled"
             entries.append((name, label, steps, entry_path(self.root, "distill", name, settings), settings))
         return entries
@@ -884,7 +901,15 @@ def stage_distill(run: Run) -> None:
                 **{kind: settings[kind]},
                 attention=not a.distill_no_attention,
                 calibration_info=provenance,
-                **({"sequential": True, "calibration_dataloader": calibration} if a.distill_sequential else {}),
+                **(
+                    {
+                        "sequential": True,
+                        "calibration_dataloader": calibration,
+                        "sequential_dense_weight": a.distill_dense_weight,
+                    }
+                    if a.distill_sequential
+                    else {}
+                ),
             )
             bound = flop_bound(teacher, student, a.seq_len)
             before = points(evaluate_glue(student.to(a.device), dev, tokenizer, info.name))

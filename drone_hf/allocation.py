@@ -200,6 +200,7 @@ def allocate_ranks(
     kernel_costs=None,
     sequential_dataloader: Iterable[Mapping[str, torch.Tensor]] | None = None,
     sequential_checks: int = 4,
+    sequential_dense_weight: float = 0.0,
 ) -> dict[str, int]:
     r"""
     Allocates per-module ranks for a budget. Pass exactly one of `max_accuracy_drop`, `target_speedup`, `param_ratio`.
@@ -307,6 +308,8 @@ def allocate_ranks(
             batches. Ignored (with a warning) by the closed-form budgets; with `search="exhaustive"` the joint
             checks do not refit.
         sequential_checks (`int`, *optional*, defaults to 4): Refitted joint checks after the search's result.
+        sequential_dense_weight (`float`, *optional*, defaults to 0): The refits' weight of the dense inputs (the
+            anchored refit, [`~drone_hf.sequential.refit_sequential`]'s `dense_weight`).
 
     Returns:
         `dict[str, int]`: linear name -> rank and attention block name (`...attention.self`) -> per-head rank, for
@@ -391,7 +394,7 @@ def allocate_ranks(
     else:
         refit = None
         if sequential_dataloader is not None and search == "fast":
-            refit = make_refit(model, sequential_dataloader)
+            refit = make_refit(model, sequential_dataloader, dense_weight=sequential_dense_weight)
         elif sequential_dataloader is not None:
             logger.warning(
                 "The exhaustive search's joint checks do not refit: the budget is checked on the model before the "

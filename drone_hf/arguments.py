@@ -101,6 +101,8 @@ class DroneCompressionArguments:
             process from its weights: DDP copies them when it wraps the model).
         sequential_checks (`int`, *optional*, defaults to 4): With `sequential` and `max_accuracy_drop`: refitted
             joint checks spent past the search's result ([`allocate_ranks`]); each costs one refit.
+        sequential_dense_weight (`float`, *optional*, defaults to 0): With `sequential`: the weight of the dense
+            model's own inputs in each refit (the anchored refit, [`compress_model`]'s `sequential_dense_weight`).
         calibration_batch_size (`int`, *optional*, defaults to 32): Rows per calibration batch.
         seed (`int`, *optional*, defaults to 0): Seed of the random choice of calibration and held-out rows.
         dtype (`str` or `torch.dtype`, *optional*): Deployment dtype of the compressed model, `"float32"`,
@@ -171,6 +173,10 @@ class DroneCompressionArguments:
         default=4,
         metadata={"help": "With sequential and max_accuracy_drop: refitted joint checks past the search's result."},
     )
+    sequential_dense_weight: float = field(
+        default=0.0,
+        metadata={"help": "With sequential: weight of the dense model's own inputs in each refit (anchored refit)."},
+    )
     calibration_batch_size: int = field(default=32, metadata={"help": "Rows per calibration batch."})
     seed: int = field(default=0, metadata={"help": "Seed of the choice of calibration / held-out rows."})
     dtype: str | None = field(
@@ -198,6 +204,14 @@ class DroneCompressionArguments:
         if not isinstance(self.sequential, bool):
             raise ValueError(f"`sequential` must be a bool, got {type(self.sequential).__name__} {self.sequential!r}.")
         _check_int("sequential_checks", self.sequential_checks, minimum=0, allow_none=False)
+        from .sequential import check_dense_weight
+
+        self.sequential_dense_weight = check_dense_weight(self.sequential_dense_weight)
+        if self.sequential_dense_weight and not self.sequential:
+            raise ValueError(
+                f"`sequential_dense_weight={self.sequential_dense_weight}` weighs the dense inputs in the sequential "
+                "refit; it needs `sequential=True`."
+            )
         self.ranks = _parse_json_mapping("ranks", self.ranks)
         for key, value in (self.ranks or {}).items():
             if not isinstance(key, str) or not _is_int(value) or value <= 0:
@@ -290,6 +304,8 @@ class DroneCompressionArguments:
             kwargs["bias_correction"] = True
         if self.sequential:
             kwargs["sequential"] = True  # the caller adds `calibration_dataloader`
+            if self.sequential_dense_weight:
+                kwargs["sequential_dense_weight"] = self.sequential_dense_weight
         if self.max_accuracy_drop is not None or self.target_speedup is not None or self.param_ratio is not None:
             kwargs["attention"] = self.attention
         if self.max_accuracy_drop is not None:

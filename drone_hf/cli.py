@@ -144,6 +144,12 @@ def _parser() -> argparse.ArgumentParser:
         "the joint checks judge refitted models and search further",
     )
     compress.add_argument(
+        "--sequential-dense-weight",
+        type=_number(0),
+        default=0.0,
+        help="with --sequential: weight of the dense model's own inputs in each refit (the anchored refit; default 0)",
+    )
+    compress.add_argument(
         "--sequential-checks",
         type=count(0),
         default=4,
@@ -247,6 +253,12 @@ def _add_embeddings_parser(commands) -> None:
         action="store_true",
         help="refit the factored linears layer after layer on the calibration sentences as the compressed encoder "
         "feeds them (docs/methods.md 1c); with --min-cosine-similarity the joint checks judge refitted encoders",
+    )
+    sub.add_argument(
+        "--sequential-dense-weight",
+        type=_number(0),
+        default=0.0,
+        help="with --sequential: weight of the dense model's own inputs in each refit (the anchored refit; default 0)",
     )
     sub.add_argument("--batch-size", type=count(1), default=32, help="sentences per calibration / held-out batch")
     sub.add_argument(
@@ -423,6 +435,7 @@ def _compress_embeddings(args) -> int:
         batch_size=args.batch_size,
         attention=not args.no_attention,
         sequential=args.sequential,
+        sequential_dense_weight=args.sequential_dense_weight,
         allocation_options=(
             {"safety_margin": args.safety_margin, "refine_steps": args.refine_steps, "search": args.allocation_search}
             if args.min_cosine_similarity is not None
@@ -682,6 +695,8 @@ def _compress(args) -> int:
     check_rank(model, args.rank)
     if args.sequential:
         check_sequential(model)  # before calibrating
+    elif args.sequential_dense_weight:
+        raise ValueError(f"--sequential-dense-weight {args.sequential_dense_weight:g} needs --sequential.")
     needs_heldout = args.max_accuracy_drop is not None
     total = args.calibration_samples + (args.heldout_samples if needs_heldout else 0)
     rows = task.load("train", tokenizer, max_length=args.max_length, max_samples=total, seed=args.seed).shuffle(
@@ -753,6 +768,7 @@ def _compress(args) -> int:
             quantize=args.quantize,
             sequential_dataloader=batches if args.sequential and needs_heldout else None,
             sequential_checks=args.sequential_checks,
+            sequential_dense_weight=args.sequential_dense_weight if args.sequential else 0.0,
             **budget,
         )
         if not ranks:
@@ -769,6 +785,7 @@ def _compress(args) -> int:
         quantize=args.quantize,
         sequential=args.sequential,
         calibration_dataloader=batches if args.sequential else None,
+        sequential_dense_weight=args.sequential_dense_weight,
         show_progress=True,
     )
     seconds = time.perf_counter() - started

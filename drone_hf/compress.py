@@ -22,7 +22,7 @@ from .methods import DEFAULT_METHOD, get_method, resolve_method
 from .model_state import check_materialized, copy_training_modes
 from .modeling_drone import drone_model_class
 from .projective import choose_kj, embedding_parameter_count, projective_clustering, projective_clustering_cost
-from .sequential import check_sequential, check_sequential_flag, refit_sequential
+from .sequential import check_dense_weight, check_sequential, check_sequential_flag, refit_sequential
 from .stats import check_stats, split_stats
 from .structure import attention_geometry, qk_linear_names, validate_attention_ranks, validate_drone_ranks
 from .targets import (
@@ -175,6 +175,7 @@ def compress_model(
     quantize: str | None = None,
     sequential: bool = False,
     calibration_dataloader: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    sequential_dense_weight: float = 0.0,
     show_progress: bool = False,
 ):
     r"""
@@ -247,6 +248,10 @@ def compress_model(
             and search further ranks (`allocation_options={"sequential_checks": 4}`).
         calibration_dataloader (`Iterable[dict]`, *optional*): The calibration batches (token ids, attention masks)
             for `sequential=True`, e.g. those `stats` were collected on.
+        sequential_dense_weight (`float`, *optional*, defaults to 0): With `sequential=True`, the anchored refit: the
+            dense model's own inputs join each layer's least squares with this weight (docs/methods.md §1c), which
+            bounds the large weights the plain refit (0) can put on directions the compressed inputs barely excite;
+            a large value tends to `method="drone-bc"`. Recorded in `config.drone_calibration`.
         show_progress (`bool`, *optional*, defaults to `False`): Progress bars for the allocation and the
             factorisation (`transformers.utils.logging.tqdm`: `disable_progress_bar()` hides them).
 
@@ -293,6 +298,9 @@ def compress_model(
         merged = {**settings.compress_kwargs(), **{k: v for k, v in given.items() if v is not None}}
         for key in ("attention",):
             merged.setdefault(key, attention)
+        # `sequential` and its weight default to off, so a keyword turns them on and the settings cannot be undone
+        sequential = sequential or merged.pop("sequential", False)
+        sequential_dense_weight = sequential_dense_weight or merged.pop("sequential_dense_weight", 0.0)
         return compress_model(
             model,
             stats,
@@ -308,6 +316,7 @@ def compress_model(
             quantize=quantize if quantize is not None else settings.quantize,
             sequential=sequential,
             calibration_dataloader=calibration_dataloader,
+            sequential_dense_weight=sequential_dense_weight,
             show_progress=show_progress,
             **merged,
         )
@@ -325,6 +334,12 @@ def compress_model(
         raise ValueError("`sequential=True` needs `calibration_dataloader` (the calibration batches to refit on).")
     if sequential:
         check_sequential(model)
+    sequential_dense_weight = check_dense_weight(sequential_dense_weight)
+    if sequential_dense_weight and not sequential:
+        raise ValueError(
+            f"`sequential_dense_weight={sequential_dense_weight}` weighs the dense inputs in the sequential refit; it "
+            "needs `sequential=True`."
+        )
     if calibration_dataloader is not None and not sequential:
         logger.warning("`calibration_dataloader` is only used with `sequential=True`; ignored.")
     if max_accuracy_drop is not None or target_speedup is not None or param_ratio is not None:
@@ -359,6 +374,7 @@ def compress_model(
             dtype=dtype,
             quantize=quantize,
             sequential_dataloader=calibration_dataloader if sequential else None,
+            sequential_dense_weight=sequential_dense_weight,
             **{"show_progress": show_progress, **_allocation_options(allocation_options)},
         )
         if not ranks:
@@ -421,6 +437,8 @@ def compress_model(
     provenance = dict(calibration_info or {})
     if sequential:
         provenance["sequential_refit"] = True
+        if sequential_dense_weight:
+            provenance["sequential_dense_weight"] = sequential_dense_weight
     if checked:
         provenance.setdefault("num_tokens", int(split_stats(next(iter(checked.values())))[2]))
     embedding_factors = None
@@ -438,7 +456,13 @@ def compress_model(
         embedding=embedding_factors,
     )
     if sequential:
-        refit_sequential(model, compressed, calibration_dataloader, show_progress=show_progress)
+        refit_sequential(
+            model,
+            compressed,
+            calibration_dataloader,
+            dense_weight=sequential_dense_weight,
+            show_progress=show_progress,
+        )
     return prepare_for_deployment(compressed, dtype, quantize)
 
 

@@ -479,6 +479,7 @@ def compress_sentence_transformer(
     batch_size: int = 32,
     attention: bool = True,
     sequential: bool = False,
+    sequential_dense_weight: float = 0.0,
     allocation_options: Mapping | None = None,
     allocation_report: dict | None = None,
     distill_steps: int = 0,
@@ -537,6 +538,8 @@ def compress_sentence_transformer(
             docs/methods.md §1c): same ranks, smaller error. With `min_cosine_similarity` the joint checks score
             refitted encoders (`allocation_options={"sequential_checks": 4}` more past the search's result). Before
             any distillation. Not for families that share layers (ALBERT).
+        sequential_dense_weight (`float`, *optional*, defaults to 0): With `sequential`, the anchored refit
+            ([`compress_model`]'s `sequential_dense_weight`).
         allocation_options (`Mapping`, *optional*): Further options of [`allocate_ranks`] (`safety_margin`,
             `refine_steps`, `search`, `screening_samples`, `screening_dtype`, `seq_len`, `sequential_checks`, ...).
         allocation_report (`dict`, *optional*): Filled with what was done: the allocation's report, `heldout_cosine`
@@ -596,7 +599,7 @@ def compress_sentence_transformer(
     from .allocation import allocate_ranks
     from .deployment import check_deployment, prepare_for_deployment
     from .methods import method_names
-    from .sequential import check_sequential, check_sequential_flag
+    from .sequential import check_dense_weight, check_sequential, check_sequential_flag
 
     _require_sentence_transformers()
     _transformer_module(model)
@@ -661,6 +664,11 @@ def compress_sentence_transformer(
     encoder = new_transformer.auto_model
     if check_sequential_flag(sequential):  # before calibrating (compress_model checks again)
         check_sequential(encoder)
+    if check_dense_weight(sequential_dense_weight) and not sequential:
+        raise ValueError(
+            f"`sequential_dense_weight={sequential_dense_weight}` weighs the dense inputs in the sequential refit; it "
+            "needs `sequential=True`."
+        )
     modes = {name: module.training for name, module in new.named_modules()}  # the input's, module by module
     new.eval()
     report = allocation_report if allocation_report is not None else {}
@@ -671,7 +679,11 @@ def compress_sentence_transformer(
     if method != "svd":
         stats = collect_activation_stats(encoder, tensors, show_progress=show_progress)
     calibration_info = {"data": "unlabeled sentences", "num_samples": len(calibration)}
-    refit = {"sequential": True, "calibration_dataloader": tensors} if sequential else {}
+    refit = (
+        {"sequential": True, "calibration_dataloader": tensors, "sequential_dense_weight": sequential_dense_weight}
+        if sequential
+        else {}
+    )
     if budget in ("rank", "ranks"):
         compressed = compress_model(
             encoder, stats, method=method, rank=rank, ranks=ranks, calibration_info=calibration_info, **refit
@@ -693,6 +705,7 @@ def compress_sentence_transformer(
             max_accuracy_drop=None if min_cosine_similarity is None else 100.0 * (1.0 - min_cosine_similarity),
             eval_dataloader=heldout_batches if budget == "min_cosine_similarity" else None,
             sequential_dataloader=tensors if sequential and budget == "min_cosine_similarity" else None,
+            sequential_dense_weight=sequential_dense_weight if sequential else 0.0,
             report=report,
             dtype=dtype,
             quantize=quantize,

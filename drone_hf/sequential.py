@@ -10,6 +10,7 @@ speed, size nor the checkpoint format."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -70,6 +71,7 @@ def refit_modules(
     batches: list[dict],
     *,
     dense_linears: bool = False,
+    dense_weight: float = 0.0,
     show_progress: bool = False,
 ) -> dict[str, nn.Module]:
     """Swaps refitted modules into `compressed`, layer by layer, and returns the modules they replaced (name ->
@@ -101,11 +103,18 @@ def refit_modules(
             width = dense_inputs[0].shape[-1] + 1
             cross = torch.zeros(width, width, dtype=torch.float64)
             stats = torch.zeros(width, width, dtype=torch.float64)
+            dense = torch.zeros(width, width, dtype=torch.float64) if dense_weight else None
             for x, x_tilde, mask in zip(dense_inputs, compressed_inputs, masks):
                 x = _augmented(x[mask] if mask is not None else x.reshape(-1, x.shape[-1]))
                 x_tilde = _augmented(x_tilde[mask] if mask is not None else x_tilde.reshape(-1, x_tilde.shape[-1]))
                 cross += (x.T @ x_tilde).cpu()
                 stats += (x_tilde.T @ x_tilde).cpu()
+                if dense is not None:
+                    dense += (x.T @ x).cpu()
+            if dense is not None:
+                # The dense inputs as more tokens of weight `dense_weight`: the least squares then also asks each
+                # layer to stay right on the dense model's own inputs (docs/methods.md §1c, the anchored refit).
+                cross, stats = cross + dense_weight * dense, stats + dense_weight * dense
             for name in todo:
                 current = compressed.get_submodule(name)
                 module = _refitted(model.get_submodule(name), current, cross, stats)
@@ -119,6 +128,7 @@ def refit_sequential(
     dataloader: Iterable[Mapping[str, torch.Tensor]],
     *,
     dense_linears: bool = False,
+    dense_weight: float = 0.0,
     show_progress: bool = False,
 ) -> nn.Module:
     r"""
@@ -135,6 +145,10 @@ def refit_sequential(
             those the statistics were collected on.
         dense_linears (`bool`, *optional*, defaults to `False`): Also refit the linears left dense (full-rank least
             squares on the same statistics).
+        dense_weight (`float`, *optional*, defaults to 0): The anchored refit: the dense model's own inputs join the
+            least squares as tokens of this weight, so each layer must also stay right on them (docs/methods.md §1c).
+            0 is the plain refit; a large weight tends to DRONE with bias correction. The plain refit can put large
+            weights on directions the compressed inputs barely excite; the anchor bounds them.
         show_progress (`bool`, *optional*, defaults to `False`): A progress bar over the layers.
 
     Returns:
@@ -151,7 +165,9 @@ def refit_sequential(
             f"`compressed` ({type(compressed).__name__}) must be a compressed copy of `model` "
             f"({type(model).__name__}): same family and number of layers."
         )
-    refit = make_refit(model, dataloader, dense_linears=dense_linears, show_progress=show_progress)
+    refit = make_refit(
+        model, dataloader, dense_linears=dense_linears, dense_weight=dense_weight, show_progress=show_progress
+    )
     modes = training_modes(compressed)
     flags = {name: module.training for name, module in compressed.named_modules()}
     replaced = {}
@@ -175,6 +191,24 @@ def check_sequential_flag(sequential) -> bool:
     return sequential
 
 
+def check_dense_weight(dense_weight) -> float:
+    """`dense_weight` itself, refused unless a finite number >= 0 (0 is the plain refit).
+
+    Raises:
+        `ValueError`: naming the value and what is allowed.
+    """
+    if (
+        isinstance(dense_weight, bool)
+        or not isinstance(dense_weight, (int, float))
+        or not 0 <= dense_weight < math.inf
+    ):
+        raise ValueError(
+            "`dense_weight` must be a finite number >= 0 (the weight of the dense model's own inputs in the refit; "
+            f"0: none), got {dense_weight!r}."
+        )
+    return float(dense_weight)
+
+
 def check_sequential(model: nn.Module) -> None:
     """Refuses families whose layers are shared (ALBERT): one module runs at every depth there, so no single refit
     can match each layer's own inputs (measured on a tiny ALBERT: the final error grew 25-fold).
@@ -195,12 +229,14 @@ def make_refit(
     dataloader: Iterable[Mapping[str, torch.Tensor]],
     *,
     dense_linears: bool = False,
+    dense_weight: float = 0.0,
     show_progress: bool = False,
 ) -> Callable[[nn.Module], dict[str, nn.Module]]:
     """`working -> replaced modules`: [`refit_modules`] of a compressed copy of `model` (put in eval mode) on
     `dataloader`'s batches (prepared once), `model` in eval mode meanwhile and then as it was. What an accuracy
     budget's joint checks run before they score an assignment, and what [`refit_sequential`] runs once."""
     check_sequential(model)
+    check_dense_weight(dense_weight)
     batches = _prepare(model, dataloader)
 
     def refit(working: nn.Module) -> dict[str, nn.Module]:
@@ -208,7 +244,12 @@ def make_refit(
         try:
             model.eval()
             return refit_modules(
-                model, working.eval(), batches, dense_linears=dense_linears, show_progress=show_progress
+                model,
+                working.eval(),
+                batches,
+                dense_linears=dense_linears,
+                dense_weight=dense_weight,
+                show_progress=show_progress,
             )
         finally:
             restore_training_modes(modes)
@@ -226,4 +267,11 @@ def _prepare(model: nn.Module, dataloader) -> list[dict]:
     return batches
 
 
-__all__ = ["check_sequential", "check_sequential_flag", "make_refit", "refit_modules", "refit_sequential"]
+__all__ = [
+    "check_dense_weight",
+    "check_sequential",
+    "check_sequential_flag",
+    "make_refit",
+    "refit_modules",
+    "refit_sequential",
+]

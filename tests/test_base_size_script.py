@@ -230,6 +230,14 @@ def test_refitted_distillation_is_named_and_keyed_apart(base_size):
     assert (name, label) == ("drone-rank32-linears-seq-distilled", "rank 32, linears only, refitted")
     assert settings["sequential"] is True and "sequential" not in plain
     assert plain_name == "drone-rank32-linears-distilled" and path != plain_path
+    assert "sequential_dense_weight" not in settings
+    args = base_size.parse_args([*argv, "--distill-sequential", "--distill-dense-weight", "0.5"])
+    (name, label, _, anchored_path, anchored), *_ = base_size.Run.create(args).distill_entries()
+    assert name == "drone-rank32-linears-seq-dw0.5-distilled" and label.endswith("refitted (dense weight 0.5)")
+    assert anchored["sequential_dense_weight"] == 0.5 and anchored_path not in (path, plain_path)
+    for bad in (["--distill-dense-weight", "1"], ["--distill-sequential", "--distill-dense-weight", "-1"]):
+        with pytest.raises(SystemExit):
+            base_size.parse_args([*argv, *bad])
 
 
 def test_full_length_timing_rows_are_the_text_unpadded(base_size):

@@ -294,6 +294,13 @@ def test_sequential_refit_brings_the_embeddings_closer_and_the_budget_judges_the
     assert report["heldout_cosine"] >= 0.99 - 1e-9 and small[0].auto_model.config.drone_calibration["sequential_refit"]
     with pytest.raises(TypeError, match=r"`sequential` must be a bool, got int 1"):
         drone_hf.compress_sentence_transformer(dense, SENTENCES, rank=4, sequential=1)
+    anchored = drone_hf.compress_sentence_transformer(
+        dense, SENTENCES, rank=4, attention=False, sequential=True, sequential_dense_weight=1.0
+    )
+    assert anchored[0].auto_model.config.drone_calibration["sequential_dense_weight"] == 1.0
+    assert cosine_fidelity(dense, plain, SENTENCES) < cosine_fidelity(dense, anchored, SENTENCES)
+    with pytest.raises(ValueError, match=r"`sequential_dense_weight=1.0` .* needs `sequential=True`"):
+        drone_hf.compress_sentence_transformer(dense, SENTENCES, rank=4, sequential_dense_weight=1.0)
 
 
 def test_a_cosine_budget_no_compression_meets_is_refused(bert_dense):

@@ -91,6 +91,47 @@ def test_the_full_rank_refit_is_least_squares(case):
     torch.testing.assert_close(new_bias, solution[-1], rtol=1e-7, atol=1e-8)
 
 
+def test_the_anchored_refit_is_the_weighted_least_squares(case):
+    """Adding `gamma` times the dense inputs' moment to both moments fits the compressed inputs and, with weight
+    `gamma`, the dense inputs themselves, to the same dense outputs (what `dense_weight` does)."""
+    weight, bias, x, x_tilde = case
+    gamma = 0.3
+    cross, stats = _moments(x, x_tilde)
+    dense = _augmented(x).T @ _augmented(x)
+    full, _, new_bias = drone_refit(weight, bias, cross + gamma * dense, stats + gamma * dense, None)
+    inputs = torch.cat([_augmented(x_tilde), gamma**0.5 * _augmented(x)])
+    targets = torch.cat([x @ weight.T + bias, gamma**0.5 * (x @ weight.T + bias)])
+    solution = torch.linalg.lstsq(inputs, targets).solution
+    torch.testing.assert_close(full, solution[:-1].T, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(new_bias, solution[-1], rtol=1e-7, atol=1e-8)
+    # at rank 3 no perturbation of the factors does better on the weighted objective
+    down, up, new_bias = drone_refit(weight, bias, cross + gamma * dense, stats + gamma * dense, 3)
+
+    def weighted(approx, offset):
+        return _objective(weight, bias, x, x_tilde, approx, offset) + gamma * _objective(
+            weight, bias, x, x, approx, offset
+        )
+
+    def best_offset(approx):
+        target = x @ weight.T + bias
+        return ((target - x_tilde @ approx.T).sum(0) + gamma * (target - x @ approx.T).sum(0)) / (len(x) * (1 + gamma))
+
+    best = weighted(up @ down, new_bias)
+    plain_down, plain_up, _ = drone_refit(weight, bias, cross, stats, 3)  # the unanchored refit
+    assert best < weighted(plain_up @ plain_down, best_offset(plain_up @ plain_down)) - 1e-6
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        approx = (up + 0.05 * torch.randn(up.shape, generator=generator, dtype=torch.float64)) @ (
+            down + 0.05 * torch.randn(down.shape, generator=generator, dtype=torch.float64)
+        )
+        assert weighted(approx, best_offset(approx)) >= best - 1e-9
+    # a large weight pulls it to DRONE with bias correction on the dense inputs
+    down, up, new_bias = drone_refit(weight, bias, cross + 1e7 * dense, stats + 1e7 * dense, 3)
+    ref_down, ref_up, shift = drone_factorize_affine(weight, dense, 3)
+    torch.testing.assert_close(up @ down, ref_up @ ref_down, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(new_bias, bias + shift, rtol=1e-4, atol=1e-5)
+
+
 def test_the_refit_refuses_mismatched_statistics(case):
     weight, bias, x, x_tilde = case
     cross, stats = _moments(x, x_tilde)
@@ -149,6 +190,31 @@ def test_the_first_layers_query_refit_is_drone_bc():
     torch.testing.assert_close(mine.up.bias, theirs.up.bias, rtol=1e-4, atol=1e-5)
 
 
+def test_the_anchored_refit_spans_the_refit_and_drone_bc():
+    """`dense_weight` 0 is the plain refit; a large one gives every factored linear DRONE-bc's product; in between
+    the final error on the calibration rows lies between the two."""
+    model = tiny_teacher(hidden_size=64, intermediate_size=128)
+    batches = tiny_batches(num_rows=32, seq_len=10, batch_size=8)
+    stats = collect_activation_stats(model, batches)
+    reference = compress_model(model, stats, method="drone-bc", rank=12, attention=False)
+    plain = refit_sequential(model, compress_model(model, stats, rank=12, attention=False), batches)
+    zero = refit_sequential(model, compress_model(model, stats, rank=12, attention=False), batches, dense_weight=0)
+    heavy = refit_sequential(model, compress_model(model, stats, rank=12, attention=False), batches, dense_weight=1e8)
+    middle = refit_sequential(model, compress_model(model, stats, rank=12, attention=False), batches, dense_weight=1)
+    factored = [n for n, m in reference.named_modules() if isinstance(m, DroneLinear)]
+    assert len(factored) == 12
+    for name in factored:
+        ours, theirs = heavy.get_submodule(name), reference.get_submodule(name)
+        torch.testing.assert_close(ours.up.weight @ ours.down.weight, theirs.up.weight @ theirs.down.weight)
+        torch.testing.assert_close(ours.up.bias, theirs.up.bias, rtol=1e-4, atol=1e-5)
+        assert torch.equal(zero.get_submodule(name).down.weight, plain.get_submodule(name).down.weight)
+    errors = [_final_error(model, m, batches) for m in (plain, middle, heavy)]
+    assert errors[0] < errors[1] < errors[2]
+    for bad in (-1.0, float("nan"), float("inf"), "1", True):
+        with pytest.raises(ValueError, match="`dense_weight` must be a finite number >= 0"):
+            refit_sequential(model, compress_model(model, stats, rank=12, attention=False), batches, dense_weight=bad)
+
+
 def test_compress_model_sequential_saves_reloads_and_records_it(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
@@ -203,7 +269,7 @@ def test_an_accuracy_budget_with_sequential_judges_the_model_it_returns():
     assert stages.count("sequential") == sequential["checks"]
 
 
-def test_cli_sequential_flag(tmp_path):
+def test_cli_sequential_flag(tmp_path, capsys):
     from .testing_utils import tiny_classifier_folder, write_sst2_glue
 
     tiny_classifier_folder(tmp_path / "model")
@@ -218,6 +284,52 @@ def test_cli_sequential_flag(tmp_path):
     allocation = json.loads((tmp_path / "b" / "drone_results.json").read_text())["allocation"]
     assert allocation["sequential"]["checks"] <= 2 and np.isfinite(allocation["heldout_drop"])
     assert drone_hf.refit_sequential is refit_sequential
+    anchored = ["--rank", "8", "--sequential", "--sequential-dense-weight", "0.5", "--output", str(tmp_path / "c")]
+    assert main([*common, *anchored]) == 0
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert config["drone_calibration"]["sequential_dense_weight"] == 0.5
+    capsys.readouterr()
+    assert main([*common, "--rank", "8", "--sequential-dense-weight", "0.5", "--output", str(tmp_path / "d")]) == 2
+    assert "--sequential-dense-weight 0.5 needs --sequential" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_compress_model_anchored_refit_from_keywords_and_settings(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = tiny_teacher(hidden_size=64, intermediate_size=128)
+    batches = tiny_batches(num_rows=32, seq_len=10, batch_size=8)
+    stats = collect_activation_stats(model, batches)
+    anchored = compress_model(
+        model,
+        stats,
+        rank=12,
+        attention=False,
+        sequential=True,
+        calibration_dataloader=batches,
+        sequential_dense_weight=1,
+    )
+    expected = refit_sequential(model, compress_model(model, stats, rank=12, attention=False), batches, dense_weight=1)
+    for (name, mine), theirs in zip(anchored.state_dict().items(), expected.state_dict().values()):
+        assert torch.equal(mine, theirs), name
+    assert anchored.config.drone_calibration["sequential_dense_weight"] == 1.0
+    settings = drone_hf.DroneCompressionArguments(rank=12, attention=False, sequential=True, sequential_dense_weight=1)
+    from_settings = compress_model(model, stats, settings, calibration_dataloader=batches)
+    for (name, mine), theirs in zip(from_settings.state_dict().items(), expected.state_dict().values()):
+        assert torch.equal(mine, theirs), name
+    anchored.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    inputs = {k: batches[0][k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, anchored(**inputs).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="`sequential_dense_weight=0.5` weighs the dense inputs .* needs `sequential"):
+        compress_model(model, stats, rank=12, sequential_dense_weight=0.5)
+    with pytest.raises(ValueError, match="`sequential_dense_weight=0.5` weighs the dense inputs .* needs `sequential"):
+        drone_hf.DroneCompressionArguments(rank=12, sequential_dense_weight=0.5)
+    with pytest.raises(ValueError, match="`dense_weight` must be a finite number >= 0"):
+        compress_model(
+            model, stats, rank=12, sequential=True, calibration_dataloader=batches, sequential_dense_weight=-1
+        )
 
 
 def test_the_exhaustive_search_says_its_checks_do_not_refit(caplog):
