@@ -206,12 +206,9 @@ class DroneCompressionArguments:
         _check_int("sequential_checks", self.sequential_checks, minimum=0, allow_none=False)
         from .sequential import check_dense_weight
 
-        self.sequential_dense_weight = check_dense_weight(self.sequential_dense_weight)
-        if self.sequential_dense_weight and not self.sequential:
-            raise ValueError(
-                f"`sequential_dense_weight={self.sequential_dense_weight}` weighs the dense inputs in the sequential "
-                "refit; it needs `sequential=True`."
-            )
+        self.sequential_dense_weight = check_dense_weight(
+            self.sequential_dense_weight, sequential=self.sequential, name="sequential_dense_weight"
+        )
         self.ranks = _parse_json_mapping("ranks", self.ranks)
         for key, value in (self.ranks or {}).items():
             if not isinstance(key, str) or not _is_int(value) or value <= 0:

@@ -334,12 +334,9 @@ def compress_model(
         raise ValueError("`sequential=True` needs `calibration_dataloader` (the calibration batches to refit on).")
     if sequential:
         check_sequential(model)
-    sequential_dense_weight = check_dense_weight(sequential_dense_weight)
-    if sequential_dense_weight and not sequential:
-        raise ValueError(
-            f"`sequential_dense_weight={sequential_dense_weight}` weighs the dense inputs in the sequential refit; it "
-            "needs `sequential=True`."
-        )
+    sequential_dense_weight = check_dense_weight(
+        sequential_dense_weight, sequential=sequential, name="sequential_dense_weight"
+    )
     if calibration_dataloader is not None and not sequential:
         logger.warning("`calibration_dataloader` is only used with `sequential=True`; ignored.")
     if max_accuracy_drop is not None or target_speedup is not None or param_ratio is not None:

@@ -664,11 +664,7 @@ def compress_sentence_transformer(
     encoder = new_transformer.auto_model
     if check_sequential_flag(sequential):  # before calibrating (compress_model checks again)
         check_sequential(encoder)
-    if check_dense_weight(sequential_dense_weight) and not sequential:
-        raise ValueError(
-            f"`sequential_dense_weight={sequential_dense_weight}` weighs the dense inputs in the sequential refit; it "
-            "needs `sequential=True`."
-        )
+    check_dense_weight(sequential_dense_weight, sequential=sequential, name="sequential_dense_weight")
     modes = {name: module.training for name, module in new.named_modules()}  # the input's, module by module
     new.eval()
     report = allocation_report if allocation_report is not None else {}

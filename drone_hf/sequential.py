@@ -191,11 +191,12 @@ def check_sequential_flag(sequential) -> bool:
     return sequential
 
 
-def check_dense_weight(dense_weight) -> float:
-    """`dense_weight` itself, refused unless a finite number >= 0 (0 is the plain refit).
+def check_dense_weight(dense_weight, *, sequential: bool = True, name: str = "dense_weight") -> float:
+    """`dense_weight` as a float, refused unless a finite number >= 0 (0 is the plain refit), and refused above 0
+    when there is no refit to weigh (`sequential=False`). `name` is the argument's name in the error.
 
     Raises:
-        `ValueError`: naming the value and what is allowed.
+        `ValueError`: naming the argument, the value and what is allowed.
     """
     if (
         isinstance(dense_weight, bool)
@@ -203,8 +204,12 @@ def check_dense_weight(dense_weight) -> float:
         or not 0 <= dense_weight < math.inf
     ):
         raise ValueError(
-            "`dense_weight` must be a finite number >= 0 (the weight of the dense model's own inputs in the refit; "
-            f"0: none), got {dense_weight!r}."
+            f"`{name}` must be a finite number >= 0 (the weight of the dense model's own inputs in the refit; 0: "
+            f"none), got {dense_weight!r}."
+        )
+    if dense_weight and not sequential:
+        raise ValueError(
+            f"`{name}={dense_weight}` weighs the dense inputs in the sequential refit; it needs `sequential=True`."
         )
     return float(dense_weight)
 

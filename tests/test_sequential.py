@@ -326,7 +326,7 @@ def test_compress_model_anchored_refit_from_keywords_and_settings(tmp_path):
         compress_model(model, stats, rank=12, sequential_dense_weight=0.5)
     with pytest.raises(ValueError, match="`sequential_dense_weight=0.5` weighs the dense inputs .* needs `sequential"):
         drone_hf.DroneCompressionArguments(rank=12, sequential_dense_weight=0.5)
-    with pytest.raises(ValueError, match="`dense_weight` must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"`sequential_dense_weight` must be a finite number >= 0 .* got -1"):
         compress_model(
             model, stats, rank=12, sequential=True, calibration_dataloader=batches, sequential_dense_weight=-1
         )
