@@ -90,6 +90,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 
 import drone_hf
 from drone_hf.budget_search import SEARCH_REVISION
+from drone_hf.cli_checks import number
 from drone_hf.evaluation import evaluate_glue
 from drone_hf.glue import get_glue_task, load_glue
 from drone_hf.profiling import count_parameters, cpu_name, load_average
@@ -304,7 +305,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     group.add_argument(
         "--distill-dense-weight",
-        type=float,
+        type=number(0),
         default=0.0,
         help="with --distill-sequential: the anchored refit (compress_model(sequential_dense_weight=...)): the dense "
         "model's own inputs join each refit with this weight, which bounds the refitted factors; default 0: none",
@@ -392,8 +393,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--distill-rows must be >= 1, got {args.distill_rows}.")
     if args.distill_dense_weight and not args.distill_sequential:
         parser.error(f"--distill-dense-weight {args.distill_dense_weight:g} needs --distill-sequential.")
-    if not 0.0 <= args.distill_dense_weight < float("inf"):
-        parser.error(f"--distill-dense-weight must be a finite number >= 0, got {args.distill_dense_weight}.")
     if args.distill_augment < 0:
         parser.error(f"--distill-augment must be >= 0 (copies per row), got {args.distill_augment}.")
     if not 0.0 < args.augment_prob <= 1.0:

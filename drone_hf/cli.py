@@ -768,7 +768,7 @@ def _compress(args) -> int:
             quantize=args.quantize,
             sequential_dataloader=batches if args.sequential and needs_heldout else None,
             sequential_checks=args.sequential_checks,
-            sequential_dense_weight=args.sequential_dense_weight if args.sequential else 0.0,
+            sequential_dense_weight=args.sequential_dense_weight,  # refused above without --sequential
             **budget,
         )
         if not ranks:

@@ -701,7 +701,7 @@ def compress_sentence_transformer(
             max_accuracy_drop=None if min_cosine_similarity is None else 100.0 * (1.0 - min_cosine_similarity),
             eval_dataloader=heldout_batches if budget == "min_cosine_similarity" else None,
             sequential_dataloader=tensors if sequential and budget == "min_cosine_similarity" else None,
-            sequential_dense_weight=sequential_dense_weight if sequential else 0.0,
+            sequential_dense_weight=sequential_dense_weight,  # refused above without `sequential`
             report=report,
             dtype=dtype,
             quantize=quantize,
