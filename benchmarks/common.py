@@ -228,6 +228,45 @@ def run_distillation(student, teacher, train, tokenizer, settings, *, group_by_l
     return time.perf_counter() - start
 
 
+def budget_label(folder: str | os.PathLike) -> str:
+    """A row label for a saved model: "drone 1-pt budget (<search>)" from a `drone-hf compress` output's
+    `drone_results.json` (", timed float32" etc. when its ranks were costed by measured kernels, ", checked in int8
+    dynamic" when its joint checks scored the int8 model), "drone rank R + N
+    steps distilled" from a `benchmarks/base_size.py` distillation entry's `result.json`, else the folder name."""
+    folder = Path(folder)
+    results, distilled = folder / "drone_results.json", folder / "result.json"
+    if results.is_file():
+        saved = json.loads(results.read_text())
+        budget, allocation = saved.get("budget") or {}, saved.get("allocation") or {}
+        drop, search = budget.get("max_accuracy_drop"), allocation.get("search")
+        if drop is not None:
+            cost = allocation.get("cost_model") or ""
+            timed = cost.removeprefix("seconds measured in ").split(" at ")[0] if cost.startswith("seconds") else None
+            checked = allocation.get("joint_check_form", "as given")
+            checked = None if checked == "as given" else checked.split(" (")[0]
+            details = [search, f"timed {timed}" if timed else None, f"checked in {checked}" if checked else None]
+            details = ", ".join(x for x in details if x)
+            return f"drone {drop:g}-pt budget" + (f" ({details})" if details else "")
+    elif distilled.is_file():
+        saved = json.loads(distilled.read_text())
+        if saved.get("steps") and (saved.get("rank") or saved.get("speedup_target")):
+            budget = f"rank {saved['rank']}" if saved.get("rank") else f"{saved['speedup_target']:g}x FLOPs"
+            return f"drone {budget} + {saved['steps']} steps distilled"
+    return f"drone {folder.name}"
+
+
+def load_budget_models(folders) -> dict:
+    """`--budget-model` folders reloaded (stock `from_pretrained`, eval mode) under their [`budget_label`]s; two
+    folders with the same label are told apart by their folder names."""
+    models = {}
+    for folder in map(Path, folders):
+        label = budget_label(folder)
+        models[f"{label} [{folder.name}]" if label in models else label] = (
+            AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        )
+    return models
+
+
 def latency_inputs(tokenizer, dataset, *, batch_size: int = 8, seq_len: int = 128) -> dict[str, torch.Tensor]:
     """The first `batch_size` rows of `dataset`, padded to `seq_len` tokens: the fixed timing input."""
     rows = [

@@ -10,7 +10,8 @@ Rows: dense, DRONE at one uniform rank (every encoder linear), DRONE under a `ta
 are allocated with the kernels measured in that form (`compress_model(..., dtype=/quantize=)`), and each
 `--budget-model`: a model already compressed from the same teacher under an accuracy budget (`drone-hf compress
 --max-accuracy-drop 1.0 --output DIR`), cast to bfloat16 / quantised to int8 as it is (its ranks were chosen by
-held-out accuracy in float32), in each form. Columns:
+held-out accuracy in float32), in each form; one saved in a deployment form (`--quantize int8`, `--dtype bfloat16`)
+has a row in that form only. Columns:
 dev accuracy, latency of batch 8 x 128 tokens (every model timed round-robin in this one process, so that load drift
 hits all alike), speed-up over dense float32 AND over dense in the same form, the multiply-add bound, checkpoint size,
 and "saves + reloads": each model is saved with `save_pretrained`, reloaded with stock
@@ -24,7 +25,6 @@ and the measured break-even at multiples of 8, 16 and 32. Writes benchmarks/resu
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +37,7 @@ from common import (
     finetune,
     glue_data_dir,
     latency_inputs,
+    load_budget_models,
     machine_description,
     print_table,
     script_parser,
@@ -48,7 +49,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import drone_hf
 from drone_hf.calibration import model_inputs
 from drone_hf.candidates import breakeven_rank
-from drone_hf.deployment import deployed_copy
+from drone_hf.deployment import deployed_copy, is_quantized
 from drone_hf.evaluation import evaluate_glue
 from drone_hf.glue import get_glue_task, load_glue
 from drone_hf.kernel_costs import KernelCosts
@@ -127,42 +128,34 @@ def _sweep(costs: dict[str, KernelCosts], shapes, multiple: int) -> dict:
     return sweep
 
 
-def _budget_label(folder: Path) -> str:
-    """ "drone 1.0-pt <search>" from a `drone-hf compress` output's `drone_results.json`, "drone rank R + N steps
-    distilled" from a `benchmarks/base_size.py` distillation entry's `result.json` (else the folder name)."""
-    results, distilled = folder / "drone_results.json", folder / "result.json"
-    if results.is_file():
-        saved = json.loads(results.read_text())
-        budget = saved.get("budget") or {}
-        drop, search = budget.get("max_accuracy_drop"), (saved.get("allocation") or {}).get("search")
-        if drop is not None:
-            return f"drone {drop:g}-pt budget" + (f" ({search})" if search else "")
-    elif distilled.is_file():
-        saved = json.loads(distilled.read_text())
-        if saved.get("steps") and (saved.get("rank") or saved.get("speedup_target")):
-            budget = f"rank {saved['rank']}" if saved.get("rank") else f"{saved['speedup_target']:g}x FLOPs"
-            return f"drone {budget} + {saved['steps']} steps distilled"
-    return f"drone {folder.name}"
-
-
 def _in_form(model, options):
     """`model` (a float32 model) in a deployment form: itself for float32, else a new bfloat16 or int8 copy."""
     return deployed_copy(model, **options) if options else model
 
 
+def _saved_form(model) -> str:
+    """The form a loaded `--budget-model` was saved in: "int8" (`config.drone_quantization`, e.g. `drone-hf compress
+    --quantize int8`, whose budget was split by int8 kernel times), "bf16", or "fp32"."""
+    if is_quantized(model):
+        return "int8"
+    return "bf16" if model.dtype == torch.bfloat16 else "fp32"
+
+
 def _build(teacher, stats, args, costs, provenance):
     """Name -> (form, kind, model, allocation report or error) for every row."""
     rows = {}
-    budget_models = {}
-    for folder in map(Path, args.budget_model):
-        budget_models[_budget_label(folder)] = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    budget_models = load_budget_models(args.budget_model)
     for form in [form for form in FORMS if form in args.forms]:  # fp32 first: the accuracy baseline
         options = FORMS[form]
         rows[f"dense {form}"] = (form, "dense", _in_form(teacher, options), None)
         uniform = drone_hf.compress_model(teacher, stats, rank=args.rank, calibration_info=provenance, **options)
         rows[f"drone r{args.rank} {form}"] = (form, f"drone rank {args.rank}", uniform, None)
         for label, model in budget_models.items():
-            rows[f"{label} {form}"] = (form, label, _in_form(model, options), None)
+            saved = _saved_form(model)
+            if saved == "fp32":
+                rows[f"{label} {form}"] = (form, label, _in_form(model, options), None)
+            elif saved == form:  # already deployed: a row in its own form only, as saved
+                rows[f"{label} {form}"] = (form, label, model, None)
         if not args.target_speedup:
             continue
         report = {}

@@ -3,7 +3,12 @@ exported with `drone_hf.export_onnx(..., optimize=True, quantize="int8")`. Fused
 variant, and latency at batch 1 x 128 and batch 8 x 128, all timed round-robin in one process (2 threads by default).
 Writes benchmarks/results/onnx_runtime.json.
 
-    python benchmarks/onnx_runtime.py [--teacher DIR] [--speedups 1.5 2] [--rank 96] [--threads 2]
+    python benchmarks/onnx_runtime.py [--teacher DIR] [--speedups 1.5 2] [--rank 96] [--budget-model DIR ...]
+        [--threads 2] [--name onnx_runtime]
+
+Without `--teacher`, the demo's MiniLM SST-2 teacher (`common.finetune`, cached in .cache/finetuned). Each
+`--budget-model` (a `drone-hf compress --max-accuracy-drop B` output of the same teacher, or a distilled student)
+adds rows of its own.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import torch  # noqa: E402
 from common import (  # noqa: E402
     calibration_batches,
     command_line,
+    finetune,
     glue_data_dir,
     latency_inputs,
+    load_budget_models,
     machine_description,
     print_table,
     script_parser,
@@ -37,7 +44,6 @@ from drone_hf.profiling import flop_speedup_bound, time_round_robin  # noqa: E40
 from drone_hf.speed import compare_recorded  # noqa: E402
 
 
-TEACHER = "/work/ci_clone/.cache/finetuned/minilm-sst2-steps300-bs32-lr0.0001-len64-seed0"
 COLUMNS = [
     ("model", "model", "s"),
     ("runtime", "runtime", "s"),
@@ -56,13 +62,17 @@ COLUMNS = [
 
 def parse_args():
     parser = script_parser(__doc__)
-    parser.add_argument("--teacher", default=TEACHER, help="fine-tuned MiniLM SST-2 folder")
+    parser.add_argument("--teacher", help="fine-tuned MiniLM SST-2 folder (default: the demo's, fine-tuned once)")
     parser.add_argument("--speedups", type=float, nargs="+", default=[1.5, 2.0], help="DRONE --target-speedup values")
     parser.add_argument("--rank", type=int, default=96, help="the uniform-rank DRONE model (every linear)")
     parser.add_argument("--calibration-samples", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats-b1", type=int, default=30)
     parser.add_argument("--repeats-b8", type=int, default=10)
+    parser.add_argument(
+        "--budget-model", nargs="*", default=[], help="models compressed from the same teacher: rows of their own"
+    )
+    parser.add_argument("--name", default="onnx_runtime", help="results file: benchmarks/results/NAME.json")
     return parser.parse_args()
 
 
@@ -104,8 +114,13 @@ def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    teacher = AutoModelForSequenceClassification.from_pretrained(args.teacher).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+    if args.teacher:
+        teacher_path = args.teacher
+        teacher = AutoModelForSequenceClassification.from_pretrained(teacher_path).eval()
+        tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    else:
+        teacher, tokenizer, teacher_path, _ = finetune("sst2", steps=300, max_length=64)
+        teacher.eval()
     dev = load_glue("sst2", tokenizer, split="validation", data_dir=glue_data_dir("sst2"))
 
     print(f"[1/4] calibrating on {args.calibration_samples} SST-2 train rows; compressing", flush=True)
@@ -115,6 +130,7 @@ def main():
     for speedup in args.speedups:
         models[f"DRONE ×{speedup:g}"] = drone_hf.compress_model(teacher, stats, target_speedup=speedup)
     models[f"DRONE r{args.rank}"] = drone_hf.compress_model(teacher, stats, rank=args.rank, attention=False)
+    models.update(load_budget_models(args.budget_model))
     unfused = list(models)[1]  # also exported without the MultiHeadAttention route, to show what it buys
 
     print("[2/4] exporting (optimised fp32 + int8) and checking against PyTorch", flush=True)
@@ -207,10 +223,10 @@ def main():
     print(f"\nLoad average (before, after): {load}. Total {time.perf_counter() - started:.0f} s.")
     clean = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
     path = write_json(
-        "onnx_runtime",
+        args.name,
         {
             "command": command_line(),
-            "teacher": args.teacher,
+            "teacher": str(teacher_path),
             "calibration_samples": args.calibration_samples,
             "ranks": {name: dict(model.config.drone_ranks or {}) for name, model in models.items() if name != "dense"},
             "attention_ranks": {

@@ -21,6 +21,7 @@ from transformers.utils import logging
 
 from .budget_search import allocate_by_accuracy, check_search
 from .candidates import Candidates, breakeven_rank, relative_tail
+from .deployment import describe_deployment, swap_in_int8
 from .heads import MetricFn
 from .methods import DEFAULT_METHOD, get_method, resolve_method
 from .model_state import check_materialized
@@ -245,7 +246,10 @@ def allocate_ranks(
     ([`~drone_hf.kernel_costs.KernelCosts`], batch `8 x seq_len` tokens), each grid rank is kept only if its
     factored pair (narrowed query/key projection) is measured faster than the dense one, so no rank above the
     measured break-even is ever chosen, and `max_accuracy_drop` splits its budget by the measured shares of the time
-    (the DRONE appendix's shares). `target_speedup` still counts multiply-adds, over those grids.
+    (the DRONE appendix's shares). `target_speedup` still counts multiply-adds, over those grids. With `quantize`
+    (or int8 `kernel_costs`) the joint checks of `max_accuracy_drop` also score each assignment quantised as it will
+    ship ([`~drone_hf.deployment.swap_in_int8`]), against the model as given: the budget holds for the int8 model,
+    whose rounding can cost more than the factoring (the screening curves stay in float).
 
     Args:
         model (`PreTrainedModel`): The fine-tuned model, any supported family and head (not modified; a copy is
@@ -289,14 +293,15 @@ def allocate_ranks(
         report (`dict`, *optional*): Filled with what was done: the `search`, its held-out `evaluations` (screening
             and joint), their `evaluation_seconds` and `heldout_row_passes` (rows times the fraction of the layers
             run), the joint checks (`joint_check_count`, `joint_checks`), the curves (exhaustive: `curves`,
-            `shares`; fast: `probes`, `predicted_curves`, `path_moves`, `path_step`), the cost model (`cost_model`)
-            and the kind of held-out rows (`heldout_kind`).
+            `shares`; fast: `probes`, `predicted_curves`, `path_moves`, `path_step`), the cost model (`cost_model`),
+            the form the joint checks scored (`joint_check_form`) and the kind of held-out rows (`heldout_kind`).
         rows_fn (`Callable`, *optional*): How model outputs become scored rows (`drone_hf.heads`): the task head's
             by default; `embedding_rows("mean")` scores a bare encoder by the cosine similarity of its pooled
             embeddings to the dense ones (`max_accuracy_drop = 100 * (1 - min_cosine_similarity)`).
         dtype (`torch.dtype` or `str`, *optional*): The deployment dtype (`float32`, `bfloat16`, `float16`) to
             measure break-even ranks and time shares in (see above); `None` counts multiply-adds.
-        quantize (`str`, *optional*): `"int8"`: measure them for dynamic int8 modules.
+        quantize (`str`, *optional*): `"int8"`: measure them for dynamic int8 modules, and joint-check
+            `max_accuracy_drop` on the int8 model.
         kernel_costs ([`~drone_hf.kernel_costs.KernelCosts`], *optional*): A cost model to use (and fill) instead of
             one built from `dtype`/`quantize`, e.g. one shared between allocations, or with a given `seconds_fn`.
         sequential_dataloader (`Iterable[dict]`, *optional*): Calibration batches for the sequential refit
@@ -400,8 +405,11 @@ def allocate_ranks(
                 "The exhaustive search's joint checks do not refit: the budget is checked on the model before the "
                 'sequential refit. Use `search="fast"` to check (and search with) the refitted model.'
             )
+        deploy_quantize = _deployed_quantize(quantize, kernel_costs)
         options = {
             "refit": refit,
+            "deploy": swap_in_int8 if deploy_quantize is not None else None,
+            "deploy_form": describe_deployment(None, deploy_quantize) if deploy_quantize is not None else "as given",
             "sequential_checks": sequential_checks,
             "metric_fn": metric_fn,
             "screening_samples": screening_samples,
@@ -420,6 +428,14 @@ def allocate_ranks(
     report["seconds"] = time.perf_counter() - started
     logger.info(f"Allocated ranks for {len(chosen)} of {len(candidates.names)} modules in {report['seconds']:.1f}s.")
     return chosen
+
+
+def _deployed_quantize(quantize, kernel_costs) -> str | None:
+    """The int8 method the result will ship with (`quantize`, or the form `kernel_costs` was measured in), whose
+    modules the joint checks then swap in: the accuracy that counts is the deployed model's."""
+    from .deployment import resolve_quantize
+
+    return resolve_quantize(quantize) or (kernel_costs.quantize if kernel_costs is not None else None)
 
 
 def _screening_dtype(screening_dtype) -> torch.dtype | None:

@@ -184,7 +184,15 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
     metric_fn = _checked_metric(raw_metric)
     # Every joint check scores on all held-out rows against the same budget; only the progress bar and refit vary.
     joint_check = functools.partial(
-        _JointCheck, working, candidates, joint_evaluator, metric_fn, budget, options["safety_margin"], raw_metric
+        _JointCheck,
+        working,
+        candidates,
+        joint_evaluator,
+        metric_fn,
+        budget,
+        options["safety_margin"],
+        raw_metric,
+        deploy=options.get("deploy"),
     )
     if search == "fast":
         bar = tqdm(total=1, desc="Joint checks", disable=not show_progress)
@@ -229,6 +237,7 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
         heldout_standard_error=refined["standard_error"],
         safety_margin=joint.margin,
         cost_model=candidates.cost_model,
+        joint_check_form=options.get("deploy_form", "as given"),
         heldout_kind=evaluator.kind,
         refined_steps=refined.get("steps", 0),
         **details,
@@ -293,13 +302,25 @@ def _module_curves(working, candidates, evaluator, problem_type, budget, show_pr
 
 class _JointCheck:
     """Scores whole rank assignments on all held-out rows with the real metric (cached by assignment). An assignment
-    fits when its drop plus `margin` paired standard errors is within the budget."""
+    fits when its drop plus `margin` paired standard errors is within the budget. The drop is always against the
+    model as given (its first pass); `refit` and then `deploy` (each `working -> replaced modules`, e.g.
+    [`~drone_hf.deployment.swap_in_int8`]) turn each assignment into the model that will ship before it is scored."""
 
     def __init__(
-        self, working, candidates, evaluator, metric_fn, budget, margin, raw_metric=None, progress=None, refit=None
+        self,
+        working,
+        candidates,
+        evaluator,
+        metric_fn,
+        budget,
+        margin,
+        raw_metric=None,
+        progress=None,
+        refit=None,
+        deploy=None,
     ):
         self.working, self.candidates, self.evaluator = working, candidates, evaluator
-        self.refit = refit  # `working -> replaced modules`, run on each assignment before it is scored
+        self.refit, self.deploy = refit, deploy
         self.progress = progress
         self.metric_fn, self.budget, self.margin = metric_fn, budget, margin
         self.raw_metric = raw_metric or metric_fn  # for bootstrap resamples, where a NaN is only dropped
@@ -312,12 +333,15 @@ class _JointCheck:
         key = tuple(sorted(ranks.items()))
         if key not in self.entries:
             originals = apply_ranks(self.working, self.candidates, ranks)
-            refitted = {}
+            refitted, deployed = {}, {}
             try:
                 if self.refit is not None:
                     refitted = self.refit(self.working)
+                if self.deploy is not None:
+                    deployed = self.deploy(self.working)
                 logits = self.evaluator.logits(0)
             finally:
+                restore_modules(self.working, deployed)
                 restore_modules(self.working, refitted)
                 restore_modules(self.working, originals)
             drop = self.base_metric - self.metric_fn(logits, self.labels)

@@ -240,7 +240,8 @@ def compress_model(
         quantize (`str`, *optional*): `"int8"`: dynamic int8 of every encoder linear (dense and factored halves) and
             narrowed query/key projection ([`quantize_model`]), for CPU inference; listed in
             `config.drone_quantization`, saved as int8 weights + float32 per-channel scales. Budgets are measured for
-            int8 kernels, as for `dtype`. Needs a CPU model and float32.
+            int8 kernels, as for `dtype`, and `max_accuracy_drop` is joint-checked on the int8 model. Needs a CPU
+            model and float32.
         sequential (`bool`, *optional*, defaults to `False`): Refit the factored linears layer after layer on the
             inputs the compressed model itself feeds them (docs/methods.md §1c, [`refit_sequential`]): each layer
             then also corrects the error of the layers before it. Same ranks, speed and format; needs

@@ -133,6 +133,16 @@ def int8_module_names(model: nn.Module) -> list[str]:
     return names
 
 
+def swap_in_int8(model: nn.Module) -> dict[str, nn.Module]:
+    """Puts dynamic int8 modules in place of `model`'s [`int8_module_names`] (as [`quantize_model`] would, without
+    copying or touching its config) and returns the float modules they replaced, by name, for
+    [`~drone_hf.candidates.restore_modules`]: a budget's joint checks score each candidate as it will ship in int8."""
+    names = int8_module_names(model)
+    originals = {name: model.get_submodule(name) for name in names}
+    replace_linear_with_int8(model, names)
+    return originals
+
+
 def _to_drone_model(model: nn.Module) -> nn.Module:
     """A new DRONE model of `model`'s family and head with the same weights (a copy if it already is one)."""
     from .modeling_drone import DroneModelMixin
@@ -235,4 +245,5 @@ __all__ = [
     "resolve_deployment",
     "resolve_dtype",
     "resolve_quantize",
+    "swap_in_int8",
 ]

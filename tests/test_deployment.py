@@ -250,21 +250,57 @@ def test_int8_without_the_quantized_engine_falls_back_to_the_dequantised_weights
 
 
 def test_deployment_table_names_budget_and_distilled_models_by_what_they_are(tmp_path):
-    """`benchmarks/deployment.py --budget-model DIR`: a `drone-hf compress` budget reads "drone 1-pt budget (fast)",
+    """`benchmarks/deployment.py --budget-model DIR`: a `drone-hf compress` budget reads "drone 1-pt budget (fast)"
+    (", timed float32" when its ranks were costed by measured kernels, so two budgets of one teacher differ),
     a `base_size.py` distillation entry "drone rank 16 + 3000 steps distilled", anything else its folder name."""
-    folders = {name: tmp_path / name for name in ("budget", "ranked", "flops", "other")}
+    folders = {name: tmp_path / name for name in ("budget", "timed", "int8", "ranked", "flops", "other")}
     for folder in folders.values():
         folder.mkdir()
     (folders["budget"] / "drone_results.json").write_text(
-        json.dumps({"budget": {"max_accuracy_drop": 1.0}, "allocation": {"search": "fast"}})
+        json.dumps(
+            {
+                "budget": {"max_accuracy_drop": 1.0},
+                "allocation": {"search": "fast", "cost_model": "multiply-adds at 128 tokens"},
+            }
+        )
+    )
+    timed = "seconds measured in float32 at 1024 tokens (AMD EPYC, 2 threads)"
+    (folders["timed"] / "drone_results.json").write_text(
+        json.dumps({"budget": {"max_accuracy_drop": 1.5}, "allocation": {"search": "fast", "cost_model": timed}})
+    )
+    int8 = {
+        "search": "exhaustive",
+        "cost_model": "seconds measured in dynamic int8 at 1024 tokens (AMD EPYC, 2 threads)",
+        "joint_check_form": "int8 dynamic (float32 activations)",
+    }
+    (folders["int8"] / "drone_results.json").write_text(
+        json.dumps({"budget": {"max_accuracy_drop": 1.0}, "allocation": int8})
     )
     (folders["ranked"] / "result.json").write_text(json.dumps({"rank": 16, "speedup_target": None, "steps": 3000}))
     (folders["flops"] / "result.json").write_text(json.dumps({"rank": None, "speedup_target": 4.0, "steps": 600}))
-    with benchmark_module("deployment") as deployment:
-        labels = {name: deployment._budget_label(folder) for name, folder in folders.items()}
+    with benchmark_module("common") as common:
+        labels = {name: common.budget_label(folder) for name, folder in folders.items()}
     assert labels == {
         "budget": "drone 1-pt budget (fast)",
+        "timed": "drone 1.5-pt budget (fast, timed float32)",
+        "int8": "drone 1-pt budget (exhaustive, timed dynamic int8, checked in int8 dynamic)",
         "ranked": "drone rank 16 + 3000 steps distilled",
         "flops": "drone 4x FLOPs + 600 steps distilled",
         "other": "drone other",
     }
+
+
+def test_deployment_table_keeps_a_budget_model_saved_in_a_deployment_form_in_that_form(tmp_path):
+    """`benchmarks/deployment.py --budget-model DIR` with DIR from `drone-hf compress --quantize int8` (or `--dtype
+    bfloat16`): reloaded, the model is recognised as int8 (bf16), so it gets a row in that form only instead of being
+    quantised or cast a second time; a float32 one enters every form."""
+    model, stats, _ = _setup("bert")
+    saved = {
+        "fp32": drone_hf.compress_model(model, stats, rank=4),
+        "int8": drone_hf.compress_model(model, stats, rank=4, quantize="int8"),
+        "bf16": drone_hf.compress_model(model, stats, rank=4, dtype=torch.bfloat16),
+    }
+    with benchmark_module("deployment") as deployment:
+        for form, compressed in saved.items():
+            loaded, _ = _reload(compressed, tmp_path / form)
+            assert deployment._saved_form(loaded) == form

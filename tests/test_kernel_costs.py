@@ -3,6 +3,7 @@ than the dense one, so a budget measured in bfloat16 never picks a rank above th
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertForSequenceClassification
@@ -193,3 +194,44 @@ def test_fast_accuracy_budget_orders_moves_by_measured_seconds():
     assert candidates.cost(up, None) == 256 * 64
     block = "bert.encoder.layer.0.attention.self"
     assert candidates.cost(block, 2) == 2 * _half_speed_factored("qk", (64, 4, 16), 2)
+
+
+@pytest.mark.parametrize("search", ["exhaustive", "fast"])
+def test_an_int8_budget_is_joint_checked_on_the_int8_model(search):
+    """With `quantize="int8"` each joint check scores the assignment quantised as it will ship, against the float
+    model as given: the drop reported for the chosen ranks is the int8 model's, not the float one's. The working copy
+    is restored after every check: the ranks rebuild the same models."""
+    from drone_hf.calibration import model_inputs
+
+    model = _model()
+    stats = _stats(model)
+    batches = tiny_batches(num_rows=24, num_labels=2)
+
+    def mean_logit(logits, labels):  # smooth: int8 rounding moves it where accuracy would not
+        return 1e4 * float(np.mean(logits[:, 0]))
+
+    def score(m):
+        with torch.no_grad():
+            return mean_logit(torch.cat([m(**model_inputs(m, b)).logits for b in batches]).numpy(), None)
+
+    report = {}
+    ranks = allocate_ranks(
+        model,
+        stats,
+        max_accuracy_drop=1e6,
+        eval_dataloader=batches,
+        metric_fn=mean_logit,
+        quantize="int8",
+        kernel_costs=KernelCosts(quantize="int8", seconds_fn=_half_speed_factored),
+        screening_samples=None,
+        safety_margin=0.0,
+        refine_steps=2,
+        search=search,
+        report=report,
+    )
+    assert ranks and report["joint_check_form"] == "int8 dynamic (float32 activations)"
+    int8_model = drone_hf.compress_model(model, stats, ranks=ranks, quantize="int8")
+    float_model = drone_hf.compress_model(model, stats, ranks=ranks)
+    assert report["heldout_base_metric"] == pytest.approx(score(model), rel=1e-6)
+    assert report["heldout_drop"] == pytest.approx(score(model) - score(int8_model), rel=1e-6)
+    assert abs(score(int8_model) - score(float_model)) > 1e-3 * abs(report["heldout_drop"])  # the forms differ
