@@ -21,7 +21,7 @@ from transformers.utils import logging
 
 from .budget_search import allocate_by_accuracy, check_search
 from .candidates import Candidates, breakeven_rank, relative_tail
-from .deployment import describe_deployment, swap_in_int8
+from .deployment import describe_deployment, resolve_quantize, swap_in_int8
 from .heads import MetricFn
 from .methods import DEFAULT_METHOD, get_method, resolve_method
 from .model_state import check_materialized
@@ -433,8 +433,6 @@ def allocate_ranks(
 def _deployed_quantize(quantize, kernel_costs) -> str | None:
     """The int8 method the result will ship with (`quantize`, or the form `kernel_costs` was measured in), whose
     modules the joint checks then swap in: the accuracy that counts is the deployed model's."""
-    from .deployment import resolve_quantize
-
     return resolve_quantize(quantize) or (kernel_costs.quantize if kernel_costs is not None else None)
 
 
