@@ -495,7 +495,13 @@ def _allocate_closed_form(working, candidates, target_speedup, param_ratio, show
     try:
         chosen = _greedy(losses, costs, grids, budget)
     except ValueError as error:
-        raise ValueError(f"{label} cannot be met with these candidates and rank grids: {error}") from None
+        grids_note = ""
+        if candidates.kernel_costs is not None:
+            grids_note = (
+                " (the grids keep only ranks measured faster than the dense module in this deployment form "
+                f"({candidates.kernel_costs.describe()}))"
+            )
+        raise ValueError(f"{label} cannot be met with these candidates and rank grids{grids_note}: {error}") from None
     return {name: rank for name, rank in chosen.items() if rank is not None}
 
 

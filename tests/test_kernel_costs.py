@@ -235,3 +235,14 @@ def test_an_int8_budget_is_joint_checked_on_the_int8_model(search):
     assert report["heldout_base_metric"] == pytest.approx(score(model), rel=1e-6)
     assert report["heldout_drop"] == pytest.approx(score(model) - score(int8_model), rel=1e-6)
     assert abs(score(int8_model) - score(float_model)) > 1e-3 * abs(report["heldout_drop"])  # the forms differ
+
+
+def test_a_speed_target_the_measured_grids_cannot_meet_says_they_were_measured():
+    model = _model()
+    costs = KernelCosts(torch.bfloat16, seconds_fn=_half_speed_factored)
+    expected = (
+        r"`target_speedup=20.0` cannot be met with these candidates and rank grids \(the grids keep only ranks "
+        r"measured faster than the dense module in this deployment form \(seconds measured in bfloat16"
+    )
+    with pytest.raises(ValueError, match=expected):
+        allocate_ranks(model, _stats(model), target_speedup=20.0, kernel_costs=costs)
