@@ -231,8 +231,8 @@ def run_distillation(student, teacher, train, tokenizer, settings, *, group_by_l
 def budget_label(folder: str | os.PathLike) -> str:
     """A row label for a saved model: "drone 1-pt budget (<search>)" from a `drone-hf compress` output's
     `drone_results.json` (", timed float32" etc. when its ranks were costed by measured kernels, ", checked in int8
-    dynamic" when its joint checks scored the int8 model), "drone rank R + N
-    steps distilled" from a `benchmarks/base_size.py` distillation entry's `result.json`, else the folder name."""
+    dynamic" when its joint checks scored the int8 model), "drone rank R + N steps distilled" from a
+    `benchmarks/base_size.py` distillation entry's `result.json`, else the folder name."""
     folder = Path(folder)
     results, distilled = folder / "drone_results.json", folder / "result.json"
     if results.is_file():

@@ -145,6 +145,9 @@ def _build(teacher, stats, args, costs, provenance):
     """Name -> (form, kind, model, allocation report or error) for every row."""
     rows = {}
     budget_models = load_budget_models(args.budget_model)
+    for label, model in budget_models.items():
+        if _saved_form(model) not in args.forms:
+            print(f"  {label}: saved in {_saved_form(model)}, not among --forms {args.forms}: no row", flush=True)
     for form in [form for form in FORMS if form in args.forms]:  # fp32 first: the accuracy baseline
         options = FORMS[form]
         rows[f"dense {form}"] = (form, "dense", _in_form(teacher, options), None)

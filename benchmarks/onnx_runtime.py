@@ -1,7 +1,7 @@
 """ONNX Runtime: dense vs DRONE MiniLM (SST-2) in PyTorch fp32, ONNX Runtime fp32 and ONNX Runtime dynamic int8,
 exported with `drone_hf.export_onnx(..., optimize=True, quantize="int8")`. Fused-op counts, dev accuracy of every
 variant, and latency at batch 1 x 128 and batch 8 x 128, all timed round-robin in one process (2 threads by default).
-Writes benchmarks/results/onnx_runtime.json.
+Writes benchmarks/results/<--name>.json (onnx_runtime.json by default).
 
     python benchmarks/onnx_runtime.py [--teacher DIR] [--speedups 1.5 2] [--rank 96] [--budget-model DIR ...]
         [--threads 2] [--name onnx_runtime]

@@ -199,8 +199,8 @@ def test_fast_accuracy_budget_orders_moves_by_measured_seconds():
 @pytest.mark.parametrize("search", ["exhaustive", "fast"])
 def test_an_int8_budget_is_joint_checked_on_the_int8_model(search):
     """With `quantize="int8"` each joint check scores the assignment quantised as it will ship, against the float
-    model as given: the drop reported for the chosen ranks is the int8 model's, not the float one's. The working copy
-    is restored after every check: the ranks rebuild the same models."""
+    model as given: the drop reported for the chosen ranks is that of the int8 model `compress_model` builds from
+    them, not the float one's."""
     from drone_hf.calibration import model_inputs
 
     model = _model()
