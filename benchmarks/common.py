@@ -181,6 +181,22 @@ def calibration_batches(task: str, tokenizer, *, num_samples: int, batch_size: i
     return list(iter_batches(rows, tokenizer, batch_size=batch_size, sort_by_length=True))
 
 
+def given_or_finetuned_teacher(path: str | None, task: str, *, steps: int, max_length: int = 64):
+    """The classifier at `path` when given, else the embedded MiniLM fine-tuned on `task` (`finetune`, cached).
+
+    Returns:
+        `(teacher, tokenizer, teacher_path)`, the teacher in eval mode.
+    """
+    if path:
+        teacher, tokenizer = (
+            AutoModelForSequenceClassification.from_pretrained(path),
+            AutoTokenizer.from_pretrained(path),
+        )
+    else:
+        teacher, tokenizer, path, _ = finetune(task, steps=steps, max_length=max_length)
+    return teacher.eval(), tokenizer, path
+
+
 def load_teacher(info, *, steps: int, max_length: int, stages: int):
     """Step 1 of a script with `stages` steps: the cached fine-tuned teacher (eval mode), then the task's dev and
     training splits, tokenised to `max_length`.

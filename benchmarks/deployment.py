@@ -34,7 +34,7 @@ from common import (
     add_threads_argument,
     calibration_batches,
     command_line,
-    finetune,
+    given_or_finetuned_teacher,
     glue_data_dir,
     latency_inputs,
     load_budget_models,
@@ -44,7 +44,7 @@ from common import (
     set_threads,
     write_json,
 )
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 import drone_hf
 from drone_hf.calibration import model_inputs
@@ -100,15 +100,6 @@ def parse_args():
     return parser.parse_args()
 
 
-def _teacher(args, info):
-    if args.teacher:
-        return AutoModelForSequenceClassification.from_pretrained(args.teacher), AutoTokenizer.from_pretrained(
-            args.teacher
-        )
-    model, tokenizer, _, _ = finetune(info.name, steps=args.teacher_steps, max_length=64)
-    return model, tokenizer
-
-
 def _sweep(costs: dict[str, KernelCosts], shapes, multiple: int) -> dict:
     """Dense vs factored seconds at every multiple of `multiple` below the multiply-add break-even, per shape and
     form, and the measured break-even at multiples of 8, 16 and 32."""
@@ -145,16 +136,17 @@ def _build(teacher, stats, args, costs, provenance):
     """Name -> (form, kind, model, allocation report or error) for every row."""
     rows = {}
     budget_models = load_budget_models(args.budget_model)
-    for label, model in budget_models.items():
-        if _saved_form(model) not in args.forms:
-            print(f"  {label}: saved in {_saved_form(model)}, not among --forms {args.forms}: no row", flush=True)
+    saved_forms = {label: _saved_form(model) for label, model in budget_models.items()}
+    for label, saved in saved_forms.items():
+        if saved not in args.forms:
+            print(f"  {label}: saved in {saved}, not among --forms {args.forms}: no row", flush=True)
     for form in [form for form in FORMS if form in args.forms]:  # fp32 first: the accuracy baseline
         options = FORMS[form]
         rows[f"dense {form}"] = (form, "dense", _in_form(teacher, options), None)
         uniform = drone_hf.compress_model(teacher, stats, rank=args.rank, calibration_info=provenance, **options)
         rows[f"drone r{args.rank} {form}"] = (form, f"drone rank {args.rank}", uniform, None)
         for label, model in budget_models.items():
-            saved = _saved_form(model)
+            saved = saved_forms[label]
             if saved == "fp32":
                 rows[f"{label} {form}"] = (form, label, _in_form(model, options), None)
             elif saved == form:  # already deployed: a row in its own form only, as saved
@@ -211,8 +203,7 @@ def main():
     if "fp32" not in args.forms:
         raise SystemExit("--forms must include fp32: every speed-up is also stated against dense float32.")
     print(f"[1/5] teacher: {args.teacher or f'MiniLM fine-tuned on {info.name} (cached)'}", flush=True)
-    teacher, tokenizer = _teacher(args, info)
-    teacher.eval()
+    teacher, tokenizer, _ = given_or_finetuned_teacher(args.teacher, info.name, steps=args.teacher_steps)
     dev = load_glue(
         info.name,
         tokenizer,

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from common import (  # noqa: E402
     calibration_batches,
     command_line,
-    finetune,
+    given_or_finetuned_teacher,
     glue_data_dir,
     latency_inputs,
     load_budget_models,
@@ -34,7 +34,6 @@ from common import (  # noqa: E402
     script_parser,
     write_json,
 )
-from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 import drone_hf  # noqa: E402
 from drone_hf.evaluation import iter_batches, predict  # noqa: E402
@@ -114,13 +113,7 @@ def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    if args.teacher:
-        teacher_path = args.teacher
-        teacher = AutoModelForSequenceClassification.from_pretrained(teacher_path).eval()
-        tokenizer = AutoTokenizer.from_pretrained(teacher_path)
-    else:
-        teacher, tokenizer, teacher_path, _ = finetune("sst2", steps=300, max_length=64)
-        teacher.eval()
+    teacher, tokenizer, teacher_path = given_or_finetuned_teacher(args.teacher, "sst2", steps=300)
     dev = load_glue("sst2", tokenizer, split="validation", data_dir=glue_data_dir("sst2"))
 
     print(f"[1/4] calibrating on {args.calibration_samples} SST-2 train rows; compressing", flush=True)
