@@ -21,7 +21,7 @@ from transformers.utils import logging
 
 from .budget_search import allocate_by_accuracy, check_search
 from .candidates import Candidates, breakeven_rank, relative_tail
-from .deployment import describe_deployment, resolve_quantize, swap_in_int8
+from .deployment import resolve_quantize
 from .heads import MetricFn
 from .methods import DEFAULT_METHOD, get_method, resolve_method
 from .model_state import check_materialized
@@ -405,11 +405,9 @@ def allocate_ranks(
                 "The exhaustive search's joint checks do not refit: the budget is checked on the model before the "
                 'sequential refit. Use `search="fast"` to check (and search with) the refitted model.'
             )
-        deploy_quantize = _deployed_quantize(quantize, kernel_costs)
         options = {
             "refit": refit,
-            "deploy": swap_in_int8 if deploy_quantize is not None else None,
-            "deploy_form": describe_deployment(None, deploy_quantize) if deploy_quantize is not None else "as given",
+            "quantize": _deployed_quantize(quantize, kernel_costs),
             "sequential_checks": sequential_checks,
             "metric_fn": metric_fn,
             "screening_samples": screening_samples,

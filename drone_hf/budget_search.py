@@ -15,6 +15,7 @@ from transformers.utils.logging import tqdm
 from .budget_path import extend_sequential, module_drop, path_search
 from .calibration import check_batch, check_dataloader, vocab_size
 from .candidates import apply_ranks, restore_modules
+from .deployment import describe_deployment, swap_in_int8
 from .heads import default_metric_fn, head_rows
 from .heldout import LayerwiseEvaluator, paired_standard_error, spread_subset
 
@@ -192,7 +193,7 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
         budget,
         options["safety_margin"],
         raw_metric,
-        deploy=options.get("deploy"),
+        deploy=swap_in_int8 if options.get("quantize") else None,
     )
     if search == "fast":
         bar = tqdm(total=1, desc="Joint checks", disable=not show_progress)
@@ -237,7 +238,7 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
         heldout_standard_error=refined["standard_error"],
         safety_margin=joint.margin,
         cost_model=candidates.cost_model,
-        joint_check_form=options.get("deploy_form", "as given"),
+        joint_check_form=describe_deployment(None, options["quantize"]) if options.get("quantize") else "as given",
         heldout_kind=evaluator.kind,
         refined_steps=refined.get("steps", 0),
         **details,
