@@ -346,9 +346,8 @@ class _JointCheck:
                 restore_modules(self.working, refitted)
                 restore_modules(self.working, originals)
             drop = self.base_metric - self.metric_fn(logits, self.labels)
-            error = (
-                paired_standard_error(self.raw_metric, self.base_logits, logits, self.labels) if self.margin else 0.0
-            )
+            # measured with no margin too: the report states the chosen drop's uncertainty either way
+            error = paired_standard_error(self.raw_metric, self.base_logits, logits, self.labels)
             self.entries[key] = {"drop": drop, "standard_error": error, "ranks": dict(ranks), **extra}
             if self.progress is not None:
                 self.progress.update(1)

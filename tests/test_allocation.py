@@ -308,3 +308,5 @@ def test_refinement_only_compresses_further_and_keeps_the_budget():
             [compressed(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
         )
     assert -logit_metric(logits.numpy(), None) == pytest.approx(report["heldout_drop"], abs=1e-5)
+    # with no safety margin the report still states the kept drop's paired standard error (it was printed as 0)
+    assert report["safety_margin"] == 0.0 and report["heldout_drop"] > 0 and report["heldout_standard_error"] > 0
