@@ -246,10 +246,12 @@ def allocate_ranks(
     ([`~drone_hf.kernel_costs.KernelCosts`], batch `8 x seq_len` tokens), each grid rank is kept only if its
     factored pair (narrowed query/key projection) is measured faster than the dense one, so no rank above the
     measured break-even is ever chosen, and `max_accuracy_drop` splits its budget by the measured shares of the time
-    (the DRONE appendix's shares). `target_speedup` still counts multiply-adds, over those grids. With `quantize`
-    (or int8 `kernel_costs`) the joint checks of `max_accuracy_drop` also score each assignment quantised as it will
-    ship ([`~drone_hf.deployment.swap_in_int8`]), against the model as given: the budget holds for the int8 model,
-    whose rounding can cost more than the factoring (the screening curves stay in float).
+    (the DRONE appendix's shares). `target_speedup` still counts multiply-adds, over those grids. The joint checks
+    of `max_accuracy_drop` also score each assignment in the form it will ship, against the model as given: with
+    `quantize` (or int8 `kernel_costs`) quantised ([`~drone_hf.deployment.swap_in_int8`]), with a `dtype` other than
+    float32 (or such `kernel_costs`) cast ([`~drone_hf.deployment.swap_in_dtype`], undone exactly after each check).
+    The budget then holds for the deployed model, whose rounding can cost more than the factoring (the screening
+    curves stay in the model's own dtype).
 
     Args:
         model (`PreTrainedModel`): The fine-tuned model, any supported family and head (not modified; a copy is
@@ -299,7 +301,8 @@ def allocate_ranks(
             by default; `embedding_rows("mean")` scores a bare encoder by the cosine similarity of its pooled
             embeddings to the dense ones (`max_accuracy_drop = 100 * (1 - min_cosine_similarity)`).
         dtype (`torch.dtype` or `str`, *optional*): The deployment dtype (`float32`, `bfloat16`, `float16`) to
-            measure break-even ranks and time shares in (see above); `None` counts multiply-adds.
+            measure break-even ranks and time shares in, and to joint-check `max_accuracy_drop` in (see above);
+            `None` counts multiply-adds.
         quantize (`str`, *optional*): `"int8"`: measure them for dynamic int8 modules, and joint-check
             `max_accuracy_drop` on the int8 model.
         kernel_costs ([`~drone_hf.kernel_costs.KernelCosts`], *optional*): A cost model to use (and fill) instead of
@@ -407,7 +410,7 @@ def allocate_ranks(
             )
         options = {
             "refit": refit,
-            "quantize": _deployed_quantize(quantize, kernel_costs),
+            "deployment": _deployed_form(dtype, quantize, kernel_costs),
             "sequential_checks": sequential_checks,
             "metric_fn": metric_fn,
             "screening_samples": screening_samples,
@@ -428,10 +431,15 @@ def allocate_ranks(
     return chosen
 
 
-def _deployed_quantize(quantize, kernel_costs) -> str | None:
-    """The int8 method the result will ship with (`quantize`, or the form `kernel_costs` was measured in), whose
-    modules the joint checks then swap in: the accuracy that counts is the deployed model's."""
-    return resolve_quantize(quantize) or (kernel_costs.quantize if kernel_costs is not None else None)
+def _deployed_form(dtype, quantize, kernel_costs) -> tuple[torch.dtype | None, str | None]:
+    """The form the result will ship in, `(dtype, quantize)`: as given, or the form `kernel_costs` was measured in
+    (float32 counts as no cast). The joint checks score each candidate in it: the accuracy that counts is the
+    deployed model's."""
+    from .deployment import resolve_dtype
+
+    quantize = resolve_quantize(quantize) or (kernel_costs.quantize if kernel_costs is not None else None)
+    dtype = resolve_dtype(dtype) or (kernel_costs.dtype if kernel_costs is not None else None)
+    return (None if quantize is not None or dtype == torch.float32 else dtype), quantize
 
 
 def _screening_dtype(screening_dtype) -> torch.dtype | None:

@@ -15,7 +15,7 @@ from transformers.utils.logging import tqdm
 from .budget_path import extend_sequential, module_drop, path_search
 from .calibration import check_batch, check_dataloader, vocab_size
 from .candidates import apply_ranks, restore_modules
-from .deployment import describe_deployment, swap_in_int8
+from .deployment import describe_deployment, swap_in_dtype, swap_in_int8
 from .heads import default_metric_fn, head_rows
 from .heldout import LayerwiseEvaluator, paired_standard_error, spread_subset
 
@@ -168,6 +168,7 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
     num_labels = getattr(working.config, "num_labels", 2)
     problem_type = problem_type or ("regression" if num_labels == 1 else None)
     screening = spread_subset(batches, options["screening_samples"])
+    form = options.get("deployment") or (None, None)  # (dtype, quantize) the result ships in; the checks score it
     rows_fn = options.get("rows_fn") or head_rows
     joint_evaluator = LayerwiseEvaluator(working, batches, rows_fn)  # the joint checks: all rows, the real metric
     _check_labels(joint_evaluator, problem_type, num_labels)
@@ -193,7 +194,7 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
         budget,
         options["safety_margin"],
         raw_metric,
-        deploy=swap_in_int8 if options.get("quantize") else None,
+        deploy=_deploy_hook(*form),
     )
     if search == "fast":
         bar = tqdm(total=1, desc="Joint checks", disable=not show_progress)
@@ -238,7 +239,7 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
         heldout_standard_error=refined["standard_error"],
         safety_margin=joint.margin,
         cost_model=candidates.cost_model,
-        joint_check_form=describe_deployment(None, options["quantize"]) if options.get("quantize") else "as given",
+        joint_check_form=describe_deployment(*form) if any(form) else "as given",
         heldout_kind=evaluator.kind,
         refined_steps=refined.get("steps", 0),
         **details,
@@ -301,11 +302,26 @@ def _module_curves(working, candidates, evaluator, problem_type, budget, show_pr
     return curves
 
 
+def _deploy_hook(dtype, quantize):
+    """The joint checks' `deploy` step for a deployment form: int8 modules swapped in ([`swap_in_int8`]) or the working
+    copy cast ([`swap_in_dtype`]); each returns its undo. None for the model as given."""
+    if quantize is not None:
+
+        def deploy_int8(model):
+            originals = swap_in_int8(model)
+            return lambda: restore_modules(model, originals)
+
+        return deploy_int8
+    if dtype is not None:
+        return functools.partial(swap_in_dtype, dtype=dtype)
+    return None
+
+
 class _JointCheck:
     """Scores whole rank assignments on all held-out rows with the real metric (cached by assignment). An assignment
     fits when its drop plus `margin` paired standard errors is within the budget. The drop is always against the
-    model as given (its first pass); `refit` and then `deploy` (each `working -> replaced modules`, e.g.
-    [`~drone_hf.deployment.swap_in_int8`]) turn each assignment into the model that will ship before it is scored."""
+    model as given (its first pass); `refit` (`working -> replaced modules`) and then `deploy` (`working -> undo`,
+    see [`_deploy_hook`]) turn each assignment into the model that will ship before it is scored."""
 
     def __init__(
         self,
@@ -334,15 +350,16 @@ class _JointCheck:
         key = tuple(sorted(ranks.items()))
         if key not in self.entries:
             originals = apply_ranks(self.working, self.candidates, ranks)
-            refitted, deployed = {}, {}
+            refitted, undeploy = {}, None
             try:
                 if self.refit is not None:
                     refitted = self.refit(self.working)
                 if self.deploy is not None:
-                    deployed = self.deploy(self.working)
+                    undeploy = self.deploy(self.working)
                 logits = self.evaluator.logits(0)
             finally:
-                restore_modules(self.working, deployed)
+                if undeploy is not None:
+                    undeploy()
                 restore_modules(self.working, refitted)
                 restore_modules(self.working, originals)
             drop = self.base_metric - self.metric_fn(logits, self.labels)

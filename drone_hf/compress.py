@@ -236,7 +236,8 @@ def compress_model(
             it in that dtype with `"dtype"` in `config.json`, and `from_pretrained` (whose default is `dtype="auto"`
             in transformers 5) reloads it in that dtype. A budget (`target_speedup`, `max_accuracy_drop`,
             `param_ratio`) then keeps only ranks measured faster than the dense layer in this dtype on this machine
-            and splits `max_accuracy_drop` by measured time shares (see [`allocate_ranks`]).
+            and splits `max_accuracy_drop` by measured time shares, whose joint checks score the model cast to this
+            dtype (see [`allocate_ranks`]).
         quantize (`str`, *optional*): `"int8"`: dynamic int8 of every encoder linear (dense and factored halves) and
             narrowed query/key projection ([`quantize_model`]), for CPU inference; listed in
             `config.drone_quantization`, saved as int8 weights + float32 per-channel scales. Budgets are measured for

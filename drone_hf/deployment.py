@@ -11,7 +11,7 @@ modules are rebuilt from `config.drone_quantization`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -143,6 +143,24 @@ def swap_in_int8(model: nn.Module) -> dict[str, nn.Module]:
     return originals
 
 
+def swap_in_dtype(model: nn.Module, dtype: torch.dtype | str) -> Callable[[], None]:
+    """Casts every floating parameter and buffer of `model` to `dtype` in place (as `model.to(dtype)`, which is how
+    `compress_model(dtype=)` ships it) and returns a function that puts the original tensors back, bit for bit: a
+    budget's joint checks score each candidate in its deployment dtype without losing the float32 working copy."""
+    dtype = resolve_dtype(dtype)
+    saved = []
+    for tensor in [*model.parameters(), *model.buffers()]:  # shared (tied) tensors appear once
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            saved.append((tensor, tensor.data))
+            tensor.data = tensor.data.to(dtype)
+
+    def restore() -> None:
+        for tensor, data in saved:
+            tensor.data = data
+
+    return restore
+
+
 def _to_drone_model(model: nn.Module) -> nn.Module:
     """A new DRONE model of `model`'s family and head with the same weights (a copy if it already is one)."""
     from .modeling_drone import DroneModelMixin
@@ -245,5 +263,6 @@ __all__ = [
     "resolve_deployment",
     "resolve_dtype",
     "resolve_quantize",
+    "swap_in_dtype",
     "swap_in_int8",
 ]

@@ -237,6 +237,69 @@ def test_an_int8_budget_is_joint_checked_on_the_int8_model(search):
     assert abs(score(int8_model) - score(float_model)) > 1e-3 * abs(report["heldout_drop"])  # the forms differ
 
 
+@pytest.mark.parametrize("search", ["exhaustive", "fast"])
+def test_a_bfloat16_budget_is_joint_checked_in_bfloat16(search):
+    """With `dtype=torch.bfloat16` each joint check scores the assignment cast as it will ship (`compress_model(...,
+    dtype=)` casts the result once), against the float32 model as given; the float32 working copy comes back bit for
+    bit after every check."""
+    from drone_hf.calibration import model_inputs
+
+    model = _model()
+    stats = _stats(model)
+    batches = tiny_batches(num_rows=24, num_labels=2)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+    def mean_logit(logits, labels):  # smooth: bfloat16 rounding moves it where accuracy would not
+        return 1e4 * float(np.mean(logits[:, 0]))
+
+    def score(m):
+        with torch.no_grad():
+            return mean_logit(torch.cat([m(**model_inputs(m, b)).logits.float() for b in batches]).numpy(), None)
+
+    report = {}
+    ranks = allocate_ranks(
+        model,
+        stats,
+        max_accuracy_drop=1e6,
+        eval_dataloader=batches,
+        metric_fn=mean_logit,
+        dtype=torch.bfloat16,
+        kernel_costs=KernelCosts(torch.bfloat16, seconds_fn=_half_speed_factored),
+        screening_samples=None,
+        safety_margin=0.0,
+        refine_steps=2,
+        search=search,
+        report=report,
+    )
+    assert ranks and report["joint_check_form"] == "bfloat16"
+    cast = drone_hf.compress_model(model, stats, ranks=ranks, dtype=torch.bfloat16)
+    float_model = drone_hf.compress_model(model, stats, ranks=ranks)
+    assert cast.dtype == torch.bfloat16 and float_model.dtype == torch.float32
+    assert report["heldout_base_metric"] == pytest.approx(score(model), rel=1e-6)
+    assert report["heldout_drop"] == pytest.approx(score(model) - score(cast), rel=1e-6)
+    assert abs(score(cast) - score(float_model)) > 1e-3 * abs(report["heldout_drop"])  # the forms differ
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_swap_in_dtype_casts_in_place_and_restores_bit_for_bit():
+    from drone_hf.deployment import swap_in_dtype
+
+    model = _model()
+    model.tie_weights()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    ids = torch.tensor([[1, 5, 7, 2]])
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        restore = swap_in_dtype(model, "bfloat16")
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        cast = model(input_ids=ids).logits
+        restore()
+        again = model(input_ids=ids).logits
+    assert cast.dtype == torch.bfloat16 and not torch.equal(cast.float(), reference)
+    assert {p.dtype for p in model.parameters()} == {torch.float32} and torch.equal(again, reference)
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
 def test_a_speed_target_the_measured_grids_cannot_meet_says_they_were_measured():
     model = _model()
     costs = KernelCosts(torch.bfloat16, seconds_fn=_half_speed_factored)
