@@ -4,6 +4,7 @@ distillation, timing, tables."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ from transformers import (  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from drone_hf.allocation import allocate_ranks  # noqa: E402
 from drone_hf.evaluation import evaluate_glue  # noqa: E402
 from drone_hf.glue import get_glue_task, load_glue  # noqa: E402
 from drone_hf.profiling import cpu_name  # noqa: E402
@@ -244,10 +246,14 @@ def run_distillation(student, teacher, train, tokenizer, settings, *, group_by_l
     return time.perf_counter() - start
 
 
+DEFAULT_SAFETY_MARGIN = inspect.signature(allocate_ranks).parameters["safety_margin"].default
+
+
 def budget_label(folder: str | os.PathLike) -> str:
     """A row label for a saved model: "drone 1-pt budget (<search>)" from a `drone-hf compress` output's
-    `drone_results.json` (", timed float32" etc. when its ranks were costed by measured kernels, ", checked in int8
-    dynamic" when its joint checks scored the int8 model), "drone rank R + N steps distilled" from a
+    `drone_results.json` (", sequential refit" when its joint checks scored refitted models, ", timed float32" etc.
+    when its ranks were costed by measured kernels, ", checked in int8 dynamic" / "bfloat16" when its joint checks
+    scored the model in that form, ", safety margin M" when not the default), "drone rank R + N steps distilled" from a
     `benchmarks/base_size.py` distillation entry's `result.json`, else the folder name."""
     folder = Path(folder)
     results, distilled = folder / "drone_results.json", folder / "result.json"
@@ -260,7 +266,14 @@ def budget_label(folder: str | os.PathLike) -> str:
             timed = cost.removeprefix("seconds measured in ").split(" at ")[0] if cost.startswith("seconds") else None
             checked = allocation.get("joint_check_form", "as given")
             checked = None if checked == "as given" else checked.split(" (")[0]
-            details = [search, f"timed {timed}" if timed else None, f"checked in {checked}" if checked else None]
+            margin = allocation.get("safety_margin")
+            details = [
+                search,
+                "sequential refit" if allocation.get("sequential") else None,
+                f"timed {timed}" if timed else None,
+                f"checked in {checked}" if checked else None,
+                f"safety margin {margin:g}" if margin is not None and margin != DEFAULT_SAFETY_MARGIN else None,
+            ]
             details = ", ".join(x for x in details if x)
             return f"drone {drop:g}-pt budget" + (f" ({details})" if details else "")
     elif distilled.is_file():
