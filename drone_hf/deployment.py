@@ -15,10 +15,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from .defaults import DEPLOYMENT_DTYPE_NAMES
 from .int8 import INT8_METHOD, DroneInt8Linear, DroneInt8QKLinear, replace_linear_with_int8
 from .layers import DroneQKLinear
+
+
+logger = logging.get_logger(__name__)
 
 
 DEPLOYMENT_DTYPES = {name: getattr(torch, name) for name in DEPLOYMENT_DTYPE_NAMES}
@@ -85,6 +89,16 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (DroneInt8Linear, DroneInt8QKLinear)) for m in model.modules())
 
 
+def cpu_has_half_units(dtype: torch.dtype) -> bool | None:
+    """Whether this CPU multiplies `dtype` (bfloat16 / float16) natively, as oneDNN reports it (AVX-512 BF16, AMX,
+    AVX-512 FP16): `False` means emulated (an AVX2-only CPU), `None` that this torch build cannot say."""
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)()) if probe is not None else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def check_deployment(model: nn.Module, dtype, quantize) -> tuple[torch.dtype | None, str | None]:
     """Validates `dtype=`/`quantize=` of [`compress_model`] against `model` before any expensive work.
 
@@ -97,13 +111,22 @@ def check_deployment(model: nn.Module, dtype, quantize) -> tuple[torch.dtype | N
             with a half dtype (int8 models keep their float parts in float32, the kernels' activation dtype).
     """
     dtype, quantize = resolve_deployment(dtype, quantize)
+    parameter = next(model.parameters(), None)
+    on_cpu = parameter is None or parameter.device.type == "cpu"
+    if dtype in (torch.bfloat16, torch.float16) and on_cpu and cpu_has_half_units(dtype) is False:
+        logger.warning(
+            f"`dtype={str(dtype).removeprefix('torch.')}` on a CPU without {dtype} matrix units (oneDNN reports none, "
+            f"`torch.backends.cpu.get_cpu_capability()` is {torch.backends.cpu.get_cpu_capability()!r}): it runs "
+            "emulated, several times slower than float32 here (measured 8.5x on an AVX2-only EPYC), and so do a "
+            "budget's kernel timings and joint checks. Deploy where the CPU has them (AVX-512 BF16 / AMX), or use "
+            "float32 or `quantize='int8'` on this machine."
+        )
     if is_quantized(model):
         raise ValueError(
             "`model` already has int8 modules (`drone_quantization`): int8 weights cannot be factored or re-cast. "
             "Compress the float model and pass `quantize='int8'` to `compress_model`."
         )
     if quantize is not None:
-        parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
         if device.type != "cpu":
             raise ValueError(
@@ -254,6 +277,7 @@ __all__ = [
     "DEPLOYMENT_DTYPES",
     "QUANTIZE_METHODS",
     "check_deployment",
+    "cpu_has_half_units",
     "deployed_copy",
     "describe_deployment",
     "int8_module_names",

@@ -315,3 +315,37 @@ def test_deployment_table_keeps_a_budget_model_saved_in_a_deployment_form_in_tha
         for form, compressed in saved.items():
             loaded, _ = _reload(compressed, tmp_path / form)
             assert deployment._saved_form(loaded) == form
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_dtype_on_a_cpu_without_its_units_is_warned_about(monkeypatch, caplog, dtype):
+    """On an AVX2-only CPU bfloat16 runs emulated (8.5x slower than float32 on the Zen 2 of session 26), and so do a
+    budget's timings and joint checks in it: `compress_model(dtype=)` says so up front, naming the dtype, and says
+    nothing where oneDNN reports the units (or cannot say)."""
+    import logging
+
+    from drone_hf import deployment
+
+    model, _, _ = _setup("bert")
+    name = str(dtype).removeprefix("torch.")
+    for has_units, warned in ((False, True), (True, False), (None, False)):
+        monkeypatch.setattr(deployment, "cpu_has_half_units", lambda d, has=has_units: has)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="drone_hf.deployment"):
+            assert check_deployment(model, name, None) == (dtype, None)
+        assert (f"`dtype={name}` on a CPU without {dtype} matrix units" in caplog.text) is warned
+        assert ("float32 or `quantize='int8'`" in caplog.text) is warned
+    caplog.clear()
+    monkeypatch.setattr(deployment, "cpu_has_half_units", lambda d: False)
+    with caplog.at_level(logging.WARNING, logger="drone_hf.deployment"):
+        check_deployment(model, None, "int8")  # float32 activations: nothing emulated
+    assert caplog.text == ""
+
+
+def test_cpu_has_half_units_answers_for_half_dtypes_only():
+    from drone_hf.deployment import cpu_has_half_units
+
+    assert cpu_has_half_units(torch.float32) is None
+    assert cpu_has_half_units(torch.bfloat16) in (True, False, None)
+    if hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported"):
+        assert cpu_has_half_units(torch.bfloat16) is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
