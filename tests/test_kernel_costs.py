@@ -196,60 +196,32 @@ def test_fast_accuracy_budget_orders_moves_by_measured_seconds():
     assert candidates.cost(block, 2) == 2 * _half_speed_factored("qk", (64, 4, 16), 2)
 
 
-@pytest.mark.parametrize("search", ["exhaustive", "fast"])
-def test_an_int8_budget_is_joint_checked_on_the_int8_model(search):
-    """With `quantize="int8"` each joint check scores the assignment quantised as it will ship, against the float
-    model as given: the drop reported for the chosen ranks is that of the int8 model `compress_model` builds from
-    them, not the float one's."""
-    from drone_hf.calibration import model_inputs
-
-    model = _model()
-    stats = _stats(model)
-    batches = tiny_batches(num_rows=24, num_labels=2)
-
-    def mean_logit(logits, labels):  # smooth: int8 rounding moves it where accuracy would not
-        return 1e4 * float(np.mean(logits[:, 0]))
-
-    def score(m):
-        with torch.no_grad():
-            return mean_logit(torch.cat([m(**model_inputs(m, b)).logits for b in batches]).numpy(), None)
-
-    report = {}
-    ranks = allocate_ranks(
-        model,
-        stats,
-        max_accuracy_drop=1e6,
-        eval_dataloader=batches,
-        metric_fn=mean_logit,
-        quantize="int8",
-        kernel_costs=KernelCosts(quantize="int8", seconds_fn=_half_speed_factored),
-        screening_samples=None,
-        safety_margin=0.0,
-        refine_steps=2,
-        search=search,
-        report=report,
-    )
-    assert ranks and report["joint_check_form"] == "int8 dynamic (float32 activations)"
-    int8_model = drone_hf.compress_model(model, stats, ranks=ranks, quantize="int8")
-    float_model = drone_hf.compress_model(model, stats, ranks=ranks)
-    assert report["heldout_base_metric"] == pytest.approx(score(model), rel=1e-6)
-    assert report["heldout_drop"] == pytest.approx(score(model) - score(int8_model), rel=1e-6)
-    assert abs(score(int8_model) - score(float_model)) > 1e-3 * abs(report["heldout_drop"])  # the forms differ
+_DEPLOYMENT_FORMS = {
+    "int8": (
+        {"quantize": "int8"},
+        KernelCosts(quantize="int8", seconds_fn=_half_speed_factored),
+        "int8 dynamic (float32 activations)",
+    ),
+    "bfloat16": ({"dtype": torch.bfloat16}, KernelCosts(torch.bfloat16, seconds_fn=_half_speed_factored), "bfloat16"),
+}
 
 
 @pytest.mark.parametrize("search", ["exhaustive", "fast"])
-def test_a_bfloat16_budget_is_joint_checked_in_bfloat16(search):
-    """With `dtype=torch.bfloat16` each joint check scores the assignment cast as it will ship (`compress_model(...,
-    dtype=)` casts the result once), against the float32 model as given; the float32 working copy comes back bit for
-    bit after every check."""
+@pytest.mark.parametrize("form", list(_DEPLOYMENT_FORMS))
+def test_a_budget_in_a_deployment_form_is_joint_checked_in_that_form(form, search):
+    """With `quantize="int8"` (`dtype=torch.bfloat16`) each joint check scores the assignment quantised (cast) as it
+    will ship, against the float32 model as given: the drop reported for the chosen ranks is that of the model
+    `compress_model` builds from them in that form, not the float one's; the float32 working copy (and the model)
+    come back bit for bit after every check."""
     from drone_hf.calibration import model_inputs
 
+    options, costs, description = _DEPLOYMENT_FORMS[form]
     model = _model()
     stats = _stats(model)
     batches = tiny_batches(num_rows=24, num_labels=2)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
-    def mean_logit(logits, labels):  # smooth: bfloat16 rounding moves it where accuracy would not
+    def mean_logit(logits, labels):  # smooth: int8 / bfloat16 rounding moves it where accuracy would not
         return 1e4 * float(np.mean(logits[:, 0]))
 
     def score(m):
@@ -263,21 +235,20 @@ def test_a_bfloat16_budget_is_joint_checked_in_bfloat16(search):
         max_accuracy_drop=1e6,
         eval_dataloader=batches,
         metric_fn=mean_logit,
-        dtype=torch.bfloat16,
-        kernel_costs=KernelCosts(torch.bfloat16, seconds_fn=_half_speed_factored),
+        kernel_costs=costs,
         screening_samples=None,
         safety_margin=0.0,
         refine_steps=2,
         search=search,
         report=report,
+        **options,
     )
-    assert ranks and report["joint_check_form"] == "bfloat16"
-    cast = drone_hf.compress_model(model, stats, ranks=ranks, dtype=torch.bfloat16)
+    assert ranks and report["joint_check_form"] == description
+    deployed = drone_hf.compress_model(model, stats, ranks=ranks, **options)
     float_model = drone_hf.compress_model(model, stats, ranks=ranks)
-    assert cast.dtype == torch.bfloat16 and float_model.dtype == torch.float32
     assert report["heldout_base_metric"] == pytest.approx(score(model), rel=1e-6)
-    assert report["heldout_drop"] == pytest.approx(score(model) - score(cast), rel=1e-6)
-    assert abs(score(cast) - score(float_model)) > 1e-3 * abs(report["heldout_drop"])  # the forms differ
+    assert report["heldout_drop"] == pytest.approx(score(model) - score(deployed), rel=1e-6)
+    assert abs(score(deployed) - score(float_model)) > 1e-3 * abs(report["heldout_drop"])  # the forms differ
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
 
 
