@@ -102,6 +102,7 @@ def test_fused_op_counts_of_the_optimised_graph(models, kind, tmp_path):
     assert {key: counts[key] for key in EXPECTED_FUSED[kind]} == EXPECTED_FUSED[kind]
     assert report["files"]["model.onnx"]["fused_ops"] == counts
     assert report["attention_blocks_multihead"] == EXPECTED_FUSED[kind]["MultiHeadAttention"]
+    assert report["attention_blocks_narrow_scores"] == (2 if kind == "drone_attention" else 0)
 
 
 @pytest.mark.parametrize("kind", ["drone", "drone_attention"])
@@ -114,15 +115,18 @@ def test_multihead_attention_reads_the_projections_without_reshape_round_trips(m
     attention = [node for node in graph.node if node.op_type == "MultiHeadAttention"]
     assert len(attention) == 2
     # query/key/value come straight from the projections (no view to per-head layout and back): the bias Add of a
-    # linear, or for a narrowed query/key the flatten of its zero-padded heads (Pad -> Reshape)
+    # linear; a narrowed query/key too, heads x rank wide, not zero-padded back to the head size (no Pad left)
     source = {output: node for node in graph.node for output in node.output}
+    initializers = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}
+    config = models[kind].config
+    heads, head = config.num_attention_heads, config.hidden_size // config.num_attention_heads
     for node in attention:
-        assert producer[node.input[2]] == "Add"
-        for name in node.input[:2]:
-            if kind == "drone":
-                assert producer[name] == "Add"
-            else:
-                assert producer[name] == "Reshape" and producer[source[name].input[0]] == "Pad"
+        assert [producer[name] for name in node.input[:3]] == ["Add", "Add", "Add"]
+        widths = [next(initializers[i] for i in source[name].input if i in initializers) for name in node.input[:3]]
+        assert widths == ([(heads * 4,)] * 2 if kind == "drone_attention" else [(heads * head,)] * 2) + [
+            (heads * head,)
+        ]
+    assert "Pad" not in producer.values()
     # ... and the output goes straight on (to the output projection's MatMul)
     users = {name: [n.op_type for n in graph.node if name in n.input] for name in (a.output[0] for a in attention)}
     assert all(types == ["MatMul"] for types in users.values()), users
