@@ -16,8 +16,9 @@ around it are bypassed, [`_drop_reshape_round_trips`]; a narrowed query/key ente
 zero-padded back to the head size, [`_drop_qk_padding`], so the scores are computed at the rank). Blocks with dense
 projections keep the stock eager pattern, which the optimiser fuses into `Attention` (packed Q/K/V product) as it
 does for the dense model. This works for every family whose attention goes through transformers' attention-function
-registry (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, ALBERT); MPNet and DeBERTa-v2 compute attention in their own
-code and export unfused.
+registry (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, ALBERT) and for MPNet, whose attention code (with its relative
+position bias, which joins the mask as `attention_bias`) is replaced on the copy for every block, dense ones too
+([`_OWN_ATTENTION`]); DeBERTa-v2 and ModernBERT export unfused.
 
 The result is checked against PyTorch before anything is written (`max_abs_diff` in the report); a mismatch raises.
 """
@@ -30,6 +31,7 @@ import json
 import logging
 import os
 import sys
+import types
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -154,9 +156,33 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(_IMPLEMENTATION, eager_mask)  # additive float masks, as eager attention uses
 
 
+def _mpnet_attention(self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs):
+    """`MPNetSelfAttention.forward` of the export: its relative position bias and the additive mask are one
+    `attention_bias` of `MultiHeadAttention` (the stock graph, with the bias added to the scores, is one ONNX Runtime
+    does not fuse, dense or not)."""
+    heads, scale = getattr(self, _FUSE)
+    query, key, value = self.q(hidden_states), self.k(hidden_states), self.v(hidden_states)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min
+        )
+    biases = [bias for bias in (position_bias, attention_mask) if bias is not None]
+    bias = biases[0] + biases[1] if len(biases) == 2 else (biases[0] if biases else None)
+    setattr(self, _USED, True)
+    output = self.o(_MultiHeadAttention.apply(query, key, value, bias, heads, scale))
+    return (output, None) if output_attentions else (output,)
+
+
+_OWN_ATTENTION = {"mpnet": _mpnet_attention}
+"""Families whose attention blocks compute the scores in their own code (not through transformers' attention-function
+registry): model type -> the block `forward` the export binds on the copy. Every block of theirs goes through
+`MultiHeadAttention`, dense ones too, since the optimiser fuses none of them."""
+
+
 def _flag_blocks(model: nn.Module) -> list[str]:
     """Marks the attention blocks of `model` (a copy) whose query/key/value are not three dense linears of one width
-    (factored, narrowed or int8): those go through `MultiHeadAttention`. Returns their names."""
+    (factored, narrowed or int8), and every block of a family in [`_OWN_ATTENTION`] (whose export `forward` is bound
+    on it): those go through `MultiHeadAttention`. Returns their names."""
     from .architecture import get_architecture, layer_names
 
     try:
@@ -174,6 +200,7 @@ def _flag_blocks(model: nn.Module) -> list[str]:
     modules = dict(model.named_modules())
     config = model.config
     heads = getattr(config, "num_attention_heads", None)
+    own = _OWN_ATTENTION.get(spec.model_type)
     flagged = []
     for layer in layers:
         block = modules.get(f"{layer}.{block_path}")
@@ -181,8 +208,10 @@ def _flag_blocks(model: nn.Module) -> list[str]:
             continue
         projections = [modules.get(f"{layer}.{block_path}.{name}") for name in names]
         dense = all(type(p) is nn.Linear for p in projections) and len({p.out_features for p in projections}) == 1
-        if not dense:
+        if not dense or own is not None:
             setattr(block, _FUSE, (int(heads), float((config.hidden_size // heads) ** -0.5)))
+            if own is not None:
+                block.forward = types.MethodType(own, block)
             flagged.append(f"{layer}.{block_path}")
     return flagged
 

@@ -188,10 +188,15 @@ def test_every_family_exports_dense_and_compressed(model_type, tmp_path):
         expected = small(**inputs).logits.numpy()
     np.testing.assert_allclose(_run(tmp_path / "onnx", "model.onnx", inputs), expected, atol=1e-5, rtol=1e-4)
     counts = report["files"]["model.onnx"]["fused_ops"]
-    if model_type in ("mpnet",):  # attention in its own code: exported unfused, and said so
-        assert counts["MultiHeadAttention"] == 0 and report["attention_blocks_unfused_route"]
-    elif get_architecture(model_type).attention is not None:
+    if get_architecture(model_type).attention is not None:  # narrowed query/key fed to the fused op unpadded
         assert counts["MultiHeadAttention"] == 2 and not report["attention_blocks_unfused_route"]
+        assert report["attention_blocks_narrow_scores"] == 2
+    if model_type == "mpnet":  # scores in its own code (relative position bias): its dense blocks are routed too
+        dense_report = export_onnx(dense, tmp_path / "dense", optimize=True)
+        assert dense_report["files"]["model.onnx"]["fused_ops"]["MultiHeadAttention"] == 2
+        with torch.no_grad():
+            expected = dense(**inputs).logits.numpy()
+        np.testing.assert_allclose(_run(tmp_path / "dense", "model.onnx", inputs), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_an_int8_drone_model_is_refused_with_the_way_out(models, tmp_path):
