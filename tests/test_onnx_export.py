@@ -289,3 +289,23 @@ def test_cli_refuses_bad_input_before_work(classifier, tmp_path, capsys, extra, 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_base_size_shapes_benchmark_reads_the_budget_rows_it_rebuilds(tmp_path):
+    """`benchmarks/onnx_runtime_base_size.py` rebuilds each fp32 budget row of a deployment result at its recorded
+    ranks; dense rows, other forms and rows without ranks are not budgets to rebuild. The shipped default file holds
+    the two MRPC budgets the README quotes."""
+    from .testing_utils import benchmark_module
+
+    rows = [
+        {"form": "fp32", "model": "dense", "drone_ranks": None},
+        {"form": "fp32", "model": "drone 1-pt budget (fast)", "drone_ranks": {"a": 8}, "drone_attention_ranks": {}},
+        {"form": "bf16", "model": "drone 1-pt budget (fast)", "drone_ranks": {"a": 8}, "drone_attention_ranks": {}},
+        {"form": "fp32", "model": "drone r192", "drone_ranks": {"a": 192}, "drone_attention_ranks": {}},
+    ]
+    (tmp_path / "result.json").write_text(json.dumps({"rows": rows}))
+    with benchmark_module("onnx_runtime_base_size") as script:
+        assert list(script.budget_rows(tmp_path / "result.json")) == ["drone 1-pt budget (fast)"]
+        shipped = script.budget_rows(script.DEFAULT_RANKS)
+    assert sorted(shipped) == ["drone 1-pt budget (fast)", "drone 1.5-pt budget (fast)"]
+    assert all(len(row["drone_ranks"]) > 30 and row["drone_attention_ranks"] for row in shipped.values())
