@@ -373,6 +373,8 @@ def write_onnx(
         files.append(INT8_FILE)
 
     exported.set_attn_implementation(getattr(model.config, "_attn_implementation", None) or "sdpa")
+    for name in flagged:  # the family's own attention code again: the export is compared with the model's own forward
+        vars(exported.get_submodule(name)).pop("forward", None)
     differences, scale = _compare(exported, folder, files, names, seed=1)
     if differences[MODEL_FILE] > ATOL * max(1.0, scale):
         for name in files:
