@@ -101,6 +101,41 @@ def torch_accuracy(model, dev, tokenizer) -> float:
     return 100 * float((logits.argmax(-1) == labels).mean())
 
 
+def round_robin_calls(rows: list[dict], inputs: dict[str, torch.Tensor]) -> dict:
+    """`"<model> | <runtime>"` -> a zero-argument call running the row's PyTorch model (`_torch`, under inference mode)
+    or ONNX Runtime session (`_session`, fed the inputs it declares) on `inputs`: what `time_round_robin` times."""
+    calls = {}
+    for row in rows:
+        if "_torch" in row:
+
+            def call(model=row["_torch"]):
+                with torch.inference_mode():
+                    model(**inputs)
+
+        else:
+            session = row["_session"]
+            wanted = {entry.name for entry in session.get_inputs()}
+            feed = {key: value.numpy() for key, value in inputs.items() if key in wanted}
+
+            def call(session=session, feed=feed):
+                session.run(None, feed)
+
+        calls[f"{row['model']} | {row['runtime']}"] = call
+    return calls
+
+
+def write_results(
+    name: str, settings: dict, rows: list[dict], table: str, exports: dict, timing: dict, started: float
+):
+    """benchmarks/results/<name>.json: the command, `settings`, the rows (without their models and sessions), the
+    table, the export reports, the timings and the machine."""
+    clean = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
+    payload = {"command": command_line(), **settings, "rows": clean, "table": table, "exports": exports}
+    payload |= {"timing": timing, "machine": machine_description(), "ort_spinning": False}
+    path = write_json(name, {**payload, "seconds": time.perf_counter() - started})
+    print(f"Wrote {path}")
+
+
 def add_same_runtime_ratios(rows: list[dict]) -> None:
     """`b1_same` / `b8_same`: the dense model's median latency in the row's runtime over the row's (same run)."""
     dense = {row["runtime"]: row for row in rows if row["model"] == "dense"}
@@ -167,25 +202,7 @@ def main():
     print(f"[4/4] timing round-robin, {args.threads} threads, batch 1 and 8 x 128 tokens", flush=True)
     timing = {}
     for batch_name, inputs, repeats in (("b1", b1, args.repeats_b1), ("b8", b8, args.repeats_b8)):
-        calls = {}
-        for row in rows:
-            key = f"{row['model']} | {row['runtime']}"
-            if "_torch" in row:
-                model = row["_torch"]
-
-                def call(model=model, inputs=inputs):
-                    with torch.inference_mode():
-                        model(**inputs)
-
-            else:
-                session = row["_session"]
-                wanted = {entry.name for entry in session.get_inputs()}
-                feed = {k: v.numpy() for k, v in inputs.items() if k in wanted}
-
-                def call(session=session, feed=feed):
-                    session.run(None, feed)
-
-            calls[key] = call
+        calls = round_robin_calls(rows, inputs)
         record: dict = {}
         time_round_robin(calls, repeats=repeats, warmup=3, record=record)
         comparison = compare_recorded(record, reference="dense | torch fp32")
@@ -214,29 +231,17 @@ def main():
     table = print_table(rows, COLUMNS)
     load = {name: entry["load_average"] for name, entry in timing.items()}
     print(f"\nLoad average (before, after): {load}. Total {time.perf_counter() - started:.0f} s.")
-    clean = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
-    path = write_json(
-        args.name,
-        {
-            "command": command_line(),
-            "teacher": str(teacher_path),
-            "calibration_samples": args.calibration_samples,
-            "ranks": {name: dict(model.config.drone_ranks or {}) for name, model in models.items() if name != "dense"},
-            "attention_ranks": {
-                name: dict(getattr(model.config, "drone_attention_ranks", None) or {})
-                for name, model in models.items()
-                if name != "dense"
-            },
-            "rows": clean,
-            "table": table,
-            "exports": export,
-            "timing": timing,
-            "machine": machine_description(),
-            "ort_spinning": False,
-            "seconds": time.perf_counter() - started,
+    settings = {
+        "teacher": str(teacher_path),
+        "calibration_samples": args.calibration_samples,
+        "ranks": {name: dict(model.config.drone_ranks or {}) for name, model in models.items() if name != "dense"},
+        "attention_ranks": {
+            name: dict(getattr(model.config, "drone_attention_ranks", None) or {})
+            for name, model in models.items()
+            if name != "dense"
         },
-    )
-    print(f"Wrote {path}")
+    }
+    write_results(args.name, settings, rows, table, export, timing, started)
     tmp.cleanup()
 
 

@@ -27,9 +27,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as benchmarks/onnx_runtime.py: before torch loads libgomp
 
 import torch  # noqa: E402
-from common import REPO, command_line, machine_description, print_table, script_parser, set_threads, write_json  # noqa: E402
+from common import REPO, print_table, script_parser, set_threads  # noqa: E402
 from mpnet_glue import mpnet_path  # noqa: E402
-from onnx_runtime import add_same_runtime_ratios, ort_session  # noqa: E402
+from onnx_runtime import add_same_runtime_ratios, ort_session, round_robin_calls, write_results  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
 import drone_hf  # noqa: E402
@@ -109,23 +109,7 @@ def main():
     for name, batch, repeats in (("b8", 8, args.repeats_b8), ("b1", 1, args.repeats_b1)):
         ids = torch.randint(1000, dense.config.vocab_size - 1, (batch, 128), generator=generator)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        calls = {}
-        for row in rows:
-            if "_torch" in row:
-
-                def call(model=row["_torch"], inputs=inputs):
-                    with torch.inference_mode():
-                        model(**inputs)
-
-            else:
-                session = row["_session"]
-                wanted = {entry.name for entry in session.get_inputs()}
-                feed = {key: value.numpy() for key, value in inputs.items() if key in wanted}
-
-                def call(session=session, feed=feed):
-                    session.run(None, feed)
-
-            calls[f"{row['model']} | {row['runtime']}"] = call
+        calls = round_robin_calls(rows, inputs)
         medians = time_round_robin(calls, repeats=repeats, warmup=2)
         timing[name] = {"repeats": repeats, "seconds": medians}
         for row in rows:
@@ -137,22 +121,7 @@ def main():
         f"of shuffled round-robin rounds in one process, {args.threads} threads, all-ones masks:\n"
     )
     table = print_table(rows, COLUMNS)
-    clean = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
-    path = write_json(
-        args.name,
-        {
-            "command": command_line(),
-            "ranks_from": args.ranks_from,
-            "rows": clean,
-            "table": table,
-            "exports": exports,
-            "timing": timing,
-            "machine": machine_description(),
-            "ort_spinning": False,
-            "seconds": time.perf_counter() - started,
-        },
-    )
-    print(f"Wrote {path}")
+    write_results(args.name, {"ranks_from": args.ranks_from}, rows, table, exports, timing, started)
     tmp.cleanup()
 
 

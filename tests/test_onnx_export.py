@@ -309,3 +309,22 @@ def test_base_size_shapes_benchmark_reads_the_budget_rows_it_rebuilds(tmp_path):
         shipped = script.budget_rows(script.DEFAULT_RANKS)
     assert sorted(shipped) == ["drone 1-pt budget (fast)", "drone 1.5-pt budget (fast)"]
     assert all(len(row["drone_ranks"]) > 30 and row["drone_attention_ranks"] for row in shipped.values())
+
+
+def test_round_robin_calls_run_each_row_in_its_runtime(models, tmp_path):
+    """The ONNX Runtime benchmarks time one zero-argument call per row (`benchmarks/onnx_runtime.py`, and
+    `onnx_runtime_base_size.py` through it): the PyTorch model under inference mode, or the session fed only the
+    inputs it declares, named "<model> | <runtime>"."""
+    from .testing_utils import benchmark_module
+
+    export_onnx(models["drone_attention"], tmp_path / "onnx")
+    session = onnx_session(tmp_path / "onnx" / "model.onnx")
+    rows = [
+        {"model": "m", "runtime": "torch fp32", "_torch": models["drone_attention"]},
+        {"model": "m", "runtime": "ORT fp32", "_session": session},
+    ]
+    with benchmark_module("onnx_runtime") as script:
+        calls = script.round_robin_calls(rows, _padded(2, 7, 0))
+    assert list(calls) == ["m | torch fp32", "m | ORT fp32"]
+    for call in calls.values():
+        call()
