@@ -124,6 +124,14 @@ class _MultiHeadAttention(torch.autograd.Function):
         return output
 
 
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean attention mask (True: attend) as the additive float mask `MultiHeadAttention` takes; others as they
+    are."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros_like(mask, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+
+
 def _export_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention function of the export: the family's eager attention (the pattern ONNX Runtime fuses into
     `Attention`) for blocks with dense projections, `MultiHeadAttention` for the blocks flagged by [`_flag_blocks`]."""
@@ -135,10 +143,7 @@ def _export_attention(module, query, key, value, attention_mask, scaling=None, d
         return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     heads, default_scale = heads
     scale = float(scaling) if isinstance(scaling, (int, float)) else default_scale
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(
-            ~attention_mask, torch.finfo(query.dtype).min
-        )
+    attention_mask = _additive(attention_mask, query.dtype)
 
     def merge(tensor):  # (batch, heads, tokens, width) -> (batch, tokens, heads * width)
         return tensor.transpose(1, 2).flatten(-2)
@@ -162,12 +167,9 @@ def _mpnet_attention(self, hidden_states, attention_mask=None, position_bias=Non
     does not fuse, dense or not)."""
     heads, scale = getattr(self, _FUSE)
     query, key, value = self.q(hidden_states), self.k(hidden_states), self.v(hidden_states)
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(
-            ~attention_mask, torch.finfo(query.dtype).min
-        )
-    biases = [bias for bias in (position_bias, attention_mask) if bias is not None]
-    bias = biases[0] + biases[1] if len(biases) == 2 else (biases[0] if biases else None)
+    bias, mask = position_bias, _additive(attention_mask, query.dtype)
+    if mask is not None:
+        bias = mask if bias is None else bias + mask
     setattr(self, _USED, True)
     output = self.o(_MultiHeadAttention.apply(query, key, value, bias, heads, scale))
     return (output, None) if output_attentions else (output,)
@@ -452,7 +454,7 @@ def _drop_reshape_round_trips(path: Path, example: dict[str, torch.Tensor]) -> N
         for index, name in enumerate(node.input):
             if name in renamed and name not in graph_outputs:
                 node.input[index] = renamed[name]
-    _replace_if_same(proto, path, example, tolerance=1e-6)
+    _replace_if_same(proto, path, example, atol=1e-6)
 
 
 def _drop_qk_padding(path: Path, example: dict[str, torch.Tensor]) -> int:
@@ -486,15 +488,15 @@ def _drop_qk_padding(path: Path, example: dict[str, torch.Tensor]) -> int:
         if all(sources):
             node.input[0], node.input[1] = sources
             changed += 1
-    if changed and not _replace_if_same(proto, path, example, tolerance=1e-5):
+    if changed and not _replace_if_same(proto, path, example, atol=1e-5, rtol=1e-5):
         changed = 0
     return changed
 
 
-def _replace_if_same(proto, path: Path, example: dict[str, torch.Tensor], *, tolerance: float) -> bool:
+def _replace_if_same(proto, path: Path, example: dict[str, torch.Tensor], *, atol: float, rtol: float = 0.0) -> bool:
     """Prunes the nodes of `proto` (an edited copy of the graph at `path`) whose outputs nobody uses, and writes it
-    over `path` only if ONNX Runtime gives the same output on `example` as the graph at `path`, within `tolerance`
-    times max(1, largest output); returns whether it did (any failure to run counts as different)."""
+    over `path` only if ONNX Runtime gives the same output on `example` as the graph at `path`, within the larger
+    of `atol` and `rtol` times the largest output; returns whether it did (any failure to run counts as different)."""
     import onnx
 
     graph_outputs = {output.name for output in proto.graph.output}
@@ -511,7 +513,7 @@ def _replace_if_same(proto, path: Path, example: dict[str, torch.Tensor], *, tol
         feed = {name: tensor.numpy() for name, tensor in example.items()}
         before = onnx_session(path).run(None, feed)[0]
         after = onnx_session(candidate).run(None, feed)[0]
-        limit = tolerance * max(1.0, float(abs(before).max()))
+        limit = max(atol, rtol * float(abs(before).max()))
         same = before.shape == after.shape and float(abs(before - after).max()) <= limit
     except Exception:  # noqa: BLE001  (any failure means: keep the graph as it was)
         same = False
