@@ -4,7 +4,6 @@ distillation, timing, tables."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ from transformers import (  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from drone_hf.allocation import allocate_ranks  # noqa: E402
+from drone_hf.defaults import DEFAULT_SAFETY_MARGIN  # noqa: E402
 from drone_hf.evaluation import evaluate_glue  # noqa: E402
 from drone_hf.glue import get_glue_task, load_glue  # noqa: E402
 from drone_hf.profiling import cpu_name  # noqa: E402
@@ -244,9 +243,6 @@ def run_distillation(student, teacher, train, tokenizer, settings, *, group_by_l
         start = time.perf_counter()
         distill(student, teacher, train, settings, training_args=base, processing_class=tokenizer)
     return time.perf_counter() - start
-
-
-DEFAULT_SAFETY_MARGIN = inspect.signature(allocate_ranks).parameters["safety_margin"].default
 
 
 def budget_label(folder: str | os.PathLike) -> str:

@@ -21,7 +21,8 @@ from transformers.utils import logging
 
 from .budget_search import allocate_by_accuracy, check_search
 from .candidates import Candidates, breakeven_rank, relative_tail
-from .deployment import resolve_quantize
+from .defaults import DEFAULT_SAFETY_MARGIN
+from .deployment import resolve_dtype, resolve_quantize
 from .heads import MetricFn
 from .methods import DEFAULT_METHOD, get_method, resolve_method
 from .model_state import check_materialized
@@ -190,7 +191,7 @@ def allocate_ranks(
     bias_correction: bool | None = None,
     screening_samples: int | None = 512,
     screening_dtype: torch.dtype | str | None = None,
-    safety_margin: float = 1.0,
+    safety_margin: float = DEFAULT_SAFETY_MARGIN,
     refine_steps: int | None = None,
     search: str = DEFAULT_SEARCH,
     show_progress: bool = False,
@@ -435,8 +436,6 @@ def _deployed_form(dtype, quantize, kernel_costs) -> tuple[torch.dtype | None, s
     """The form the result will ship in, `(dtype, quantize)`: as given, or the form `kernel_costs` was measured in
     (float32 counts as no cast). The joint checks score each candidate in it: the accuracy that counts is the
     deployed model's."""
-    from .deployment import resolve_dtype
-
     quantize = resolve_quantize(quantize) or (kernel_costs.quantize if kernel_costs is not None else None)
     dtype = resolve_dtype(dtype) or (kernel_costs.dtype if kernel_costs is not None else None)
     return (None if quantize is not None or dtype == torch.float32 else dtype), quantize
@@ -457,7 +456,6 @@ def _screening_dtype(screening_dtype) -> torch.dtype | None:
 def _kernel_costs(model, dtype, quantize, kernel_costs, seq_len):
     """The cost model of a deployment form: `kernel_costs` as given, one measured for `dtype`/`quantize` on the
     model's device, or None (multiply-adds)."""
-    from .deployment import resolve_dtype, resolve_quantize
     from .kernel_costs import KernelCosts
 
     if kernel_costs is not None:

@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from .defaults import DEFAULT_SAFETY_MARGIN
+
 
 _BUDGETS = ("rank", "ranks", "param_ratio", "attention_rank", "max_accuracy_drop", "target_speedup")
 
@@ -145,7 +147,8 @@ class DroneCompressionArguments:
     )
     screening_samples: int = field(default=512, metadata={"help": "Held-out rows scoring each module alone."})
     safety_margin: float = field(
-        default=1.0, metadata={"help": "Standard errors added to the held-out drop before the budget check."}
+        default=DEFAULT_SAFETY_MARGIN,
+        metadata={"help": "Standard errors added to the held-out drop before the budget check."},
     )
     refine_steps: int | None = field(
         default=None,

@@ -40,7 +40,13 @@ from .cli_checks import number as _number
 from .cli_export import add_export_parser, run_export
 from .cli_setup import error_text, progress_lines, require_extra, set_openmp_wait_policy, start_command
 from .data_arguments import add_data_arguments
-from .defaults import BUILTIN_METHODS, DEFAULT_METHOD, DEPLOYMENT_DTYPE_NAMES, DISTILL_LR_SCHEDULES
+from .defaults import (
+    BUILTIN_METHODS,
+    DEFAULT_METHOD,
+    DEFAULT_SAFETY_MARGIN,
+    DEPLOYMENT_DTYPE_NAMES,
+    DISTILL_LR_SCHEDULES,
+)
 
 
 # The stdlib logger that transformers' `logging.get_logger` returns, without importing transformers (kept out of
@@ -127,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--safety-margin",
         type=_number(0),
-        default=1.0,
+        default=DEFAULT_SAFETY_MARGIN,
         help="paired standard errors added to the held-out drop before comparing with the budget",
     )
     compress.add_argument(
@@ -264,7 +270,7 @@ def _add_embeddings_parser(commands) -> None:
     sub.add_argument(
         "--safety-margin",
         type=_number(0),
-        default=1.0,
+        default=DEFAULT_SAFETY_MARGIN,
         help="paired standard errors added to the held-out cosine drop before comparing with the budget",
     )
     sub.add_argument(

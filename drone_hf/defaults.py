@@ -17,6 +17,10 @@ ONNX_OPSET = 17
 ONNX_OPSETS = range(14, 21)
 """Opsets the TorchScript exporter writes and ONNX Runtime's transformer fusions read."""
 
+DEFAULT_SAFETY_MARGIN = 1.0
+"""Paired standard errors of the held-out drop that an accuracy budget's joint checks add to it before comparing with
+the budget (`allocate_ranks(safety_margin=)`, `DroneCompressionArguments.safety_margin`, `--safety-margin`)."""
+
 DEPLOYMENT_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 """The dtypes a compressed model can be deployed in (`compress_model(dtype=)`, `--dtype`), also those the accuracy
 budget's screening can run in (`screening_dtype`, `--screening-dtype`)."""
@@ -30,6 +34,7 @@ to 0 at the last step."""
 __all__ = [
     "BUILTIN_METHODS",
     "DEFAULT_METHOD",
+    "DEFAULT_SAFETY_MARGIN",
     "DEPLOYMENT_DTYPE_NAMES",
     "DISTILL_LR_SCHEDULES",
     "ONNX_OPSET",
