@@ -306,12 +306,7 @@ def _deploy_hook(dtype, quantize):
     """The joint checks' `deploy` step for a deployment form: int8 modules swapped in ([`swap_in_int8`]) or the working
     copy cast ([`swap_in_dtype`]); each returns its undo. None for the model as given."""
     if quantize is not None:
-
-        def deploy_int8(model):
-            originals = swap_in_int8(model)
-            return lambda: restore_modules(model, originals)
-
-        return deploy_int8
+        return swap_in_int8
     if dtype is not None:
         return functools.partial(swap_in_dtype, dtype=dtype)
     return None

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from .candidates import restore_modules
 from .defaults import DEPLOYMENT_DTYPE_NAMES
 from .int8 import INT8_METHOD, DroneInt8Linear, DroneInt8QKLinear, replace_linear_with_int8
 from .layers import DroneQKLinear
@@ -156,14 +157,14 @@ def int8_module_names(model: nn.Module) -> list[str]:
     return names
 
 
-def swap_in_int8(model: nn.Module) -> dict[str, nn.Module]:
+def swap_in_int8(model: nn.Module) -> Callable[[], None]:
     """Puts dynamic int8 modules in place of `model`'s [`int8_module_names`] (as [`quantize_model`] would, without
-    copying or touching its config) and returns the float modules they replaced, by name, for
-    [`~drone_hf.candidates.restore_modules`]: a budget's joint checks score each candidate as it will ship in int8."""
+    copying or touching its config) and returns a function that puts the float modules back: a budget's joint checks
+    score each candidate as it will ship in int8 (as [`swap_in_dtype`] does for a dtype)."""
     names = int8_module_names(model)
     originals = {name: model.get_submodule(name) for name in names}
     replace_linear_with_int8(model, names)
-    return originals
+    return lambda: restore_modules(model, originals)
 
 
 def swap_in_dtype(model: nn.Module, dtype: torch.dtype | str) -> Callable[[], None]:
