@@ -279,7 +279,8 @@ def allocate_ranks(
             they are compared with) under `torch.autocast` in this dtype (`"bfloat16"`, `"float16"`; `None` or
             `"float32"`: the model's own dtype). On a CPU with AMX-bf16 tiles `"bfloat16"` made the per-module
             probes about 2.5x cheaper (all-mpnet-base-v2 on MRPC); the joint checks, which alone decide that the
-            budget holds, still run in the model's own dtype on all rows. On a CPU without bf16 matrix units it is
+            budget holds, never run under it: on all rows, in the deployment form (`dtype`/`quantize`, else the
+            model's own dtype). On a CPU without bf16 matrix units it is
             slower: measure first.
         safety_margin (`float`, *optional*, defaults to 1.0): Paired standard errors of the held-out drop added to it
             before comparing with `max_accuracy_drop` (`0` compares the raw held-out drop).

@@ -92,7 +92,8 @@ class DroneCompressionArguments:
             residual energy, bisection of one scale by joint checks) ([`allocate_ranks`]'s `search`).
         screening_dtype (`str`, *optional*): `"bfloat16"` (or `"float16"`) runs `max_accuracy_drop`'s per-module
             screening under `torch.autocast` in that dtype ([`allocate_ranks`]); the joint checks that decide the
-            budget stay in the model's dtype. Stored as its name; `None` or `"float32"`: the model's own dtype.
+            budget never run under it (they score the deployment form, `dtype`/`quantize`, else the model's dtype).
+            Stored as its name; `None` or `"float32"`: the model's own dtype.
         bias_correction (`bool`, *optional*, defaults to `False`): Factor DRONE linears on the centred statistics
             and fold the mean into the bias ([`compress_model`]); the `drone-hf` command line turns it on.
         sequential (`bool`, *optional*, defaults to `False`): Refit the factored linears layer after layer on the

@@ -176,7 +176,7 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
     if quantised:
         _check_resolution(budget, len(joint_evaluator.labels), joint_evaluator.kind)
     # Per-module drops: cheap, smooth score on the screening rows (under autocast with a `screening_dtype`; the joint
-    # checks, which alone decide that the budget holds, always run in the model's own dtype).
+    # checks, which alone decide that the budget holds, never run under it: they score the deployment `form`).
     screening_dtype = options.get("screening_dtype")
     if len(screening) == len(batches) and screening_dtype is None:
         evaluator = joint_evaluator

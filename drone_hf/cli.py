@@ -128,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
         "--screening-dtype",
         choices=list(DEPLOYMENT_DTYPE_NAMES),
         help="score the screening rows under torch.autocast in this dtype (bfloat16: about 2.5x cheaper probes "
-        "on a CPU with AMX tiles, slower on one without); the joint checks stay in the model's dtype",
+        "on a CPU with AMX tiles, slower on one without); the joint checks never do: they score the "
+        "--dtype/--quantize form, else the model's dtype",
     )
     compress.add_argument(
         "--safety-margin",
