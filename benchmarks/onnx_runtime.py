@@ -129,11 +129,18 @@ def write_results(
 ):
     """benchmarks/results/<name>.json: the command, `settings`, the rows (without their models and sessions), the
     table, the export reports, the timings and the machine."""
-    clean = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
-    payload = {"command": command_line(), **settings, "rows": clean, "table": table, "exports": exports}
-    payload |= {"timing": timing, "machine": machine_description(), "ort_spinning": False}
-    path = write_json(name, {**payload, "seconds": time.perf_counter() - started})
-    print(f"Wrote {path}")
+    payload = {
+        "command": command_line(),
+        **settings,
+        "rows": [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows],
+        "table": table,
+        "exports": exports,
+        "timing": timing,
+        "machine": machine_description(),
+        "ort_spinning": False,
+        "seconds": time.perf_counter() - started,
+    }
+    print(f"Wrote {write_json(name, payload)}")
 
 
 def add_same_runtime_ratios(rows: list[dict]) -> None:
