@@ -1,5 +1,6 @@
-"""Edits of an exported ONNX graph for ONNX Runtime's CPU kernels, each kept only if ONNX Runtime then gives the
-graph's output as before ([`replace_if_same`]). [`export_onnx`] runs them on its trace; each returns what it changed.
+"""Edits of an exported ONNX graph for ONNX Runtime's CPU kernels, each written back only if ONNX Runtime then gives
+the graph's output as before ([`replace_if_same`]). [`export_onnx`] runs the attention edits on its trace and
+[`split_skip_layer_norms`] on the optimiser's result.
 """
 
 from __future__ import annotations
