@@ -7,11 +7,13 @@ move by the one global scale at which the DRONE appendix's time-share rule allow
 whose drop fits its share of the cost, multiply-adds or seconds measured in a deployment form, times the scale), so a
 prefix of that ordering is the time-share allocation at some scale. The length of the prefix is bisected (steps
 clearly past or within the budget on the screening rows settled there, the others and the step found by real joint
-checks), then a few more moves along the ordering are tried in growing groups. Only the joint checks decide what is
-returned, so a wrong prediction costs speed, never the budget. Nothing here reads a clock."""
+checks), then single-module moves one grid rank down are tried in growing groups, the cheapest predicted drop per
+unit of cost saved first (the exhaustive search's adjustment, on the predicted curves). Only the joint checks decide
+what is returned, so a wrong prediction costs speed, never the budget. Nothing here reads a clock."""
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Mapping
 
@@ -188,31 +190,42 @@ def _bisect(joint, path, screen) -> int:
     return step
 
 
-def _refine(joint, path, step, ranks, accepted, refine_steps) -> tuple[dict, dict, int]:
-    """Up to `refine_steps` joint checks on the moves of `path` after `step`, taken in groups: the next `size`
-    moves of modules not yet blocked are tried together; a group that fits is kept and the next group is twice as
-    large, one that does not is halved (a single move that does not fit blocks its module). Returns the ranks, their
-    joint-check entry and the number of checks run."""
-    tried, size, blocked, position = 0, 1, set(), step
-    while tried < refine_steps:
-        group, index = [], position
-        while index < len(path) and len(group) < size:
-            if path[index][0] not in blocked:
-                group.append(path[index])
-            index += 1
-        if not group:
-            break
-        trial = {**ranks, **dict(group)}
+def _refine(joint, candidates, drops, ranks, accepted, refine_steps) -> tuple[dict, dict, int]:
+    """Up to `refine_steps` joint checks after the bisection: moves of one module one grid rank down, the cheapest
+    predicted drop per unit of cost saved first (the exhaustive search's adjustment, on the predicted curves), tried
+    in groups: a group that fits is kept and the next group is twice as large, one that does not is halved (a single
+    move that does not fit blocks its module). Returns the ranks, their joint-check entry and the number of checks
+    run."""
+
+    def next_move(name, here):
+        lower = sorted((rank for rank in drops[name] if here is None or rank < here), reverse=True)
+        if not lower:
+            return None
+        rank = lower[0]
+        extra = drops[name][rank] - (0.0 if here is None else drops[name][here])
+        saved = candidates.cost(name, here) - candidates.cost(name, rank)
+        return (max(extra, 0.0) / saved, name, rank) if saved > 0 else None
+
+    queue = [move for move in (next_move(name, ranks.get(name)) for name in drops) if move is not None]
+    heapq.heapify(queue)
+    tried, size = 0, 1
+    while tried < refine_steps and queue:
+        group = [heapq.heappop(queue) for _ in range(min(size, len(queue)))]
+        trial = {**ranks, **{name: rank for _, name, rank in group}}
         fresh = tuple(sorted(trial.items())) not in joint.entries
         entry = joint.score(trial, stage="refine", moves=len(group))
         tried += fresh
         if joint.accepts(entry):
-            ranks, accepted, position, size = trial, entry, index, size * 2
+            ranks, accepted, size = trial, entry, size * 2
+            for _, name, rank in group:
+                move = next_move(name, rank)
+                if move is not None:
+                    heapq.heappush(queue, move)
         elif len(group) > 1:
+            for move in group:
+                heapq.heappush(queue, move)
             size = max(1, len(group) // 2)
-        else:
-            blocked.add(group[0][0])
-            position = index
+        # a single move that does not fit is dropped: its module is blocked
     return ranks, accepted, tried
 
 
@@ -229,7 +242,8 @@ def path_search(
     """Ranks for the budget of `joint` (a `budget_search._JointCheck`): probes, predicted drops, the path of one
     global scale over the cost `shares` ([`share_path`]), bisection of its length ([`_bisect`]: steps clearly past
     or within the budget on the screening rows are settled there, `_Screen`), then up to `refine_steps` further
-    joint checks on the next moves of the path, in growing groups ([`_refine`]). Returns the accepted entry (ranks,
+    joint checks on single-module moves, cheapest predicted drop per cost saved first, in growing groups
+    ([`_refine`]). Returns the accepted entry (ranks,
     drop, standard error) and what to report. Only joint checks accept what is returned. At most
     `len(candidates.names) + ceil(log2(moves + 1))` screening evaluations and, unless the joint check refuses a step
     the screening rows accepted, `ceil(log2(moves + 1)) + 1 + refine_steps` joint checks. `row_quantised`: the metric
@@ -247,7 +261,7 @@ def path_search(
     step = _bisect(joint, path, screen)
     ranks = assignment(path, step)
     accepted = joint.score(ranks, step=step, stage="bisect") if ranks else {"drop": 0.0, "standard_error": 0.0}
-    ranks, accepted, tried = _refine(joint, path, step, ranks, accepted, refine_steps)
+    ranks, accepted, tried = _refine(joint, candidates, drops, ranks, accepted, refine_steps)
     details = {
         "probes": {name: {"rank": rank, "drop": drop} for name, (rank, drop) in probes.items()},
         "energy_exponent": ENERGY_EXPONENT,

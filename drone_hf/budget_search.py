@@ -137,10 +137,11 @@ DRONE appendix: a drop curve per module by evaluation, the budget split by cost 
 REFINE_STEPS = {"fast": 6, "exhaustive": 48}
 """Default `refine_steps` of each search."""
 
-SEARCH_REVISION = 2
+SEARCH_REVISION = 3
 """Raised whenever the fast search can choose other ranks for the same inputs (1: bisection on joint checks and
-single-move refinement; 2: screened acceptance in the bisection, refinement in growing groups, 6 checks): benchmarks
-key their cached results by it."""
+single-move refinement; 2: screened acceptance in the bisection, refinement in growing groups, 6 checks; 3: the
+refinement's moves ordered by predicted drop per cost saved instead of along the path): benchmarks key their cached
+results by it."""
 
 
 def check_search(search) -> str:

@@ -236,30 +236,48 @@ def test_a_refused_screened_step_is_bisected_again_from_the_last_joint_accepted_
     assert second and all(32 < step < 64 for step in second) and len(second) <= math.ceil(math.log2(64 - 32))
 
 
-def test_refinement_skips_the_moves_of_blocked_modules_and_reuses_cached_checks():
-    """From step 2 of a path with two moves per module: `c` may take 16 but not 8; its move to 8 is refused once
-    (cached before the refinement starts), blocks `c`, and `d`'s moves go on in a group."""
-    path = [("a", 16), ("b", 16), ("c", 16), ("c", 8), ("d", 16), ("d", 8), ("e", 16)]
-    joint = _CountingJoint(floor={"c": 16})
-    start = assignment(path, 2)
-    joint.score(assignment(path, 4))  # refused: c at 8 (a check of the bisection, say)
-    ranks, entry, tried = _refine(joint, path, 2, start, joint.score(start), refine_steps=6)
-    assert ranks == {"a": 16, "b": 16, "c": 16, "d": 8, "e": 16} and entry["ranks"] == ranks
-    # c 16 (1 move), c 8 + d 16 (2: refused), c 8 (1: cached, refused, c blocked), d 16 (1), d 8 + e 16 (2).
-    assert tried == 4
+class _HalvingCosts:
+    """A stand-in for `Candidates.cost`: 100 dense, then the rank itself (16 or 8)."""
+
+    def cost(self, name, rank):
+        return 100.0 if rank is None else float(rank)
 
 
-def test_refinement_tries_the_next_moves_in_growing_groups_and_blocks_a_module_that_does_not_fit():
-    path = [(name, 8) for name in "abcdefghijklmnop"]
+# Predicted drops: the moves to 16 are cheap (a cheapest per cost saved), the moves to 8 costly and last.
+_DROPS = {
+    "a": {16: 0.1, 8: 5.0},
+    "b": {16: 0.2, 8: 4.9},
+    "c": {16: 0.3, 8: 4.8},
+    "d": {16: 0.4, 8: 4.7},
+}
+
+
+def test_refinement_orders_moves_by_predicted_drop_per_cost_saved_in_growing_groups():
+    """`c` never fits. a16 (1 move), b16 c16 (2: refused), b16 (1), c16 d16 (2: refused), c16 (1: the assignment of
+    the first refused group, cached: no new check; c blocked), d16 (1), then the moves to 8 in the order of their
+    predicted extra drop per cost saved: d8 b8 (2), a8 (1)."""
     joint = _CountingJoint(bad={"c"})
-    ranks, entry, tried = _refine(joint, path, 0, {}, {"drop": 0.0}, refine_steps=8)
-    # a (1 move), b c (2: refused), b (1), c d (2: refused), c (1: refused before, no new check; c blocked),
-    # d (1), e f (2), g h i j (4), k..p (the 6 left).
-    assert ranks == dict.fromkeys("abdefghijklmnop", 8) and entry["drop"] == 0.0
-    assert tried == 8 == len(joint.entries)
-    assert [e["moves"] for e in joint.entries.values()] == [1, 2, 1, 2, 1, 2, 4, 6]
-    ranks, _, tried = _refine(_CountingJoint(bad={"c"}), path, 0, {}, {"drop": 0.0}, refine_steps=3)
-    assert ranks == {"a": 8, "b": 8} and tried == 3  # the limit on joint checks holds
+    ranks, entry, tried = _refine(joint, _HalvingCosts(), _DROPS, {}, {"drop": 0.0}, refine_steps=8)
+    assert ranks == {"a": 8, "b": 8, "d": 8} and entry["ranks"] == ranks
+    assert tried == 7 == len(joint.entries)
+    assert [e["moves"] for e in joint.entries.values()] == [1, 2, 1, 2, 1, 2, 1]
+    assert list(joint.entries)[-2] == (("a", 16), ("b", 8), ("d", 8))  # d8 and b8 before a8: 4.3/8 < 4.7/8 < 4.9/8
+    # The order is the predictions': with `d` the cheapest module it moves first.
+    cheap_d = {**_DROPS, "d": {16: 0.01, 8: 4.7}}
+    joint = _CountingJoint()
+    _refine(joint, _HalvingCosts(), cheap_d, {}, {"drop": 0.0}, refine_steps=1)
+    assert list(joint.entries) == [(("d", 16),)]
+
+
+def test_refinement_starts_from_the_bisected_ranks_reuses_cached_checks_and_keeps_its_limit():
+    joint = _CountingJoint(bad={"c"})
+    start = {"a": 16}
+    joint.score({"a": 16, "b": 16})  # already checked (by the bisection, say): trying it again is not a new check
+    ranks, _, tried = _refine(joint, _HalvingCosts(), _DROPS, start, joint.score(start), refine_steps=2)
+    # b16 (cached), c16 d16 (refused), c16 (refused, c blocked): two new checks, the limit
+    assert ranks == {"a": 16, "b": 16} and tried == 2 and len(joint.entries) == 4
+    ranks, _, tried = _refine(_CountingJoint(bad={"c"}), _HalvingCosts(), _DROPS, {}, {"drop": 0.0}, refine_steps=3)
+    assert ranks == {"a": 16, "b": 16} and tried == 3  # the limit on joint checks holds
 
 
 def test_a_wrong_predictor_costs_speed_never_the_budget(case, monkeypatch):
