@@ -243,8 +243,8 @@ def path_search(
     global scale over the cost `shares` ([`share_path`]), bisection of its length ([`_bisect`]: steps clearly past
     or within the budget on the screening rows are settled there, `_Screen`), then up to `refine_steps` further
     joint checks on single-module moves, cheapest predicted drop per cost saved first, in growing groups
-    ([`_refine`]). Returns the accepted entry (ranks,
-    drop, standard error) and what to report. Only joint checks accept what is returned. At most
+    ([`_refine`]). Returns the accepted entry (ranks, drop, standard error) and what to report. Only joint checks
+    accept what is returned. At most
     `len(candidates.names) + ceil(log2(moves + 1))` screening evaluations and, unless the joint check refuses a step
     the screening rows accepted, `ceil(log2(moves + 1)) + 1 + refine_steps` joint checks. `row_quantised`: the metric
     moves by `100 / n` points per row (accuracy, F1), the least error a screened acceptance assumes."""
