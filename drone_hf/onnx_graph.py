@@ -11,12 +11,6 @@ from pathlib import Path
 import torch
 
 
-def _session(path):
-    import onnxruntime
-
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
 def drop_reshape_round_trips(path: Path, example: dict[str, torch.Tensor]) -> None:
     """Feeds each `MultiHeadAttention` the projection output itself, and its consumers its output itself.
 
@@ -108,6 +102,8 @@ def replace_if_same(proto, path: Path, example: dict[str, torch.Tensor], *, atol
     failure to run counts as different)."""
     import onnx
 
+    from .onnx_export import onnx_session  # (onnx_export imports this module at its top)
+
     graph_outputs = {output.name for output in proto.graph.output}
     while True:  # prune nodes none of whose outputs is used
         used = {name for node in proto.graph.node for name in node.input} | graph_outputs
@@ -123,8 +119,8 @@ def replace_if_same(proto, path: Path, example: dict[str, torch.Tensor], *, atol
     onnx.save(proto, str(candidate))
     try:
         feed = {name: tensor.numpy() for name, tensor in example.items()}
-        before = _session(path).run(None, feed)[0]
-        after = _session(candidate).run(None, feed)[0]
+        before = onnx_session(path).run(None, feed)[0]
+        after = onnx_session(candidate).run(None, feed)[0]
         limit = max(atol, rtol * float(abs(before).max()))
         same = before.shape == after.shape and float(abs(before - after).max()) <= limit
     except Exception:  # noqa: BLE001  (any failure means: keep the graph as it was)
