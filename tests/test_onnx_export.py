@@ -337,6 +337,17 @@ def test_base_size_shapes_benchmark_reads_the_budget_rows_it_rebuilds(tmp_path):
     assert all(len(row["drone_ranks"]) > 30 and row["drone_attention_ranks"] for row in shipped.values())
 
 
+def test_base_size_benchmark_quotes_a_saved_budget_models_recorded_dev_metric(tmp_path):
+    """With `--budget-model`, `benchmarks/onnx_runtime_base_size.py` quotes each saved model's main dev metric and
+    its change from the dense model as the CLI recorded them in `drone_results.json` (fractions, shown in points)."""
+    from .testing_utils import benchmark_module
+
+    results = {"dense": {"metrics": {"f1": 0.9072, "accuracy": 0.8701}}, "drone": {"metrics": {"f1": 0.9002}}}
+    (tmp_path / "drone_results.json").write_text(json.dumps({"metric": "f1", "results": results}))
+    with benchmark_module("onnx_runtime_base_size") as script:
+        assert script.recorded_dev(tmp_path) == "f1 90.02 (-0.70)"
+
+
 def test_round_robin_calls_run_each_row_in_its_runtime(models, tmp_path):
     """The ONNX Runtime benchmarks time one zero-argument call per row (`benchmarks/onnx_runtime.py`, and
     `onnx_runtime_base_size.py` through it): the PyTorch model under inference mode, or the session fed only the
