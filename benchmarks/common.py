@@ -33,6 +33,7 @@ from transformers import (  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from drone_hf.budget_search import REFINE_STEPS  # noqa: E402
 from drone_hf.defaults import DEFAULT_SAFETY_MARGIN  # noqa: E402
 from drone_hf.evaluation import evaluate_glue  # noqa: E402
 from drone_hf.glue import get_glue_task, load_glue  # noqa: E402
@@ -247,10 +248,11 @@ def run_distillation(student, teacher, train, tokenizer, settings, *, group_by_l
 
 def budget_label(folder: str | os.PathLike) -> str:
     """A row label for a saved model: "drone 1-pt budget (<search>)" from a `drone-hf compress` output's
-    `drone_results.json` (", sequential refit" when its joint checks scored refitted models, ", timed float32" etc.
-    when its ranks were costed by measured kernels, ", checked in int8 dynamic" / "bfloat16" when its joint checks
-    scored the model in that form, ", safety margin M" when not the default), "drone rank R + N steps distilled" from a
-    `benchmarks/base_size.py` distillation entry's `result.json`, else the folder name."""
+    `drone_results.json` (", N refinement checks" when its search ran other than its default number, ", sequential
+    refit" when its joint checks scored refitted models, ", timed float32" etc. when its ranks were costed by measured
+    kernels, ", checked in int8 dynamic" / "bfloat16" when its joint checks scored the model in that form, ", safety
+    margin M" when not the default), "drone rank R + N steps distilled" from a `benchmarks/base_size.py` distillation
+    entry's `result.json`, else the folder name."""
     folder = Path(folder)
     results, distilled = folder / "drone_results.json", folder / "result.json"
     if results.is_file():
@@ -263,8 +265,12 @@ def budget_label(folder: str | os.PathLike) -> str:
             checked = allocation.get("joint_check_form", "as given")
             checked = None if checked == "as given" else checked.split(" (")[0]
             margin = allocation.get("safety_margin")
+            refined = allocation.get("refined_steps")
             details = [
                 search,
+                f"{refined} refinement checks"
+                if refined is not None and refined != REFINE_STEPS.get(search)
+                else None,
                 "sequential refit" if allocation.get("sequential") else None,
                 f"timed {timed}" if timed else None,
                 f"checked in {checked}" if checked else None,

@@ -260,7 +260,7 @@ def test_deployment_table_names_budget_and_distilled_models_by_what_they_are(tmp
         json.dumps(
             {
                 "budget": {"max_accuracy_drop": 1.0},
-                "allocation": {"search": "fast", "cost_model": "multiply-adds at 128 tokens"},
+                "allocation": {"search": "fast", "cost_model": "multiply-adds at 128 tokens", "refined_steps": 6},
             }
         )
     )
@@ -278,6 +278,7 @@ def test_deployment_table_names_budget_and_distilled_models_by_what_they_are(tmp
     )
     bf16 = {
         "search": "fast",
+        "refined_steps": 24,
         "sequential": {"steps": [238]},
         "cost_model": "seconds measured in bfloat16 at 1024 tokens (AMD EPYC, 2 threads)",
         "joint_check_form": "bfloat16",
@@ -294,7 +295,10 @@ def test_deployment_table_names_budget_and_distilled_models_by_what_they_are(tmp
         "budget": "drone 1-pt budget (fast)",
         "timed": "drone 1.5-pt budget (fast, timed float32)",
         "int8": "drone 1-pt budget (exhaustive, timed dynamic int8, checked in int8 dynamic)",
-        "bf16": "drone 1-pt budget (fast, sequential refit, timed bfloat16, checked in bfloat16, safety margin 0)",
+        "bf16": (
+            "drone 1-pt budget (fast, 24 refinement checks, sequential refit, timed bfloat16, checked in bfloat16, "
+            "safety margin 0)"
+        ),
         "ranked": "drone rank 16 + 3000 steps distilled",
         "flops": "drone 4x FLOPs + 600 steps distilled",
         "other": "drone other",
