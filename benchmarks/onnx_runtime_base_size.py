@@ -87,7 +87,7 @@ def parse_args():
 
 
 def recorded_dev(folder: Path) -> str:
-    """`"F1 90.02 (-0.70)"`: the main dev metric of a `drone-hf compress` output and its change from the dense model,
+    """`"f1 90.02 (-0.70)"`: the main dev metric of a `drone-hf compress` output and its change from the dense model,
     from its `drone_results.json`."""
     record = json.loads((folder / "drone_results.json").read_text())
     metric, results = record["metric"], record["results"]
