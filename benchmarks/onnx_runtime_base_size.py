@@ -34,7 +34,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as benchmarks/onnx_runtime.py: before torch loads libgomp
 
 import torch  # noqa: E402
-from common import REPO, budget_label, print_table, script_parser, set_threads  # noqa: E402
+from common import REPO, load_budget_models, print_table, script_parser, set_threads  # noqa: E402
 from mpnet_glue import mpnet_path  # noqa: E402
 from onnx_runtime import add_same_runtime_ratios, ort_session, round_robin_calls, write_results  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
@@ -123,10 +123,9 @@ def main():
             dense, None, method="svd", ranks=row["drone_ranks"], attention_ranks=row["drone_attention_ranks"] or None
         ).eval()
         devs[label] = f"{row['accuracy']:.2f} ({row['delta']:+.2f})"
-    for folder in map(Path, args.budget_model):
-        label = f"{budget_label(folder)} [{folder.name}]"
-        models[label] = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-        devs[label] = recorded_dev(folder)
+    # one entry per folder, in their order
+    for (label, model), folder in zip(load_budget_models(args.budget_model).items(), map(Path, args.budget_model)):
+        models[label], devs[label] = model, recorded_dev(folder)
     tmp = tempfile.TemporaryDirectory()
     rows, exports = [], {}
     print(f"[1/2] exporting {len(models)} models (optimize=True)", flush=True)
