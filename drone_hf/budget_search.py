@@ -106,6 +106,10 @@ def _checked_metric(metric_fn):
     return checked
 
 
+def _row_count(batches) -> int:
+    return sum(len(next(iter(batch.values()))) for batch in batches)
+
+
 def cost_shares(candidates) -> dict[str, float]:
     """Each candidate's share of the candidates' dense multiply-adds at `candidates.seq_len` tokens (an attention
     block: its query/key projections and score product). Deterministic: the DRONE appendix splits the budget by
@@ -137,11 +141,16 @@ DRONE appendix: a drop curve per module by evaluation, the budget split by cost 
 REFINE_STEPS = {"fast": 6, "exhaustive": 48}
 """Default `refine_steps` of each search."""
 
-SEARCH_REVISION = 3
+CONFIRMATION_MIN_ROWS = 128
+"""The fast search chooses its refinement's moves on one half of the held-out rows and confirms them on the other
+(`budget_path._confirmed_refine`) when each half holds at least this many rows (and enough to resolve a per-row
+metric's budget, [`min_heldout_rows`]); with fewer, the refinement is chosen and checked on all rows."""
+
+SEARCH_REVISION = 4
 """Raised whenever the fast search can choose other ranks for the same inputs (1: bisection on joint checks and
 single-move refinement; 2: screened acceptance in the bisection, refinement in growing groups, 6 checks; 3: the
-refinement's moves ordered by predicted drop per cost saved instead of along the path): benchmarks key their cached
-results by it."""
+refinement's moves ordered by predicted drop per cost saved instead of along the path; 4: the refinement's moves
+chosen on half of the held-out rows and confirmed on the other half): benchmarks key their cached results by it."""
 
 
 def check_search(search) -> str:
@@ -185,29 +194,41 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
         evaluator = LayerwiseEvaluator(working, screening, rows_fn, autocast_dtype=screening_dtype)
     raw_metric = options["metric_fn"] or default_metric_fn(problem_type, evaluator.kind)
     metric_fn = _checked_metric(raw_metric)
-    # Every joint check scores on all held-out rows against the same budget; only the progress bar and refit vary.
+    # Every joint check scores against the same budget, on all held-out rows (or, for the refinement, on a half).
     joint_check = functools.partial(
         _JointCheck,
         working,
         candidates,
-        joint_evaluator,
-        metric_fn,
-        budget,
-        options["safety_margin"],
-        raw_metric,
+        metric_fn=metric_fn,
+        budget=budget,
+        margin=options["safety_margin"],
+        raw_metric=raw_metric,
         deploy=_deploy_hook(*form),
     )
+    half_evaluators = []
     if search == "fast":
         bar = tqdm(total=1, desc="Joint checks", disable=not show_progress)
-        joint = joint_check(bar)
+        joint = joint_check(joint_evaluator, progress=bar)
         shares = cost_shares(candidates)
+        needed = max(CONFIRMATION_MIN_ROWS, min_heldout_rows(budget) if quantised else 0)
+
+        def halves():
+            """Joint checks on two halves of the held-out batches (alternate ones: they are sorted by length), built
+            only when the refinement runs; None when a half would hold fewer than `needed` rows, or when the metric
+            belongs to the whole held-out set (its `bootstrap_sample` resamples its own units)."""
+            parts = (batches[0::2], batches[1::2])
+            if hasattr(raw_metric, "bootstrap_sample") or min(map(_row_count, parts)) < needed:
+                return None
+            half_evaluators.extend(LayerwiseEvaluator(working, part, rows_fn) for part in parts)
+            return tuple(joint_check(part, progress=bar) for part in half_evaluators)
+
         refined, details = path_search(
-            joint, candidates, evaluator, problem_type, shares, refine_steps, show_progress, quantised
+            joint, candidates, evaluator, problem_type, shares, refine_steps, show_progress, quantised, halves
         )
         details["shares"] = shares
         if options.get("refit") is not None:
             bar.total += options["sequential_checks"] + 1
-            sequential = joint_check(bar, refit=options["refit"])
+            sequential = joint_check(joint_evaluator, progress=bar, refit=options["refit"])
             refined, details["sequential"] = extend_sequential(
                 sequential,
                 details["path"],
@@ -219,19 +240,19 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
     else:
         # At most 8 + 5 scale checks and `refine_steps` refinement checks, each a pass over all held-out rows.
         bar = tqdm(total=13 + refine_steps, desc="Joint checks", disable=not show_progress)
-        joint = joint_check(bar)
+        joint = joint_check(joint_evaluator, progress=bar)
         refined, details = _exhaustive_search(
             working, joint, candidates, evaluator, problem_type, refine_steps, show_progress
         )
     bar.total = bar.n  # stopped early (cached or exhausted checks): end the bar at what ran
     bar.close()
-    evaluators = [evaluator] + ([joint_evaluator] if joint_evaluator is not evaluator else [])
+    evaluators = [evaluator] + ([joint_evaluator] if joint_evaluator is not evaluator else []) + half_evaluators
     report.update(
         search=search,
         evaluations=sum(e.evaluations for e in evaluators),
         evaluation_seconds=sum(e.seconds for e in evaluators),
         heldout_row_passes=sum(e.row_passes for e in evaluators),
-        joint_check_count=len(joint.entries),
+        joint_check_count=len(joint.entries) + (refined.get("steps", 0) + 1 if half_evaluators else 0),
         heldout_examples=int(len(joint_evaluator.labels)),
         screening_examples=int(len(evaluator.labels)),
         screening_dtype=str(screening_dtype).removeprefix("torch.") if screening_dtype is not None else None,
@@ -408,6 +429,7 @@ def _refine(joint: _JointCheck, candidates, curves, start: dict, steps: int) -> 
 
 
 __all__ = [
+    "CONFIRMATION_MIN_ROWS",
     "MIN_BUDGET_ROWS",
     "REFINE_STEPS",
     "SEARCHES",

@@ -9,6 +9,7 @@ import torch
 from drone_hf import DroneCompressionArguments, allocate_ranks, budget_path, collect_activation_stats, compress_model
 from drone_hf.budget_path import (
     _bisect,
+    _confirmed_refine,
     _refine,
     _Screen,
     assignment,
@@ -17,10 +18,10 @@ from drone_hf.budget_path import (
     probe_rank,
     share_path,
 )
-from drone_hf.budget_search import REFINE_STEPS, _select
+from drone_hf.budget_search import CONFIRMATION_MIN_ROWS, REFINE_STEPS, _select
 from drone_hf.heldout import spread_subset
 
-from .testing_utils import measured_drop, self_labelled_case
+from .testing_utils import measured_drop, self_labelled_case, tiny_batches, tiny_teacher
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +268,119 @@ def test_refinement_orders_moves_by_predicted_drop_per_cost_saved_in_growing_gro
     joint = _CountingJoint()
     _refine(joint, _HalvingCosts(), cheap_d, {}, {"drop": 0.0}, refine_steps=1)
     assert list(joint.entries) == [(("d", 16),)]
+
+
+class _RowsJoint(_CountingJoint):
+    """`_CountingJoint` on `rows` held-out rows (the confirmation reports them)."""
+
+    def __init__(self, rows=128, **kwargs):
+        super().__init__(**kwargs)
+        self.labels = np.zeros(rows)
+
+
+def test_refinement_moves_chosen_on_one_half_are_kept_only_when_the_other_half_and_all_rows_confirm_them():
+    """The moves of the refinement test above, chosen on the selection half; the assignment they reach is kept only
+    if the confirmation half (rows that chose nothing) and all rows accept it, else the bisection's ranks return."""
+    start = {"a": 32}
+    start_entry = {"drop": 0.25, "standard_error": 0.0, "ranks": start}
+    drops = {**_DROPS, "a": {32: 0.0, **_DROPS["a"]}}
+
+    def run(confirmation, full):
+        selection = _RowsJoint(rows=100, bad={"c"})
+        result = _confirmed_refine(full, (selection, confirmation), _HalvingCosts(), drops, start, start_entry, 8)
+        return result, selection
+
+    confirmation, full = _RowsJoint(rows=90), _RowsJoint()
+    (ranks, entry, tried, report), selection = run(confirmation, full)
+    alone, _, alone_tried = _refine(_CountingJoint(bad={"c"}), _HalvingCosts(), drops, start, start_entry, 8)
+    assert ranks == alone == {"a": 8, "b": 8, "d": 8} and tried == alone_tried == len(selection.entries)
+    assert entry is full.entries[tuple(sorted(ranks.items()))] and entry["stage"] == "refine"  # all rows' entry
+    assert list(confirmation.entries) == list(full.entries) == [tuple(sorted(ranks.items()))]  # one check each
+    assert report == {
+        "selection_rows": 100,
+        "confirmation_rows": 90,
+        "selection_checks": tried,
+        "moves": 3,
+        "drop": 0.0,
+        "standard_error": 0.0,
+        "kept": True,
+    }
+    # The confirmation half refuses b at 8 (the selection half's noise favoured it): nothing of the refinement is kept.
+    (ranks, entry, _, report), _ = run(_RowsJoint(floor={"b": 16}), _RowsJoint())
+    assert ranks == start and entry is start_entry and report["kept"] is False and report["drop"] == 1.0
+    # The confirmation half accepts but all rows do not: the same.
+    (ranks, entry, _, report), _ = run(_RowsJoint(), _RowsJoint(floor={"d": 16}))
+    assert ranks == start and entry is start_entry and report["kept"] is False
+    # No move fits on the selection half: no confirmation check at all.
+    confirmation, full = _RowsJoint(), _RowsJoint()
+    selection = _RowsJoint(bad=set("abcd"))
+    ranks, entry, tried, report = _confirmed_refine(
+        full, (selection, confirmation), _HalvingCosts(), _DROPS, {}, {"drop": 0.0}, 3
+    )
+    assert ranks == {} and tried == 3 and not confirmation.entries and not full.entries and report["drop"] is None
+
+
+def _label_probability(logits, labels):
+    """Mean probability of the label, in points: a per-row metric that sees small changes of a tiny model."""
+    z = np.exp(logits - logits.max(-1, keepdims=True))
+    return 100.0 * float((z / z.sum(-1, keepdims=True))[np.arange(len(labels)), labels].mean())
+
+
+def _self_labelled(rows):
+    """A tiny teacher labelled with its own predictions on `rows` rows (batches of 16)."""
+    model = tiny_teacher(hidden_size=64, intermediate_size=128)
+    batches = tiny_batches(num_rows=rows, seq_len=10, batch_size=16)
+    with torch.no_grad():
+        for batch in batches:
+            batch["labels"] = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits.argmax(-1)
+    return model, batches, collect_activation_stats(model, batches)
+
+
+@pytest.mark.parametrize("budget, kept", [(0.001, True), (0.0005, False)])
+def test_fast_search_confirms_its_refinement_on_the_held_out_half_that_did_not_choose_it(budget, kept):
+    """With enough held-out rows the refinement's checks score one half (alternate batches) and what they reach is
+    confirmed on the other half and on all rows: kept at one budget; at the other the confirmation half refuses it
+    and the bisection's ranks return. Either way the ranks keep the budget on all rows."""
+    model, batches, stats = _self_labelled(2 * CONFIRMATION_MIN_ROWS)
+    report = {}
+    ranks = allocate_ranks(
+        model,
+        stats,
+        eval_dataloader=batches,
+        max_accuracy_drop=budget,
+        metric_fn=_label_probability,
+        search="fast",
+        report=report,
+    )
+    confirmation = report["refinement_confirmation"]
+    assert confirmation["selection_rows"] == confirmation["confirmation_rows"] == CONFIRMATION_MIN_ROWS
+    assert confirmation["selection_checks"] == report["refined_steps"] == REFINE_STEPS["fast"]
+    assert confirmation["moves"] > 0 and confirmation["kept"] is kept
+    assert confirmation["drop"] + confirmation["standard_error"] > budget or kept  # refused by the other half
+    bisected = assignment([tuple(move) for move in report["path"]], report["path_step"])
+    assert (ranks != bisected) is kept
+    refine_checks = [entry for entry in report["joint_checks"] if entry["stage"] == "refine"]
+    assert len(refine_checks) == 1  # on all rows: only the confirmation of what the selection half chose
+    with torch.no_grad():
+        base = torch.cat([model(**{k: b[k] for k in ("input_ids", "attention_mask")}).logits for b in batches]).numpy()
+    drop, error = measured_drop(model, stats, batches, ranks, _label_probability, base)
+    assert drop == pytest.approx(report["heldout_drop"], abs=1e-6) and drop + error <= budget + 1e-9
+    # The halves' dense passes and their checks are counted in the allocation's cost.
+    halves_cost = (2 + REFINE_STEPS["fast"] + 1) * len(base) / 2
+    assert report["heldout_row_passes"] >= halves_cost + len(report["joint_checks"]) * len(base)
+    # Fewer rows than two halves of CONFIRMATION_MIN_ROWS: the refinement runs on all rows, as before.
+    model, batches, stats = _self_labelled(2 * CONFIRMATION_MIN_ROWS - 32)
+    report = {}
+    allocate_ranks(
+        model,
+        stats,
+        eval_dataloader=batches,
+        max_accuracy_drop=budget,
+        metric_fn=_label_probability,
+        search="fast",
+        report=report,
+    )
+    assert report["refinement_confirmation"] is None and report["refined_steps"] == REFINE_STEPS["fast"]
 
 
 def test_refinement_starts_from_the_bisected_ranks_reuses_cached_checks_and_keeps_its_limit():
