@@ -685,7 +685,7 @@ def _print_markdown(header: list[str], rows: list[list[str]]) -> None:
 
 def _compress(args) -> int:
     from . import allocate_ranks, collect_activation_stats, compress_model
-    from .cli_report import card_inputs, measure_models, print_table
+    from .cli_report import card_inputs, measure_models, print_table, refinement_phrase
     from .data import label_config
     from .evaluation import iter_batches
     from .hub import create_or_update_model_card
@@ -852,6 +852,9 @@ def _compress(args) -> int:
             f"{report['heldout_examples']} joint-check {unit}) in {report['evaluation_seconds']:.0f} s; held-out "
             f"{task.main_metric} drop {report['heldout_drop']:.2f} ± {report['heldout_standard_error']:.2f} points."
         )
+        refinement = refinement_phrase(report, task.main_metric)
+        if refinement:
+            print(refinement)
     print(
         f"Saved to {args.output} with its model card (reload with `import drone_hf` + {AUTO_CLASSES[task.task_type]})."
     )

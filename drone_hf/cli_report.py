@@ -136,6 +136,20 @@ def print_table(results: Mapping[str, Mapping], task: TaskData, dev_size: int, c
         print(comparison.note())
 
 
+def refinement_phrase(report: Mapping[str, Any], metric: str) -> str | None:
+    """What the fast search's confirmed refinement did (see `budget_path._confirmed_refine`), for the CLI's summary;
+    None when its moves were not confirmed on a separate half of the held-out rows or no move fitted."""
+    confirmation = report.get("refinement_confirmation")
+    if not confirmation or not confirmation["moves"]:
+        return None
+    verdict = "kept" if confirmation["kept"] else "not kept: the bisection's ranks stand"
+    return (
+        f"Refinement: {confirmation['moves']} modules moved in {confirmation['selection_checks']} checks on "
+        f"{confirmation['selection_rows']} held-out rows; on the other {confirmation['confirmation_rows']} the "
+        f"{metric} drop was {confirmation['drop']:.2f} ± {confirmation['standard_error']:.2f} points: {verdict}."
+    )
+
+
 def timed_forms(dtype: str | None, quantize: str | None) -> str:
     """The forms the card's speed-up compares, in [`~deployment.describe_deployment`]'s words: `"float32"`, or the
     compressed model's form against the float32 dense reference (`"compressed in bfloat16, dense in float32"`)."""

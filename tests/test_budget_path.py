@@ -19,6 +19,7 @@ from drone_hf.budget_path import (
     share_path,
 )
 from drone_hf.budget_search import CONFIRMATION_MIN_ROWS, REFINE_STEPS, _select
+from drone_hf.cli_report import refinement_phrase
 from drone_hf.heldout import spread_subset
 
 from .testing_utils import measured_drop, self_labelled_case, tiny_batches, tiny_teacher
@@ -365,6 +366,11 @@ def test_fast_search_confirms_its_refinement_on_the_held_out_half_that_did_not_c
         base = torch.cat([model(**{k: b[k] for k in ("input_ids", "attention_mask")}).logits for b in batches]).numpy()
     drop, error = measured_drop(model, stats, batches, ranks, _label_probability, base)
     assert drop == pytest.approx(report["heldout_drop"], abs=1e-6) and drop + error <= budget + 1e-9
+    # The CLI's summary says what became of the refinement.
+    phrase = refinement_phrase(report, "accuracy")
+    rows = CONFIRMATION_MIN_ROWS
+    assert f"on {rows} held-out rows; on the other {rows} the accuracy drop" in phrase
+    assert phrase.endswith(": kept.") if kept else phrase.endswith("not kept: the bisection's ranks stand.")
     # The halves' dense passes and their checks are counted in the allocation's cost.
     halves_cost = (2 + REFINE_STEPS["fast"] + 1) * len(base) / 2
     assert report["heldout_row_passes"] >= halves_cost + len(report["joint_checks"]) * len(base)
@@ -381,6 +387,7 @@ def test_fast_search_confirms_its_refinement_on_the_held_out_half_that_did_not_c
         report=report,
     )
     assert report["refinement_confirmation"] is None and report["refined_steps"] == REFINE_STEPS["fast"]
+    assert refinement_phrase(report, "accuracy") is None
 
 
 def test_refinement_starts_from_the_bisected_ranks_reuses_cached_checks_and_keeps_its_limit():
