@@ -205,7 +205,7 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
         raw_metric=raw_metric,
         deploy=_deploy_hook(*form),
     )
-    half_evaluators = []
+    half_checks = []  # the fast search's refinement: joint checks on two halves of the held-out rows
     if search == "fast":
         bar = tqdm(total=1, desc="Joint checks", disable=not show_progress)
         joint = joint_check(joint_evaluator, progress=bar)
@@ -219,8 +219,8 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
             parts = (batches[0::2], batches[1::2])
             if hasattr(raw_metric, "bootstrap_sample") or min(map(_row_count, parts)) < needed:
                 return None
-            half_evaluators.extend(LayerwiseEvaluator(working, part, rows_fn) for part in parts)
-            return tuple(joint_check(part, progress=bar) for part in half_evaluators)
+            half_checks.extend(joint_check(LayerwiseEvaluator(working, part, rows_fn), progress=bar) for part in parts)
+            return tuple(half_checks)
 
         refined, details = path_search(
             joint, candidates, evaluator, problem_type, shares, refine_steps, show_progress, quantised, halves
@@ -246,13 +246,14 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
         )
     bar.total = bar.n  # stopped early (cached or exhausted checks): end the bar at what ran
     bar.close()
-    evaluators = [evaluator] + ([joint_evaluator] if joint_evaluator is not evaluator else []) + half_evaluators
+    evaluators = [evaluator] + ([joint_evaluator] if joint_evaluator is not evaluator else [])
+    evaluators += [check.evaluator for check in half_checks]
     report.update(
         search=search,
         evaluations=sum(e.evaluations for e in evaluators),
         evaluation_seconds=sum(e.seconds for e in evaluators),
         heldout_row_passes=sum(e.row_passes for e in evaluators),
-        joint_check_count=len(joint.entries) + (refined.get("steps", 0) + 1 if half_evaluators else 0),
+        joint_check_count=len(joint.entries) + sum(len(check.entries) for check in half_checks),
         heldout_examples=int(len(joint_evaluator.labels)),
         screening_examples=int(len(evaluator.labels)),
         screening_dtype=str(screening_dtype).removeprefix("torch.") if screening_dtype is not None else None,

@@ -362,6 +362,8 @@ def test_fast_search_confirms_its_refinement_on_the_held_out_half_that_did_not_c
     assert (ranks != bisected) is kept
     refine_checks = [entry for entry in report["joint_checks"] if entry["stage"] == "refine"]
     assert len(refine_checks) == 1  # on all rows: only the confirmation of what the selection half chose
+    # the count of joint checks takes in the selection half's and the confirmation half's
+    assert report["joint_check_count"] == len(report["joint_checks"]) + REFINE_STEPS["fast"] + 1
     with torch.no_grad():
         base = torch.cat([model(**{k: b[k] for k in ("input_ids", "attention_mask")}).logits for b in batches]).numpy()
     drop, error = measured_drop(model, stats, batches, ranks, _label_probability, base)
