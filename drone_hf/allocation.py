@@ -287,7 +287,9 @@ def allocate_ranks(
         refine_steps (`int`, *optional*): Joint checks spent after the search's main stage on moving modules further
             down, each move kept only if the whole assignment still fits; `None` is the search's default (6 for
             `"fast"`, whose moves go in growing groups; 48 single moves for `"exhaustive"`); `0` keeps the
-            bisection's (or the paper's time-share) allocation as is.
+            bisection's (or the paper's time-share) allocation as is. The fast search chooses the moves on one half
+            of the held-out rows and keeps them only if the other half and all rows confirm them (each half at least
+            `CONFIRMATION_MIN_ROWS`, 128, rows; with fewer, all rows choose and check).
         search (`str`, *optional*, defaults to `"exhaustive"`): How `max_accuracy_drop` searches: `"exhaustive"`
             (measured per-module curves) or `"fast"` (predicted per-module drops, bisection of one scale: about 4x
             fewer held-out evaluations, a smaller speed-up for the same budget on MiniLM; see above).
@@ -297,8 +299,10 @@ def allocate_ranks(
         report (`dict`, *optional*): Filled with what was done: the `search`, its held-out `evaluations` (screening
             and joint), their `evaluation_seconds` and `heldout_row_passes` (rows times the fraction of the layers
             run), the joint checks (`joint_check_count`, `joint_checks`), the curves (exhaustive: `curves`,
-            `shares`; fast: `probes`, `predicted_curves`, `path_moves`, `path_step`), the cost model (`cost_model`),
-            the form the joint checks scored (`joint_check_form`) and the kind of held-out rows (`heldout_kind`).
+            `shares`; fast: `probes`, `predicted_curves`, `path_moves`, `path_step`, `refinement_confirmation`: the
+            halves' rows, the moves, the confirmation half's drop and whether they were kept), the cost model
+            (`cost_model`), the form the joint checks scored (`joint_check_form`) and the kind of held-out rows
+            (`heldout_kind`).
         rows_fn (`Callable`, *optional*): How model outputs become scored rows (`drone_hf.heads`): the task head's
             by default; `embedding_rows("mean")` scores a bare encoder by the cosine similarity of its pooled
             embeddings to the dense ones (`max_accuracy_drop = 100 * (1 - min_cosine_similarity)`).
