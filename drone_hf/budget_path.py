@@ -247,7 +247,7 @@ def _confirmed_refine(joint, halves, candidates, drops, ranks, accepted, refine_
     nothing, and on all held-out rows; otherwise the bisection's ranks are returned. Returns the ranks, their
     all-rows entry, the number of selection checks and what to report."""
     selection, confirmation = halves
-    start, start_entry = dict(ranks), accepted
+    start = dict(ranks)
     ranks, _, tried = _refine(selection, candidates, drops, ranks, accepted, refine_steps)
     report = {
         "selection_rows": len(selection.labels),
@@ -259,12 +259,12 @@ def _confirmed_refine(joint, halves, candidates, drops, ranks, accepted, refine_
         "kept": False,
     }
     if ranks == start:
-        return start, start_entry, tried, report
+        return start, accepted, tried, report
     check = confirmation.score(ranks, stage="confirm")
     entry = joint.score(ranks, stage="refine")
     kept = confirmation.accepts(check) and joint.accepts(entry)
     report.update(drop=check["drop"], standard_error=check["standard_error"], kept=kept)
-    return (ranks, entry, tried, report) if kept else (start, start_entry, tried, report)
+    return (ranks, entry, tried, report) if kept else (start, accepted, tried, report)
 
 
 def path_search(
@@ -303,13 +303,13 @@ def path_search(
     step = _bisect(joint, path, screen)
     ranks = assignment(path, step)
     accepted = joint.score(ranks, step=step, stage="bisect") if ranks else {"drop": 0.0, "standard_error": 0.0}
-    halves = halves() if halves is not None and refine_steps > 0 and step < len(path) else None
-    if halves is None:
+    pair = halves() if halves is not None and refine_steps > 0 and step < len(path) else None
+    if pair is None:
         ranks, accepted, tried = _refine(joint, candidates, drops, ranks, accepted, refine_steps)
         confirmation = None
     else:
         ranks, accepted, tried, confirmation = _confirmed_refine(
-            joint, halves, candidates, drops, ranks, accepted, refine_steps
+            joint, pair, candidates, drops, ranks, accepted, refine_steps
         )
     details = {
         "probes": {name: {"rank": rank, "drop": drop} for name, (rank, drop) in probes.items()},

@@ -17,7 +17,7 @@ from .calibration import check_batch, check_dataloader, vocab_size
 from .candidates import apply_ranks, restore_modules
 from .deployment import describe_deployment, swap_in_dtype, swap_in_int8
 from .heads import default_metric_fn, head_rows
-from .heldout import LayerwiseEvaluator, paired_standard_error, spread_subset
+from .heldout import LayerwiseEvaluator, count_rows, paired_standard_error, spread_subset
 
 
 MIN_BUDGET_ROWS = 3
@@ -104,10 +104,6 @@ def _checked_metric(metric_fn):
         return float(value)
 
     return checked
-
-
-def _row_count(batches) -> int:
-    return sum(len(next(iter(batch.values()))) for batch in batches)
 
 
 def cost_shares(candidates) -> dict[str, float]:
@@ -217,7 +213,7 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
             only when the refinement runs; None when a half would hold fewer than `needed` rows, or when the metric
             belongs to the whole held-out set (its `bootstrap_sample` resamples its own units)."""
             parts = (batches[0::2], batches[1::2])
-            if hasattr(raw_metric, "bootstrap_sample") or min(map(_row_count, parts)) < needed:
+            if hasattr(raw_metric, "bootstrap_sample") or min(map(count_rows, parts)) < needed:
                 return None
             half_checks.extend(joint_check(LayerwiseEvaluator(working, part, rows_fn), progress=bar) for part in parts)
             return tuple(half_checks)

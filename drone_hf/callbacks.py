@@ -16,6 +16,7 @@ from .arguments import DroneCompressionArguments, DroneDistillationArguments
 from .calibration import MODEL_INPUT_KEYS, collect_activation_stats
 from .compress import compress_model
 from .deployment import check_deployment, deployed_copy, describe_deployment, prepare_for_deployment
+from .heldout import count_rows
 
 
 if TYPE_CHECKING:
@@ -60,10 +61,6 @@ def _take_rows(batches: Iterable[Mapping[str, Any]], *counts: int) -> list[list[
         if seen >= bounds[-1]:
             break
     return groups
-
-
-def _num_rows(batches: list[Mapping[str, Any]]) -> int:
-    return sum(len(batch["input_ids"]) for batch in batches)
 
 
 class DroneCompressionCallback(TrainerCallback):
@@ -379,13 +376,13 @@ class DroneCompressionCallback(TrainerCallback):
                 if train_dataloader is None:
                     raise ValueError("`max_accuracy_drop` needs held-out training rows: pass `train_dataset`.")
                 (heldout,) = _take_rows(train_dataloader, held_rows)
-            return batches[rank::world], heldout, _num_rows(batches)
+            return batches[rank::world], heldout, count_rows(batches)
         if train_dataloader is None:
             raise ValueError("No calibration data: pass `calibration_dataloader` or `train_dataset`.")
         # The trainer's dataloader is already sharded across processes: each takes its share of the rows.
         share = math.ceil(wanted / world)
         calibration, heldout = _take_rows(train_dataloader, share, held_rows if needs_heldout else 0)
-        return calibration, heldout if needs_heldout else None, _num_rows(calibration) * world
+        return calibration, heldout if needs_heldout else None, count_rows(calibration) * world
 
     def _row_batches(self, indices, tokenizer) -> list[dict[str, torch.Tensor]]:
         size = self.compression_args.calibration_batch_size

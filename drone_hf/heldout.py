@@ -232,6 +232,11 @@ def module_time_shares(
     return {candidate: t / total for candidate, t in times.items()}
 
 
+def count_rows(batches) -> int:
+    """Rows (examples) in tokenizer `batches`."""
+    return sum(len(batch["input_ids"]) for batch in batches)
+
+
 def spread_subset(batches: list, num_rows: int | None) -> list:
     """Whole batches, evenly spread over `batches` (which may be sorted by length), holding about `num_rows` rows;
     all of them when `num_rows` is None or not smaller than their total."""
@@ -273,6 +278,7 @@ def paired_standard_error(
 
 __all__ = [
     "LayerwiseEvaluator",
+    "count_rows",
     "default_metric_fn",
     "module_time_shares",
     "paired_standard_error",
