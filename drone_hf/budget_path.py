@@ -37,6 +37,12 @@ more than this many of their paired standard errors past the budget (rejected), 
 plus the joint check's own margin (accepted for the bisection). The assignment returned is always joint-checked."""
 
 
+SCREEN_PATIENCE = 2
+"""The bisection stops consulting the screening rows after this many undecided verdicts in a row. Its steps close in
+on the budget's edge, where the screening rows settle nothing; each verdict costs a pass over them (at base size a
+sixth of a joint check with 256 of 1536 rows, a third with 512), so past that point they only add time."""
+
+
 def probe_rank(grid: list[int]) -> int:
     """The rank a module is evaluated at to calibrate its prediction: the middle of its (sorted) grid."""
     return sorted(grid)[len(grid) // 2]
@@ -145,12 +151,15 @@ class _Screen:
         self.min_error = min_error
         self.rejected: list[dict] = []
         self.accepted: list[dict] = []
+        self.undecided: list[dict] = []
+        self._in_a_row = 0  # undecided verdicts since the last decided one
 
     def verdict(self, ranks, step) -> bool | None:
         """`False`: clearly past the budget; `True`: clearly within it, the joint check's margin included; `None`:
-        undecided (or already joint-checked), the joint check decides."""
+        undecided (or already joint-checked, or the screen has stopped: [`SCREEN_PATIENCE`]), the joint check
+        decides."""
         joint = self.joint
-        if tuple(sorted(ranks.items())) in joint.entries:
+        if self._in_a_row >= SCREEN_PATIENCE or tuple(sorted(ranks.items())) in joint.entries:
             return None
         originals = apply_ranks(joint.working, joint.candidates, ranks)
         try:
@@ -165,10 +174,14 @@ class _Screen:
         entry = {"step": step, "drop": float(drop), "standard_error": error}
         if drop - SCREEN_Z * error > joint.budget:
             self.rejected.append(entry)
+            self._in_a_row = 0
             return False
         if drop + (SCREEN_Z + joint.margin * self.error_ratio) * max(error, self.min_error) <= joint.budget:
             self.accepted.append(entry)
+            self._in_a_row = 0
             return True
+        self.undecided.append(entry)
+        self._in_a_row += 1
         return None
 
 
@@ -244,8 +257,9 @@ def _confirmed_refine(joint, halves, candidates, drops, ranks, accepted, refine_
     dozen checks the kept moves are those the noise of those rows favoured (at base size, 24 checks added a point
     of dev drop at an unchanged held-out drop). So the moves are tried on the `selection` half (`halves[0]`), and
     the assignment they reach is kept only if it also fits on the `confirmation` half (`halves[1]`), rows that chose
-    nothing, and on all held-out rows; otherwise the bisection's ranks are returned. Returns the ranks, their
-    all-rows entry, the number of selection checks and what to report."""
+    nothing, and then on all held-out rows (scored only when the confirmation half accepts); otherwise the
+    bisection's ranks are returned. Returns the ranks, their all-rows entry, the number of selection checks and what
+    to report."""
     selection, confirmation = halves
     start = dict(ranks)
     ranks, _, tried = _refine(selection, candidates, drops, ranks, accepted, refine_steps)
@@ -261,10 +275,12 @@ def _confirmed_refine(joint, halves, candidates, drops, ranks, accepted, refine_
     if ranks == start:
         return start, accepted, tried, report
     check = confirmation.score(ranks, stage="confirm")
+    report.update(drop=check["drop"], standard_error=check["standard_error"])
+    if not confirmation.accepts(check):  # refused: no all-rows check could overturn that, so none is run
+        return start, accepted, tried, report
     entry = joint.score(ranks, stage="refine")
-    kept = confirmation.accepts(check) and joint.accepts(entry)
-    report.update(drop=check["drop"], standard_error=check["standard_error"], kept=kept)
-    return (ranks, entry, tried, report) if kept else (start, accepted, tried, report)
+    report["kept"] = joint.accepts(entry)
+    return (ranks, entry, tried, report) if report["kept"] else (start, accepted, tried, report)
 
 
 def path_search(
@@ -284,12 +300,14 @@ def path_search(
     joint checks on single-module moves, cheapest predicted drop per cost saved first, in growing groups
     ([`_refine`]). Returns the accepted entry (ranks, drop, standard error) and what to report. Only joint checks
     accept what is returned. At most
-    `len(candidates.names) + ceil(log2(moves + 1))` screening evaluations and, unless the joint check refuses a step
+    `len(candidates.names) + ceil(log2(moves + 1))` screening evaluations (the screen stops after
+    [`SCREEN_PATIENCE`] undecided verdicts in a row) and, unless the joint check refuses a step
     the screening rows accepted, `ceil(log2(moves + 1)) + 1 + refine_steps` joint checks. `row_quantised`: the metric
     moves by `100 / n` points per row (accuracy, F1), the least error a screened acceptance assumes. `halves`: a
     callable returning `(selection, confirmation)` joint checks on two halves of the held-out rows (or None); when
     given, the refinement's moves are chosen on the first and confirmed on the second ([`_confirmed_refine`]): then
-    its `refine_steps` checks each cost half a joint check, and confirming costs one and a half."""
+    its `refine_steps` checks each cost half a joint check, and confirming costs half a check, plus one on all rows
+    when the confirmation half accepts."""
     probes, reference = probe_modules(joint.working, candidates, evaluator, problem_type, show_progress)
     min_error = 100.0 / len(evaluator.labels) if row_quantised else 0.0
     screen = _Screen(joint, evaluator, reference, min_error) if screens(joint, evaluator) else None
@@ -320,6 +338,7 @@ def path_search(
         "path_step": step,
         "screened_rejections": [] if screen is None else screen.rejected,
         "screened_acceptances": [] if screen is None else screen.accepted,
+        "screened_undecided": [] if screen is None else screen.undecided,
         "refinement_confirmation": confirmation,
     }
     return {**accepted, "ranks": ranks, "steps": tried}, details
@@ -365,6 +384,7 @@ def extend_sequential(joint, path, step: int, found: dict, checks: int) -> tuple
 __all__ = [
     "ENERGY_EXPONENT",
     "extend_sequential",
+    "SCREEN_PATIENCE",
     "SCREEN_Z",
     "assignment",
     "bisect_path",

@@ -142,11 +142,12 @@ CONFIRMATION_MIN_ROWS = 128
 (`budget_path._confirmed_refine`) when each half holds at least this many rows (and enough to resolve a per-row
 metric's budget, [`min_heldout_rows`]); with fewer, the refinement is chosen and checked on all rows."""
 
-SEARCH_REVISION = 4
+SEARCH_REVISION = 5
 """Raised whenever the fast search can choose other ranks for the same inputs (1: bisection on joint checks and
 single-move refinement; 2: screened acceptance in the bisection, refinement in growing groups, 6 checks; 3: the
 refinement's moves ordered by predicted drop per cost saved instead of along the path; 4: the refinement's moves
-chosen on half of the held-out rows and confirmed on the other half): benchmarks key their cached results by it."""
+chosen on half of the held-out rows and confirmed on the other half; 5: the bisection stops consulting the screening
+rows after two undecided verdicts in a row): benchmarks key their cached results by it."""
 
 
 def check_search(search) -> str:
@@ -212,10 +213,12 @@ def allocate_by_accuracy(working, candidates, batches, budget, options, show_pro
             """Joint checks on two halves of the held-out batches (alternate ones: they are sorted by length), built
             only when the refinement runs; None when a half would hold fewer than `needed` rows, or when the metric
             belongs to the whole held-out set (its `bootstrap_sample` resamples its own units)."""
-            parts = (batches[0::2], batches[1::2])
-            if hasattr(raw_metric, "bootstrap_sample") or min(map(count_rows, parts)) < needed:
+            parts = (range(0, len(batches), 2), range(1, len(batches), 2))
+            smallest = min(count_rows([batches[i] for i in part]) for part in parts)
+            if hasattr(raw_metric, "bootstrap_sample") or smallest < needed:
                 return None
-            half_checks.extend(joint_check(LayerwiseEvaluator(working, part, rows_fn), progress=bar) for part in parts)
+            # the working copy is as it was when the joint evaluator read its first rows: the halves take theirs
+            half_checks.extend(joint_check(joint_evaluator.subset(part), progress=bar) for part in parts)
             return tuple(half_checks)
 
         refined, details = path_search(

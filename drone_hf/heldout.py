@@ -119,6 +119,8 @@ class LayerwiseEvaluator(LayerReplay):
         autocast_dtype (`torch.dtype`, *optional*): Run every forward (the first, dense one included, so that the
             reference rows share it) under `torch.autocast` in this dtype, e.g. `torch.bfloat16` on a CPU with AMX
             tiles; `None` runs the model in its own dtype.
+        initial (`list`, *optional*): Per batch, the `(rows, labels, kind)` of `rows_fn` for the model as it is now,
+            in place of the first pass (see [`subset`]).
 
     Attributes:
         initial_rows (`np.ndarray`): The rows of the model as it was when the evaluator was built (the pass that
@@ -131,6 +133,8 @@ class LayerwiseEvaluator(LayerReplay):
         batches: Iterable[Mapping[str, torch.Tensor]],
         rows_fn: Callable = head_rows,
         autocast_dtype: torch.dtype | None = None,
+        *,
+        initial: list | None = None,
     ):
         self.autocast_dtype = autocast_dtype
         batches = list(batches)
@@ -141,10 +145,11 @@ class LayerwiseEvaluator(LayerReplay):
         self._rows_fn = rows_fn
         if not self._batches:
             raise ValueError("`eval_dataloader` yielded no batch; rank allocation needs held-out data.")
-        rows = []
-        with torch.no_grad():
-            for batch, labelled in zip(self._batches, self._labelled):
-                rows.append(rows_fn(self._forward(batch), labelled))
+        rows = initial
+        if rows is None:
+            with torch.no_grad():
+                rows = [rows_fn(self._forward(batch), labelled) for batch, labelled in zip(self._batches, batches)]
+        self._initial = rows  # per batch: `(rows, labels, kind)` of the model as it was when built
         self.labels = concat_rows([labels for _, labels, _ in rows])
         self.initial_rows = concat_rows([values for values, _, _ in rows])  # the model as it was when built
         self.kind = rows[0][2]
@@ -153,6 +158,18 @@ class LayerwiseEvaluator(LayerReplay):
         self.seconds = 0.0
         self.rows = sum(len(next(iter(batch.values()))) for batch in self._batches)
         self.row_passes = 0.0  # rows times the fraction of the encoder's layers run: a cost that no clock blurs
+
+    def subset(self, indices: Iterable[int]) -> LayerwiseEvaluator:
+        """An evaluator on the batches at `indices`, whose first rows are this evaluator's for those batches (no pass
+        of the model): they are the model's as long as it is as it was when this evaluator was built."""
+        indices = list(indices)
+        return LayerwiseEvaluator(
+            self.model,
+            [self._labelled[i] for i in indices],
+            self._rows_fn,
+            self.autocast_dtype,
+            initial=[self._initial[i] for i in indices],
+        )
 
     def _forward(self, batch):
         inputs = {k: v.to(self.device) for k, v in batch.items()}

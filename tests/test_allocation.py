@@ -104,6 +104,33 @@ def test_layerwise_evaluator_equals_full_forward_after_a_swap(setup):
     torch.testing.assert_close(torch.from_numpy(evaluator.logits(0)), full, rtol=1e-5, atol=1e-5)
 
 
+def test_layerwise_evaluator_subset_takes_its_first_rows_without_a_pass(setup):
+    """`subset` (the fast search's confirmation halves) reuses the first rows of the evaluator over all batches:
+    the same rows and labels as an evaluator built on those batches, without running the model."""
+    model, batches, _ = setup
+    evaluator = LayerwiseEvaluator(model, batches)
+    built = LayerwiseEvaluator(model, batches[1::2])
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        half = evaluator.subset(range(1, len(batches), 2))
+    finally:
+        handle.remove()
+    assert not calls and half.kind == built.kind and half.num_outputs == built.num_outputs
+    np.testing.assert_array_equal(half.initial_rows, built.initial_rows)
+    np.testing.assert_array_equal(half.labels, built.labels)
+    assert len(half.labels) < len(evaluator.labels) and half.rows == built.rows and half.row_passes == 0.0
+    # It scores its own batches: after a swap, the same rows as the evaluator built on them.
+    name = "bert.encoder.layer.1.output.dense"
+    original = model.get_submodule(name)
+    model.set_submodule(name, DroneLinear.from_linear(original, 4))
+    try:
+        np.testing.assert_allclose(half.logits(0), built.logits(0), rtol=1e-6, atol=1e-6)
+        assert not np.allclose(half.logits(0), half.initial_rows, atol=1e-4)
+    finally:
+        model.set_submodule(name, original)
+
+
 def test_time_shares_sum_to_one(setup):
     model, batches, _ = setup
     shares = module_time_shares(

@@ -8,6 +8,7 @@ import torch
 
 from drone_hf import DroneCompressionArguments, allocate_ranks, budget_path, collect_activation_stats, compress_model
 from drone_hf.budget_path import (
+    SCREEN_PATIENCE,
     _bisect,
     _confirmed_refine,
     _refine,
@@ -306,9 +307,12 @@ def test_refinement_moves_chosen_on_one_half_are_kept_only_when_the_other_half_a
         "standard_error": 0.0,
         "kept": True,
     }
-    # The confirmation half refuses b at 8 (the selection half's noise favoured it): nothing of the refinement is kept.
-    (ranks, entry, _, report), _ = run(_RowsJoint(floor={"b": 16}), _RowsJoint())
+    # The confirmation half refuses b at 8 (the selection half's noise favoured it): nothing of the refinement is
+    # kept, and all rows are not scored (their check could not overturn the refusal).
+    full = _RowsJoint()
+    (ranks, entry, _, report), _ = run(_RowsJoint(floor={"b": 16}), full)
     assert ranks == start and entry is start_entry and report["kept"] is False and report["drop"] == 1.0
+    assert not full.entries
     # The confirmation half accepts but all rows do not: the same.
     (ranks, entry, _, report), _ = run(_RowsJoint(), _RowsJoint(floor={"d": 16}))
     assert ranks == start and entry is start_entry and report["kept"] is False
@@ -366,7 +370,8 @@ def test_fast_search_confirms_its_refinement_on_the_held_out_half_that_did_not_c
     bisected = assignment([tuple(move) for move in report["path"]], report["path_step"])
     assert (ranks != bisected) is kept
     refine_checks = [entry for entry in report["joint_checks"] if entry["stage"] == "refine"]
-    assert len(refine_checks) == 1  # on all rows: only the confirmation of what the selection half chose
+    # on all rows: only the confirmation of what the selection half chose, once the confirmation half accepted it
+    assert len(refine_checks) == int(kept)
     # the count of joint checks takes in the selection half's and the confirmation half's
     assert report["joint_check_count"] == len(report["joint_checks"]) + REFINE_STEPS["fast"] + 1
     with torch.no_grad():
@@ -494,6 +499,34 @@ def test_a_screen_that_changes_no_row_is_not_taken_as_within_the_budget(monkeypa
     assert _Screen(joint, evaluator, reference, min_error=1.0).verdict({"m": 8}, 3) is None
     joint.budget = 3.0
     assert _Screen(joint, evaluator, reference, min_error=1.0).verdict({"m": 8}, 3) is True
+
+
+def test_the_screen_stops_after_undecided_verdicts_in_a_row(monkeypatch):
+    """The bisection's steps close in on the budget's edge, where the screening rows settle nothing: after
+    `SCREEN_PATIENCE` undecided verdicts in a row the screen answers `None` without scoring its rows; a decided
+    verdict in between starts the count again."""
+    monkeypatch.setattr(budget_path, "apply_ranks", lambda *args: {})
+    monkeypatch.setattr(budget_path, "restore_modules", lambda *args: None)
+    labels = np.arange(100) % 2
+    reference = np.eye(2)[labels]
+
+    def wrong(rows):  # the reference with `rows` rows predicted wrongly
+        logits = reference.copy()
+        logits[:rows] = logits[:rows, ::-1]
+        return logits
+
+    queue = []
+    evaluator = type("Evaluator", (), {"labels": labels, "logits": lambda self, start: queue.pop(0)})()
+    accuracy = lambda logits, labels: 100.0 * float((logits.argmax(-1) == labels).mean())  # noqa: E731
+    joint = type("Joint", (), {})()
+    joint.working = joint.candidates = None
+    joint.entries, joint.labels, joint.raw_metric, joint.margin, joint.budget = {}, np.zeros(400), accuracy, 1.0, 1.0
+    screen = _Screen(joint, evaluator, reference)
+    queue.extend([wrong(1), wrong(30), wrong(1), wrong(2), wrong(30)])
+    verdicts = [screen.verdict({"m": 8}, step) for step in (10, 20, 15, 12, 11)]
+    assert verdicts == [None, False, None, None, None] and SCREEN_PATIENCE == 2
+    assert len(queue) == 1  # the fifth step was not scored: two undecided verdicts in a row came before it
+    assert [e["step"] for e in screen.undecided] == [10, 15, 12] and [e["step"] for e in screen.rejected] == [20]
 
 
 def test_fast_search_with_a_metric_of_the_whole_held_out_set_takes_no_screen_shortcut():
