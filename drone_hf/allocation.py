@@ -219,10 +219,10 @@ def allocate_ranks(
       residual energy (free), calibrated by one evaluation per module at the middle of its grid; every single-module
       move is ordered by the global scale at which the exhaustive search's cost-share rule (below) allows it on the
       predicted drops, the number of moves taken is bisected (`ceil(log2(moves + 1))` steps; a step clearly past, or
-      clearly within, the budget on the screening rows is settled there, the others by a joint check; the step found
-      is always joint-checked), then up to `refine_steps` (default 6) joint checks try the next moves in groups that
-      double while they fit and halve when they do not. About `modules + log2(moves) + refine_steps` evaluations
-      ([`~drone_hf.budget_path`]).
+      clearly within, the budget on the screening rows is settled there, the others by a joint check; after two
+      undecided screening verdicts in a row only joint checks decide; the step found is always joint-checked), then
+      up to `refine_steps` (default 6) joint checks try the next moves in groups that double while they fit and
+      halve when they do not. About `modules + log2(moves) + refine_steps` evaluations ([`~drone_hf.budget_path`]).
 
       `search="exhaustive"` (default; the DRONE appendix recipe, the only search before the fast one): each module is
       compressed alone at each grid rank (largest first, stopping early once its drop exceeds the whole budget). The
@@ -299,7 +299,8 @@ def allocate_ranks(
         report (`dict`, *optional*): Filled with what was done: the `search`, its held-out `evaluations` (screening
             and joint), their `evaluation_seconds` and `heldout_row_passes` (rows times the fraction of the layers
             run), the joint checks (`joint_check_count`, `joint_checks`), the curves (exhaustive: `curves`,
-            `shares`; fast: `probes`, `predicted_curves`, `path_moves`, `path_step`, `refinement_confirmation`: the
+            `shares`; fast: `probes`, `predicted_curves`, `path_moves`, `path_step`, the screen's verdicts
+            (`screened_rejections`, `screened_acceptances`, `screened_undecided`), `refinement_confirmation`: the
             halves' rows, the moves, the confirmation half's drop and whether they were kept), the cost model
             (`cost_model`), the form the joint checks scored (`joint_check_form`) and the kind of held-out rows
             (`heldout_kind`).
