@@ -299,9 +299,8 @@ def path_search(
     or within the budget on the screening rows are settled there, `_Screen`), then up to `refine_steps` further
     joint checks on single-module moves, cheapest predicted drop per cost saved first, in growing groups
     ([`_refine`]). Returns the accepted entry (ranks, drop, standard error) and what to report. Only joint checks
-    accept what is returned. At most
-    `len(candidates.names) + ceil(log2(moves + 1))` screening evaluations (the screen stops after
-    [`SCREEN_PATIENCE`] undecided verdicts in a row) and, unless the joint check refuses a step
+    accept what is returned. At most `len(candidates.names) + ceil(log2(moves + 1))` screening evaluations (the
+    screen stops after [`SCREEN_PATIENCE`] undecided verdicts in a row) and, unless the joint check refuses a step
     the screening rows accepted, `ceil(log2(moves + 1)) + 1 + refine_steps` joint checks. `row_quantised`: the metric
     moves by `100 / n` points per row (accuracy, F1), the least error a screened acceptance assumes. `halves`: a
     callable returning `(selection, confirmation)` joint checks on two halves of the held-out rows (or None); when
