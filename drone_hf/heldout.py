@@ -156,7 +156,7 @@ class LayerwiseEvaluator(LayerReplay):
         self.num_outputs = max(int(logits.shape[-1]) for logits, _, _ in rows)  # classes, or span positions
         self.evaluations = 0
         self.seconds = 0.0
-        self.rows = sum(len(next(iter(batch.values()))) for batch in self._batches)
+        self.rows = count_rows(batches)
         self.row_passes = 0.0  # rows times the fraction of the encoder's layers run: a cost that no clock blurs
 
     def subset(self, indices: Iterable[int]) -> LayerwiseEvaluator:
