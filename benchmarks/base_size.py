@@ -89,7 +89,7 @@ from mpnet_glue import describe, flop_bound, load_teacher, model_name, mpnet_pat
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback, TrainingArguments
 
 import drone_hf
-from drone_hf.budget_search import SEARCH_REVISION
+from drone_hf.budget_search import SCREENING_SAMPLES, SEARCH_REVISION
 from drone_hf.cli_checks import number
 from drone_hf.evaluation import evaluate_glue
 from drone_hf.glue import get_glue_task, load_glue
@@ -125,7 +125,7 @@ DEFAULTS = {
     "refine_steps": None,  # the CLI's default
     "calibration_samples": 512,
     "heldout_samples": 2048,
-    "screening_samples": 512,
+    "screening_samples": None,  # the search's default (budget_search.SCREENING_SAMPLES: 256 fast, 512 exhaustive)
     "cli_latency_repeats": 3,
     "distill_steps": [600, 1200, 2000],
     "distill_batch_size": 16,
@@ -253,7 +253,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--allocation-search", choices=["fast", "exhaustive"], default="fast")
     group.add_argument("--calibration-samples", type=int, help="train rows for the statistics (default 512)")
     group.add_argument("--heldout-samples", type=int, help="train rows for the joint checks (default 2048)")
-    group.add_argument("--screening-samples", type=int, help="of those, rows for per-module probes (default 512)")
+    group.add_argument(
+        "--screening-samples",
+        type=int,
+        help="of those, rows for per-module probes (default: 256 fast, 512 exhaustive)",
+    )
     group.add_argument("--refine-steps", type=int, help="the CLI's --refine-steps (default: its own; smoke: 0)")
     group.add_argument(
         "--screening-dtype",
@@ -380,6 +384,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.screening_samples is None:  # resolved here: budget entries are keyed by the number of rows
+        args.screening_samples = SCREENING_SAMPLES[args.allocation_search]
     budgets = args.distill_ranks or args.speedups
     if len(args.distill_steps) == 1:
         args.distill_steps = args.distill_steps * len(budgets)

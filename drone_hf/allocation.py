@@ -108,10 +108,19 @@ def _check_screening(screening_samples, safety_margin, refine_steps) -> None:
         isinstance(refine_steps, bool) or not isinstance(refine_steps, Integral) or refine_steps < 0
     ):
         raise ValueError(f"`refine_steps` must be an int >= 0 or None (the search's default), got {refine_steps!r}.")
-    if screening_samples is not None and (
-        isinstance(screening_samples, bool) or not isinstance(screening_samples, Integral) or screening_samples <= 0
-    ):
-        raise ValueError(f"`screening_samples` must be a positive int or None (all rows), got {screening_samples!r}.")
+    if isinstance(screening_samples, str):
+        valid = screening_samples == "auto"
+    else:
+        valid = screening_samples is None or (
+            isinstance(screening_samples, Integral)
+            and not isinstance(screening_samples, bool)
+            and screening_samples > 0
+        )
+    if not valid:
+        raise ValueError(
+            "`screening_samples` must be a positive int, None (all rows) or 'auto' (the search's default), got "
+            f"{screening_samples!r}."
+        )
     if not _is_finite(safety_margin) or not safety_margin >= 0:
         raise ValueError(f"`safety_margin` must be a number >= 0 (standard errors), got {safety_margin!r} (finite).")
 
@@ -189,7 +198,7 @@ def allocate_ranks(
     seq_len: int = 128,
     rank_multiple: int = 8,
     bias_correction: bool | None = None,
-    screening_samples: int | None = 512,
+    screening_samples: int | str | None = "auto",
     screening_dtype: torch.dtype | str | None = None,
     safety_margin: float = DEFAULT_SAFETY_MARGIN,
     refine_steps: int | None = None,
@@ -203,6 +212,7 @@ def allocate_ranks(
     sequential_dataloader: Iterable[Mapping[str, torch.Tensor]] | None = None,
     sequential_checks: int = 4,
     sequential_dense_weight: float = 0.0,
+    decompositions: dict | None = None,
 ) -> dict[str, int]:
     r"""
     Allocates per-module ranks for a budget. Pass exactly one of `max_accuracy_drop`, `target_speedup`, `param_ratio`.
@@ -272,9 +282,11 @@ def allocate_ranks(
             correlation (regression), token accuracy (token classification) or span F1 (question answering).
         seq_len (`int`, *optional*, defaults to 128): Sequence length of the multiply-add model.
         bias_correction (`bool`, *optional*): drone_hf 0.1's switch: `True` is `method="drone-bc"`.
-        screening_samples (`int`, *optional*, defaults to 512): Held-out rows (whole batches, spread evenly over
-            `eval_dataloader`) for the per-module curves or probes; `None` uses every row. The joint checks always
-            use all rows.
+        screening_samples (`int` or `str`, *optional*, defaults to `"auto"`): Held-out rows (whole batches, spread
+            evenly over `eval_dataloader`) for the per-module curves or probes; `None` uses every row, `"auto"` the
+            search's default (`budget_search.SCREENING_SAMPLES`: 256 for `"fast"`, whose probes only calibrate its
+            predictions, 512 for `"exhaustive"`, which allocates from these curves). The joint checks always use all
+            rows.
         screening_dtype (`torch.dtype` or `str`, *optional*): Score the screening rows (and the dense reference
             they are compared with) under `torch.autocast` in this dtype (`"bfloat16"`, `"float16"`; `None` or
             `"float32"`: the model's own dtype). On a CPU with AMX-bf16 tiles `"bfloat16"` made the per-module
@@ -325,6 +337,10 @@ def allocate_ranks(
         sequential_checks (`int`, *optional*, defaults to 4): Refitted joint checks after the search's result.
         sequential_dense_weight (`float`, *optional*, defaults to 0): The refits' weight of the dense inputs (the
             anchored refit, [`~drone_hf.sequential.refit_sequential`]'s `dense_weight`).
+        decompositions (`dict`, *optional*): Filled with the decomposition of each linear the allocation
+            decomposed (module name -> the method's decomposition, whose `factors(rank)` are that rank's factors), so
+            that factoring the ranks returned needs no second decomposition: [`compress_model`] passes one (at base
+            size the decompositions take about a minute on a 2-core CPU).
 
     Returns:
         `dict[str, int]`: linear name -> rank and attention block name (`...attention.self`) -> per-head rank, for
@@ -354,6 +370,8 @@ def allocate_ranks(
         )
     if report is not None and not isinstance(report, MutableMapping):
         raise TypeError(f"`report` must be a dict to fill (or None), got {type(report).__name__}.")
+    if decompositions is not None and not isinstance(decompositions, MutableMapping):
+        raise TypeError(f"`decompositions` must be a dict to fill (or None), got {type(decompositions).__name__}.")
     check_search(search)
     screening_dtype = _screening_dtype(screening_dtype)
     if max_accuracy_drop is not None:
@@ -434,6 +452,8 @@ def allocate_ranks(
         report["kernel_costs"] = kernel_costs.summary()
         report["grids"] = {name: list(candidates.grid[name]) for name in candidates.names}
     report["seconds"] = time.perf_counter() - started
+    if decompositions is not None:
+        decompositions.update(candidates.decompositions)
     logger.info(f"Allocated ranks for {len(chosen)} of {len(candidates.names)} modules in {report['seconds']:.1f}s.")
     return chosen
 

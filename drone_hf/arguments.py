@@ -80,8 +80,8 @@ class DroneCompressionArguments:
             over all processes).
         heldout_samples (`int`, *optional*, defaults to 2048): Training rows, disjoint from the calibration rows,
             on which `max_accuracy_drop` measures drops (the dev split stays unseen).
-        screening_samples (`int`, *optional*, defaults to 512): Of the held-out rows, those scoring each module
-            alone ([`allocate_ranks`]).
+        screening_samples (`int`, *optional*): Of the held-out rows, those scoring each module alone
+            ([`allocate_ranks`]); `None`: the search's default (256 for `"fast"`, 512 for `"exhaustive"`).
         safety_margin (`float`, *optional*, defaults to 1.0): Paired standard errors added to the held-out drop
             before comparing it with `max_accuracy_drop`.
         refine_steps (`int`, *optional*): Joint checks `max_accuracy_drop` spends after its search on lowering one
@@ -146,7 +146,10 @@ class DroneCompressionArguments:
     heldout_samples: int = field(
         default=2048, metadata={"help": "Training rows (disjoint from calibration) for max_accuracy_drop."}
     )
-    screening_samples: int = field(default=512, metadata={"help": "Held-out rows scoring each module alone."})
+    screening_samples: int | None = field(
+        default=None,
+        metadata={"help": "Held-out rows scoring each module alone (default: 256 fast, 512 exhaustive)."},
+    )
     safety_margin: float = field(
         default=DEFAULT_SAFETY_MARGIN,
         metadata={"help": "Standard errors added to the held-out drop before the budget check."},
@@ -260,7 +263,7 @@ class DroneCompressionArguments:
                     f"least {needed} held-out rows ({MIN_BUDGET_ROWS} rows' worth); raise `heldout_samples` or the "
                     "budget."
                 )
-        _check_int("screening_samples", self.screening_samples, minimum=1)
+        _check_int("screening_samples", self.screening_samples, minimum=1, allow_none=True)
         if not _is_number(self.safety_margin) or self.safety_margin < 0:
             raise ValueError(f"`safety_margin` must be a number >= 0 (standard errors), got {self.safety_margin!r}.")
         _check_int("refine_steps", self.refine_steps, minimum=0, allow_none=True)
@@ -311,7 +314,7 @@ class DroneCompressionArguments:
             kwargs["attention"] = self.attention
         if self.max_accuracy_drop is not None:
             kwargs["allocation_options"] = {
-                "screening_samples": self.screening_samples,
+                "screening_samples": "auto" if self.screening_samples is None else self.screening_samples,
                 "safety_margin": self.safety_margin,
                 "refine_steps": self.refine_steps,
                 "search": self.allocation_search,

@@ -113,6 +113,11 @@ class Candidates:
                 raise ValueError(f"`stats[{name!r}]`: {error}") from error
         return self._decompositions[name]
 
+    @property
+    def decompositions(self) -> dict:
+        """The decompositions computed so far (linear name -> the method's decomposition), as a new dict."""
+        return dict(self._decompositions)
+
     def _qk_tensors(self, block):
         query, key, num_heads, _ = attention_geometry(self.model, block)
         tensors = (query.weight, query.bias, key.weight, key.bias)

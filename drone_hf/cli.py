@@ -121,8 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--screening-samples",
         type=count(1),
-        default=512,
-        help="of those, rows scoring each module alone (cheap per-module curves)",
+        help="of those, rows scoring each module alone (cheap per-module curves; default: 256 for "
+        "--allocation-search fast, 512 for exhaustive)",
     )
     compress.add_argument(
         "--screening-dtype",
@@ -684,7 +684,7 @@ def _print_markdown(header: list[str], rows: list[list[str]]) -> None:
 
 
 def _compress(args) -> int:
-    from . import allocate_ranks, collect_activation_stats, compress_model
+    from . import collect_activation_stats, compress_model
     from .cli_report import card_inputs, measure_models, print_table, refinement_phrase
     from .data import label_config
     from .evaluation import iter_batches
@@ -747,7 +747,7 @@ def _compress(args) -> int:
         "target_speedup": args.target_speedup,
         "param_ratio": args.param_ratio,
     }
-    ranks = None
+    allocation = {}  # a budget: compress_model allocates (and factors from the allocation's decompositions)
     if args.rank is None:
         chosen = next(f"{key}={value}" for key, value in budget.items() if value is not None)
         logger.info(f"Allocating ranks for {chosen}")
@@ -755,37 +755,27 @@ def _compress(args) -> int:
         heldout_batches = (
             list(iter_batches(heldout, tokenizer, batch_size=64, sort_by_length=True)) if heldout is not None else None
         )
-        ranks = allocate_ranks(
-            model,
-            stats,
-            method=args.method,
-            attention=not args.no_attention,
-            show_progress=True,
-            report=report,
-            seq_len=min(128, model.config.max_position_embeddings),
-            bias_correction=args.bias_correction,
-            metric_fn=task.metric_points(heldout_batches) if needs_heldout else None,
-            screening_samples=args.screening_samples,
-            screening_dtype=args.screening_dtype,
-            safety_margin=args.safety_margin,
-            refine_steps=args.refine_steps,
-            search=args.allocation_search,
-            eval_dataloader=heldout_batches,
-            dtype=args.dtype,
-            quantize=args.quantize,
-            sequential_dataloader=batches if args.sequential and needs_heldout else None,
-            sequential_checks=args.sequential_checks,
-            sequential_dense_weight=args.sequential_dense_weight,  # refused above without --sequential
+        allocation = {
             **budget,
-        )
-        if not ranks:
-            raise ValueError(f"The budget cannot be met: no module can be compressed within {budget}.")
+            "attention": not args.no_attention,
+            "eval_dataloader": heldout_batches,
+            "allocation_report": report,
+            "allocation_options": {
+                "seq_len": min(128, model.config.max_position_embeddings),
+                "metric_fn": task.metric_points(heldout_batches) if needs_heldout else None,
+                "screening_samples": "auto" if args.screening_samples is None else args.screening_samples,
+                "screening_dtype": args.screening_dtype,
+                "safety_margin": args.safety_margin,
+                "refine_steps": args.refine_steps,
+                "search": args.allocation_search,
+                "sequential_checks": args.sequential_checks,
+            },
+        }
     compressed = compress_model(
         model,
         stats,
         method=args.method,
         rank=args.rank,
-        ranks=ranks,
         calibration_info=calibration_info,
         bias_correction=args.bias_correction,
         dtype=args.dtype,
@@ -794,6 +784,7 @@ def _compress(args) -> int:
         calibration_dataloader=batches if args.sequential else None,
         sequential_dense_weight=args.sequential_dense_weight,
         show_progress=True,
+        **allocation,
     )
     seconds = time.perf_counter() - started
     labels = label_config(task, model.config)

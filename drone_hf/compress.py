@@ -341,6 +341,7 @@ def compress_model(
     )
     if calibration_dataloader is not None and not sequential:
         logger.warning("`calibration_dataloader` is only used with `sequential=True`; ignored.")
+    decompositions = {}  # filled by a budget's allocation and reused to factor the ranks it chose
     if max_accuracy_drop is not None or target_speedup is not None or param_ratio is not None:
         explicit = {"rank": rank, "ranks": ranks, "attention_rank": attention_rank, "attention_ranks": attention_ranks}
         clashing = [key for key, value in explicit.items() if value is not None]
@@ -372,8 +373,10 @@ def compress_model(
             report=allocation_report,
             dtype=dtype,
             quantize=quantize,
-            sequential_dataloader=calibration_dataloader if sequential else None,
+            # only the accuracy budget's joint checks refit; the closed-form budgets would warn that it is unused
+            sequential_dataloader=calibration_dataloader if sequential and max_accuracy_drop is not None else None,
             sequential_dense_weight=sequential_dense_weight,
+            decompositions=decompositions,
             **{"show_progress": show_progress, **_allocation_options(allocation_options)},
         )
         if not ranks:
@@ -428,7 +431,7 @@ def compress_model(
     with tqdm(total=len(chosen) + len(chosen_attention), desc="Factorising", disable=not show_progress) as bar:
         factors, attention_factors = {}, {}
         for name, k in chosen.items():
-            factors[name] = _factor_linear(model, factorizer, name, checked.get(name), k)
+            factors[name] = _factor_linear(model, factorizer, name, checked.get(name), k, decompositions.get(name))
             bar.update(1)
         for block, k in chosen_attention.items():
             attention_factors[block] = _factor_attention(model, factorizer, block, checked.get(queries[block]), k)
@@ -465,14 +468,16 @@ def compress_model(
     return prepare_for_deployment(compressed, dtype, quantize)
 
 
-def _factor_linear(model, factorizer, name: str, stats: torch.Tensor | None, rank: int):
-    """`(down, up, bias)` of one linear by the registered method."""
-    layer = model.get_submodule(name)
-    bias = None if layer.bias is None else layer.bias.detach()
-    try:
-        decomposition = factorizer.decompose(layer.weight.detach(), bias, stats)
-    except ValueError as error:
-        raise ValueError(f"`stats[{name!r}]`: {error}") from error
+def _factor_linear(model, factorizer, name: str, stats: torch.Tensor | None, rank: int, decomposition=None):
+    """`(down, up, bias)` of one linear by the registered method (from `decomposition` when the allocation already
+    computed it, from the same weights and statistics)."""
+    if decomposition is None:
+        layer = model.get_submodule(name)
+        bias = None if layer.bias is None else layer.bias.detach()
+        try:
+            decomposition = factorizer.decompose(layer.weight.detach(), bias, stats)
+        except ValueError as error:
+            raise ValueError(f"`stats[{name!r}]`: {error}") from error
     return decomposition.factors(rank)
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from drone_hf import DroneLinear, allocate_ranks, collect_activation_stats, compress_model
+from drone_hf import DroneLinear, allocate_ranks, budget_search, collect_activation_stats, compress_model
 from drone_hf.allocation import _greedy, breakeven_rank
 from drone_hf.heldout import (
     LayerwiseEvaluator,
@@ -283,8 +283,26 @@ def test_safety_margin_makes_the_joint_check_stricter(setup):
     assert all(entry["standard_error"] >= 0.0 for entry in strict["joint_checks"])
     with pytest.raises(ValueError, match=r"`safety_margin` must be a number >= 0 \(standard errors\), got -1"):
         allocate_ranks(model, stats, eval_dataloader=batches, max_accuracy_drop=1.0, safety_margin=-1)
-    with pytest.raises(ValueError, match=r"`screening_samples` must be a positive int or None \(all rows\), got 0"):
-        allocate_ranks(model, stats, eval_dataloader=batches, max_accuracy_drop=1.0, screening_samples=0)
+    for bad in (0, "all", True):
+        with pytest.raises(
+            ValueError, match=rf"`screening_samples` must be a positive int, None \(all rows\) or 'auto' .*got {bad!r}"
+        ):
+            allocate_ranks(model, stats, eval_dataloader=batches, max_accuracy_drop=1.0, screening_samples=bad)
+
+
+@pytest.mark.parametrize("search", ["fast", "exhaustive"])
+def test_auto_screening_samples_take_the_search_default(setup, monkeypatch, search):
+    # The default ("auto") reads budget_search.SCREENING_SAMPLES for the search in use: patched to whole-batch sizes
+    # (8 rows a batch) that differ per search and from every row (32), so reading the wrong entry, or none, shows.
+    model, batches, stats = setup
+    assert budget_search.SCREENING_SAMPLES == {"fast": 256, "exhaustive": 512}  # what the README's timings used
+    monkeypatch.setattr(budget_search, "SCREENING_SAMPLES", {"fast": 16, "exhaustive": 24})
+    report = {}
+    allocate_ranks(
+        model, stats, eval_dataloader=batches, max_accuracy_drop=10.0, search=search, refine_steps=0, report=report
+    )
+    assert report["screening_examples"] == {"fast": 16, "exhaustive": 24}[search]
+    assert report["heldout_examples"] == 32
 
 
 def test_unknown_allocation_option_is_rejected(setup):

@@ -22,7 +22,10 @@ from .testing_utils import tiny_teacher, unsupported_classifier
         ({"target_speedup": 1.0}, r"`target_speedup` must be a number > 1, got 1.0"),
         ({"max_accuracy_drop": -0.5}, r"`max_accuracy_drop` must be a positive number of points, got -0.5"),
         ({"max_accuracy_drop": 1.0, "heldout_samples": 0}, r"`heldout_samples` must be >= 1 with `max_accuracy_drop`"),
-        ({"max_accuracy_drop": 1.0, "screening_samples": 0}, r"`screening_samples` must be an int >= 1, got 0"),
+        (
+            {"max_accuracy_drop": 1.0, "screening_samples": 0},
+            r"`screening_samples` must be an int >= 1 or None, got 0",
+        ),
         ({"max_accuracy_drop": 1.0, "safety_margin": -1.0}, r"`safety_margin` must be a number >= 0"),
         ({"max_accuracy_drop": 1.0, "refine_steps": -1}, r"`refine_steps` must be an int >= 0 or None, got -1"),
         (
@@ -72,6 +75,9 @@ def test_accuracy_budget_kwargs_carry_the_search_options_and_the_task_metric():
         "search": "exhaustive",
     }
     assert "screening_dtype" not in args.compress_kwargs()["allocation_options"]  # the model's own dtype
+    # No screening_samples given: the search's own default ("auto"), not one number for both searches.
+    default = DroneCompressionArguments(max_accuracy_drop=1.0, allocation_search="fast").compress_kwargs()
+    assert default["allocation_options"]["screening_samples"] == "auto"
     for dtype in ("bfloat16", torch.bfloat16):
         bf16 = DroneCompressionArguments(max_accuracy_drop=1.0, screening_dtype=dtype)
         assert bf16.screening_dtype == "bfloat16"  # stored by name: the arguments stay JSON-serialisable

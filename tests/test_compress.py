@@ -1,9 +1,16 @@
 import pytest
 import torch
 
-from drone_hf import DroneBertForSequenceClassification, DroneLinear, collect_activation_stats, compress_model
+from drone_hf import (
+    DroneBertForSequenceClassification,
+    DroneLinear,
+    allocate_ranks,
+    collect_activation_stats,
+    compress_model,
+)
 from drone_hf.calibration import split_stats
 from drone_hf.factorize import data_weighted_error
+from drone_hf.methods.drone import DroneMethod
 
 from .testing_utils import tiny_batches, tiny_teacher, unsupported_classifier
 
@@ -173,3 +180,28 @@ def test_settings_dataclass_is_the_same_as_keywords():
     assert override.config.drone_method == "svd" and set(override.config.drone_ranks.values()) == {4}
     with pytest.raises(TypeError, match="`settings` must be a DroneCompressionArguments"):
         compress_model(model, stats, {"rank": 4})
+
+
+def test_a_budget_factors_its_ranks_from_the_allocation_s_decompositions(teacher_and_stats, monkeypatch):
+    # compress_model with a budget decomposes each candidate linear once, in the allocation, and factors the chosen
+    # ranks from those decompositions: the same tensors as a rebuild from the ranks, without a second decomposition.
+    model, stats = teacher_and_stats
+    decompositions = {}
+    ranks = allocate_ranks(model, stats, target_speedup=1.2, rank_multiple=2, decompositions=decompositions)
+    linears = {name: rank for name, rank in ranks.items() if name in decompositions}
+    blocks = {name: rank for name, rank in ranks.items() if name not in decompositions}
+    assert linears and blocks and set(decompositions) > set(linears)  # candidates the budget left dense too
+    calls = []
+    original = DroneMethod.decompose
+    monkeypatch.setattr(DroneMethod, "decompose", lambda self, *args: calls.append(1) or original(self, *args))
+    compressed = compress_model(model, stats, target_speedup=1.2, rank_multiple=2)
+    assert len(calls) == len(decompositions)  # the allocation's only
+    calls.clear()
+    rebuilt = compress_model(model, stats, ranks=linears, attention_ranks=blocks)
+    assert len(calls) == len(linears)
+    assert compressed.config.drone_ranks == rebuilt.config.drone_ranks == linears
+    rebuilt_state = rebuilt.state_dict()
+    for name, tensor in compressed.state_dict().items():
+        assert torch.equal(tensor, rebuilt_state[name]), name
+    with pytest.raises(TypeError, match=r"`decompositions` must be a dict to fill \(or None\), got list"):
+        allocate_ranks(model, stats, target_speedup=1.5, decompositions=[])
