@@ -3,6 +3,7 @@ decompositions so the replacement module at any rank is cheap to build, and the 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 import torch
@@ -60,6 +61,10 @@ class Candidates:
         self.layer = {name: layers[name] for name in self.names}
         self.stats = stats
         self._decompositions = {}
+        # Built factors by (name, rank), least recently used first: a search scores the same modules at the same
+        # ranks over and over (every joint check rebuilds its whole assignment, and the bisection's steps share most
+        # of it); at base size rebuilding them took longer than some of the evaluations.
+        self._factors: OrderedDict[tuple[str, int], tuple] = OrderedDict()
         self.grid, self.shape = {}, {}
         for name in self.linears:
             out_f, in_f = model.get_submodule(name).weight.shape
@@ -123,16 +128,31 @@ class Candidates:
         tensors = (query.weight, query.bias, key.weight, key.bias)
         return tuple(t.detach() for t in tensors), num_heads
 
-    def module(self, name, rank):
-        """The replacement module for `name` at `rank` (a DroneLinear, or the attention block with narrowed
-        query/key projections)."""
+    def factors(self, name, rank) -> tuple:
+        """The factors of `name` at `rank`: `(down, up, bias)` of a linear, `(q_weight, q_bias, k_weight, k_bias)` of
+        an attention block. Kept for the `2 * len(names)` (name, rank) pairs used last; [`module`] builds from them."""
+        key = (name, rank)
+        if key in self._factors:
+            self._factors.move_to_end(key)
+            return self._factors[key]
         if name in self.blocks:
             tensors, num_heads = self._qk_tensors(name)
             factors = self.method.factor_attention(tensors, self.block_stats(name), num_heads, rank)
+        else:
+            factors = self._decomposition(name).factors(rank)
+        self._factors[key] = factors
+        while len(self._factors) > 2 * len(self.names):
+            self._factors.popitem(last=False)
+        return factors
+
+    def module(self, name, rank):
+        """A new replacement module for `name` at `rank` (a DroneLinear, or the attention block with narrowed
+        query/key projections), from [`factors`]."""
+        factors = self.factors(name, rank)
+        if name in self.blocks:
             return narrowed_attention_block(self.model, name, rank, factors).eval()
         old = self.model.get_submodule(name)
-        down, up, bias = self._decomposition(name).factors(rank)
-        return DroneLinear.from_factors(down, up, bias).to(old.weight.device)
+        return DroneLinear.from_factors(*factors).to(old.weight.device)
 
     # ----- closed-form losses and costs -----
     def energy_loss(self, name) -> Callable[[int | None], float]:

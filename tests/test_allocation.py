@@ -355,3 +355,45 @@ def test_refinement_only_compresses_further_and_keeps_the_budget():
     assert -logit_metric(logits.numpy(), None) == pytest.approx(report["heldout_drop"], abs=1e-5)
     # with no safety margin the report still states the kept drop's paired standard error (it was printed as 0)
     assert report["safety_margin"] == 0.0 and report["heldout_drop"] > 0 and report["heldout_standard_error"] > 0
+
+
+def test_candidates_build_each_rank_once_and_forget_the_least_recently_used(setup, monkeypatch):
+    # A search scores the same (module, rank) again and again; Candidates keeps their factors (not the modules: every
+    # call returns a new module, so a swap never shares one) for the 2 * len(names) pairs used last.
+    from drone_hf.candidates import Candidates
+
+    model, _, stats = setup
+    candidates = Candidates(
+        model, stats, method="drone", attention=True, target_modules=None, rank_grid=None, rank_multiple=8, seq_len=16
+    )
+    linear, block = candidates.linears[0], candidates.blocks[0]
+    rank, head_rank = candidates.grid[linear][0], candidates.grid[block][0]
+    decomposition = candidates._decomposition(linear)
+    expected_linear = DroneLinear.from_factors(*decomposition.factors(rank))
+    tensors, heads = candidates._qk_tensors(block)
+    expected_qk = candidates.method.factor_attention(tensors, candidates.block_stats(block), heads, head_rank)
+    calls = []
+    factors, factor_attention = decomposition.factors, candidates.method.factor_attention
+    monkeypatch.setattr(decomposition, "factors", lambda *a: calls.append("linear") or factors(*a))
+    monkeypatch.setattr(
+        candidates.method, "factor_attention", lambda *a: calls.append("block") or factor_attention(*a)
+    )
+    built = [candidates.module(linear, rank) for _ in range(3)]
+    blocks = [candidates.module(block, head_rank) for _ in range(3)]
+    assert calls == ["linear", "block"]  # built once each
+    assert built[0] is not built[1] and blocks[0] is not blocks[1]
+    for module in built:
+        assert all(
+            torch.equal(a, b) for a, b in zip(module.state_dict().values(), expected_linear.state_dict().values())
+        )
+    query_attribute = candidates.qk[block][0].rsplit(".", 1)[1]
+    for module in blocks:
+        assert torch.equal(getattr(module, query_attribute).weight, expected_qk[0].to(torch.float32))
+    pairs = [(name, r) for name in candidates.names for r in candidates.grid[name]]
+    assert len(pairs) > 2 * len(candidates.names) + 2
+    for name, r in pairs:
+        candidates.factors(name, r)
+    assert len(candidates._factors) == 2 * len(candidates.names)
+    calls.clear()
+    candidates.module(linear, rank)  # long since forgotten: built again
+    assert calls == ["linear"]
