@@ -1,7 +1,8 @@
 """The cost and the result of the two accuracy-budget searches (`--allocation-search fast|exhaustive`), end to end.
 
 Each run is one `drone-hf compress --max-accuracy-drop B --allocation-search S` (defaults otherwise: 512 calibration
-rows, 2048 held-out training rows, 512 of them screening, one standard error of margin, bias-corrected DRONE), saved
+rows, 2048 held-out training rows, of them the search's screening rows (256 fast, 512 exhaustive; 512 for both
+before session 32), one standard error of margin, bias-corrected DRONE), saved
 under `.cache/allocation_cost/<name>-drop<B>-<search>/`; its `drone_results.json` holds the allocation's held-out
 evaluations, row passes and wall time, the chosen FLOP bound, the measured speed-up and the full dev split's metric.
 Without `--run`, the script prints the table of every finished run and writes
