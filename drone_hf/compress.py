@@ -15,6 +15,7 @@ from transformers.utils.logging import tqdm
 
 from .allocation import breakeven_rank
 from .architecture import base_model_type
+from .candidates import decompose_linear
 from .configuration_drone import drone_config_class
 from .deployment import check_deployment, prepare_for_deployment
 from .embedding import DroneEmbedding
@@ -472,12 +473,7 @@ def _factor_linear(model, factorizer, name: str, stats: torch.Tensor | None, ran
     """`(down, up, bias)` of one linear by the registered method (from `decomposition` when the allocation already
     computed it, from the same weights and statistics)."""
     if decomposition is None:
-        layer = model.get_submodule(name)
-        bias = None if layer.bias is None else layer.bias.detach()
-        try:
-            decomposition = factorizer.decompose(layer.weight.detach(), bias, stats)
-        except ValueError as error:
-            raise ValueError(f"`stats[{name!r}]`: {error}") from error
+        decomposition = decompose_linear(model, factorizer, name, stats)
     return decomposition.factors(rank)
 
 
