@@ -108,7 +108,9 @@ METHOD_LABELS = {
     "drone-bc": "DRONE (bias-corrected)",
     "svd": "SVD",
     "drone-seq": "DRONE + sequential refit",  # `drone-hf compress --method drone --sequential`
+    "drone-act": "DRONE (activation-weighted)",
 }
+DEFAULT_METHODS = ("drone", "drone-bc", "svd", "drone-seq")  # the methods; drone-act on request
 # Per (model, task): the teachers already cached by mpnet_glue.py (MPNet SST-2), common.py (MiniLM SST-2) and
 # allocation_cost.py (MiniLM MRPC); MPNet MRPC: 3 epochs of its 3668 rows at batch 32. Batch 32, seed 0 for all.
 TEACHER_DEFAULTS = {
@@ -249,7 +251,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     group = parser.add_argument_group("budget: drone-hf compress --max-accuracy-drop")
     group.add_argument("--budgets", type=float, nargs="+", help="metric points (default 1.0 1.5; smoke: 1.0)")
-    group.add_argument("--methods", nargs="+", choices=list(METHOD_LABELS), default=list(METHOD_LABELS))
+    group.add_argument("--methods", nargs="+", choices=list(METHOD_LABELS), default=list(DEFAULT_METHODS))
     group.add_argument("--allocation-search", choices=["fast", "exhaustive"], default="fast")
     group.add_argument("--calibration-samples", type=int, help="train rows for the statistics (default 512)")
     group.add_argument("--heldout-samples", type=int, help="train rows for the joint checks (default 2048)")

@@ -26,7 +26,7 @@ from .deployment import resolve_dtype, resolve_quantize
 from .heads import MetricFn
 from .methods import DEFAULT_METHOD, get_method, resolve_method
 from .model_state import check_materialized
-from .sequential import make_refit
+from .sequential import check_sequential_method, make_refit
 from .stats import check_stats
 from .targets import as_int, check_supported_model
 
@@ -274,7 +274,8 @@ def allocate_ranks(
             rounded to `rank_multiple`); positive ints (numpy integers accepted). Ranks above a linear's break-even
             rank are dropped for it, with a warning (an error when no linear keeps a rank). Attention blocks use
             1/8 ... 7/8 of the head size.
-        method (`str`, *optional*, defaults to `"drone"`): A registered method: `"drone"`, `"drone-bc"`, `"svd"`.
+        method (`str`, *optional*, defaults to `"drone"`): A registered method: `"drone"`, `"drone-bc"`, `"drone-act"`,
+            `"svd"`.
         attention (`bool`, *optional*, defaults to `True`): Include DRONE attention candidates.
         target_modules: As in [`compress_model`].
         metric_fn (`Callable[[ndarray, ndarray], float]`, *optional*): `(logits, labels) -> score in points` on the
@@ -393,6 +394,8 @@ def allocate_ranks(
                 f"`{given[0]}` (a closed-form allocation without evaluations)."
             )
     method = resolve_method(method, bias_correction)
+    if sequential_dataloader is not None and max_accuracy_drop is not None:
+        check_sequential_method(get_method(method))
     if get_method(method).data_aware and not isinstance(stats, Mapping):
         raise TypeError(f"`stats` (from collect_activation_stats) is required for method={method!r}.")
     check_supported_model(model)

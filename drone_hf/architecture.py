@@ -58,6 +58,9 @@ class ArchitectureSpec:
         extra_linear_inputs (`bool`, *optional*, defaults to `False`): Whether some target linears also read tensors
             that are not per-token hidden states (DeBERTa's relative-position embeddings go through its query/key
             projections); those rows are counted unmasked in the statistics.
+        activation (`str`, *optional*, defaults to `"hidden_act"`): The config attribute naming the elementwise
+            activation that the `intermediate` linear's output goes through (read by `method="drone-act"`); `None`
+            where that output is not activated elementwise (ModernBERT's gated MLP).
     """
 
     model_type: str
@@ -69,6 +72,7 @@ class ArchitectureSpec:
     attention_unsupported: str | None = None
     layerwise: bool = True
     extra_linear_inputs: bool = False
+    activation: str | None = "hidden_act"
 
     def __post_init__(self):
         object.__setattr__(self, "linears", MappingProxyType(dict(self.linears)))
@@ -198,6 +202,7 @@ register_architecture(
         shared_inputs=_QKV_SHARED,
         attention=AttentionSpec(block="attention", query="q_lin", key="k_lin"),
         word_embeddings="embeddings.word_embeddings",
+        activation="activation",
     )
 )
 register_architecture(
@@ -249,6 +254,7 @@ register_architecture(
             "the scores are not a fixed bilinear form Q·Kᵀ of the hidden states; factor `qkv` as a linear instead."
         ),
         word_embeddings="embeddings.tok_embeddings",
+        activation=None,  # mlp.Wi's output is split into an input and a gate (GLU): not elementwise
     )
 )
 

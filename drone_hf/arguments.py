@@ -63,7 +63,8 @@ class DroneCompressionArguments:
 
     Args:
         method (`str`, *optional*, defaults to `"drone"`): A registered method: `"drone"` (the paper's closed form),
-            `"drone-bc"` (bias-corrected) or `"svd"` (data-free).
+            `"drone-bc"` (bias-corrected), `"drone-act"` (the FFN's first linear weighted by the activation's slope)
+            or `"svd"` (data-free).
         rank (`int`, *optional*): One rank for every target linear.
         ranks (`dict[str, int]` or `str`, *optional*): Module name, role or `"re:<regex>"` -> rank (a JSON object
             string on the command line), with the precedence of [`compress_model`].
@@ -127,7 +128,10 @@ class DroneCompressionArguments:
     ```
     """
 
-    method: str = field(default="drone", metadata={"help": "`drone`, `drone-bc` (bias-corrected) or `svd`."})
+    method: str = field(
+        default="drone",
+        metadata={"help": "`drone`, `drone-bc` (bias-corrected), `drone-act` (activation-weighted) or `svd`."},
+    )
     rank: int | None = field(default=None, metadata={"help": "One rank for every target linear."})
     ranks: dict[str, int] | str | None = field(
         default=None, metadata={"help": "Per-module ranks as a JSON object, e.g. '{\"re:.*intermediate.*\": 96}'."}

@@ -13,7 +13,7 @@ from transformers.utils import logging
 from .layers import DroneLinear
 from .methods import get_method
 from .structure import attention_geometry, narrowed_attention_block, qk_linear_names, swap_module
-from .targets import attention_block_names, encoder_linear_layers, resolve_target_modules
+from .targets import attention_block_names, encoder_linear_layers, feeds_activation, resolve_target_modules
 
 
 logger = logging.get_logger(__name__)
@@ -28,8 +28,10 @@ def decompose_linear(model, method, name: str, stats: torch.Tensor | None):
     """
     layer = model.get_submodule(name)
     bias = None if layer.bias is None else layer.bias.detach()
+    # Only methods that declare it get the activation (a method registered by a user keeps its 3-argument form).
+    extra = {"activation": feeds_activation(model, name)} if getattr(method, "activation_aware", False) else {}
     try:
-        return method.decompose(layer.weight.detach(), bias, stats)
+        return method.decompose(layer.weight.detach(), bias, stats, **extra)
     except ValueError as error:
         raise ValueError(f"`stats[{name!r}]`: {error}") from error
 

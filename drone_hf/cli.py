@@ -3,13 +3,14 @@
 drone-hf compress --model DIR_OR_HUB_ID (--task sst2 [--data-dir GLUE_DIR] | --train-file train.csv --validation-file
     dev.csv [--text-columns a [b]] [--label-column label] [--metric f1] | --dataset-name HUB_ID)
     [--task-type text-classification|token-classification|question-answering (default: from config.json)]
-    (--max-accuracy-drop PTS | --target-speedup X | --param-ratio P | --rank K) [--method drone|drone-bc|svd]
-    [--calibration-samples N] [--dtype D] [--quantize int8] [--threads T] --output DIR [--overwrite]
+    (--max-accuracy-drop PTS | --target-speedup X | --param-ratio P | --rank K)
+    [--method drone|drone-bc|drone-act|svd] [--calibration-samples N] [--dtype D] [--quantize int8] [--threads T]
+    --output DIR [--overwrite]
 drone-hf evaluate --model DIR (--task sst2 | --validation-file dev.csv | --dataset-name HUB_ID) [--baseline DENSE_DIR]
 drone-hf compress-embeddings --model SENTENCE_TRANSFORMER --sentences FILE
-    (--min-cosine-similarity C | --target-speedup X | --param-ratio P | --rank K) [--method drone|drone-bc|svd]
-    [--distill-steps N [--distill-lr LR] [--distill-lr-schedule linear] [--distill-sentences FILE]]
-    [--dtype D] [--quantize int8] --output DIR [--overwrite]
+    (--min-cosine-similarity C | --target-speedup X | --param-ratio P | --rank K)
+    [--method drone|drone-bc|drone-act|svd] [--distill-steps N [--distill-lr LR] [--distill-lr-schedule linear]
+    [--distill-sentences FILE]] [--dtype D] [--quantize int8] --output DIR [--overwrite]
 drone-hf export --model DIR --onnx --output DIR [--optimize] [--quantize int8] [--opset 17] [--overwrite]
 
 --output is written whole or not at all, never into (or around) --model; a folder drone-hf did not write needs
@@ -102,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
         "--method",
         default=DEFAULT_METHOD,
         help="factorisation method (drone: the paper's closed form; drone-bc: on centred statistics with the optimal "
-        "bias shift; svd: data-free baseline; or one added with drone_hf.register_method)",
+        "bias shift; drone-act: the FFN's first linear weighted by the activation's slope; svd: data-free baseline; "
+        "or one added with drone_hf.register_method)",
     )
     compress.add_argument("--no-attention", action="store_true", help="do not factor the attention score product")
     compress.add_argument(

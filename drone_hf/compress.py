@@ -23,7 +23,13 @@ from .methods import DEFAULT_METHOD, get_method, resolve_method
 from .model_state import check_materialized, copy_training_modes
 from .modeling_drone import drone_model_class
 from .projective import choose_kj, embedding_parameter_count, projective_clustering, projective_clustering_cost
-from .sequential import check_dense_weight, check_sequential, check_sequential_flag, refit_sequential
+from .sequential import (
+    check_dense_weight,
+    check_sequential,
+    check_sequential_flag,
+    check_sequential_method,
+    refit_sequential,
+)
 from .stats import check_stats, split_stats
 from .structure import attention_geometry, qk_linear_names, validate_attention_ranks, validate_drone_ranks
 from .targets import (
@@ -188,11 +194,12 @@ def compress_model(
         model (`PreTrainedModel`): The fine-tuned model: any head of a supported family (see
             `drone_hf.architecture.supported_model_types()`), or a DRONE model whose dense layers are factored further.
         stats (`dict[str, Tensor]`, *optional*): Output of [`collect_activation_stats`]; required by data-aware
-            methods (`"drone"`, `"drone-bc"`), ignored by `"svd"`.
+            methods (`"drone"`, `"drone-bc"`, `"drone-act"`), ignored by `"svd"`.
         settings ([`DroneCompressionArguments`], *optional*): The budget, method, targets and deployment form as one
             settings object (the same dataclass the Trainer callback takes); keywords given explicitly override it.
         method (`str`, *optional*, defaults to `"drone"`): A registered method (`drone_hf.methods`): `"drone"` (the
-            paper's closed form), `"drone-bc"` (on centred statistics, with the optimal bias shift) or `"svd"`.
+            paper's closed form), `"drone-bc"` (on centred statistics, with the optimal bias shift), `"drone-act"`
+            (the FFN's first linear weighted by its activation's slope, docs/methods.md §1d) or `"svd"`.
         rank (`int`, *optional*): One rank for every target linear.
         ranks (`Mapping[str, int]`, *optional*): Full module name (e.g. `"bert.encoder.layer.0.attention.self.query"`),
             role (e.g. `"intermediate"`) or `"re:<regex>"` -> rank. Exact names win over patterns (roles and regexes),
@@ -337,6 +344,7 @@ def compress_model(
         raise ValueError("`sequential=True` needs `calibration_dataloader` (the calibration batches to refit on).")
     if sequential:
         check_sequential(model)
+        check_sequential_method(factorizer)
     sequential_dense_weight = check_dense_weight(
         sequential_dense_weight, sequential=sequential, name="sequential_dense_weight"
     )

@@ -25,7 +25,7 @@ while an older drone_hf refuses an int8 one instead of loading its int8 tensors 
 DRONE_QUANTIZATION_METHODS = ("int8-dynamic",)
 """The values `drone_quantization["method"]` may take."""
 
-DRONE_METHODS = ("drone", "drone-bc", "svd")
+DRONE_METHODS = ("drone", "drone-bc", "drone-act", "svd")
 """The built-in factorisation methods (`drone_method` is provenance: any registered method's name is accepted)."""
 
 # A factored-module key is a plain dotted module path as printed by `model.named_modules()`.
@@ -55,7 +55,8 @@ class DroneConfigMixin:
         drone_format_version (`int`, *optional*, defaults to 1):
             Version of the checkpoint layout. A version newer than this library knows raises a `ValueError`.
         drone_method (`str`, *optional*, defaults to `"drone"`):
-            How the factors were computed (`"drone"`, `"drone-bc"`, `"svd"` or another registered method).
+            How the factors were computed (`"drone"`, `"drone-bc"`, `"drone-act"`, `"svd"` or another registered
+            method).
             Provenance: the layer layout is the same for all.
         drone_ranks (`dict[str, int]`, *optional*):
             Full module name (as in `model.named_modules()`) to rank, one entry per factored `nn.Linear`. A module

@@ -8,7 +8,7 @@ DEFAULT_METHOD = "drone"
 """The one default of `compress_model`, the CLI, the callback and the allocation: the paper's closed form (see the
 README's design notes for why not `"drone-bc"`)."""
 
-BUILTIN_METHODS = ("drone", "drone-bc", "svd")
+BUILTIN_METHODS = ("drone", "drone-bc", "drone-act", "svd")
 """The methods `drone_hf.methods` registers on import (more can be added with `register_method`)."""
 
 ONNX_OPSET = 17

@@ -11,6 +11,7 @@ import torch
 
 DEFAULT_RTOL = 1e-10
 _PSD_RTOL = 1e-6  # the same tolerance as the attention solver's check
+_MIN_OUTPUT_WEIGHT = 1e-6
 
 
 def _check_rank(rank: int, weight: torch.Tensor) -> None:
@@ -71,7 +72,12 @@ def _balanced_split(left, sigma, right_t, rank):
 
 class DroneDecomposition:
     """The rank-independent part of DRONE for one layer (`C = U S^2 U^T` and the SVD of `Z = W U S`), so that the
-    factors at many ranks cost one eigendecomposition and one SVD. See [`drone_factorize`]."""
+    factors at many ranks cost one eigendecomposition and one SVD. See [`drone_factorize`].
+
+    With `output_weight` `g` (`out`, positive) it solves the output-weighted problem `min ||G (W X - M X)||_F`,
+    `G = diag(g)`: `Z = G W U S`, and the optimum is `M = G^{-1} Z_k S^{-1} U^T` (the closed form of DRONE for
+    `G W`, mapped back). Used to weight each output by how much an error in it matters downstream
+    ([`activation_slope`])."""
 
     def __init__(
         self,
@@ -80,11 +86,17 @@ class DroneDecomposition:
         *,
         rtol: float = DEFAULT_RTOL,
         psd_scale: float | None = None,
+        output_weight: torch.Tensor | None = None,
     ):
         _check_second_moment(second_moment, weight)
         basis, scale = whiten(second_moment, rtol=rtol, scale=psd_scale)
         self.weight_shape, self.dtype = tuple(weight.shape), weight.dtype
-        self.left, self.sigma, right_t = torch.linalg.svd(weight.double() @ (basis * scale), full_matrices=False)
+        target = weight.double()
+        self._output_weight = None
+        if output_weight is not None:
+            self._output_weight = _check_output_weight(output_weight, weight)
+            target = self._output_weight[:, None] * target  # Z = G W U S
+        self.left, self.sigma, right_t = torch.linalg.svd(target @ (basis * scale), full_matrices=False)
         self._right_t, self._basis = right_t / scale, basis
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,11 +105,82 @@ class DroneDecomposition:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= limit:
             raise ValueError(f"`rank` must be an int in [1, {limit}] for a {self.weight_shape} weight, got {rank!r}.")
         down, up = _balanced_split(self.left, self.sigma, self._right_t, rank)
+        if self._output_weight is not None:  # M = G^{-1} (G W)_k
+            up = up / self._output_weight[:, None]
         return (down @ self._basis.T).to(self.dtype), up.to(self.dtype)
 
     def error(self, rank: int) -> float:
-        """The data-weighted error `trace((W-M) C (W-M)^T)` at `rank`: the discarded `sigma^2` of `Z`."""
+        """The data-weighted error `trace(G (W-M) C (W-M)^T G)` at `rank` (`G = I` without `output_weight`): the
+        discarded `sigma^2` of `Z`."""
         return float((self.sigma[rank:] ** 2).sum())
+
+
+def _check_output_weight(output_weight: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if output_weight.shape != (weight.shape[0],):
+        raise ValueError(
+            f"`output_weight` must have one entry per output ({weight.shape[0]},), got {tuple(output_weight.shape)}."
+        )
+    g = output_weight.double()
+    if not torch.isfinite(g).all() or bool((g < 0).any()) or float(g.max()) <= 0:
+        raise ValueError("`output_weight` must be finite, non-negative and not all zero.")
+    # An output whose weight is 0 is free to be anything; keep it finite (and still last in line for the rank).
+    return g.clamp_min(_MIN_OUTPUT_WEIGHT * float(g.max()))
+
+
+def _hermite_rule(nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Gauss-Hermite for the standard normal (Golub-Welsch): nodes are the eigenvalues of the Jacobi matrix with
+    # off-diagonal sqrt(1..n-1); the weights the squared first components of its eigenvectors.
+    off = torch.arange(1, nodes, dtype=torch.float64).sqrt()
+    jacobi = torch.diag(off, 1) + torch.diag(off, -1)
+    points, vectors = torch.linalg.eigh(jacobi)
+    return points, vectors[0] ** 2
+
+
+def activation_slope(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stats: torch.Tensor,
+    activation,
+    *,
+    nodes: int = 48,
+) -> torch.Tensor:
+    r"""
+    The root mean square slope `sqrt(E[f'(z_j)^2])` of an elementwise activation `f` at each output `z = W x + b` of
+    a linear, with `z_j` modelled as Gaussian with the mean and variance the input statistics give it.
+
+    To first order an error `e_j` in `z_j` reaches the next layer as `f'(z_j) e_j`, so these are the output weights
+    `g` of [`DroneDecomposition`] for a linear that feeds `f` (a BERT-style FFN's first linear feeds GELU, whose
+    slope is near 0 wherever the unit is off). `E` is taken by Gauss-Hermite quadrature under `N(mu_j, s_j^2)`, with
+    `mu_j = w_j^T m + b_j` and `s_j^2 = w_j^T Cov(x) w_j` from the augmented statistic; `f'` by autograd, so any
+    elementwise `f` works.
+
+    Args:
+        weight (`torch.Tensor`): `out x in` weight.
+        bias (`torch.Tensor`, *optional*): `out` bias.
+        stats (`torch.Tensor`): `(in+1) x (in+1)` augmented statistic from [`collect_activation_stats`].
+        activation (`Callable[[Tensor], Tensor]`): The elementwise activation applied to the layer's output.
+        nodes (`int`, *optional*, defaults to 48): Quadrature points.
+
+    Returns:
+        `torch.Tensor`: `out` float64 slopes (non-negative).
+    """
+    size = weight.shape[1] + 1
+    if stats.shape != (size, size):
+        raise ValueError(f"`stats` must be ({size}, {size}) for this weight, got {tuple(stats.shape)}.")
+    stats, w = stats.double(), weight.double()
+    count = float(stats[-1, -1])
+    if count <= 0:
+        raise ValueError("`stats` was accumulated over 0 tokens.")
+    mean_x, moment = stats[:-1, -1] / count, stats[:-1, :-1] / count
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.double()
+    mean = w @ mean_x + b
+    second = ((w @ moment) * w).sum(1) + 2 * b * (w @ mean_x) + b * b  # E[z^2]
+    std = (second - mean * mean).clamp_min(0.0).sqrt()
+    points, probabilities = _hermite_rule(nodes)
+    with torch.enable_grad():
+        z = (mean[:, None] + std[:, None] * points[None, :]).requires_grad_(True)
+        (slope,) = torch.autograd.grad(activation(z).sum(), z)
+    return ((slope.detach() ** 2) @ probabilities).clamp_min(0.0).sqrt()
 
 
 def drone_factorize(
@@ -277,6 +360,7 @@ def data_weighted_error(weight: torch.Tensor, approx: torch.Tensor, second_momen
 
 __all__ = [
     "DroneDecomposition",
+    "activation_slope",
     "data_weighted_error",
     "drone_factorize",
     "drone_factorize_affine",

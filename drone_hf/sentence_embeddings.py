@@ -524,7 +524,7 @@ def compress_sentence_transformer(
         model (`SentenceTransformer`): Its first module must be a `Transformer` around an encoder of a supported
             family (BERT/MiniLM, MPNet, RoBERTa, XLM-R, DistilBERT, ELECTRA, DeBERTa-v2, ModernBERT, ALBERT).
         sentences (`Sequence[str]`): Raw calibration text, one sentence (or passage) per item.
-        method (`str`, *optional*, defaults to `"drone"`): `"drone"`, `"drone-bc"` or `"svd"`.
+        method (`str`, *optional*, defaults to `"drone"`): `"drone"`, `"drone-bc"`, `"drone-act"` or `"svd"`.
         rank, ranks, target_speedup, param_ratio: Budgets, as in [`compress_model`].
         min_cosine_similarity (`float`, *optional*): The cosine budget, in `(0, 1]` (e.g. `0.98`).
         heldout_sentences (`Sequence[str]`, *optional*): Held-out text for `min_cosine_similarity` (at least

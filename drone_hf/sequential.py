@@ -229,6 +229,22 @@ def check_sequential(model: nn.Module) -> None:
         )
 
 
+def check_sequential_method(method) -> None:
+    """Refuses a method whose factors the refit would overwrite against another objective: the refit minimises each
+    linear's unweighted output error, which undoes `"drone-act"`'s activation weighting (`method` is a
+    `FactorizationMethod`).
+
+    Raises:
+        `ValueError`: naming the method and what to use instead.
+    """
+    if getattr(method, "activation_aware", False):
+        raise ValueError(
+            f"`sequential=True` refits every factored linear to its unweighted output error, which would undo "
+            f"method={method.name!r}'s activation weighting; use method='drone' or 'drone-bc' with the sequential "
+            "refit, or drop `sequential`."
+        )
+
+
 def make_refit(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, torch.Tensor]],
@@ -276,6 +292,7 @@ __all__ = [
     "check_dense_weight",
     "check_sequential",
     "check_sequential_flag",
+    "check_sequential_method",
     "make_refit",
     "refit_modules",
     "refit_sequential",

@@ -56,6 +56,23 @@ def encoder_linear_layers(model: nn.Module) -> dict[str, int]:
     return {f"{layer}.{path}": index for index, layer in enumerate(layer_names(model)) for path in paths}
 
 
+def feeds_activation(model: nn.Module, name: str):
+    """The elementwise activation the output of the encoder linear `name` goes through (its family's `activation`
+    config attribute, e.g. GELU after BERT's `intermediate.dense`), or `None` for a linear whose output is not
+    activated (attention projections, the FFN's second linear) or is gated (ModernBERT)."""
+    from transformers.activations import ACT2FN
+
+    spec = get_architecture(model)
+    if spec.activation is None or encoder_linear_roles(model).get(name) != "intermediate":
+        return None
+    value = getattr(getattr(model, "config", None), spec.activation, None)
+    if callable(value):
+        return value
+    if not isinstance(value, str) or value not in ACT2FN:
+        return None
+    return ACT2FN[value]
+
+
 def shared_input_sources(model: nn.Module) -> dict[str, str]:
     """Maps each encoder linear to the linear whose input it reads (itself, or the query for K/V), so statistics of
     a shared input are accumulated once."""

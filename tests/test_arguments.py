@@ -13,7 +13,10 @@ from .testing_utils import tiny_teacher, unsupported_classifier
         ({}, r"Pass one budget .*got none"),
         ({"rank": 4, "param_ratio": 0.5}, r"Pass one budget.*\['rank', 'param_ratio'\]"),
         ({"target_speedup": 2.0, "max_accuracy_drop": 1.0}, r"Pass one budget"),
-        ({"rank": 4, "method": "pca"}, r"Unknown `method` 'pca'; expected one of \['drone', 'drone-bc', 'svd'\]"),
+        (
+            {"rank": 4, "method": "pca"},
+            r"Unknown `method` 'pca'; expected one of \['drone', 'drone-bc', 'drone-act', 'svd'\]",
+        ),
         ({"rank": 0}, r"`rank` must be an int >= 1 or None, got 0"),
         ({"rank": 4.0}, r"`rank` must be an int >= 1"),
         ({"rank": True}, r"`rank` must be an int >= 1"),

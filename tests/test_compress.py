@@ -121,7 +121,7 @@ def test_compressing_a_compressed_model_factors_remaining_layers(teacher_and_sta
         (
             {"method": "pca", "rank": 4},
             ValueError,
-            r"Unknown `method` 'pca'; expected one of \['drone', 'drone-bc', 'svd'\]",
+            r"Unknown `method` 'pca'; expected one of \['drone', 'drone-bc', 'drone-act', 'svd'\]",
         ),
         ({}, ValueError, "Pass one of `rank`"),
         ({"rank": 4, "param_ratio": 0.5}, ValueError, "cannot be combined"),

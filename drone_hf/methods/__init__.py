@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..defaults import DEFAULT_METHOD  # the one default of the API, CLI and callback (read by the CLI before torch)
 from .base import AttentionFactors, FactorizationMethod, LinearDecomposition, get_method, method_names, register_method
-from .drone import DroneBiasCorrectedMethod, DroneMethod
+from .drone import DroneActivationMethod, DroneBiasCorrectedMethod, DroneMethod
 from .svd import SvdMethod
 
 
@@ -36,12 +36,14 @@ def resolve_method(method: str, bias_correction: bool | None = None) -> str:
 
 register_method(DroneMethod)
 register_method(DroneBiasCorrectedMethod)
+register_method(DroneActivationMethod)
 register_method(SvdMethod)
 
 
 __all__ = [
     "DEFAULT_METHOD",
     "AttentionFactors",
+    "DroneActivationMethod",
     "DroneBiasCorrectedMethod",
     "DroneMethod",
     "FactorizationMethod",

@@ -39,6 +39,9 @@ class FactorizationMethod:
     name: ClassVar[str]
     data_aware: ClassVar[bool]
     description: ClassVar[str] = ""
+    activation_aware: ClassVar[bool] = False
+    """Whether `decompose` takes `activation=`: the elementwise activation the linear's output feeds (the FFN's first
+    linear; `None` for the others), passed by the engine from the family's spec."""
 
     def decompose(
         self, weight: torch.Tensor, bias: torch.Tensor | None, stats: torch.Tensor | None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..factorize import DroneDecomposition, centred_scatter
+from ..factorize import DroneDecomposition, activation_slope, centred_scatter
 from ..factorize_attention import attention_spectrum, drone_attention_factorize
 from .base import AttentionFactors, FactorizationMethod, LinearDecomposition
 
@@ -20,8 +20,8 @@ def _require(stats, name: str) -> torch.Tensor:
 
 
 class _DroneLinear(LinearDecomposition):
-    def __init__(self, weight, bias, moment, mean=None, psd_scale=None):
-        self._decomposition = DroneDecomposition(weight, moment, psd_scale=psd_scale)
+    def __init__(self, weight, bias, moment, mean=None, psd_scale=None, output_weight=None):
+        self._decomposition = DroneDecomposition(weight, moment, psd_scale=psd_scale, output_weight=output_weight)
         self._weight, self._bias, self._mean = weight, bias, mean
         self.energy = self._decomposition.sigma**2
 
@@ -69,4 +69,24 @@ class DroneBiasCorrectedMethod(DroneMethod):
         return _DroneLinear(weight, bias, moment, mean, psd_scale=scale)
 
 
-__all__ = ["DroneBiasCorrectedMethod", "DroneMethod"]
+class DroneActivationMethod(DroneMethod):
+    """DRONE with the outputs of a linear that feeds an elementwise activation (the FFN's first linear, into GELU)
+    weighted by the activation's root mean square slope there ([`activation_slope`]): an error where the unit is off
+    barely reaches the next layer, so the rank is spent where the unit is on. Every other linear, and the attention
+    blocks, are factored as by `"drone"` (docs/methods.md §1d)."""
+
+    name = "drone-act"
+    description = "DRONE, the FFN's first linear weighted by the activation's slope"
+    activation_aware = True
+
+    def decompose(self, weight, bias, stats, activation=None):
+        stats = _require(stats, self.name)
+        if activation is None:
+            return super().decompose(weight, bias, stats)
+        slope = activation_slope(weight, bias, stats, activation)
+        if float(slope.max()) <= 0:  # the activation is flat everywhere the data goes: nothing to weight by
+            return super().decompose(weight, bias, stats)
+        return _DroneLinear(weight, bias, stats.double()[:-1, :-1], output_weight=slope)
+
+
+__all__ = ["DroneActivationMethod", "DroneBiasCorrectedMethod", "DroneMethod"]
