@@ -94,7 +94,7 @@ class DroneDecomposition:
         target = weight.double()
         self._output_weight = None
         if output_weight is not None:
-            self._output_weight = _check_output_weight(output_weight, weight)
+            self._output_weight = _check_output_weight(output_weight, weight).to(target.device)
             target = self._output_weight[:, None] * target  # Z = G W U S
         self.left, self.sigma, right_t = torch.linalg.svd(target @ (basis * scale), full_matrices=False)
         self._right_t, self._basis = right_t / scale, basis
@@ -167,16 +167,17 @@ def activation_slope(
     size = weight.shape[1] + 1
     if stats.shape != (size, size):
         raise ValueError(f"`stats` must be ({size}, {size}) for this weight, got {tuple(stats.shape)}.")
-    stats, w = stats.double(), weight.double()
+    w = weight.double()
+    stats = stats.to(device=w.device, dtype=torch.float64)
     count = float(stats[-1, -1])
     if count <= 0:
         raise ValueError("`stats` was accumulated over 0 tokens.")
     mean_x, moment = stats[:-1, -1] / count, stats[:-1, :-1] / count
-    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.double()
+    b = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if bias is None else bias.double()
     mean = w @ mean_x + b
     second = ((w @ moment) * w).sum(1) + 2 * b * (w @ mean_x) + b * b  # E[z^2]
     std = (second - mean * mean).clamp_min(0.0).sqrt()
-    points, probabilities = _hermite_rule(nodes)
+    points, probabilities = (t.to(w.device) for t in _hermite_rule(nodes))
     with torch.enable_grad():
         z = (mean[:, None] + std[:, None] * points[None, :]).requires_grad_(True)
         (slope,) = torch.autograd.grad(activation(z).sum(), z)
