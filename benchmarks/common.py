@@ -247,12 +247,12 @@ def run_distillation(student, teacher, train, tokenizer, settings, *, group_by_l
 
 
 def budget_label(folder: str | os.PathLike) -> str:
-    """A row label for a saved model: "drone 1-pt budget (<search>)" from a `drone-hf compress` output's
-    `drone_results.json` (", N refinement checks" when its search ran other than its default number, ", sequential
-    refit" when its joint checks scored refitted models, ", timed float32" etc. when its ranks were costed by measured
-    kernels, ", checked in int8 dynamic" / "bfloat16" when its joint checks scored the model in that form, ", safety
-    margin M" when not the default), "drone rank R + N steps distilled" from a `benchmarks/base_size.py` distillation
-    entry's `result.json`, else the folder name."""
+    """A row label for a saved model: "<method> 1-pt budget (<search>)" from a `drone-hf compress` output's
+    `drone_results.json` (e.g. "drone 1-pt budget (fast)"; ", N refinement checks" when its search ran other than its
+    default number, ", sequential refit" when its joint checks scored refitted models, ", timed float32" etc. when its
+    ranks were costed by measured kernels, ", checked in int8 dynamic" / "bfloat16" when its joint checks scored the
+    model in that form, ", safety margin M" when not the default), "drone rank R + N steps distilled" from a
+    `benchmarks/base_size.py` distillation entry's `result.json`, else the folder name."""
     folder = Path(folder)
     results, distilled = folder / "drone_results.json", folder / "result.json"
     if results.is_file():
@@ -277,7 +277,8 @@ def budget_label(folder: str | os.PathLike) -> str:
                 f"safety margin {margin:g}" if margin is not None and margin != DEFAULT_SAFETY_MARGIN else None,
             ]
             details = ", ".join(x for x in details if x)
-            return f"drone {drop:g}-pt budget" + (f" ({details})" if details else "")
+            method = saved.get("method") or "drone"  # outputs written before the method was recorded are DRONE's
+            return f"{method} {drop:g}-pt budget" + (f" ({details})" if details else "")
     elif distilled.is_file():
         saved = json.loads(distilled.read_text())
         if saved.get("steps") and (saved.get("rank") or saved.get("speedup_target")):

@@ -253,7 +253,9 @@ def test_deployment_table_names_budget_and_distilled_models_by_what_they_are(tmp
     """`benchmarks/deployment.py --budget-model DIR`: a `drone-hf compress` budget reads "drone 1-pt budget (fast)"
     (", timed float32" when its ranks were costed by measured kernels, so two budgets of one teacher differ),
     a `base_size.py` distillation entry "drone rank 16 + 3000 steps distilled", anything else its folder name."""
-    folders = {name: tmp_path / name for name in ("budget", "timed", "int8", "bf16", "ranked", "flops", "other")}
+    folders = {
+        name: tmp_path / name for name in ("budget", "timed", "int8", "bf16", "act", "ranked", "flops", "other")
+    }
     for folder in folders.values():
         folder.mkdir()
     (folders["budget"] / "drone_results.json").write_text(
@@ -287,6 +289,9 @@ def test_deployment_table_names_budget_and_distilled_models_by_what_they_are(tmp
     (folders["bf16"] / "drone_results.json").write_text(
         json.dumps({"budget": {"max_accuracy_drop": 1.0}, "allocation": bf16})
     )
+    (folders["act"] / "drone_results.json").write_text(
+        json.dumps({"budget": {"max_accuracy_drop": 1.0}, "method": "drone-act", "allocation": {"search": "fast"}})
+    )
     (folders["ranked"] / "result.json").write_text(json.dumps({"rank": 16, "speedup_target": None, "steps": 3000}))
     (folders["flops"] / "result.json").write_text(json.dumps({"rank": None, "speedup_target": 4.0, "steps": 600}))
     with benchmark_module("common") as common:
@@ -299,6 +304,7 @@ def test_deployment_table_names_budget_and_distilled_models_by_what_they_are(tmp
             "drone 1-pt budget (fast, 24 refinement checks, sequential refit, timed bfloat16, checked in bfloat16, "
             "safety margin 0)"
         ),
+        "act": "drone-act 1-pt budget (fast)",
         "ranked": "drone rank 16 + 3000 steps distilled",
         "flops": "drone 4x FLOPs + 600 steps distilled",
         "other": "drone other",
