@@ -168,15 +168,9 @@ def activation_slope(
     if stats.shape != (size, size):
         raise ValueError(f"`stats` must be ({size}, {size}) for this weight, got {tuple(stats.shape)}.")
     w = weight.double()
-    stats = stats.to(device=w.device, dtype=torch.float64)
-    count = float(stats[-1, -1])
-    if count <= 0:
-        raise ValueError("`stats` was accumulated over 0 tokens.")
-    mean_x, moment = stats[:-1, -1] / count, stats[:-1, :-1] / count
-    b = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if bias is None else bias.double()
-    mean = w @ mean_x + b
-    second = ((w @ moment) * w).sum(1) + 2 * b * (w @ mean_x) + b * b  # E[z^2]
-    std = (second - mean * mean).clamp_min(0.0).sqrt()
+    scatter, mean_x = centred_scatter(stats.to(w.device))  # raises for a statistic of 0 tokens
+    mean = w @ mean_x + (0.0 if bias is None else bias.double())
+    std = (((w @ scatter) * w).sum(1) / float(stats[-1, -1])).clamp_min(0.0).sqrt()  # w^T Cov(x) w
     points, probabilities = (t.to(w.device) for t in _hermite_rule(nodes))
     with torch.enable_grad():
         z = (mean[:, None] + std[:, None] * points[None, :]).requires_grad_(True)
