@@ -37,6 +37,7 @@ from drone_hf.budget_search import REFINE_STEPS  # noqa: E402
 from drone_hf.defaults import DEFAULT_SAFETY_MARGIN  # noqa: E402
 from drone_hf.evaluation import evaluate_glue  # noqa: E402
 from drone_hf.glue import get_glue_task, load_glue  # noqa: E402
+from drone_hf.glue_metrics import glue_metrics  # noqa: E402
 from drone_hf.profiling import cpu_name  # noqa: E402
 from drone_hf.speed import compare_speed  # noqa: E402
 
@@ -213,6 +214,11 @@ def load_teacher(info, *, steps: int, max_length: int, stages: int):
     dev = load_glue(info.name, tokenizer, split=info.dev_splits[0], data_dir=data_dir, max_length=max_length)
     train = load_glue(info.name, tokenizer, split="train", data_dir=data_dir, max_length=max_length)
     return teacher, tokenizer, teacher_path, dev, train
+
+
+def metric_points(task: str, key: str):
+    """`(logits, labels) -> points` of one GLUE metric (`key` of `glue_metrics`), e.g. for a paired bootstrap."""
+    return lambda logits, labels: 100.0 * glue_metrics(task, logits, labels)[key]
 
 
 def dev_metric(model, dev, tokenizer, info) -> float:

@@ -25,6 +25,7 @@ from common import (  # noqa: E402
     command_line,
     glue_data_dir,
     machine_description,
+    metric_points,
     print_table,
     script_parser,
     set_threads,
@@ -38,11 +39,6 @@ from drone_hf.glue import load_glue  # noqa: E402
 from drone_hf.glue_metrics import glue_metrics  # noqa: E402
 from drone_hf.glue_tasks import get_glue_task  # noqa: E402
 from drone_hf.heldout import paired_standard_error  # noqa: E402
-
-
-def metric_points(task: str, key: str):
-    """`(logits, labels) -> points` of one GLUE metric (`key` of [`glue_metrics`]), for the bootstrap."""
-    return lambda logits, labels: 100.0 * glue_metrics(task, logits, labels)[key]
 
 
 def main(argv=None) -> None:

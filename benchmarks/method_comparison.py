@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from common import (  # noqa: E402
     command_line,
     machine_description,
+    metric_points,
     print_table,
     script_parser,
     set_threads,
@@ -38,7 +39,6 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 import drone_hf  # noqa: E402
 from drone_hf.evaluation import iter_batches, predict  # noqa: E402
 from drone_hf.glue import load_glue  # noqa: E402
-from drone_hf.glue_metrics import glue_metrics  # noqa: E402
 from drone_hf.glue_tasks import get_glue_task  # noqa: E402
 from drone_hf.heldout import paired_standard_error  # noqa: E402
 from drone_hf.methods import method_names  # noqa: E402
@@ -55,9 +55,7 @@ def kl_from_teacher(teacher_logits: np.ndarray, logits: np.ndarray) -> float:
 def score(task: str, key: str, base, logits, labels) -> dict:
     """The metric `key` in points, its change against `base` with a paired bootstrap error, KL and changed rows."""
 
-    def metric(lg, lb):
-        return 100.0 * glue_metrics(task, lg, lb)[key]
-
+    metric = metric_points(task, key)
     value = metric(logits, labels)
     return {
         "value": value,
