@@ -286,7 +286,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument(
         "--distill-steps", type=int, nargs="+", help="one per --speedups, or one for all (default 600 1200 2000)"
     )
-    group.add_argument("--distill-method", choices=["drone", "drone-bc", "svd"], default="drone")
+    group.add_argument(
+        "--distill-method",
+        choices=["drone", "drone-act", "drone-bc", "svd"],
+        default="drone",
+        help="the factors distillation starts from (drone-act: activation-weighted DRONE; not with "
+        "--distill-sequential)",
+    )
     group.add_argument(
         "--distill-ranks",
         type=int,
@@ -401,6 +407,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--distill-rows must be >= 1, got {args.distill_rows}.")
     if args.distill_dense_weight and not args.distill_sequential:
         parser.error(f"--distill-dense-weight {args.distill_dense_weight:g} needs --distill-sequential.")
+    if args.distill_sequential and args.distill_method == "drone-act":
+        parser.error(
+            "--distill-sequential refits each layer unweighted, which would undo --distill-method drone-act's output "
+            "weights; use --distill-method drone (or drone-bc) with it."
+        )
     if args.distill_augment < 0:
         parser.error(f"--distill-augment must be >= 0 (copies per row), got {args.distill_augment}.")
     if not 0.0 < args.augment_prob <= 1.0:

@@ -198,6 +198,13 @@ def test_distillation_at_uniform_ranks_over_the_linears_only(base_size):
     (name, label, _, _, plain), *_ = default.distill_entries()
     assert (name, label) == ("drone-2x-distilled", "2× FLOPs")
     assert plain["target_speedup"] == 2.0 and "rank" not in plain and "attention" not in plain
+    weighted = base_size.parse_args(
+        ["--model", "minilm", "--distill-ranks", "32", "--distill-steps", "100", "--distill-no-attention"]
+        + ["--distill-method", "drone-act"]
+    )
+    ((name, _, _, path, settings),) = base_size.Run.create(weighted).distill_entries()
+    assert name == "drone-act-rank32-linears-distilled" and settings["method"] == "drone-act"
+    assert path != entries[0][3]
     for bad in (["--distill-ranks", "32", "48", "--distill-steps", "1", "2", "3"], ["--distill-ranks", "0"]):
         with pytest.raises(SystemExit):
             base_size.parse_args(["--model", "minilm", *bad])
@@ -235,7 +242,11 @@ def test_refitted_distillation_is_named_and_keyed_apart(base_size):
     (name, label, _, anchored_path, anchored), *_ = base_size.Run.create(args).distill_entries()
     assert name == "drone-rank32-linears-seq-dw0.5-distilled" and label.endswith("refitted (dense weight 0.5)")
     assert anchored["sequential_dense_weight"] == 0.5 and anchored_path not in (path, plain_path)
-    for bad in (["--distill-dense-weight", "1"], ["--distill-sequential", "--distill-dense-weight", "-1"]):
+    for bad in (
+        ["--distill-dense-weight", "1"],
+        ["--distill-sequential", "--distill-dense-weight", "-1"],
+        ["--distill-sequential", "--distill-method", "drone-act"],
+    ):
         with pytest.raises(SystemExit):
             base_size.parse_args([*argv, *bad])
 
