@@ -386,7 +386,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(each process's own round-robin ratio; its spread across processes beside it): the ratio moves by ~10%% "
         "from one process to the next on a shared VM, more than within one; default 1: this process",
     )
+    group = parser.add_argument_group("report")
+    group.add_argument(
+        "--report-name",
+        help="file name (no suffix) of the report's JSON and plot in benchmarks/results/ (default: "
+        "base_size_<model>_<task>[_holdoutN][_fullrows]); give one per run that should not replace an earlier report",
+    )
     args = parser.parse_args(argv)
+    if args.report_name is not None and (
+        not args.report_name or Path(args.report_name).name != args.report_name or args.report_name.startswith(".")
+    ):
+        parser.error(f"--report-name must be a plain file name without folders, got {args.report_name!r}.")
     heldout_given = args.heldout_samples is not None
     defaults = {**TEACHER_DEFAULTS[args.model, args.task], **DEFAULTS, **(SMOKE if args.smoke else {})}
     for name, value in defaults.items():
@@ -1330,6 +1340,15 @@ def timing_text(timing: dict) -> str:
     return text + "".join(f", {name}={value}" for name, value in env.items())
 
 
+def report_stem(a: argparse.Namespace, task: str) -> str:
+    """The report's file name without suffix: `--report-name`, else
+    `base_size_<model>_<task>[_holdoutN][_fullrows]`."""
+    if a.report_name:
+        return a.report_name
+    stem = f"base_size_{a.model}_{task}" + (f"_holdout{a.teacher_holdout}" if a.teacher_holdout else "")
+    return stem + ("_fullrows" if a.timing_rows == "full" else "")
+
+
 def stage_report(run: Run) -> None:
     a, info = run.args, run.info
     teacher = run.teacher()
@@ -1390,8 +1409,7 @@ def stage_report(run: Run) -> None:
         print(f"Ours, best {key.replace('_', ' ')}: {text}")
     out = RESULTS if not a.smoke else run.root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"base_size_{a.model}_{info.name}" + (f"_holdout{a.teacher_holdout}" if a.teacher_holdout else "")
-    stem += "_fullrows" if a.timing_rows == "full" else ""
+    stem = report_stem(a, info.name)
     png = out / f"{stem}.png"
     plot(
         rows,

@@ -399,3 +399,17 @@ def test_a_timing_process_loads_the_models_and_times_them_against_the_dense_one(
         assert speeds["dense"]["speedup"] == 1.0 and speeds["m"]["latency_ms"] > 0
     combined = base_size.combine_processes([timing, timing])
     assert combined["1"]["m"]["processes"] == [timing["speeds"]["1"]["m"]["speedup_measured"]] * 2
+
+
+def test_report_name_replaces_the_default_stem_and_refuses_folders(base_size):
+    """The report's files are `base_size_<model>_<task>[_holdoutN][_fullrows]` unless `--report-name` names them (so a
+    run does not replace an earlier run's committed report); a name with a folder in it is refused."""
+    args = base_size.parse_args(["--model", "mpnet", "--task", "sst2", "--timing-rows", "full"])
+    assert base_size.report_stem(args, "sst2") == "base_size_mpnet_sst2_fullrows"
+    args = base_size.parse_args(["--model", "mpnet", "--teacher-holdout", "2048"])
+    assert base_size.report_stem(args, "mrpc") == "base_size_mpnet_mrpc_holdout2048"
+    args = base_size.parse_args(["--model", "mpnet", "--timing-rows", "full", "--report-name", "base_size_r80"])
+    assert base_size.report_stem(args, "mrpc") == "base_size_r80"
+    for bad in ("", "../x", "a/b", ".hidden"):
+        with pytest.raises(SystemExit):
+            base_size.parse_args(["--model", "mpnet", "--report-name", bad])
