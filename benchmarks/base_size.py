@@ -396,7 +396,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.report_name is not None and (
         not args.report_name or Path(args.report_name).name != args.report_name or args.report_name.startswith(".")
     ):
-        parser.error(f"--report-name must be a plain file name without folders, got {args.report_name!r}.")
+        parser.error(
+            f"--report-name must be a plain file name (not empty, no folders, not starting with '.'), got "
+            f"{args.report_name!r}."
+        )
     heldout_given = args.heldout_samples is not None
     defaults = {**TEACHER_DEFAULTS[args.model, args.task], **DEFAULTS, **(SMOKE if args.smoke else {})}
     for name, value in defaults.items():
