@@ -93,7 +93,9 @@ from drone_hf.budget_search import SCREENING_SAMPLES, SEARCH_REVISION
 from drone_hf.cli_checks import number
 from drone_hf.evaluation import evaluate_glue
 from drone_hf.glue import get_glue_task, load_glue
+from drone_hf.methods import get_method
 from drone_hf.profiling import count_parameters, cpu_name, load_average
+from drone_hf.sequential import check_sequential_method
 from drone_hf.speed import speed_flags
 
 
@@ -420,11 +422,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--distill-rows must be >= 1, got {args.distill_rows}.")
     if args.distill_dense_weight and not args.distill_sequential:
         parser.error(f"--distill-dense-weight {args.distill_dense_weight:g} needs --distill-sequential.")
-    if args.distill_sequential and args.distill_method == "drone-act":
-        parser.error(
-            "--distill-sequential refits each layer unweighted, which would undo --distill-method drone-act's output "
-            "weights; use --distill-method drone (or drone-bc) with it."
-        )
+    if args.distill_sequential:  # the library's own rule, checked before any work instead of after calibration
+        try:
+            check_sequential_method(get_method(args.distill_method))
+        except ValueError as error:
+            parser.error(f"--distill-method {args.distill_method} with --distill-sequential: {error}")
     if args.distill_augment < 0:
         parser.error(f"--distill-augment must be >= 0 (copies per row), got {args.distill_augment}.")
     if not 0.0 < args.augment_prob <= 1.0:
